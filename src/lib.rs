@@ -1,6 +1,21 @@
 //! vaultconn: turns `VaultConnection` resources into credential Secrets and keeps OAuth tokens fresh.
+//!
+//! Where things are: `api` (the CRD types), `catalog` (connection types), `validation`,
+//! `secret` (desired Secrets), `status`, `controller` (the reconcile loop), `oauth` (token
+//! client, schedule, refresh protocol), `testkit` (real control plane and token servers for tests).
+pub mod api;
+pub mod catalog;
+pub mod controller;
+pub mod crd;
+pub mod error;
+pub mod metrics;
+pub mod names;
 pub mod oauth;
+pub mod secret;
+pub mod secret_index;
+pub mod status;
 pub mod testkit;
+pub mod validation;
 
 /// Install the one rustls crypto provider (ring) used by both kube and reqwest.
 /// Idempotent: a second call is a no-op.

@@ -1,1 +1,159 @@
-fn main() {}
+//! The `vaultconn` binary: the operator (`run`, the default) and small helper commands.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use vaultconn::controller::{self, ControllerConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "vaultconn", version, about = "Keeps service credentials as Kubernetes Secrets")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RunArgs {
+    /// Allow plain-http token URLs on loopback addresses (tests and local demos only).
+    #[arg(long, env = "VAULTCONN_ALLOW_HTTP_LOOPBACK", global = true)]
+    allow_http_loopback: bool,
+    /// Maximum reconciles in flight.
+    #[arg(long, env = "VAULTCONN_CONCURRENCY", default_value_t = 32, global = true)]
+    concurrency: u16,
+    /// Events' reportingInstance (defaults to $POD_NAME).
+    #[arg(long, env = "POD_NAME", global = true)]
+    instance: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller (the default). Without KUBECONFIG and outside a cluster, it starts a
+    /// local control plane (etcd + kube-apiserver + kube-controller-manager) first.
+    Run,
+    /// Print the VaultConnection CustomResourceDefinition.
+    Crd,
+    /// List the connection types with their input and output keys.
+    Types,
+    /// Start a local control plane, install the CRD, print the kubeconfig path; Ctrl-C stops it.
+    LocalCluster,
+}
+
+fn main() -> std::process::ExitCode {
+    vaultconn::install_crypto_provider();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crd) => {
+            print!("{}", vaultconn::crd::crd_yaml());
+            return std::process::ExitCode::SUCCESS;
+        }
+        Some(Command::Types) => {
+            for t in vaultconn::catalog::CATALOG {
+                println!(
+                    "{:<12} inputs: {} (optional: {})\n{:<12} outputs: {}\n{:<12} {}\n",
+                    t.type_.as_str(),
+                    t.required_inputs.join(", "),
+                    t.optional_inputs.join(", "),
+                    "",
+                    t.outputs.join(", "),
+                    "",
+                    t.description
+                );
+            }
+            return std::process::ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
+    init_tracing();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Some(Command::LocalCluster) => local_cluster().await,
+            _ => run(cli.run).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// A cluster is "configured" when KUBECONFIG is set or we run inside a Pod.
+fn cluster_configured() -> bool {
+    std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
+async fn start_local_cluster() -> anyhow::Result<(vaultconn::testkit::control_plane::ControlPlane, kube::Client)> {
+    tracing::info!("no cluster configured (KUBECONFIG unset): starting a local control plane");
+    let cp = vaultconn::testkit::control_plane::ControlPlane::start(Default::default()).await?;
+    let client = cp.try_client().await?;
+    vaultconn::crd::install(&client).await?;
+    tracing::info!(kubeconfig = %cp.kubeconfig_path().display(), "local control plane ready; use: export KUBECONFIG={}", cp.kubeconfig_path().display());
+    Ok((cp, client))
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (local, client) = if cluster_configured() {
+        (None, kube::Client::try_default().await?)
+    } else {
+        let (cp, client) = start_local_cluster().await?;
+        (Some(cp), client)
+    };
+    let config = ControllerConfig {
+        allow_http_loopback: args.allow_http_loopback,
+        instance: args.instance,
+        concurrency: args.concurrency,
+    };
+    let result = controller::run(client, config, shutdown_signal()).await;
+    if let Some(mut cp) = local {
+        tracing::info!("stopping the local control plane");
+        cp.stop();
+    }
+    result.map_err(Into::into)
+}
+
+async fn local_cluster() -> anyhow::Result<()> {
+    let (mut cp, _client) = start_local_cluster().await?;
+    println!("{}", cp.kubeconfig_path().display());
+    let _: Option<PathBuf> = None;
+    shutdown_signal().await;
+    cp.stop();
+    Ok(())
+}

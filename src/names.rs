@@ -1,0 +1,39 @@
+//! Fixed names: labels, annotations, the field manager, derived object names.
+
+/// Field manager for every write the operator makes.
+pub const FIELD_MANAGER: &str = "vaultconn";
+/// `reportingController` of Events.
+pub const CONTROLLER_NAME: &str = "vaultconn.dev/controller";
+
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "vaultconn";
+/// Selector for every Secret the operator writes.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=vaultconn";
+/// `output` for the Secret workloads mount, `state` for the refresh-token state Secret.
+pub const ROLE_LABEL: &str = "vaultconn.dev/secret-role";
+pub const ROLE_OUTPUT: &str = "output";
+pub const ROLE_STATE: &str = "state";
+
+/// Name of the VaultConnection a managed Secret belongs to (annotation: names can exceed 63 chars).
+pub const CONNECTION_ANNOTATION: &str = "vaultconn.dev/connection";
+/// UID of that VaultConnection; the ownership check compares it.
+pub const CONNECTION_UID_ANNOTATION: &str = "vaultconn.dev/connection-uid";
+/// SHA-256 of the desired content; lets a reconcile see "unchanged" from Secret metadata alone.
+pub const CONTENT_HASH_ANNOTATION: &str = "vaultconn.dev/content-hash";
+/// `kubectl annotate vconn X vaultconn.dev/refresh-requested-at=$(date +%s)` forces one refresh.
+pub const REFRESH_REQUESTED_ANNOTATION: &str = "vaultconn.dev/refresh-requested-at";
+
+/// The Secret holding an OAuth connection's current refresh token (operator state).
+pub fn state_secret_name(connection: &str) -> String {
+    let mut name = format!("{connection}-vaultconn-state");
+    if name.len() > 253 {
+        // Keep it a valid name for very long connection names: truncate and add a hash suffix.
+        let digest = crate::secret::sha256_hex(connection.as_bytes());
+        name = format!("{}-{}-vaultconn-state", &connection[..200], &digest[..16]);
+    }
+    name
+}
+
+pub fn auth0_token_url(domain: &str) -> String {
+    format!("https://{domain}/oauth/token")
+}

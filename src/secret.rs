@@ -1,0 +1,577 @@
+//! The desired generated Secret, computed without I/O: credential inputs in, output keys out.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::ByteString;
+use kube::Resource;
+use sha2::{Digest, Sha256};
+
+use crate::api::{ConnectionType, DeletionPolicy, VaultConnection};
+use crate::catalog;
+use crate::names::*;
+
+/// Secret bytes whose `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(Vec<u8>);
+
+impl SecretBytes {
+    pub fn new(v: Vec<u8>) -> Self {
+        SecretBytes(v)
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+    /// The value as UTF-8 text (credentials are text; invalid UTF-8 is replaced, never logged).
+    pub fn expose_str(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes([redacted; {} bytes])", self.0.len())
+    }
+}
+
+/// Secret key → value map with a redacting `Debug`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretData(pub BTreeMap<String, SecretBytes>);
+
+impl fmt::Debug for SecretData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl SecretData {
+    pub fn from_secret(secret: &Secret) -> Self {
+        SecretData(
+            secret
+                .data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), SecretBytes(v.0.clone())))
+                .collect(),
+        )
+    }
+    pub fn get(&self, key: &str) -> Option<&SecretBytes> {
+        self.0.get(key)
+    }
+    fn insert(&mut self, key: &str, value: impl Into<Vec<u8>>) {
+        self.0.insert(key.to_string(), SecretBytes(value.into()));
+    }
+    fn to_k8s(&self) -> BTreeMap<String, ByteString> {
+        self.0
+            .iter()
+            .map(|(k, v)| (k.clone(), ByteString(v.0.clone())))
+            .collect()
+    }
+}
+
+/// The credentials read from the user's Secret, or why they are incomplete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inputs {
+    Complete(SecretData),
+    Missing {
+        missing_keys: Vec<String>,
+        /// Human-readable, names the Secret and keys, never values.
+        message: String,
+    },
+}
+
+/// Pick the required and optional input keys out of the credentials Secret.
+/// `secret` is `None` when there is no `credentialsRef` or the Secret does not exist.
+pub fn extract_inputs(vc: &VaultConnection, secret: Option<&Secret>) -> Inputs {
+    let ns = vc.metadata.namespace.as_deref().unwrap_or_default();
+    let required = catalog::required_inputs(&vc.spec);
+    let Some(cref) = &vc.spec.credentials_ref else {
+        return Inputs::Missing {
+            missing_keys: required.iter().map(|k| k.to_string()).collect(),
+            message: format!(
+                "No credentials yet: spec.credentialsRef is not set (needs keys {})",
+                required.join(", ")
+            ),
+        };
+    };
+    let Some(secret) = secret else {
+        return Inputs::Missing {
+            missing_keys: required.iter().map(|k| k.to_string()).collect(),
+            message: format!(
+                "Secret {ns}/{} not found (needs keys {})",
+                cref.name,
+                required.join(", ")
+            ),
+        };
+    };
+    let data = SecretData::from_secret(secret);
+    let missing: Vec<String> = required
+        .iter()
+        .filter(|k| data.get(k).is_none_or(|v| v.0.iter().all(u8::is_ascii_whitespace)))
+        .map(|k| k.to_string())
+        .collect();
+    if !missing.is_empty() {
+        let noun = if missing.len() == 1 { "key" } else { "keys" };
+        return Inputs::Missing {
+            message: format!(
+                "Secret {ns}/{} has no {noun} {} (or it is empty)",
+                cref.name,
+                missing.join(", ")
+            ),
+            missing_keys: missing,
+        };
+    }
+    let mut picked = SecretData::default();
+    for k in required.iter().chain(catalog::optional_inputs(&vc.spec).iter()) {
+        if let Some(v) = data.get(k) {
+            if !v.0.is_empty() {
+                picked.insert(k, trim_newline(&v.0));
+            }
+        }
+    }
+    Inputs::Complete(picked)
+}
+
+/// Credentials pasted into files often end in a newline that was never part of the value.
+fn trim_newline(v: &[u8]) -> Vec<u8> {
+    let mut end = v.len();
+    while end > 0 && (v[end - 1] == b'\n' || v[end - 1] == b'\r') {
+        end -= 1;
+    }
+    v[..end].to_vec()
+}
+
+/// Output keys of a static (non-OAuth) connection type.
+pub fn static_outputs(vc: &VaultConnection, inputs: &SecretData) -> SecretData {
+    let mut out = SecretData::default();
+    let copy = |out: &mut SecretData, k: &str| {
+        if let Some(v) = inputs.get(k) {
+            out.insert(k, v.0.clone());
+        }
+    };
+    match vc.spec.type_ {
+        ConnectionType::ApiKey => {
+            copy(&mut out, "api_key");
+            if let Some(s) = &vc.spec.api_key {
+                if let Some(b) = &s.base_url {
+                    out.insert("base_url", b.as_bytes());
+                }
+                if let Some(h) = &s.header_name {
+                    out.insert("header_name", h.as_bytes());
+                }
+            }
+        }
+        ConnectionType::BearerToken => {
+            copy(&mut out, "token");
+            if let Some(t) = inputs.get("token") {
+                let mut v = b"Bearer ".to_vec();
+                v.extend_from_slice(&t.0);
+                out.insert("authorization", v);
+            }
+        }
+        ConnectionType::BasicAuth => {
+            copy(&mut out, "username");
+            copy(&mut out, "password");
+            if let (Some(u), Some(p)) = (inputs.get("username"), inputs.get("password")) {
+                let mut raw = u.0.clone();
+                raw.push(b':');
+                raw.extend_from_slice(&p.0);
+                let enc = base64::engine::general_purpose::STANDARD.encode(raw);
+                out.insert("authorization", format!("Basic {enc}"));
+            }
+        }
+        ConnectionType::Twilio => {
+            copy(&mut out, "account_sid");
+            copy(&mut out, "auth_token");
+        }
+        ConnectionType::Stripe => {
+            copy(&mut out, "secret_key");
+            copy(&mut out, "publishable_key");
+        }
+        ConnectionType::OAuth2 | ConnectionType::Auth0 => {}
+    }
+    out
+}
+
+/// Output keys of an OAuth connection: never the refresh token or the client secret.
+pub fn oauth_outputs(
+    access_token: &str,
+    token_type: &str,
+    expires_at: &str,
+    scope: Option<&str>,
+) -> SecretData {
+    let mut out = SecretData::default();
+    out.insert("access_token", access_token.as_bytes());
+    out.insert("token_type", token_type.as_bytes());
+    out.insert("expires_at", expires_at.as_bytes());
+    // RFC 6750: the scheme is "Bearer" whatever case the server used for token_type.
+    let scheme = if token_type.eq_ignore_ascii_case("bearer") {
+        "Bearer"
+    } else {
+        token_type
+    };
+    out.insert("authorization", format!("{scheme} {access_token}"));
+    if let Some(s) = scope.filter(|s| !s.is_empty()) {
+        out.insert("scope", s.as_bytes());
+    }
+    out
+}
+
+/// A Secret the operator wants to exist, exactly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredSecret {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub owner: Option<OwnerReference>,
+    pub data: SecretData,
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn content_hash(data: &SecretData) -> String {
+    let mut h = Sha256::new();
+    for (k, v) in &data.0 {
+        h.update((k.len() as u64).to_be_bytes());
+        h.update(k.as_bytes());
+        h.update((v.0.len() as u64).to_be_bytes());
+        h.update(&v.0);
+    }
+    hex::encode(h.finalize())
+}
+
+fn controller_owner(vc: &VaultConnection) -> Option<OwnerReference> {
+    vc.controller_owner_ref(&()).map(|mut o| {
+        // The generated Secret must not block deletion of the VaultConnection.
+        o.block_owner_deletion = Some(false);
+        o
+    })
+}
+
+/// The generated Secret for `vc` holding `data`.
+pub fn desired_output_secret(vc: &VaultConnection, data: SecretData) -> DesiredSecret {
+    let target = vc.spec.target.clone().unwrap_or_default();
+    let mut labels = target.labels.clone();
+    labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
+    labels.insert(ROLE_LABEL.into(), ROLE_OUTPUT.into());
+    let mut annotations = target.annotations.clone();
+    annotations.insert(
+        CONNECTION_ANNOTATION.into(),
+        vc.metadata.name.clone().unwrap_or_default(),
+    );
+    annotations.insert(
+        CONNECTION_UID_ANNOTATION.into(),
+        vc.metadata.uid.clone().unwrap_or_default(),
+    );
+    annotations.insert(CONTENT_HASH_ANNOTATION.into(), content_hash(&data));
+    let owner = match vc.deletion_policy() {
+        DeletionPolicy::Delete => controller_owner(vc),
+        DeletionPolicy::Retain => None,
+    };
+    DesiredSecret {
+        name: vc.target_name(),
+        namespace: vc.metadata.namespace.clone().unwrap_or_default(),
+        labels,
+        annotations,
+        owner,
+        data,
+    }
+}
+
+/// The state Secret holding an OAuth connection's refresh token: always owned (it is useless
+/// without its connection), never meant to be mounted.
+pub fn desired_state_secret(vc: &VaultConnection, data: SecretData) -> DesiredSecret {
+    let name = vc.metadata.name.clone().unwrap_or_default();
+    let labels = BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+        (ROLE_LABEL.to_string(), ROLE_STATE.to_string()),
+    ]);
+    let annotations = BTreeMap::from([
+        (CONNECTION_ANNOTATION.to_string(), name.clone()),
+        (
+            CONNECTION_UID_ANNOTATION.to_string(),
+            vc.metadata.uid.clone().unwrap_or_default(),
+        ),
+        (CONTENT_HASH_ANNOTATION.to_string(), content_hash(&data)),
+    ]);
+    DesiredSecret {
+        name: state_secret_name(&name),
+        namespace: vc.metadata.namespace.clone().unwrap_or_default(),
+        labels,
+        annotations,
+        owner: controller_owner(vc),
+        data,
+    }
+}
+
+impl DesiredSecret {
+    pub fn content_hash(&self) -> &str {
+        self.annotations
+            .get(CONTENT_HASH_ANNOTATION)
+            .map(String::as_str)
+            .unwrap_or_default()
+    }
+
+    /// A brand-new Secret object.
+    pub fn to_new_secret(&self) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(self.labels.clone()),
+                annotations: Some(self.annotations.clone()),
+                owner_references: self.owner.clone().map(|o| vec![o]),
+                ..Default::default()
+            },
+            data: Some(self.data.to_k8s()),
+            type_: Some("Opaque".into()),
+            ..Default::default()
+        }
+    }
+
+    /// True when `live` already holds exactly this content and metadata (foreign labels,
+    /// annotations and owner references are left alone and do not count).
+    pub fn matches(&self, live: &Secret) -> bool {
+        let meta = &live.metadata;
+        let live_data = SecretData::from_secret(live);
+        live_data == self.data
+            && self.labels.iter().all(|(k, v)| {
+                meta.labels.as_ref().and_then(|l| l.get(k)) == Some(v)
+            })
+            && self.annotations.iter().all(|(k, v)| {
+                meta.annotations.as_ref().and_then(|a| a.get(k)) == Some(v)
+            })
+            && self.owner_matches(meta.owner_references.as_deref().unwrap_or_default())
+    }
+
+    fn owner_matches(&self, live: &[OwnerReference]) -> bool {
+        let controllers: Vec<_> = live.iter().filter(|o| o.controller == Some(true)).collect();
+        match &self.owner {
+            Some(want) => controllers.len() == 1 && controllers[0].uid == want.uid,
+            None => controllers.is_empty(),
+        }
+    }
+
+    /// `live` updated to this content, keeping what others put on it (their labels, annotations,
+    /// non-controller owner references). Labels and annotations that `previous` (the spec we
+    /// last applied, known from our own annotation set) had but this one does not are removed.
+    pub fn merged_into(&self, live: &Secret) -> Secret {
+        let mut s = live.clone();
+        let meta = &mut s.metadata;
+        let labels = meta.labels.get_or_insert_with(Default::default);
+        labels.extend(self.labels.clone());
+        let annotations = meta.annotations.get_or_insert_with(Default::default);
+        annotations.extend(self.annotations.clone());
+        let mut owners: Vec<OwnerReference> = meta
+            .owner_references
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|o| o.controller != Some(true))
+            .collect();
+        owners.extend(self.owner.clone());
+        meta.owner_references = (!owners.is_empty()).then_some(owners);
+        meta.managed_fields = None;
+        s.data = Some(self.data.to_k8s());
+        s.string_data = None;
+        s
+    }
+}
+
+/// Who a live Secret with the target name belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// Ours (same connection UID), or left behind by a deleted connection of the same name.
+    Ours,
+    /// Managed by vaultconn for another VaultConnection.
+    OtherConnection(String),
+    /// Not created by vaultconn (or controlled by some other object).
+    Foreign,
+}
+
+pub fn ownership(vc: &VaultConnection, meta: &ObjectMeta) -> Ownership {
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let managed = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY_VALUE);
+    let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+    let controller_uid = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str());
+    if !managed {
+        return Ownership::Foreign;
+    }
+    let conn = annotations.get(CONNECTION_ANNOTATION).cloned().unwrap_or_default();
+    if annotations.get(CONNECTION_UID_ANNOTATION).map(String::as_str) == Some(uid) {
+        return Ownership::Ours;
+    }
+    if Some(conn.as_str()) == vc.metadata.name.as_deref() && controller_uid.is_none() {
+        // A Retain'ed Secret of an earlier connection of the same name: continuing it is what
+        // a GitOps delete-and-recreate expects.
+        return Ownership::Ours;
+    }
+    if conn.is_empty() {
+        Ownership::Foreign
+    } else {
+        Ownership::OtherConnection(conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn vc(spec: serde_json::Value) -> VaultConnection {
+        serde_json::from_value(json!({
+            "apiVersion": "vaultconn.dev/v1alpha1", "kind": "VaultConnection",
+            "metadata": {"name": "conn", "namespace": "ns", "uid": "uid-1"},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    fn secret(data: &[(&str, &str)]) -> Secret {
+        Secret {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn outputs(spec: serde_json::Value, data: &[(&str, &str)]) -> BTreeMap<String, String> {
+        let vc = vc(spec);
+        let Inputs::Complete(inputs) = extract_inputs(&vc, Some(&secret(data))) else {
+            panic!("inputs incomplete")
+        };
+        static_outputs(&vc, &inputs)
+            .0
+            .into_iter()
+            .map(|(k, v)| (k, v.expose_str()))
+            .collect()
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn outputs_per_static_type() {
+        let c = json!({"name": "creds"});
+        assert_eq!(
+            outputs(json!({"type": "apiKey", "credentialsRef": c, "apiKey": {"baseUrl": "https://api.x", "headerName": "X-Key"}}), &[("api_key", "k1\n"), ("other", "x")]),
+            map(&[("api_key", "k1"), ("base_url", "https://api.x"), ("header_name", "X-Key")])
+        );
+        assert_eq!(
+            outputs(json!({"type": "apiKey", "credentialsRef": c}), &[("api_key", "k1")]),
+            map(&[("api_key", "k1")])
+        );
+        assert_eq!(
+            outputs(json!({"type": "bearerToken", "credentialsRef": c}), &[("token", "t0k")]),
+            map(&[("token", "t0k"), ("authorization", "Bearer t0k")])
+        );
+        assert_eq!(
+            outputs(json!({"type": "basicAuth", "credentialsRef": c}), &[("username", "al:ice"), ("password", "p@ss")]),
+            map(&[("username", "al:ice"), ("password", "p@ss"), ("authorization", "Basic YWw6aWNlOnBAc3M=")])
+        );
+        assert_eq!(
+            outputs(json!({"type": "twilio", "credentialsRef": c}), &[("account_sid", "AC1"), ("auth_token", "tw")]),
+            map(&[("account_sid", "AC1"), ("auth_token", "tw")])
+        );
+        assert_eq!(
+            outputs(json!({"type": "stripe", "credentialsRef": c}), &[("secret_key", "sk_1")]),
+            map(&[("secret_key", "sk_1")])
+        );
+        assert_eq!(
+            outputs(json!({"type": "stripe", "credentialsRef": c}), &[("secret_key", "sk_1"), ("publishable_key", "pk_1")]),
+            map(&[("secret_key", "sk_1"), ("publishable_key", "pk_1")])
+        );
+    }
+
+    #[test]
+    fn missing_inputs_name_secret_and_keys() {
+        let v = vc(json!({"type": "basicAuth", "credentialsRef": {"name": "creds"}}));
+        let Inputs::Missing { missing_keys, message } = extract_inputs(&v, Some(&secret(&[("username", "u"), ("password", " \n")]))) else { panic!() };
+        assert_eq!(missing_keys, vec!["password"]);
+        assert_eq!(message, "Secret ns/creds has no key password (or it is empty)");
+        let Inputs::Missing { missing_keys, message } = extract_inputs(&v, None) else { panic!() };
+        assert_eq!(missing_keys, vec!["username", "password"]);
+        assert_eq!(message, "Secret ns/creds not found (needs keys username, password)");
+        let v = vc(json!({"type": "twilio"}));
+        let Inputs::Missing { message, .. } = extract_inputs(&v, None) else { panic!() };
+        assert!(message.contains("spec.credentialsRef is not set"));
+    }
+
+    #[test]
+    fn oauth_outputs_never_include_refresh_token_or_client_secret() {
+        let out = oauth_outputs("at", "bearer", "2026-01-01T00:00:00Z", Some("read"));
+        let keys: Vec<_> = out.0.keys().cloned().collect();
+        assert_eq!(keys, vec!["access_token", "authorization", "expires_at", "scope", "token_type"]);
+        assert_eq!(out.get("authorization").unwrap().expose_str(), "Bearer at");
+    }
+
+    #[test]
+    fn debug_output_redacts_values() {
+        let v = vc(json!({"type": "bearerToken", "credentialsRef": {"name": "creds"}}));
+        let Inputs::Complete(inputs) = extract_inputs(&v, Some(&secret(&[("token", "supersecretvalue")]))) else { panic!() };
+        let d = desired_output_secret(&v, static_outputs(&v, &inputs));
+        let dbg = format!("{d:?} {inputs:?}");
+        assert!(!dbg.contains("supersecretvalue"), "{dbg}");
+    }
+
+    #[test]
+    fn desired_secret_metadata_and_matching() {
+        let v = vc(json!({"type": "bearerToken", "credentialsRef": {"name": "creds"}, "target": {"name": "out", "labels": {"team": "a"}, "annotations": {"reloader.stakater.com/match": "true"}}}));
+        let Inputs::Complete(inputs) = extract_inputs(&v, Some(&secret(&[("token", "t")]))) else { panic!() };
+        let d = desired_output_secret(&v, static_outputs(&v, &inputs));
+        assert_eq!(d.name, "out");
+        assert_eq!(d.labels.get("team").unwrap(), "a");
+        assert_eq!(d.labels.get(MANAGED_BY_LABEL).unwrap(), "vaultconn");
+        assert_eq!(d.owner.as_ref().unwrap().uid, "uid-1");
+        assert_eq!(d.owner.as_ref().unwrap().controller, Some(true));
+        let mut live = d.to_new_secret();
+        assert!(d.matches(&live));
+        live.metadata.annotations.as_mut().unwrap().insert("foreign".into(), "x".into());
+        assert!(d.matches(&live), "foreign annotations do not count");
+        live.data.as_mut().unwrap().insert("token".into(), ByteString(b"edited".to_vec()));
+        assert!(!d.matches(&live));
+        let merged = d.merged_into(&live);
+        assert!(d.matches(&merged));
+        assert_eq!(merged.metadata.annotations.as_ref().unwrap().get("foreign").unwrap(), "x");
+        live.data.as_mut().unwrap().insert("extra".into(), ByteString(b"x".to_vec()));
+        assert!(!d.matches(&live), "extra keys are drift");
+
+        let retain = vc(json!({"type": "bearerToken", "target": {"deletionPolicy": "Retain"}}));
+        assert!(desired_output_secret(&retain, SecretData::default()).owner.is_none());
+    }
+
+    #[test]
+    fn ownership_rules() {
+        let v = vc(json!({"type": "bearerToken"}));
+        let d = desired_output_secret(&v, SecretData::default());
+        assert_eq!(ownership(&v, &d.to_new_secret().metadata), Ownership::Ours);
+        assert_eq!(ownership(&v, &ObjectMeta::default()), Ownership::Foreign);
+        let mut other = d.to_new_secret().metadata;
+        other.annotations.as_mut().unwrap().insert(CONNECTION_ANNOTATION.into(), "other".into());
+        other.annotations.as_mut().unwrap().insert(CONNECTION_UID_ANNOTATION.into(), "uid-2".into());
+        assert_eq!(ownership(&v, &other), Ownership::OtherConnection("other".into()));
+        let mut leftover = d.to_new_secret().metadata;
+        leftover.owner_references = None;
+        leftover.annotations.as_mut().unwrap().insert(CONNECTION_UID_ANNOTATION.into(), "old-uid".into());
+        assert_eq!(ownership(&v, &leftover), Ownership::Ours);
+    }
+}
