@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 pub const API_GROUP: &str = "vaultconn.dev";
 
+// kube-derive takes one printcolumn(..) per column; clippy reads the repeated keys as duplicates.
+#[allow(clippy::duplicated_attributes)]
 /// A connection to an external service: its type, where its secret inputs live, and the Secret
 /// the operator generates for workloads to mount.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -28,7 +30,11 @@ pub const API_GROUP: &str = "vaultconn.dev";
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
     printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VaultConnectionSpec {
@@ -161,7 +167,6 @@ pub enum ClientAuthMethod {
 #[serde(rename_all = "camelCase")]
 pub struct OAuth2Settings {
     /// The token endpoint. https only (plain http only to loopback with `--allow-http-loopback`).
-    #[serde(default)]
     pub token_url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_type: Option<GrantType>,
@@ -189,7 +194,6 @@ pub struct OAuth2Settings {
 #[serde(rename_all = "camelCase")]
 pub struct Auth0Settings {
     /// The tenant domain, e.g. `example.eu.auth0.com`; the token URL is `https://{domain}/oauth/token`.
-    #[serde(default)]
     pub domain: String,
     /// The API identifier (required for the clientCredentials grant).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -52,20 +52,29 @@ pub struct Context {
     pub recorder: Recorder,
     pub secrets: SecretIndex,
     pub oauth: crate::oauth::refresh::OAuthEngine,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Status this process last wrote per connection (the reflector may lag behind our own
     /// writes; comparing with both keeps a no-op reconcile from writing).
     last_status: Mutex<HashMap<(String, String), VaultConnectionStatus>>,
 }
 
 impl Context {
-    pub fn new(client: Client, config: ControllerConfig) -> Result<Arc<Self>> {
+    pub fn new(
+        client: Client,
+        config: ControllerConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Arc<Self>> {
         let reporter = Reporter {
             controller: CONTROLLER_NAME.into(),
             instance: config.instance.clone(),
         };
         Ok(Arc::new(Context {
             recorder: Recorder::new(client.clone(), reporter),
-            oauth: crate::oauth::refresh::OAuthEngine::new(config.allow_http_loopback)?,
+            oauth: crate::oauth::refresh::OAuthEngine::new(
+                config.allow_http_loopback,
+                metrics.clone(),
+            )?,
+            metrics,
             client,
             config,
             secrets: SecretIndex::default(),
@@ -87,7 +96,9 @@ fn trigger_hash(vc: &VaultConnection) -> Option<u64> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     vc.metadata.generation.hash(&mut h);
     vc.metadata.uid.hash(&mut h);
-    vc.annotations().get(REFRESH_REQUESTED_ANNOTATION).hash(&mut h);
+    vc.annotations()
+        .get(REFRESH_REQUESTED_ANNOTATION)
+        .hash(&mut h);
     Some(h.finish())
 }
 
@@ -95,13 +106,17 @@ fn trigger_hash(vc: &VaultConnection) -> Option<u64> {
 pub async fn run(
     client: Client,
     config: ControllerConfig,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<()> {
     let connections: Api<VaultConnection> = Api::all(client.clone());
-    if let Err(e) = connections.list(&kube::api::ListParams::default().limit(1)).await {
+    if let Err(e) = connections
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+    {
         return Err(Error::CrdNotInstalled(e.to_string()));
     }
-    let ctx = Context::new(client.clone(), config.clone())?;
+    let ctx = Context::new(client.clone(), config.clone(), metrics)?;
 
     let (reader, writer) = reflector::store();
     let vc_stream = watcher(connections, watcher::Config::default())
@@ -163,7 +178,7 @@ fn secret_triggers(
 pub async fn reconcile(vc: Arc<VaultConnection>, ctx: Arc<Context>) -> Result<Action> {
     let ns = vc.namespace().unwrap_or_default();
     let name = vc.name_any();
-    ctx.oauth.metrics.reconciles.inc();
+    ctx.metrics.reconciles.inc();
     if vc.metadata.deletion_timestamp.is_some() {
         ctx.secrets.forget_connection(&ns, &name);
         return Ok(Action::await_change());
@@ -178,7 +193,8 @@ pub async fn reconcile(vc: Arc<VaultConnection>, ctx: Arc<Context>) -> Result<Ac
 async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcome, Action)> {
     let name = vc.name_any();
     if vc.spec.suspend {
-        let msg = "Suspended: the operator writes and refreshes nothing until spec.suspend is false";
+        let msg =
+            "Suspended: the operator writes and refreshes nothing until spec.suspend is false";
         let mut o = Outcome::new(Phase::Suspended, false, "Suspended", msg);
         // Keep what the user needs to see about the existing Secret and tokens.
         o = keep_known_fields(vc, o);
@@ -192,8 +208,18 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
     }
 
     // Register interest before reading, so a Secret created right after the read still wakes us.
-    let mut reads: Vec<String> = vc.spec.credentials_ref.iter().map(|r| r.name.clone()).collect();
-    if let Some(ca) = vc.spec.oauth2.as_ref().and_then(|o| o.ca_bundle_ref.as_ref()) {
+    let mut reads: Vec<String> = vc
+        .spec
+        .credentials_ref
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
+    if let Some(ca) = vc
+        .spec
+        .oauth2
+        .as_ref()
+        .and_then(|o| o.ca_bundle_ref.as_ref())
+    {
         reads.push(ca.name.clone());
     }
     ctx.secrets.set_reads(ns, &name, reads);
@@ -210,9 +236,13 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
     }
 
     match inputs {
-        Inputs::Missing { missing_keys, message } => {
-            Ok((pending(vc, ctx, ns, missing_keys, message), Action::await_change()))
-        }
+        Inputs::Missing {
+            missing_keys,
+            message,
+        } => Ok((
+            pending(vc, ctx, ns, missing_keys, message),
+            Action::await_change(),
+        )),
         Inputs::Complete(data) => {
             let desired = secret::desired_output_secret(vc, secret::static_outputs(vc, &data));
             match ensure_secret(ctx, vc, &desired).await? {
@@ -295,26 +325,45 @@ pub async fn ensure_secret(
     desired: &DesiredSecret,
 ) -> Result<SecretWrite> {
     let ns = &desired.namespace;
-    if ctx
-        .secrets
-        .is_verified(ns, &desired.name, desired.content_hash())
-    {
+    if ctx.secrets.is_verified(
+        ns,
+        &desired.name,
+        vc.metadata.uid.as_deref().unwrap_or_default(),
+        desired.content_hash(),
+    ) {
         return Ok(SecretWrite::Unchanged);
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let result = match api.get_opt(&desired.name).await? {
         None => {
             let created = match api
-                .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &desired.to_new_secret())
+                .create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.into()),
+                        ..Default::default()
+                    },
+                    &desired.to_new_secret(),
+                )
                 .await
             {
                 Ok(s) => s,
                 // Someone created it between our read and our write: look again next time.
-                Err(kube::Error::Api(e)) if e.code == 409 => return Err(Error::Retry("Secret appeared while creating it".into())),
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    return Err(Error::Retry("Secret appeared while creating it".into()))
+                }
                 Err(e) => return Err(e.into()),
             };
-            ctx.secrets.mark_verified(ns, &desired.name, created.metadata.resource_version);
-            publish(ctx, vc, EventType::Normal, "SecretCreated", format!("Created Secret {ns}/{}", desired.name)).await;
+            ctx.secrets
+                .mark_verified(ns, &desired.name, created.metadata.resource_version);
+            ctx.metrics.secret_writes.inc();
+            publish(
+                ctx,
+                vc,
+                EventType::Normal,
+                "SecretCreated",
+                format!("Created Secret {ns}/{}", desired.name),
+            )
+            .await;
             SecretWrite::Created
         }
         Some(live) => {
@@ -335,16 +384,33 @@ pub async fn ensure_secret(
                 }
             }
             if desired.matches(&live) {
-                ctx.secrets.mark_verified(ns, &desired.name, live.metadata.resource_version);
+                ctx.secrets
+                    .mark_verified(ns, &desired.name, live.metadata.resource_version);
                 SecretWrite::Unchanged
             } else {
                 // Replace with the resourceVersion we read: a concurrent writer makes this fail
                 // (409) instead of being overwritten blindly.
                 let updated = api
-                    .replace(&desired.name, &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &desired.merged_into(&live))
+                    .replace(
+                        &desired.name,
+                        &PostParams {
+                            field_manager: Some(FIELD_MANAGER.into()),
+                            ..Default::default()
+                        },
+                        &desired.merged_into(&live),
+                    )
                     .await?;
-                ctx.secrets.mark_verified(ns, &desired.name, updated.metadata.resource_version);
-                publish(ctx, vc, EventType::Normal, "SecretUpdated", format!("Updated Secret {ns}/{}", desired.name)).await;
+                ctx.secrets
+                    .mark_verified(ns, &desired.name, updated.metadata.resource_version);
+                ctx.metrics.secret_writes.inc();
+                publish(
+                    ctx,
+                    vc,
+                    EventType::Normal,
+                    "SecretUpdated",
+                    format!("Updated Secret {ns}/{}", desired.name),
+                )
+                .await;
                 SecretWrite::Updated
             }
         }
@@ -375,14 +441,21 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
         "kind": "VaultConnection",
         "status": desired,
     });
-    api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-        .await?;
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
     ctx.last_status
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, desired);
     if previous_reason.as_deref() != Some(outcome.reason) {
-        let type_ = if outcome.ready || outcome.phase == Phase::Pending || outcome.phase == Phase::Suspended {
+        let type_ = if outcome.ready
+            || outcome.phase == Phase::Pending
+            || outcome.phase == Phase::Suspended
+        {
             EventType::Normal
         } else {
             EventType::Warning
@@ -397,7 +470,13 @@ fn jiff_now() -> k8s_openapi::jiff::Timestamp {
 }
 
 /// Publish an Event; failures are logged, never fatal (Events are best-effort).
-pub async fn publish(ctx: &Context, vc: &VaultConnection, type_: EventType, reason: &str, note: String) {
+pub async fn publish(
+    ctx: &Context,
+    vc: &VaultConnection,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let ev = Event {
         type_,
         reason: reason.into(),
@@ -411,10 +490,11 @@ pub async fn publish(ctx: &Context, vc: &VaultConnection, type_: EventType, reas
 }
 
 pub fn error_policy(vc: Arc<VaultConnection>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.oauth
-        .metrics
+    ctx.metrics
         .reconcile_errors
-        .get_or_create(&crate::metrics::ReasonLabel { reason: error.category().into() })
+        .get_or_create(&crate::metrics::ReasonLabel {
+            reason: error.category().into(),
+        })
         .inc();
     warn!(namespace = vc.namespace().unwrap_or_default(), name = %vc.name_any(), category = error.category(), error = %error, "reconcile failed; will retry");
     // Jittered so that many connections failing together (API server restart) spread out.

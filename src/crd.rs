@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, CustomResourceExt};
 
@@ -10,7 +12,58 @@ use crate::api::VaultConnection;
 use crate::names::FIELD_MANAGER;
 
 pub fn crd() -> CustomResourceDefinition {
-    VaultConnection::crd()
+    let mut crd = VaultConnection::crd();
+    for v in crd.spec.versions.iter_mut() {
+        if let Some(schema) = v
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            enums_to_patterns(schema);
+        }
+    }
+    crd
+}
+
+/// Replace string `enum`s with an equivalent anchored `pattern`.
+///
+/// Why: kube-apiserver releases up to at least 1.20 reject a single-version CRD whose schema has
+/// an `enum` ("per-version schemas may not all be set to identical values"): the equality check
+/// that hoists the schema fails on enum values. A pattern validates the same strings everywhere.
+fn enums_to_patterns(schema: &mut JSONSchemaProps) {
+    if let Some(values) = schema.enum_.take() {
+        let alternatives: Vec<String> = values
+            .iter()
+            .filter_map(|v| v.0.as_str().map(regex_escape))
+            .collect();
+        schema.pattern = Some(format!("^({})$", alternatives.join("|")));
+    }
+    for p in schema.properties.iter_mut().flat_map(|m| m.values_mut()) {
+        enums_to_patterns(p);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        enums_to_patterns(items);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+        enums_to_patterns(extra);
+    }
+    for list in [&mut schema.any_of, &mut schema.one_of, &mut schema.all_of] {
+        for s in list.iter_mut().flatten() {
+            enums_to_patterns(s);
+        }
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$".contains(c);
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect()
 }
 
 /// The CRD as YAML, exactly as committed in `crds/`.
@@ -24,8 +77,12 @@ pub async fn install(client: &Client) -> Result<(), kube::Error> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = crd();
     let name = crd.metadata.name.clone().unwrap_or_default();
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
-        .await?;
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let established = api
@@ -40,5 +97,34 @@ pub async fn install(client: &Client) -> Result<(), kube::Error> {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn committed_crd_matches_the_rust_types() {
+        let committed = include_str!("../crds/vaultconnections.vaultconn.dev.yaml");
+        assert_eq!(
+            committed,
+            crd_yaml(),
+            "crds/ is stale: run `cargo run -- crd > crds/vaultconnections.vaultconn.dev.yaml`"
+        );
+    }
+
+    #[test]
+    fn enums_become_anchored_patterns() {
+        let yaml = crd_yaml();
+        assert!(!yaml.contains("enum:"));
+        assert!(
+            yaml.contains("pattern: ^(apiKey|bearerToken|basicAuth|twilio|stripe|oauth2|auth0)$"),
+            "{yaml}"
+        );
+        assert!(
+            !yaml.contains("default: ''"),
+            "empty-string defaults are dropped to null by old API servers"
+        );
     }
 }

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use vaultconn::controller::{self, ControllerConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "vaultconn", version, about = "Keeps service credentials as Kubernetes Secrets")]
+#[command(
+    name = "vaultconn",
+    version,
+    about = "Keeps service credentials as Kubernetes Secrets"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -20,8 +24,21 @@ struct RunArgs {
     #[arg(long, env = "VAULTCONN_ALLOW_HTTP_LOOPBACK", global = true)]
     allow_http_loopback: bool,
     /// Maximum reconciles in flight.
-    #[arg(long, env = "VAULTCONN_CONCURRENCY", default_value_t = 32, global = true)]
+    #[arg(
+        long,
+        env = "VAULTCONN_CONCURRENCY",
+        default_value_t = 32,
+        global = true
+    )]
     concurrency: u16,
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(
+        long,
+        env = "VAULTCONN_METRICS_ADDR",
+        default_value = "0.0.0.0:8080",
+        global = true
+    )]
+    metrics_addr: std::net::SocketAddr,
     /// Events' reportingInstance (defaults to $POD_NAME).
     #[arg(long, env = "POD_NAME", global = true)]
     instance: Option<String>,
@@ -98,13 +115,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -120,11 +138,19 @@ fn cluster_configured() -> bool {
         || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
 }
 
-async fn start_local_cluster() -> anyhow::Result<(vaultconn::testkit::control_plane::ControlPlane, kube::Client)> {
+async fn start_local_cluster() -> anyhow::Result<(
+    vaultconn::testkit::control_plane::ControlPlane,
+    kube::Client,
+)> {
     tracing::info!("no cluster configured (KUBECONFIG unset): starting a local control plane");
     let cp = vaultconn::testkit::control_plane::ControlPlane::start(Default::default()).await?;
     let client = cp.try_client().await?;
-    vaultconn::crd::install(&client).await?;
+    if let Err(e) = vaultconn::crd::install(&client).await {
+        tracing::error!("installing the CRD failed: {e}");
+        if std::env::var_os("VAULTCONN_KEEP_CLUSTER_ON_CRD_ERROR").is_none() {
+            return Err(e.into());
+        }
+    }
     tracing::info!(kubeconfig = %cp.kubeconfig_path().display(), "local control plane ready; use: export KUBECONFIG={}", cp.kubeconfig_path().display());
     Ok((cp, client))
 }
@@ -141,7 +167,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         instance: args.instance,
         concurrency: args.concurrency,
     };
-    let result = controller::run(client, config, shutdown_signal()).await;
+    let metrics = std::sync::Arc::new(vaultconn::metrics::Metrics::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let http = tokio::spawn(vaultconn::http::serve(
+        args.metrics_addr,
+        metrics.clone(),
+        async move {
+            let mut rx = stop_rx;
+            let _ = rx.wait_for(|stop| *stop).await;
+        },
+    ));
+    let result = controller::run(client, config, metrics, shutdown_signal()).await;
+    let _ = stop_tx.send(true);
+    match http.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint failed"),
+        Err(e) => tracing::warn!(error = %e, "metrics endpoint task failed"),
+        Ok(Ok(())) => {}
+    }
     if let Some(mut cp) = local {
         tracing::info!("stopping the local control plane");
         cp.stop();

@@ -43,17 +43,41 @@ impl Default for Metrics {
         let token_expiry = Family::<ConnectionLabel, Gauge>::default();
         let secret_writes = Counter::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
-        registry.register("reconcile_errors", "Reconciles that failed, by error category", reconcile_errors.clone());
-        registry.register("token_refresh_attempts", "Token requests sent to token endpoints", refresh_attempts.clone());
-        registry.register("token_refresh_successes", "Token requests that returned a token", refresh_successes.clone());
-        registry.register("token_refresh_failures", "Token requests that failed, by status reason", refresh_failures.clone());
-        registry.register("token_refresh_duration_seconds", "Latency of token requests", refresh_duration.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by error category",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "token_refresh_attempts",
+            "Token requests sent to token endpoints",
+            refresh_attempts.clone(),
+        );
+        registry.register(
+            "token_refresh_successes",
+            "Token requests that returned a token",
+            refresh_successes.clone(),
+        );
+        registry.register(
+            "token_refresh_failures",
+            "Token requests that failed, by status reason",
+            refresh_failures.clone(),
+        );
+        registry.register(
+            "token_refresh_duration_seconds",
+            "Latency of token requests",
+            refresh_duration.clone(),
+        );
         registry.register(
             "token_expiry_timestamp_seconds",
             "Expiry (Unix time) of the access token in each OAuth connection's Secret",
             token_expiry.clone(),
         );
-        registry.register("secret_writes", "Secret creates and updates made by the operator", secret_writes.clone());
+        registry.register(
+            "secret_writes",
+            "Secret creates and updates made by the operator",
+            secret_writes.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -80,7 +104,9 @@ impl Metrics {
 
     pub fn failure(&self, reason: &str) {
         self.refresh_failures
-            .get_or_create(&ReasonLabel { reason: reason.to_string() })
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
             .inc();
     }
 }

@@ -110,7 +110,10 @@ pub fn extract_inputs(vc: &VaultConnection, secret: Option<&Secret>) -> Inputs {
     let data = SecretData::from_secret(secret);
     let missing: Vec<String> = required
         .iter()
-        .filter(|k| data.get(k).is_none_or(|v| v.0.iter().all(u8::is_ascii_whitespace)))
+        .filter(|k| {
+            data.get(k)
+                .is_none_or(|v| v.0.iter().all(u8::is_ascii_whitespace))
+        })
         .map(|k| k.to_string())
         .collect();
     if !missing.is_empty() {
@@ -125,7 +128,10 @@ pub fn extract_inputs(vc: &VaultConnection, secret: Option<&Secret>) -> Inputs {
         };
     }
     let mut picked = SecretData::default();
-    for k in required.iter().chain(catalog::optional_inputs(&vc.spec).iter()) {
+    for k in required
+        .iter()
+        .chain(catalog::optional_inputs(&vc.spec).iter())
+    {
         if let Some(v) = data.get(k) {
             if !v.0.is_empty() {
                 picked.insert(k, trim_newline(&v.0));
@@ -235,8 +241,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn content_hash(data: &SecretData) -> String {
+/// Hash of everything the operator puts on a Secret (data, labels, annotations, owner), so a
+/// spec change to labels or the deletion policy is not mistaken for "already correct".
+fn content_hash(
+    data: &SecretData,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+    owner: Option<&OwnerReference>,
+) -> String {
     let mut h = Sha256::new();
+    let meta = serde_json::json!({"l": labels, "a": annotations, "o": owner.map(|o| &o.uid)});
+    h.update(meta.to_string().as_bytes());
     for (k, v) in &data.0 {
         h.update((k.len() as u64).to_be_bytes());
         h.update(k.as_bytes());
@@ -269,11 +284,12 @@ pub fn desired_output_secret(vc: &VaultConnection, data: SecretData) -> DesiredS
         CONNECTION_UID_ANNOTATION.into(),
         vc.metadata.uid.clone().unwrap_or_default(),
     );
-    annotations.insert(CONTENT_HASH_ANNOTATION.into(), content_hash(&data));
     let owner = match vc.deletion_policy() {
         DeletionPolicy::Delete => controller_owner(vc),
         DeletionPolicy::Retain => None,
     };
+    let hash = content_hash(&data, &labels, &annotations, owner.as_ref());
+    annotations.insert(CONTENT_HASH_ANNOTATION.into(), hash);
     DesiredSecret {
         name: vc.target_name(),
         namespace: vc.metadata.namespace.clone().unwrap_or_default(),
@@ -292,20 +308,22 @@ pub fn desired_state_secret(vc: &VaultConnection, data: SecretData) -> DesiredSe
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
         (ROLE_LABEL.to_string(), ROLE_STATE.to_string()),
     ]);
-    let annotations = BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (CONNECTION_ANNOTATION.to_string(), name.clone()),
         (
             CONNECTION_UID_ANNOTATION.to_string(),
             vc.metadata.uid.clone().unwrap_or_default(),
         ),
-        (CONTENT_HASH_ANNOTATION.to_string(), content_hash(&data)),
     ]);
+    let owner = controller_owner(vc);
+    let hash = content_hash(&data, &labels, &annotations, owner.as_ref());
+    annotations.insert(CONTENT_HASH_ANNOTATION.to_string(), hash);
     DesiredSecret {
         name: state_secret_name(&name),
         namespace: vc.metadata.namespace.clone().unwrap_or_default(),
         labels,
         annotations,
-        owner: controller_owner(vc),
+        owner,
         data,
     }
 }
@@ -341,12 +359,14 @@ impl DesiredSecret {
         let meta = &live.metadata;
         let live_data = SecretData::from_secret(live);
         live_data == self.data
-            && self.labels.iter().all(|(k, v)| {
-                meta.labels.as_ref().and_then(|l| l.get(k)) == Some(v)
-            })
-            && self.annotations.iter().all(|(k, v)| {
-                meta.annotations.as_ref().and_then(|a| a.get(k)) == Some(v)
-            })
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| meta.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
+            && self
+                .annotations
+                .iter()
+                .all(|(k, v)| meta.annotations.as_ref().and_then(|a| a.get(k)) == Some(v))
             && self.owner_matches(meta.owner_references.as_deref().unwrap_or_default())
     }
 
@@ -412,8 +432,15 @@ pub fn ownership(vc: &VaultConnection, meta: &ObjectMeta) -> Ownership {
     if !managed {
         return Ownership::Foreign;
     }
-    let conn = annotations.get(CONNECTION_ANNOTATION).cloned().unwrap_or_default();
-    if annotations.get(CONNECTION_UID_ANNOTATION).map(String::as_str) == Some(uid) {
+    let conn = annotations
+        .get(CONNECTION_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
+    if annotations
+        .get(CONNECTION_UID_ANNOTATION)
+        .map(String::as_str)
+        == Some(uid)
+    {
         return Ownership::Ours;
     }
     if Some(conn.as_str()) == vc.metadata.name.as_deref() && controller_uid.is_none() {
@@ -466,38 +493,70 @@ mod tests {
     }
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn outputs_per_static_type() {
         let c = json!({"name": "creds"});
         assert_eq!(
-            outputs(json!({"type": "apiKey", "credentialsRef": c, "apiKey": {"baseUrl": "https://api.x", "headerName": "X-Key"}}), &[("api_key", "k1\n"), ("other", "x")]),
-            map(&[("api_key", "k1"), ("base_url", "https://api.x"), ("header_name", "X-Key")])
+            outputs(
+                json!({"type": "apiKey", "credentialsRef": c, "apiKey": {"baseUrl": "https://api.x", "headerName": "X-Key"}}),
+                &[("api_key", "k1\n"), ("other", "x")]
+            ),
+            map(&[
+                ("api_key", "k1"),
+                ("base_url", "https://api.x"),
+                ("header_name", "X-Key")
+            ])
         );
         assert_eq!(
-            outputs(json!({"type": "apiKey", "credentialsRef": c}), &[("api_key", "k1")]),
+            outputs(
+                json!({"type": "apiKey", "credentialsRef": c}),
+                &[("api_key", "k1")]
+            ),
             map(&[("api_key", "k1")])
         );
         assert_eq!(
-            outputs(json!({"type": "bearerToken", "credentialsRef": c}), &[("token", "t0k")]),
+            outputs(
+                json!({"type": "bearerToken", "credentialsRef": c}),
+                &[("token", "t0k")]
+            ),
             map(&[("token", "t0k"), ("authorization", "Bearer t0k")])
         );
         assert_eq!(
-            outputs(json!({"type": "basicAuth", "credentialsRef": c}), &[("username", "al:ice"), ("password", "p@ss")]),
-            map(&[("username", "al:ice"), ("password", "p@ss"), ("authorization", "Basic YWw6aWNlOnBAc3M=")])
+            outputs(
+                json!({"type": "basicAuth", "credentialsRef": c}),
+                &[("username", "al:ice"), ("password", "p@ss")]
+            ),
+            map(&[
+                ("username", "al:ice"),
+                ("password", "p@ss"),
+                ("authorization", "Basic YWw6aWNlOnBAc3M=")
+            ])
         );
         assert_eq!(
-            outputs(json!({"type": "twilio", "credentialsRef": c}), &[("account_sid", "AC1"), ("auth_token", "tw")]),
+            outputs(
+                json!({"type": "twilio", "credentialsRef": c}),
+                &[("account_sid", "AC1"), ("auth_token", "tw")]
+            ),
             map(&[("account_sid", "AC1"), ("auth_token", "tw")])
         );
         assert_eq!(
-            outputs(json!({"type": "stripe", "credentialsRef": c}), &[("secret_key", "sk_1")]),
+            outputs(
+                json!({"type": "stripe", "credentialsRef": c}),
+                &[("secret_key", "sk_1")]
+            ),
             map(&[("secret_key", "sk_1")])
         );
         assert_eq!(
-            outputs(json!({"type": "stripe", "credentialsRef": c}), &[("secret_key", "sk_1"), ("publishable_key", "pk_1")]),
+            outputs(
+                json!({"type": "stripe", "credentialsRef": c}),
+                &[("secret_key", "sk_1"), ("publishable_key", "pk_1")]
+            ),
             map(&[("secret_key", "sk_1"), ("publishable_key", "pk_1")])
         );
     }
@@ -505,14 +564,34 @@ mod tests {
     #[test]
     fn missing_inputs_name_secret_and_keys() {
         let v = vc(json!({"type": "basicAuth", "credentialsRef": {"name": "creds"}}));
-        let Inputs::Missing { missing_keys, message } = extract_inputs(&v, Some(&secret(&[("username", "u"), ("password", " \n")]))) else { panic!() };
+        let Inputs::Missing {
+            missing_keys,
+            message,
+        } = extract_inputs(&v, Some(&secret(&[("username", "u"), ("password", " \n")])))
+        else {
+            panic!()
+        };
         assert_eq!(missing_keys, vec!["password"]);
-        assert_eq!(message, "Secret ns/creds has no key password (or it is empty)");
-        let Inputs::Missing { missing_keys, message } = extract_inputs(&v, None) else { panic!() };
+        assert_eq!(
+            message,
+            "Secret ns/creds has no key password (or it is empty)"
+        );
+        let Inputs::Missing {
+            missing_keys,
+            message,
+        } = extract_inputs(&v, None)
+        else {
+            panic!()
+        };
         assert_eq!(missing_keys, vec!["username", "password"]);
-        assert_eq!(message, "Secret ns/creds not found (needs keys username, password)");
+        assert_eq!(
+            message,
+            "Secret ns/creds not found (needs keys username, password)"
+        );
         let v = vc(json!({"type": "twilio"}));
-        let Inputs::Missing { message, .. } = extract_inputs(&v, None) else { panic!() };
+        let Inputs::Missing { message, .. } = extract_inputs(&v, None) else {
+            panic!()
+        };
         assert!(message.contains("spec.credentialsRef is not set"));
     }
 
@@ -520,14 +599,27 @@ mod tests {
     fn oauth_outputs_never_include_refresh_token_or_client_secret() {
         let out = oauth_outputs("at", "bearer", "2026-01-01T00:00:00Z", Some("read"));
         let keys: Vec<_> = out.0.keys().cloned().collect();
-        assert_eq!(keys, vec!["access_token", "authorization", "expires_at", "scope", "token_type"]);
+        assert_eq!(
+            keys,
+            vec![
+                "access_token",
+                "authorization",
+                "expires_at",
+                "scope",
+                "token_type"
+            ]
+        );
         assert_eq!(out.get("authorization").unwrap().expose_str(), "Bearer at");
     }
 
     #[test]
     fn debug_output_redacts_values() {
         let v = vc(json!({"type": "bearerToken", "credentialsRef": {"name": "creds"}}));
-        let Inputs::Complete(inputs) = extract_inputs(&v, Some(&secret(&[("token", "supersecretvalue")]))) else { panic!() };
+        let Inputs::Complete(inputs) =
+            extract_inputs(&v, Some(&secret(&[("token", "supersecretvalue")])))
+        else {
+            panic!()
+        };
         let d = desired_output_secret(&v, static_outputs(&v, &inputs));
         let dbg = format!("{d:?} {inputs:?}");
         assert!(!dbg.contains("supersecretvalue"), "{dbg}");
@@ -535,8 +627,12 @@ mod tests {
 
     #[test]
     fn desired_secret_metadata_and_matching() {
-        let v = vc(json!({"type": "bearerToken", "credentialsRef": {"name": "creds"}, "target": {"name": "out", "labels": {"team": "a"}, "annotations": {"reloader.stakater.com/match": "true"}}}));
-        let Inputs::Complete(inputs) = extract_inputs(&v, Some(&secret(&[("token", "t")]))) else { panic!() };
+        let v = vc(
+            json!({"type": "bearerToken", "credentialsRef": {"name": "creds"}, "target": {"name": "out", "labels": {"team": "a"}, "annotations": {"reloader.stakater.com/match": "true"}}}),
+        );
+        let Inputs::Complete(inputs) = extract_inputs(&v, Some(&secret(&[("token", "t")]))) else {
+            panic!()
+        };
         let d = desired_output_secret(&v, static_outputs(&v, &inputs));
         assert_eq!(d.name, "out");
         assert_eq!(d.labels.get("team").unwrap(), "a");
@@ -545,18 +641,39 @@ mod tests {
         assert_eq!(d.owner.as_ref().unwrap().controller, Some(true));
         let mut live = d.to_new_secret();
         assert!(d.matches(&live));
-        live.metadata.annotations.as_mut().unwrap().insert("foreign".into(), "x".into());
+        live.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert("foreign".into(), "x".into());
         assert!(d.matches(&live), "foreign annotations do not count");
-        live.data.as_mut().unwrap().insert("token".into(), ByteString(b"edited".to_vec()));
+        live.data
+            .as_mut()
+            .unwrap()
+            .insert("token".into(), ByteString(b"edited".to_vec()));
         assert!(!d.matches(&live));
         let merged = d.merged_into(&live);
         assert!(d.matches(&merged));
-        assert_eq!(merged.metadata.annotations.as_ref().unwrap().get("foreign").unwrap(), "x");
-        live.data.as_mut().unwrap().insert("extra".into(), ByteString(b"x".to_vec()));
+        assert_eq!(
+            merged
+                .metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .get("foreign")
+                .unwrap(),
+            "x"
+        );
+        live.data
+            .as_mut()
+            .unwrap()
+            .insert("extra".into(), ByteString(b"x".to_vec()));
         assert!(!d.matches(&live), "extra keys are drift");
 
         let retain = vc(json!({"type": "bearerToken", "target": {"deletionPolicy": "Retain"}}));
-        assert!(desired_output_secret(&retain, SecretData::default()).owner.is_none());
+        assert!(desired_output_secret(&retain, SecretData::default())
+            .owner
+            .is_none());
     }
 
     #[test]
@@ -566,12 +683,27 @@ mod tests {
         assert_eq!(ownership(&v, &d.to_new_secret().metadata), Ownership::Ours);
         assert_eq!(ownership(&v, &ObjectMeta::default()), Ownership::Foreign);
         let mut other = d.to_new_secret().metadata;
-        other.annotations.as_mut().unwrap().insert(CONNECTION_ANNOTATION.into(), "other".into());
-        other.annotations.as_mut().unwrap().insert(CONNECTION_UID_ANNOTATION.into(), "uid-2".into());
-        assert_eq!(ownership(&v, &other), Ownership::OtherConnection("other".into()));
+        other
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(CONNECTION_ANNOTATION.into(), "other".into());
+        other
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(CONNECTION_UID_ANNOTATION.into(), "uid-2".into());
+        assert_eq!(
+            ownership(&v, &other),
+            Ownership::OtherConnection("other".into())
+        );
         let mut leftover = d.to_new_secret().metadata;
         leftover.owner_references = None;
-        leftover.annotations.as_mut().unwrap().insert(CONNECTION_UID_ANNOTATION.into(), "old-uid".into());
+        leftover
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(CONNECTION_UID_ANNOTATION.into(), "old-uid".into());
         assert_eq!(ownership(&v, &leftover), Ownership::Ours);
     }
 }

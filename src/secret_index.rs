@@ -27,6 +27,7 @@ pub struct ManagedMeta {
     pub resource_version: String,
     pub content_hash: Option<String>,
     pub connection: Option<String>,
+    pub connection_uid: Option<String>,
 }
 
 #[derive(Default)]
@@ -69,6 +70,7 @@ fn managed_meta(meta: &PartialObjectMeta<Secret>) -> Option<ManagedMeta> {
         resource_version: m.resource_version.clone().unwrap_or_default(),
         content_hash: ann.and_then(|a| a.get(CONTENT_HASH_ANNOTATION)).cloned(),
         connection: ann.and_then(|a| a.get(CONNECTION_ANNOTATION)).cloned(),
+        connection_uid: ann.and_then(|a| a.get(CONNECTION_UID_ANNOTATION)).cloned(),
     })
 }
 
@@ -121,13 +123,21 @@ impl SecretIndex {
     }
 
     /// True when the Secret is known (from the watch) to be at a resourceVersion this process
-    /// wrote or verified, with the given content hash: nothing to do.
-    pub fn is_verified(&self, namespace: &str, name: &str, content_hash: &str) -> bool {
+    /// wrote or verified, for this connection, with the given content hash: nothing to do.
+    pub fn is_verified(
+        &self,
+        namespace: &str,
+        name: &str,
+        connection_uid: &str,
+        content_hash: &str,
+    ) -> bool {
         let inner = self.lock();
         let k = (namespace.to_string(), name.to_string());
         match (inner.managed.get(&k), inner.verified.get(&k)) {
             (Some(m), Some(rv)) => {
-                &m.resource_version == rv && m.content_hash.as_deref() == Some(content_hash)
+                &m.resource_version == rv
+                    && m.content_hash.as_deref() == Some(content_hash)
+                    && m.connection_uid.as_deref() == Some(connection_uid)
             }
             _ => false,
         }
@@ -164,7 +174,10 @@ impl SecretIndex {
                 // would reconcile everything on every watch restart.
                 if let (Some(k), Some(m)) = (key_of(&obj), managed_meta(&obj)) {
                     let changed = inner.managed.get(&k) != Some(&m);
-                    inner.relist.get_or_insert_with(HashMap::new).insert(k.clone(), m);
+                    inner
+                        .relist
+                        .get_or_insert_with(HashMap::new)
+                        .insert(k.clone(), m);
                     if changed {
                         return triggers_for(&inner, &k, &obj);
                     }
@@ -238,16 +251,25 @@ mod tests {
     use kube::runtime::watcher::Event;
     use std::collections::BTreeMap;
 
-    fn meta(ns: &str, name: &str, rv: &str, managed_for: Option<&str>) -> PartialObjectMeta<Secret> {
+    fn meta(
+        ns: &str,
+        name: &str,
+        rv: &str,
+        managed_for: Option<&str>,
+    ) -> PartialObjectMeta<Secret> {
         let mut m = PartialObjectMeta::<Secret>::default();
         m.metadata.namespace = Some(ns.into());
         m.metadata.name = Some(name.into());
         m.metadata.resource_version = Some(rv.into());
         if let Some(c) = managed_for {
-            m.metadata.labels = Some(BTreeMap::from([(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into())]));
+            m.metadata.labels = Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.into(),
+                MANAGED_BY_VALUE.into(),
+            )]));
             m.metadata.annotations = Some(BTreeMap::from([
                 (CONNECTION_ANNOTATION.into(), c.into()),
                 (CONTENT_HASH_ANNOTATION.into(), "h1".into()),
+                (CONNECTION_UID_ANNOTATION.into(), "u1".into()),
             ]));
         }
         m
@@ -261,12 +283,22 @@ mod tests {
         let refs = idx.apply_event(Event::Apply(meta("ns", "creds", "1", None)));
         let names: Vec<_> = refs.iter().map(|r| r.name.clone()).collect();
         assert_eq!(names, vec!["conn-a", "conn-b"]);
-        assert!(idx.apply_event(Event::Apply(meta("other", "creds", "1", None))).is_empty());
-        assert!(idx.apply_event(Event::Apply(meta("ns", "unrelated", "1", None))).is_empty());
+        assert!(idx
+            .apply_event(Event::Apply(meta("other", "creds", "1", None)))
+            .is_empty());
+        assert!(idx
+            .apply_event(Event::Apply(meta("ns", "unrelated", "1", None)))
+            .is_empty());
         idx.set_reads("ns", "conn-b", vec!["ca".into()]);
-        assert_eq!(idx.apply_event(Event::Apply(meta("ns", "creds", "2", None))).len(), 1);
+        assert_eq!(
+            idx.apply_event(Event::Apply(meta("ns", "creds", "2", None)))
+                .len(),
+            1
+        );
         idx.forget_connection("ns", "conn-a");
-        assert!(idx.apply_event(Event::Apply(meta("ns", "creds", "3", None))).is_empty());
+        assert!(idx
+            .apply_event(Event::Apply(meta("ns", "creds", "3", None)))
+            .is_empty());
     }
 
     #[test]
@@ -274,12 +306,15 @@ mod tests {
         let idx = SecretIndex::default();
         let refs = idx.apply_event(Event::Apply(meta("ns", "out", "5", Some("conn"))));
         assert_eq!(refs[0].name, "conn");
-        assert!(!idx.is_verified("ns", "out", "h1"));
+        assert!(!idx.is_verified("ns", "out", "u1", "h1"));
         idx.mark_verified("ns", "out", Some("5".into()));
-        assert!(idx.is_verified("ns", "out", "h1"));
-        assert!(!idx.is_verified("ns", "out", "h2"));
+        assert!(idx.is_verified("ns", "out", "u1", "h1"));
+        assert!(!idx.is_verified("ns", "out", "u1", "h2"));
         idx.apply_event(Event::Apply(meta("ns", "out", "6", Some("conn"))));
-        assert!(!idx.is_verified("ns", "out", "h1"), "someone else wrote it");
+        assert!(
+            !idx.is_verified("ns", "out", "u1", "h1"),
+            "someone else wrote it"
+        );
         let refs = idx.apply_event(Event::Delete(meta("ns", "out", "6", Some("conn"))));
         assert_eq!(refs[0].name, "conn");
         assert!(idx.managed("ns", "out").is_none());
@@ -290,7 +325,9 @@ mod tests {
         let idx = SecretIndex::default();
         idx.apply_event(Event::Apply(meta("ns", "out", "5", Some("conn"))));
         idx.apply_event(Event::Init);
-        assert!(idx.apply_event(Event::InitApply(meta("ns", "x", "1", None))).is_empty());
+        assert!(idx
+            .apply_event(Event::InitApply(meta("ns", "x", "1", None)))
+            .is_empty());
         let refs = idx.apply_event(Event::InitDone);
         assert_eq!(refs.len(), 1);
         assert_eq!(refs[0].name, "conn");

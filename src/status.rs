@@ -34,7 +34,12 @@ pub struct OAuthStatus {
 }
 
 impl Outcome {
-    pub fn new(phase: Phase, ready: bool, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        phase: Phase,
+        ready: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Outcome {
             phase,
             ready,
@@ -72,7 +77,13 @@ pub fn desired_status(vc: &VaultConnection, outcome: &Outcome, now: Time) -> Vau
     };
     // Keep conditions of other types (none today) so a later feature's condition survives.
     let mut conditions: Vec<Condition> = prev
-        .map(|s| s.conditions.iter().filter(|c| c.type_ != READY).cloned().collect())
+        .map(|s| {
+            s.conditions
+                .iter()
+                .filter(|c| c.type_ != READY)
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     conditions.insert(0, ready);
     let oauth = outcome.oauth.clone().unwrap_or_default();
@@ -135,14 +146,22 @@ mod tests {
 
     #[test]
     fn pending_status_lists_missing_keys() {
-        let mut o = Outcome::new(Phase::Pending, false, "CredentialsMissing", "Secret ns/c has no key api_key");
+        let mut o = Outcome::new(
+            Phase::Pending,
+            false,
+            "CredentialsMissing",
+            "Secret ns/c has no key api_key",
+        );
         o.missing_keys = vec!["api_key".into()];
         let s = desired_status(&vc(None), &o, time("2026-01-01T00:00:00Z"));
         assert_eq!(s.phase, Some(Phase::Pending));
         assert_eq!(s.missing_keys, vec!["api_key"]);
         assert_eq!(s.observed_generation, Some(3));
         let c = &s.conditions[0];
-        assert_eq!((c.type_.as_str(), c.status.as_str(), c.reason.as_str()), ("Ready", "False", "CredentialsMissing"));
+        assert_eq!(
+            (c.type_.as_str(), c.status.as_str(), c.reason.as_str()),
+            ("Ready", "False", "CredentialsMissing")
+        );
         assert_eq!(c.observed_generation, Some(3));
     }
 
@@ -160,10 +179,16 @@ mod tests {
         let first = desired_status(&vc(None), &ready, time("2026-01-01T00:00:00Z"));
         let pending = Outcome::new(Phase::Pending, false, "CredentialsMissing", "x");
         let second = desired_status(&vc(Some(first)), &pending, time("2026-01-02T00:00:00Z"));
-        assert_eq!(second.conditions[0].last_transition_time, time("2026-01-02T00:00:00Z"));
+        assert_eq!(
+            second.conditions[0].last_transition_time,
+            time("2026-01-02T00:00:00Z")
+        );
         let failed = Outcome::new(Phase::Failed, false, "InvalidSpec", "y");
         let third = desired_status(&vc(Some(second)), &failed, time("2026-01-03T00:00:00Z"));
-        assert_eq!(third.conditions[0].last_transition_time, time("2026-01-02T00:00:00Z"));
+        assert_eq!(
+            third.conditions[0].last_transition_time,
+            time("2026-01-02T00:00:00Z")
+        );
         assert_eq!(third.conditions[0].reason, "InvalidSpec");
     }
 

@@ -67,12 +67,14 @@ pub fn validate(vc: &VaultConnection, opts: ValidationOptions) -> Vec<String> {
         ));
     }
     if let Some(target) = &spec.target {
-        for (kind, map) in [("labels", &target.labels), ("annotations", &target.annotations)] {
+        for (kind, map) in [
+            ("labels", &target.labels),
+            ("annotations", &target.annotations),
+        ] {
             for key in map.keys() {
                 if !is_qualified_key(key) {
                     errors.push(format!("spec.target.{kind} key {key:?} is not a valid key"));
-                } else if key.starts_with(RESERVED_PREFIX)
-                    || key == crate::names::MANAGED_BY_LABEL
+                } else if key.starts_with(RESERVED_PREFIX) || key == crate::names::MANAGED_BY_LABEL
                 {
                     errors.push(format!(
                         "spec.target.{kind} key {key:?} is reserved for the operator"
@@ -134,7 +136,9 @@ fn validate_settings_blocks(
             }
         }
         ConnectionType::OAuth2 => match &spec.oauth2 {
-            None => errors.push("spec.oauth2 is required for type oauth2 (at least tokenUrl)".into()),
+            None => {
+                errors.push("spec.oauth2 is required for type oauth2 (at least tokenUrl)".into())
+            }
             Some(o) => {
                 if o.token_url.is_empty() {
                     errors.push("spec.oauth2.tokenUrl is required".into());
@@ -142,7 +146,12 @@ fn validate_settings_blocks(
                 {
                     errors.push(format!("spec.oauth2.tokenUrl: {msg}"));
                 }
-                validate_renewal("oauth2", o.renew_before.as_deref(), o.renew_before_percentage, errors);
+                validate_renewal(
+                    "oauth2",
+                    o.renew_before.as_deref(),
+                    o.renew_before_percentage,
+                    errors,
+                );
                 validate_scopes("oauth2", &o.scopes, errors);
                 for key in o.extra_params.keys() {
                     if RESERVED_PARAMS.contains(&key.as_str()) {
@@ -184,7 +193,12 @@ fn validate_settings_blocks(
                         "spec.auth0.audience is required for the clientCredentials grant (the API identifier)".into(),
                     );
                 }
-                validate_renewal("auth0", a.renew_before.as_deref(), a.renew_before_percentage, errors);
+                validate_renewal(
+                    "auth0",
+                    a.renew_before.as_deref(),
+                    a.renew_before_percentage,
+                    errors,
+                );
                 validate_scopes("auth0", &a.scopes, errors);
             }
         },
@@ -220,8 +234,14 @@ fn validate_renewal(block: &str, before: Option<&str>, pct: Option<u8>, errors: 
 fn validate_scopes(block: &str, scopes: &[String], errors: &mut Vec<String>) {
     for s in scopes {
         // RFC 6749 §3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
-        if s.is_empty() || !s.bytes().all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b)) {
-            errors.push(format!("spec.{block}.scopes entry {s:?} is not a valid scope token"));
+        if s.is_empty()
+            || !s
+                .bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
+        {
+            errors.push(format!(
+                "spec.{block}.scopes entry {s:?} is not a valid scope token"
+            ));
         }
     }
 }
@@ -301,67 +321,123 @@ mod tests {
         for t in ["apiKey", "bearerToken", "basicAuth", "twilio", "stripe"] {
             assert!(errs(json!({"type": t})).is_empty(), "{t}");
         }
-        assert!(errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/oauth/token"}})).is_empty());
+        assert!(errs(
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/oauth/token"}})
+        )
+        .is_empty());
         assert!(errs(json!({"type": "auth0", "auth0": {"domain": "t.eu.auth0.com", "audience": "https://api"}})).is_empty());
     }
 
     #[test]
     fn settings_block_must_match_type() {
         let e = errs(json!({"type": "bearerToken", "oauth2": {"tokenUrl": "https://x/t"}}));
-        assert_eq!(e, vec!["spec.oauth2 is only valid with type oauth2, not bearerToken"]);
+        assert_eq!(
+            e,
+            vec!["spec.oauth2 is only valid with type oauth2, not bearerToken"]
+        );
     }
 
     #[test]
     fn oauth2_requires_https_token_url() {
         assert_eq!(errs(json!({"type": "oauth2"})).len(), 1);
-        assert!(errs(json!({"type": "oauth2", "oauth2": {}}))[0].contains("tokenUrl is required"));
-        assert!(errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": "http://idp.example/token"}}))[0].starts_with("spec.oauth2.tokenUrl:"));
-        let loopback = vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "http://127.0.0.1:8080/token"}}));
+        assert!(
+            errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": ""}}))[0]
+                .contains("tokenUrl is required")
+        );
+        assert!(errs(
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "http://idp.example/token"}})
+        )[0]
+        .starts_with("spec.oauth2.tokenUrl:"));
+        let loopback =
+            vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "http://127.0.0.1:8080/token"}}));
         assert!(!validate(&loopback, ValidationOptions::default()).is_empty());
-        assert!(validate(&loopback, ValidationOptions { allow_http_loopback: true }).is_empty());
+        assert!(validate(
+            &loopback,
+            ValidationOptions {
+                allow_http_loopback: true
+            }
+        )
+        .is_empty());
     }
 
     #[test]
     fn renewal_settings() {
-        let e = errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "renewBefore": "5m", "renewBeforePercentage": 20}}));
+        let e = errs(
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "renewBefore": "5m", "renewBeforePercentage": 20}}),
+        );
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].contains("mutually exclusive"));
-        assert!(errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "renewBefore": "soon"}}))[0].contains("not a duration"));
+        assert!(errs(
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "renewBefore": "soon"}})
+        )[0]
+        .contains("not a duration"));
         assert!(errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "renewBeforePercentage": 100}}))[0].contains("between 1 and 99"));
         assert!(errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "renewBeforePercentage": 0}}))[0].contains("between 1 and 99"));
-        assert!(errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "renewBefore": "90s"}})).is_empty());
+        assert!(errs(
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "renewBefore": "90s"}})
+        )
+        .is_empty());
     }
 
     #[test]
     fn auth0_rules() {
-        assert!(errs(json!({"type": "auth0", "auth0": {"domain": "t.auth0.com"}}))[0].contains("audience is required"));
+        assert!(
+            errs(json!({"type": "auth0", "auth0": {"domain": "t.auth0.com"}}))[0]
+                .contains("audience is required")
+        );
         assert!(errs(json!({"type": "auth0", "auth0": {"domain": "t.auth0.com", "grantType": "refreshToken"}})).is_empty());
-        assert!(errs(json!({"type": "auth0", "auth0": {"domain": "https://t.auth0.com/", "audience": "a"}}))[0].contains("bare host name"));
+        assert!(errs(
+            json!({"type": "auth0", "auth0": {"domain": "https://t.auth0.com/", "audience": "a"}})
+        )[0]
+        .contains("bare host name"));
     }
 
     #[test]
     fn extra_params_cannot_override_protocol_fields() {
-        let e = errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "extraParams": {"grant_type": "password", "organization": "o"}}}));
+        let e = errs(
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "extraParams": {"grant_type": "password", "organization": "o"}}}),
+        );
         assert_eq!(e.len(), 1);
         assert!(e[0].contains("\"grant_type\""));
     }
 
     #[test]
     fn target_rules() {
-        assert!(errs(json!({"type": "apiKey", "target": {"name": "Bad_Name"}}))[0].contains("not a valid Secret name"));
+        assert!(
+            errs(json!({"type": "apiKey", "target": {"name": "Bad_Name"}}))[0]
+                .contains("not a valid Secret name")
+        );
         assert!(errs(json!({"type": "apiKey", "credentialsRef": {"name": "same"}, "target": {"name": "same"}}))[0].contains("credentials Secret itself"));
-        assert!(errs(json!({"type": "apiKey", "credentialsRef": {"name": "conn"}}))[0].contains("credentials Secret itself"));
-        assert!(errs(json!({"type": "apiKey", "target": {"labels": {"vaultconn.dev/connection": "x"}}}))[0].contains("reserved"));
-        assert!(errs(json!({"type": "apiKey", "target": {"labels": {"team": "a b"}}}))[0].contains("not a valid label value"));
+        assert!(
+            errs(json!({"type": "apiKey", "credentialsRef": {"name": "conn"}}))[0]
+                .contains("credentials Secret itself")
+        );
+        assert!(errs(
+            json!({"type": "apiKey", "target": {"labels": {"vaultconn.dev/connection": "x"}}})
+        )[0]
+        .contains("reserved"));
+        assert!(
+            errs(json!({"type": "apiKey", "target": {"labels": {"team": "a b"}}}))[0]
+                .contains("not a valid label value")
+        );
         assert!(errs(json!({"type": "apiKey", "target": {"annotations": {"reloader.stakater.com/match": "true"}}})).is_empty());
         assert!(errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t"}, "target": {"name": crate::names::state_secret_name("conn")}}))[0].contains("reserved"));
     }
 
     #[test]
     fn api_key_settings() {
-        assert!(errs(json!({"type": "apiKey", "apiKey": {"baseUrl": "ftp://x"}}))[0].contains("not an http(s) URL"));
-        assert!(errs(json!({"type": "apiKey", "apiKey": {"baseUrl": "https://u:p@x"}}))[0].contains("user info"));
-        assert!(errs(json!({"type": "apiKey", "apiKey": {"headerName": "X Key"}}))[0].contains("header name"));
+        assert!(
+            errs(json!({"type": "apiKey", "apiKey": {"baseUrl": "ftp://x"}}))[0]
+                .contains("not an http(s) URL")
+        );
+        assert!(
+            errs(json!({"type": "apiKey", "apiKey": {"baseUrl": "https://u:p@x"}}))[0]
+                .contains("user info")
+        );
+        assert!(
+            errs(json!({"type": "apiKey", "apiKey": {"headerName": "X Key"}}))[0]
+                .contains("header name")
+        );
         assert!(errs(json!({"type": "apiKey", "apiKey": {"baseUrl": "https://api.example", "headerName": "X-API-Key"}})).is_empty());
     }
 

@@ -81,12 +81,16 @@ async fn controller_manager_creates_default_service_account_and_token() {
     .await;
     assert_eq!(sa.metadata.namespace.as_deref(), Some(ns.name.as_str()));
     // serviceaccount-token controller
-    let token = wait_for_some(TIMEOUT, "a token Secret for the default ServiceAccount", || async {
-        let list = secrets.list(&ListParams::default()).await.unwrap();
-        list.items
-            .into_iter()
-            .find(|s| s.type_.as_deref() == Some("kubernetes.io/service-account-token"))
-    })
+    let token = wait_for_some(
+        TIMEOUT,
+        "a token Secret for the default ServiceAccount",
+        || async {
+            let list = secrets.list(&ListParams::default()).await.unwrap();
+            list.items
+                .into_iter()
+                .find(|s| s.type_.as_deref() == Some("kubernetes.io/service-account-token"))
+        },
+    )
     .await;
     assert!(token.data.unwrap().contains_key("token"));
 }
@@ -132,8 +136,15 @@ async fn isolation_check(who: &str) {
 
     // Both objects exist right now, under the same name, in different namespaces.
     let all: Api<ConfigMap> = Api::all(ns.client.clone());
-    let both = all.list(&ListParams::default().labels("isolation=yes")).await.unwrap().items;
-    let mut where_: Vec<_> = both.iter().filter_map(|c| c.metadata.namespace.clone()).collect();
+    let both = all
+        .list(&ListParams::default().labels("isolation=yes"))
+        .await
+        .unwrap()
+        .items;
+    let mut where_: Vec<_> = both
+        .iter()
+        .filter_map(|c| c.metadata.namespace.clone())
+        .collect();
     where_.sort();
     let mut expected = names.clone();
     expected.sort();
@@ -203,7 +214,9 @@ spec:
 #[tokio::test]
 async fn second_control_plane_works_and_stops_cleanly() {
     let began = Instant::now();
-    let mut cp = ControlPlane::start(ControlPlaneOptions::default()).await.unwrap();
+    let mut cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .unwrap();
     eprintln!("second control plane started in {:?}", began.elapsed());
     let shared = support::cluster().await;
     assert_ne!(cp.server_url(), shared.server_url());
@@ -235,9 +248,18 @@ async fn second_control_plane_works_and_stops_cleanly() {
     write_test_crd(crd_dir.path());
     let names = cp.install_crds(crd_dir.path()).await.unwrap();
     assert_eq!(names, ["widgets.testkit.vaultconn.dev"]);
-    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("testkit.vaultconn.dev", "v1", "Widget"));
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "testkit.vaultconn.dev",
+        "v1",
+        "Widget",
+    ));
     let widgets: Api<DynamicObject> = Api::namespaced_with(client.clone(), "second", &ar);
-    assert!(widgets.list(&ListParams::default()).await.unwrap().items.is_empty());
+    assert!(widgets
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
     // Idempotent (server-side apply).
     cp.install_crds(crd_dir.path()).await.unwrap();
 
@@ -249,15 +271,27 @@ async fn second_control_plane_works_and_stops_cleanly() {
             .args(["get", "namespace", "second", "-o", "name"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "namespace/second");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "namespace/second"
+        );
     }
 
     let pids = cp.pids();
     let names: Vec<_> = pids.iter().map(|(n, _)| *n).collect();
     assert_eq!(
         names,
-        ["etcd", "kube-apiserver", "kube-controller-manager", "watchdog"]
+        [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "watchdog"
+        ]
     );
     assert!(pids.iter().all(|(_, pid)| process_alive(*pid)));
     let dir = cp.dir().to_path_buf();
@@ -269,7 +303,10 @@ async fn second_control_plane_works_and_stops_cleanly() {
     eprintln!("second control plane stopped in {:?}", began.elapsed());
     for (name, pid) in &pids {
         assert!(!process_alive(*pid), "{name} ({pid}) still running");
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{name} ({pid}) not reaped");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "{name} ({pid}) not reaped"
+        );
     }
     assert!(!dir.exists(), "{} still exists", dir.display());
     assert!(cp.pids().is_empty());
@@ -296,14 +333,21 @@ async fn sigkill_helper() {
     }
     let cp = support::cluster().await;
     let pids: Vec<String> = cp.pids().iter().map(|(_, p)| p.to_string()).collect();
-    println!("READY {} {}", cp.dir().display(), pids.join(","));
+    // Leading newline: libtest has already printed "test sigkill_helper ... " on this line.
+    println!("\nREADY {} {}", cp.dir().display(), pids.join(","));
     tokio::time::sleep(Duration::from_secs(600)).await;
 }
 
 #[tokio::test]
 async fn control_plane_dies_with_a_sigkilled_owner() {
     let mut helper = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "sigkill_helper", "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "sigkill_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(HELPER_ENV, "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -325,7 +369,12 @@ async fn control_plane_dies_with_a_sigkilled_owner() {
     };
     let mut parts = line.split_whitespace().skip(1);
     let dir = PathBuf::from(parts.next().unwrap());
-    let pids: Vec<u32> = parts.next().unwrap().split(',').map(|p| p.parse().unwrap()).collect();
+    let pids: Vec<u32> = parts
+        .next()
+        .unwrap()
+        .split(',')
+        .map(|p| p.parse().unwrap())
+        .collect();
     assert_eq!(pids.len(), 4);
     assert!(pids.iter().all(|p| process_alive(*p)));
     assert!(dir.exists());
@@ -333,9 +382,13 @@ async fn control_plane_dies_with_a_sigkilled_owner() {
     helper.kill().unwrap(); // SIGKILL: no Drop, no atexit, nothing runs in the owner
     helper.wait().unwrap();
 
-    wait_for(TIMEOUT, "the killed owner's control plane to go away", || {
-        let gone = pids.iter().all(|p| !process_alive(*p)) && !dir.exists();
-        async move { gone }
-    })
+    wait_for(
+        TIMEOUT,
+        "the killed owner's control plane to go away",
+        || {
+            let gone = pids.iter().all(|p| !process_alive(*p)) && !dir.exists();
+            async move { gone }
+        },
+    )
     .await;
 }

@@ -108,7 +108,10 @@ impl fmt::Debug for TokenRequest {
             .field("scopes", &self.scopes)
             .field("audience", &self.audience)
             // Values may be secrets (e.g. a client assertion): keys only.
-            .field("extra_params", &self.extra_params.keys().collect::<Vec<_>>())
+            .field(
+                "extra_params",
+                &self.extra_params.keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -281,11 +284,11 @@ impl TokenError {
             TokenError::InvalidGrant { .. } => "RefreshTokenRejected",
             TokenError::InvalidClient { .. } => "InvalidClient",
             TokenError::Rejected { .. } => "TokenRequestRejected",
-            TokenError::RateLimited { .. } => "TokenEndpointRateLimited",
-            TokenError::ServerError { .. } => "TokenEndpointError",
+            TokenError::RateLimited { .. } => "RateLimited",
+            TokenError::ServerError { .. } => "TokenEndpointUnavailable",
             TokenError::Redirected { .. } => "TokenEndpointRedirected",
             TokenError::Connect(_) => "TokenEndpointUnreachable",
-            TokenError::Tls(_) => "TokenEndpointTlsError",
+            TokenError::Tls(_) => "TLSError",
             TokenError::UnknownOutcome(_) => "TokenResponseLost",
             TokenError::Unparseable { .. } => "UnparseableTokenResponse",
         }
@@ -529,14 +532,16 @@ impl reqwest::dns::Resolve for GuardedResolver {
             if forbidden_hostname(&host) {
                 return Err(Box::new(ForbiddenAddressError(
                     "the token host is a cloud metadata service".to_string(),
-                )) as Box<dyn std::error::Error + Send + Sync>);
+                ))
+                    as Box<dyn std::error::Error + Send + Sync>);
             }
             if host == "localhost" {
                 // RFC 6761: answered locally, never sent to DNS.
                 if !allow_loopback {
                     return Err(Box::new(ForbiddenAddressError(
                         "loopback hosts are not allowed".to_string(),
-                    )) as Box<dyn std::error::Error + Send + Sync>);
+                    ))
+                        as Box<dyn std::error::Error + Send + Sync>);
                 }
                 let addrs: reqwest::dns::Addrs = Box::new(
                     vec![
@@ -666,7 +671,9 @@ enum SuccessParse {
     Token(TokenResponse),
     /// A 2xx carrying an OAuth error object (some servers, e.g. GitHub, do this).
     OAuthError(OAuthError),
-    Unusable { refresh_token: Option<SecretString> },
+    Unusable {
+        refresh_token: Option<SecretString>,
+    },
 }
 
 /// An OAuth error object (RFC 6749 §5.2), already sanitized.
@@ -700,7 +707,9 @@ fn parse_expires_in(v: &serde_json::Value) -> Option<Duration> {
     if !secs.is_finite() || secs < 1.0 {
         return None;
     }
-    Some(Duration::from_secs_f64(secs.min(MAX_EXPIRES_IN.as_secs_f64())))
+    Some(Duration::from_secs_f64(
+        secs.min(MAX_EXPIRES_IN.as_secs_f64()),
+    ))
 }
 
 fn strip_bom(body: &[u8]) -> &[u8] {
@@ -709,11 +718,7 @@ fn strip_bom(body: &[u8]) -> &[u8] {
 
 /// Parse a 2xx body. Never fails on `expires_in`, `token_type`, `scope` or unknown members;
 /// the refresh token is extracted first, so it survives any later failure.
-fn parse_success(
-    body: &[u8],
-    content_type: Option<&str>,
-    secrets: &[&str],
-) -> SuccessParse {
+fn parse_success(body: &[u8], content_type: Option<&str>, secrets: &[&str]) -> SuccessParse {
     let body = strip_bom(body);
     let map = match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(map)) => map,
@@ -933,7 +938,8 @@ fn sanitize_text(s: &str, max_chars: usize, secrets: &[&str]) -> String {
             continue;
         }
         // Bidi overrides and zero-width characters could disguise the text.
-        if matches!(ch, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}') {
+        if matches!(ch, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+        {
             continue;
         }
         if count == max_chars {
@@ -1067,9 +1073,9 @@ fn interpret_response(
         return match body {
             BodyRead::Complete(b) => match parse_success(&b, content_type, secrets) {
                 SuccessParse::Token(t) => Ok(t),
-                SuccessParse::OAuthError(e) => {
-                    Err(oauth_error_to_token_error(status, e, is_refresh, headers, now))
-                }
+                SuccessParse::OAuthError(e) => Err(oauth_error_to_token_error(
+                    status, e, is_refresh, headers, now,
+                )),
                 SuccessParse::Unusable { refresh_token } => {
                     Err(TokenError::Unparseable { refresh_token })
                 }
@@ -1239,7 +1245,9 @@ fn build_http_client(
         .referer(false)
         .no_proxy()
         .https_only(!cfg.allow_http_loopback)
-        .connect_timeout(cfg.connect_timeout)
+        // A connect phase outliving the total timeout would be misreported as an unknown
+        // outcome; keep it inside.
+        .connect_timeout(cfg.connect_timeout.min(cfg.request_timeout))
         .timeout(cfg.request_timeout)
         .pool_max_idle_per_host(0)
         .tls_version_min(reqwest::tls::Version::TLS_1_2)
@@ -1355,3 +1363,1360 @@ impl TokenClient {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    use axum::routing::post;
+    use axum::Router;
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    // Values that must never appear in any error Display/Debug.
+    const CLIENT_ID: &str = "m2m special/1";
+    const CLIENT_SECRET: &str = "s3cr:et+%&";
+    const RT: &str = "rt-SENSITIVE-old-4711";
+    const NEW_RT: &str = "rt-SENSITIVE-new-0815";
+    const AT: &str = "at-SENSITIVE-9f8e7d";
+    const SECRETS: &[&str] = &[CLIENT_SECRET, RT, NEW_RT, AT];
+
+    fn assert_clean(err: &TokenError) {
+        let shown = format!("{err} || {err:?}");
+        for s in SECRETS {
+            assert!(!shown.contains(s), "secret {s:?} leaked in {shown}");
+        }
+        let b64 = basic_authorization(CLIENT_ID, CLIENT_SECRET);
+        let b64 = b64.expose_secret().trim_start_matches("Basic ");
+        assert!(!shown.contains(b64), "basic credentials leaked in {shown}");
+        assert!(!err.to_string().contains('<'), "markup in {err}");
+        for tag in ["<html", "<body", "<h1", "<pre", "<b>"] {
+            assert!(!shown.contains(tag), "markup in {shown}");
+        }
+    }
+
+    fn req(url: &str, grant: Grant, method: ClientAuthMethod) -> TokenRequest {
+        TokenRequest {
+            token_url: url.to_string(),
+            grant,
+            client_id: SecretString::from(CLIENT_ID),
+            client_secret: SecretString::from(CLIENT_SECRET),
+            auth_method: method,
+            scopes: vec![],
+            audience: None,
+            extra_params: BTreeMap::new(),
+        }
+    }
+
+    fn cc(url: &str) -> TokenRequest {
+        req(url, Grant::ClientCredentials, ClientAuthMethod::Basic)
+    }
+
+    fn refresh(url: &str) -> TokenRequest {
+        req(
+            url,
+            Grant::RefreshToken(SecretString::from(RT)),
+            ClientAuthMethod::Basic,
+        )
+    }
+
+    fn form_pairs(body: &str) -> Vec<(String, String)> {
+        url::form_urlencoded::parse(body.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+
+    fn get<'a>(pairs: &'a [(String, String)], k: &str) -> Vec<&'a str> {
+        pairs
+            .iter()
+            .filter(|(kk, _)| kk == k)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Encoding
+    // ----------------------------------------------------------------------------------------
+
+    #[test]
+    fn basic_credentials_are_form_encoded_per_appendix_b() {
+        let h = basic_authorization(CLIENT_ID, CLIENT_SECRET);
+        let expected =
+            base64::engine::general_purpose::STANDARD.encode("m2m+special%2F1:s3cr%3Aet%2B%25%26");
+        assert_eq!(h.expose_secret(), format!("Basic {expected}"));
+        // Round trip the way a server decodes it.
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(h.expose_secret().trim_start_matches("Basic "))
+            .unwrap();
+        let raw = String::from_utf8(raw).unwrap();
+        let (id, secret) = raw.split_once(':').unwrap();
+        let dec = |s: &str| -> String {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .unwrap()
+                .1
+                .into_owned()
+        };
+        assert_eq!(dec(id), CLIENT_ID);
+        assert_eq!(dec(secret), CLIENT_SECRET);
+        // Non-ASCII is percent-encoded UTF-8.
+        let h = basic_authorization("ü", "p w");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(h.expose_secret().trim_start_matches("Basic "))
+            .unwrap();
+        assert_eq!(raw, b"%C3%BC:p+w");
+    }
+
+    #[test]
+    fn client_credentials_basic_body() {
+        let mut r = cc("https://idp.example/token");
+        r.scopes = vec!["read:a".into(), "write b".into()];
+        r.audience = Some("https://api.example/".into());
+        r.extra_params.insert("organization".into(), "org_1".into());
+        let e = encode_request(&r);
+        let pairs = form_pairs(e.body.expose_secret());
+        assert_eq!(get(&pairs, "grant_type"), ["client_credentials"]);
+        assert_eq!(get(&pairs, "scope"), ["read:a write b"]);
+        assert_eq!(get(&pairs, "audience"), ["https://api.example/"]);
+        assert_eq!(get(&pairs, "organization"), ["org_1"]);
+        assert!(get(&pairs, "client_id").is_empty());
+        assert!(get(&pairs, "client_secret").is_empty());
+        assert!(get(&pairs, "refresh_token").is_empty());
+        assert!(e.authorization.is_some());
+        assert_eq!(
+            e.body.expose_secret(),
+            "grant_type=client_credentials&scope=read%3Aa+write+b&audience=https%3A%2F%2Fapi.example%2F&organization=org_1"
+        );
+    }
+
+    #[test]
+    fn client_credentials_post_body() {
+        let r = req(
+            "https://idp.example/token",
+            Grant::ClientCredentials,
+            ClientAuthMethod::Post,
+        );
+        let e = encode_request(&r);
+        assert!(e.authorization.is_none(), "never both auth methods");
+        let pairs = form_pairs(e.body.expose_secret());
+        assert_eq!(get(&pairs, "client_id"), [CLIENT_ID]);
+        assert_eq!(get(&pairs, "client_secret"), [CLIENT_SECRET]);
+        assert!(get(&pairs, "scope").is_empty(), "empty scope omitted");
+        assert!(get(&pairs, "audience").is_empty());
+    }
+
+    #[test]
+    fn refresh_bodies_for_both_methods() {
+        for method in [ClientAuthMethod::Basic, ClientAuthMethod::Post] {
+            let mut r = req(
+                "https://idp.example/token",
+                Grant::RefreshToken(SecretString::from(RT)),
+                method,
+            );
+            r.scopes = vec!["offline_access".into()];
+            r.audience = Some("ignored-for-refresh".into());
+            let e = encode_request(&r);
+            let pairs = form_pairs(e.body.expose_secret());
+            assert_eq!(get(&pairs, "grant_type"), ["refresh_token"]);
+            assert_eq!(get(&pairs, "refresh_token"), [RT]);
+            assert_eq!(get(&pairs, "scope"), ["offline_access"]);
+            assert!(get(&pairs, "audience").is_empty());
+            match method {
+                ClientAuthMethod::Basic => {
+                    assert!(e.authorization.is_some());
+                    assert!(get(&pairs, "client_secret").is_empty());
+                    assert!(get(&pairs, "client_id").is_empty());
+                }
+                ClientAuthMethod::Post => {
+                    assert!(e.authorization.is_none());
+                    assert_eq!(get(&pairs, "client_secret"), [CLIENT_SECRET]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extra_params_cannot_override_reserved() {
+        let mut r = req(
+            "https://idp.example/token",
+            Grant::RefreshToken(SecretString::from(RT)),
+            ClientAuthMethod::Basic,
+        );
+        for k in [
+            "grant_type",
+            "refresh_token",
+            "client_id",
+            "client_secret",
+            "scope",
+        ] {
+            r.extra_params.insert(k.into(), "evil".into());
+        }
+        r.extra_params.insert("resource".into(), "urn:x".into());
+        r.scopes = vec!["a".into()];
+        let pairs = form_pairs(encode_request(&r).body.expose_secret());
+        assert_eq!(get(&pairs, "grant_type"), ["refresh_token"]);
+        assert_eq!(get(&pairs, "refresh_token"), [RT]);
+        assert_eq!(get(&pairs, "scope"), ["a"]);
+        assert!(get(&pairs, "client_id").is_empty());
+        assert!(get(&pairs, "client_secret").is_empty());
+        assert_eq!(get(&pairs, "resource"), ["urn:x"]);
+
+        // scope/audience from extra params are used when the dedicated fields are empty.
+        let mut r = cc("https://idp.example/token");
+        r.extra_params.insert("scope".into(), "s".into());
+        r.extra_params.insert("audience".into(), "aud".into());
+        let pairs = form_pairs(encode_request(&r).body.expose_secret());
+        assert_eq!(get(&pairs, "scope"), ["s"]);
+        assert_eq!(get(&pairs, "audience"), ["aud"]);
+        r.audience = Some("field".into());
+        let pairs = form_pairs(encode_request(&r).body.expose_secret());
+        assert_eq!(get(&pairs, "audience"), ["field"]);
+    }
+
+    #[test]
+    fn debug_output_is_redacted() {
+        let mut r = refresh("https://idp.example/token?key=QUERYSECRET");
+        r.extra_params
+            .insert("client_assertion".into(), "ASSERTIONSECRET".into());
+        let d = format!("{r:?}");
+        for s in [
+            CLIENT_SECRET,
+            RT,
+            CLIENT_ID,
+            "QUERYSECRET",
+            "ASSERTIONSECRET",
+        ] {
+            assert!(!d.contains(s), "{s} in {d}");
+        }
+        assert!(d.contains("idp.example/token"));
+        let resp = TokenResponse {
+            access_token: SecretString::from(AT),
+            token_type: "Bearer".into(),
+            expires_in: None,
+            refresh_token: Some(SecretString::from(NEW_RT)),
+            scope: None,
+        };
+        let d = format!("{resp:?}");
+        assert!(!d.contains(AT) && !d.contains(NEW_RT), "{d}");
+        let g = format!("{:?}", Grant::RefreshToken(SecretString::from(RT)));
+        assert!(!g.contains(RT));
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Parsing
+    // ----------------------------------------------------------------------------------------
+
+    fn ok(body: &str) -> TokenResponse {
+        match parse_success(body.as_bytes(), Some("application/json"), &[]) {
+            SuccessParse::Token(t) => t,
+            _ => panic!("expected a token"),
+        }
+    }
+
+    fn unusable(body: &[u8]) -> Option<String> {
+        match parse_success(body, Some("application/json"), &[]) {
+            SuccessParse::Unusable { refresh_token } => {
+                refresh_token.map(|s| s.expose_secret().to_string())
+            }
+            SuccessParse::Token(_) => panic!("unexpectedly parsed"),
+            SuccessParse::OAuthError(_) => panic!("unexpected oauth error"),
+        }
+    }
+
+    #[test]
+    fn lenient_success_parsing() {
+        let t = ok(&format!(
+            r#"{{"access_token":"{AT}","token_type":"bearer","expires_in":3600,"refresh_token":"{NEW_RT}","scope":"a b","id_token":"x","nested":{{"k":[1,2]}}}}"#
+        ));
+        assert_eq!(t.access_token.expose_secret(), AT);
+        assert_eq!(t.token_type, "bearer");
+        assert_eq!(t.expires_in, Some(Duration::from_secs(3600)));
+        assert_eq!(t.refresh_token.unwrap().expose_secret(), NEW_RT);
+        assert_eq!(t.scope.as_deref(), Some("a b"));
+
+        // String expires_in (Azure AD, SAP), padded.
+        let t = ok(r#"{"access_token":"a","token_type":"Bearer","expires_in":" 3599 "}"#);
+        assert_eq!(t.expires_in, Some(Duration::from_secs(3599)));
+        // Float.
+        let t = ok(r#"{"access_token":"a","expires_in":59.9}"#);
+        assert_eq!(t.expires_in, Some(Duration::from_secs_f64(59.9)));
+        let t = ok(r#"{"access_token":"a","expires_in":"120.5"}"#);
+        assert_eq!(t.expires_in, Some(Duration::from_secs_f64(120.5)));
+        // Missing / zero / negative / garbage / null / huge.
+        for v in [
+            "",
+            r#","expires_in":0"#,
+            r#","expires_in":-5"#,
+            r#","expires_in":"soon""#,
+            r#","expires_in":null"#,
+            r#","expires_in":"0""#,
+            r#","expires_in":true"#,
+        ] {
+            let t = ok(&format!(r#"{{"access_token":"a"{v}}}"#));
+            assert_eq!(t.expires_in, None, "{v}");
+        }
+        let t = ok(r#"{"access_token":"a","expires_in":99999999999999999999}"#);
+        assert_eq!(t.expires_in, Some(MAX_EXPIRES_IN));
+        let t = ok(r#"{"access_token":"a","expires_in":"18446744073709551615"}"#);
+        assert_eq!(t.expires_in, Some(MAX_EXPIRES_IN));
+        // Missing token_type defaults to Bearer; missing refresh_token is None.
+        let t = ok(r#"{"access_token":"a"}"#);
+        assert_eq!(t.token_type, "Bearer");
+        assert!(t.refresh_token.is_none());
+        assert!(t.scope.is_none());
+        // Empty refresh_token counts as absent (never blank out the stored one).
+        let t = ok(r#"{"access_token":"a","refresh_token":""}"#);
+        assert!(t.refresh_token.is_none());
+        // Scope as array.
+        let t = ok(r#"{"access_token":"a","scope":["x","y"]}"#);
+        assert_eq!(t.scope.as_deref(), Some("x y"));
+        // BOM and whitespace.
+        let t = ok("\u{feff}  {\"access_token\":\"a\"}\n");
+        assert_eq!(t.access_token.expose_secret(), "a");
+        // Odd content type but JSON body.
+        match parse_success(br#"{"access_token":"a"}"#, Some("text/html"), &[]) {
+            SuccessParse::Token(_) => {}
+            _ => panic!("json with odd content type"),
+        }
+    }
+
+    #[test]
+    fn form_encoded_success_is_accepted() {
+        let body = format!("access_token={AT}&token_type=bearer&scope=repo&refresh_token={NEW_RT}&expires_in=28800");
+        match parse_success(
+            body.as_bytes(),
+            Some("application/x-www-form-urlencoded; charset=utf-8"),
+            &[],
+        ) {
+            SuccessParse::Token(t) => {
+                assert_eq!(t.access_token.expose_secret(), AT);
+                assert_eq!(t.refresh_token.unwrap().expose_secret(), NEW_RT);
+                assert_eq!(t.expires_in, Some(Duration::from_secs(28800)));
+            }
+            _ => panic!("form body"),
+        }
+        // Without a form content type, a non-JSON body is unusable.
+        assert_eq!(unusable(body.as_bytes()), None);
+    }
+
+    #[test]
+    fn unusable_success_bodies_keep_the_refresh_token() {
+        // Missing access_token, valid JSON.
+        assert_eq!(
+            unusable(format!(r#"{{"refresh_token":"{NEW_RT}","expires_in":10}}"#).as_bytes()),
+            Some(NEW_RT.to_string())
+        );
+        // Truncated JSON after the refresh token.
+        let full = format!(
+            r#"{{"access_token":"{AT}","token_type":"Bearer","refresh_token":"{NEW_RT}","expires_in":3600}}"#
+        );
+        let cut = &full[..full.find("expires_in").unwrap() + 5];
+        assert_eq!(unusable(cut.as_bytes()), Some(NEW_RT.to_string()));
+        // Truncated inside the refresh token: nothing trustworthy.
+        let cut = &full[..full.find(NEW_RT).unwrap() + 4];
+        assert_eq!(unusable(cut.as_bytes()), None);
+        // Truncated before it.
+        assert_eq!(unusable(&full.as_bytes()[..20]), None);
+        // Invalid JSON later in the object.
+        let bad = format!(r#"{{"refresh_token":"{NEW_RT}","access_token":}}"#);
+        assert_eq!(unusable(bad.as_bytes()), Some(NEW_RT.to_string()));
+        // A "refresh_token" inside another value is not the member.
+        let tricky = r#"{"note":"\"refresh_token\":\"fake\"","x":{"refresh_token":"nested"},"refresh_token":"real\u0041\n","a":"#;
+        assert_eq!(unusable(tricky.as_bytes()), Some("realA\n".to_string()));
+        let tricky =
+            r#"{"note":"{\"refresh_token\":\"fake\"}","x":[1,{"refresh_token":"nested"}],"#;
+        assert_eq!(unusable(tricky.as_bytes()), None);
+        // Surrogate pair escapes.
+        let s = r#"{"refresh_token":"a\ud83d\ude00b","#;
+        assert_eq!(unusable(s.as_bytes()), Some("a😀b".to_string()));
+        // Non-object JSON, HTML, empty.
+        assert_eq!(unusable(b"[1,2]"), None);
+        assert_eq!(unusable(b"<html>oops</html>"), None);
+        assert_eq!(unusable(b""), None);
+        // A number value truncated at the end is skipped safely.
+        assert_eq!(unusable(br#"{"expires_in":36"#), None);
+    }
+
+    #[test]
+    fn success_status_with_oauth_error_is_an_error() {
+        let r = interpret_response(
+            200,
+            &HeaderMap::new(),
+            BodyRead::Complete(
+                br#"{"error":"invalid_grant","error_description":"expired"}"#.to_vec(),
+            ),
+            true,
+            &[],
+            SystemTime::now(),
+        );
+        assert!(matches!(r, Err(TokenError::InvalidGrant { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn retry_after_both_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after("0", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("999999999999999999999999", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(90)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        let far = httpdate::fmt_http_date(now + Duration::from_secs(86_400 * 3));
+        assert_eq!(parse_retry_after(&far, now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("-1", now), None);
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("", now), None);
+
+        // x-ratelimit-reset fallback (Auth0: Unix seconds).
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-reset", HeaderValue::from_static("1700000030"));
+        assert_eq!(retry_after_from(&h, now), Some(Duration::from_secs(30)));
+        h.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        assert_eq!(retry_after_from(&h, now), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn sanitized_descriptions() {
+        let long = "x".repeat(1000);
+        let body = format!(
+            r#"{{"error":"invalid_grant\u0007<b>","error_description":"bad\u0000 token {RT}\r\n\u202e{long}"}}"#
+        );
+        let e = interpret_response(
+            400,
+            &HeaderMap::new(),
+            BodyRead::Complete(body.into_bytes()),
+            false,
+            &[CLIENT_SECRET, RT],
+            SystemTime::now(),
+        )
+        .unwrap_err();
+        let TokenError::Rejected {
+            error, description, ..
+        } = &e
+        else {
+            panic!("{e:?}")
+        };
+        assert_eq!(error, "invalid_grantb");
+        let d = description.as_deref().unwrap();
+        assert!(d.starts_with("bad token [REDACTED] xxx"), "{d}");
+        assert!(d.chars().count() <= MAX_DESCRIPTION_CHARS + 1);
+        assert!(!d.chars().any(|c| c.is_control()));
+        assert_clean(&e);
+    }
+
+    fn interp(
+        status: u16,
+        headers: &[(&'static str, &'static str)],
+        body: &str,
+        is_refresh: bool,
+    ) -> TokenError {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        let e = interpret_response(
+            status,
+            &h,
+            BodyRead::Complete(body.as_bytes().to_vec()),
+            is_refresh,
+            &[CLIENT_SECRET, RT],
+            SystemTime::now(),
+        )
+        .unwrap_err();
+        assert_clean(&e);
+        e
+    }
+
+    #[test]
+    fn status_classification_table() {
+        let t = ErrorClass::Terminal;
+        let cases: Vec<(TokenError, &str, ErrorClass)> = vec![
+            (
+                interp(400, &[], r#"{"error":"invalid_grant"}"#, true),
+                "RefreshTokenRejected",
+                t,
+            ),
+            (
+                interp(400, &[], r#"{"error":"invalid_grant"}"#, false),
+                "TokenRequestRejected",
+                t,
+            ),
+            (
+                interp(400, &[], r#"{"error":"invalid_client"}"#, false),
+                "InvalidClient",
+                t,
+            ),
+            (
+                interp(401, &[("www-authenticate", "Basic")], "", false),
+                "InvalidClient",
+                t,
+            ),
+            (
+                interp(401, &[], r#"{"error":"invalid_token"}"#, true),
+                "InvalidClient",
+                t,
+            ),
+            (
+                interp(400, &[], r#"{"error":"invalid_scope"}"#, false),
+                "TokenRequestRejected",
+                t,
+            ),
+            (
+                interp(400, &[], r#"{"error":"unauthorized_client"}"#, false),
+                "TokenRequestRejected",
+                t,
+            ),
+            (
+                interp(400, &[], r#"{"error":"unsupported_grant_type"}"#, false),
+                "TokenRequestRejected",
+                t,
+            ),
+            (
+                interp(400, &[], r#"{"error":"invalid_request"}"#, false),
+                "TokenRequestRejected",
+                t,
+            ),
+            (
+                interp(400, &[], "<html>bad</html>", false),
+                "TokenRequestRejected",
+                t,
+            ),
+            (
+                interp(403, &[], "Forbidden", false),
+                "TokenRequestRejected",
+                t,
+            ),
+            (interp(404, &[], "", false), "TokenRequestRejected", t),
+            (
+                interp(302, &[("location", "https://evil.example/")], "", false),
+                "TokenEndpointRedirected",
+                t,
+            ),
+            (interp(307, &[], "", true), "TokenEndpointRedirected", t),
+            (
+                interp(429, &[("retry-after", "2")], "", true),
+                "RateLimited",
+                ErrorClass::Transient {
+                    retry_after: Some(Duration::from_secs(2)),
+                },
+            ),
+            (
+                interp(429, &[], "", true),
+                "RateLimited",
+                ErrorClass::Transient { retry_after: None },
+            ),
+            (
+                interp(400, &[], r#"{"error":"slow_down"}"#, false),
+                "RateLimited",
+                ErrorClass::Transient { retry_after: None },
+            ),
+            (
+                interp(
+                    500,
+                    &[],
+                    "<html><h1>Internal Server Error</h1></html>",
+                    true,
+                ),
+                "TokenEndpointUnavailable",
+                ErrorClass::Transient { retry_after: None },
+            ),
+            (
+                interp(
+                    500,
+                    &[],
+                    r#"{"error":"access_denied","error_description":"Global limit has been reached"}"#,
+                    false,
+                ),
+                "TokenEndpointUnavailable",
+                ErrorClass::Transient { retry_after: None },
+            ),
+            (
+                interp(503, &[("retry-after", "7")], "", true),
+                "TokenEndpointUnavailable",
+                ErrorClass::Transient {
+                    retry_after: Some(Duration::from_secs(7)),
+                },
+            ),
+            (
+                interp(400, &[], r#"{"error":"temporarily_unavailable"}"#, true),
+                "TokenEndpointUnavailable",
+                ErrorClass::Transient { retry_after: None },
+            ),
+            (
+                interp(408, &[], "", true),
+                "TokenEndpointUnavailable",
+                ErrorClass::Transient { retry_after: None },
+            ),
+            (
+                interp(200, &[], "<html>login</html>", true),
+                "UnparseableTokenResponse",
+                ErrorClass::UnknownOutcome,
+            ),
+        ];
+        for (e, reason, class) in cases {
+            assert_eq!(e.reason(), reason, "{e:?}");
+            assert_eq!(e.class(), class, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_and_interrupted_bodies() {
+        let h = HeaderMap::new();
+        let now = SystemTime::now();
+        let prefix = format!(r#"{{"refresh_token":"{NEW_RT}","access_token":"{AT}"#).into_bytes();
+        // 2xx too large: unparseable, refresh token recovered from the prefix if complete.
+        let e = interpret_response(200, &h, BodyRead::TooLarge(prefix.clone()), true, &[], now)
+            .unwrap_err();
+        assert_eq!(e.recovered_refresh_token().unwrap().expose_secret(), NEW_RT);
+        assert_eq!(e.class(), ErrorClass::UnknownOutcome);
+        assert_clean(&e);
+        let e = interpret_response(
+            200,
+            &h,
+            BodyRead::TooLarge(b"xxxx".to_vec()),
+            true,
+            &[],
+            now,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            e,
+            TokenError::Unparseable {
+                refresh_token: None
+            }
+        ));
+        // 2xx interrupted.
+        let e = interpret_response(
+            200,
+            &h,
+            BodyRead::Failed(prefix, "reset".into()),
+            true,
+            &[],
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "UnparseableTokenResponse");
+        assert!(e.recovered_refresh_token().is_some());
+        let e = interpret_response(
+            200,
+            &h,
+            BodyRead::Failed(vec![], "reset".into()),
+            true,
+            &[],
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "TokenResponseLost");
+        assert_eq!(e.class(), ErrorClass::UnknownOutcome);
+        // Error statuses: classified by status.
+        let e = interpret_response(400, &h, BodyRead::TooLarge(vec![b'{'; 10]), true, &[], now)
+            .unwrap_err();
+        assert_eq!(e.reason(), "TokenRequestRejected");
+        let e = interpret_response(
+            502,
+            &h,
+            BodyRead::Failed(vec![], "x".into()),
+            true,
+            &[],
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "TokenEndpointUnavailable");
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // URL / address policy
+    // ----------------------------------------------------------------------------------------
+
+    #[test]
+    fn url_validation() {
+        let ok = |u: &str, flag: bool| validate_token_url(u, flag).map(|_| ());
+        assert!(ok("https://idp.example.com/oauth/token", false).is_ok());
+        assert!(ok("https://idp.example.com:8443/t?tenant=a", false).is_ok());
+        assert!(ok("https://10.1.2.3/token", false).is_ok());
+        assert!(ok("http://idp.example.com/token", false).is_err());
+        assert!(ok("http://idp.example.com/token", true).is_err());
+        assert!(ok("http://127.0.0.1:8080/token", false).is_err());
+        assert!(ok("http://127.0.0.1:8080/token", true).is_ok());
+        assert!(ok("http://127.9.9.9/token", true).is_ok());
+        assert!(ok("http://[::1]:8080/token", true).is_ok());
+        assert!(ok("http://localhost:8080/token", true).is_ok());
+        assert!(ok("http://LOCALHOST./token", true).is_ok());
+        assert!(ok("https://localhost/token", false).is_err());
+        assert!(ok("https://127.0.0.1/token", false).is_err());
+        assert!(ok("https://[::1]/token", false).is_err());
+        assert!(
+            ok("https://0x7f.1/token", false).is_err(),
+            "obfuscated loopback"
+        );
+        assert!(
+            ok("https://2130706433/token", false).is_err(),
+            "decimal loopback"
+        );
+        assert!(
+            ok("http://10.0.0.1/token", true).is_err(),
+            "http to non-loopback"
+        );
+
+        let e = ok("https://user:SECRETPW@idp.example.com/token", false).unwrap_err();
+        assert!(
+            e.contains("user information") && !e.contains("SECRETPW"),
+            "{e}"
+        );
+        assert!(ok("https://user@idp.example.com/token", false).is_err());
+        assert!(ok("https://idp.example.com/token#frag", false).is_err());
+        assert!(ok("ftp://idp.example.com/token", false).is_err());
+        assert!(ok("file:///etc/passwd", false).is_err());
+        assert!(ok("/relative/token", false).is_err());
+        assert!(ok("not a url", false).is_err());
+
+        for bad in [
+            "https://169.254.169.254/latest/meta-data",
+            "https://169.254.1.1/token",
+            "https://[fe80::1]/token",
+            "https://[fd00:ec2::254]/token",
+            "https://[::ffff:169.254.169.254]/token",
+            "https://[64:ff9b::a9fe:a9fe]/token",
+            "https://100.100.100.200/token",
+            "https://0.0.0.0/token",
+            "https://[::]/token",
+            "https://metadata.google.internal/computeMetadata/v1/",
+            "https://METADATA.GOOGLE.INTERNAL./x",
+            "https://metadata/x",
+            "https://224.0.0.1/x",
+        ] {
+            for flag in [false, true] {
+                let e = ok(bad, flag).unwrap_err();
+                assert!(
+                    !e.contains("/latest") && !e.contains("computeMetadata"),
+                    "{e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn address_filtering_is_on_resolved_addresses() {
+        let sa = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        // Rebinding-style answer mixing public and metadata: only the public one is used.
+        let kept = filter_resolved(
+            [
+                sa("169.254.169.254:0"),
+                sa("93.184.216.34:0"),
+                sa("[fe80::1]:0"),
+            ],
+            false,
+        )
+        .unwrap();
+        assert_eq!(kept, vec![sa("93.184.216.34:0")]);
+        // Only forbidden addresses: error.
+        assert!(filter_resolved([sa("169.254.169.254:0")], true).is_err());
+        assert!(filter_resolved([sa("[fd00:ec2::254]:0")], true).is_err());
+        assert!(filter_resolved([sa("100.100.100.200:0")], true).is_err());
+        assert!(filter_resolved([sa("0.0.0.0:0"), sa("[::]:0")], true).is_err());
+        assert!(filter_resolved([sa("[::ffff:169.254.0.1]:0")], true).is_err());
+        // Loopback only with the flag.
+        assert!(filter_resolved([sa("127.0.0.1:0"), sa("[::1]:0")], false).is_err());
+        assert_eq!(filter_resolved([sa("127.0.0.1:0")], true).unwrap().len(), 1);
+        // Private ranges are allowed (in-cluster IdPs).
+        assert_eq!(filter_resolved([sa("10.0.0.5:0")], false).unwrap().len(), 1);
+        // Nothing resolved is not a policy error (DNS reports it).
+        assert!(filter_resolved([], false).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn resolver_refuses_names_and_loopback() {
+        use reqwest::dns::Resolve;
+        let strict = GuardedResolver {
+            allow_loopback: false,
+        };
+        for name in ["metadata.google.internal", "metadata", "localhost"] {
+            let r = strict.resolve(name.parse().unwrap()).await;
+            let err = r.err().expect("refused");
+            assert!(
+                err.downcast_ref::<ForbiddenAddressError>().is_some(),
+                "{name}"
+            );
+        }
+        let lax = GuardedResolver {
+            allow_loopback: true,
+        };
+        let addrs: Vec<_> = lax
+            .resolve("localhost".parse().unwrap())
+            .await
+            .unwrap()
+            .collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // HTTP
+    // ----------------------------------------------------------------------------------------
+
+    fn test_cfg() -> TokenClientConfig {
+        TokenClientConfig {
+            allow_http_loopback: true,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(3),
+            max_response_bytes: 64 * 1024,
+        }
+    }
+
+    fn client() -> TokenClient {
+        crate::install_crypto_provider();
+        TokenClient::new(test_cfg()).unwrap()
+    }
+
+    async fn serve(router: Router) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        addr
+    }
+
+    type Seen = Arc<Mutex<Vec<(HeaderMap, String)>>>;
+
+    /// A `/token` endpoint answering with a fixed response and recording requests.
+    async fn fixed(
+        status: u16,
+        headers: &'static [(&'static str, &'static str)],
+        body: String,
+    ) -> (String, Seen) {
+        let seen: Seen = Arc::default();
+        let s2 = seen.clone();
+        let router = Router::new().route(
+            "/token",
+            post(move |h: HeaderMap, b: String| {
+                let seen = s2.clone();
+                let body = body.clone();
+                async move {
+                    seen.lock().unwrap().push((h, b));
+                    let mut hm = HeaderMap::new();
+                    for (k, v) in headers {
+                        hm.insert(*k, HeaderValue::from_static(v));
+                    }
+                    (StatusCode::from_u16(status).unwrap(), hm, body).into_response()
+                }
+            }),
+        );
+        let addr = serve(router).await;
+        (format!("http://{addr}/token"), seen)
+    }
+
+    fn token_json() -> String {
+        format!(
+            r#"{{"access_token":"{AT}","token_type":"Bearer","expires_in":"3600","refresh_token":"{NEW_RT}","unknown":1}}"#
+        )
+    }
+
+    #[tokio::test]
+    async fn client_credentials_basic_end_to_end() {
+        let (url, seen) = fixed(200, &[("content-type", "application/json")], token_json()).await;
+        let mut r = cc(&url);
+        r.scopes = vec!["read".into()];
+        let t = client().request_token(&r, None).await.unwrap();
+        assert_eq!(t.access_token.expose_secret(), AT);
+        assert_eq!(t.expires_in, Some(Duration::from_secs(3600)));
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        let (h, body) = &seen[0];
+        let auth = h.get("authorization").unwrap().to_str().unwrap();
+        assert_eq!(
+            auth,
+            basic_authorization(CLIENT_ID, CLIENT_SECRET).expose_secret()
+        );
+        assert_eq!(
+            h.get("content-type").unwrap(),
+            "application/x-www-form-urlencoded"
+        );
+        assert_eq!(h.get("accept").unwrap(), "application/json");
+        let pairs = form_pairs(body);
+        assert_eq!(get(&pairs, "grant_type"), ["client_credentials"]);
+        assert_eq!(get(&pairs, "scope"), ["read"]);
+        assert!(get(&pairs, "client_secret").is_empty());
+    }
+
+    #[tokio::test]
+    async fn post_auth_end_to_end_sends_one_method() {
+        let (url, seen) = fixed(200, &[], token_json()).await;
+        let r = req(
+            &url,
+            Grant::RefreshToken(SecretString::from(RT)),
+            ClientAuthMethod::Post,
+        );
+        let t = client().request_token(&r, None).await.unwrap();
+        assert_eq!(t.refresh_token.unwrap().expose_secret(), NEW_RT);
+        let seen = seen.lock().unwrap();
+        let (h, body) = &seen[0];
+        assert!(h.get("authorization").is_none());
+        let pairs = form_pairs(body);
+        assert_eq!(get(&pairs, "client_id"), [CLIENT_ID]);
+        assert_eq!(get(&pairs, "client_secret"), [CLIENT_SECRET]);
+        assert_eq!(get(&pairs, "refresh_token"), [RT]);
+    }
+
+    #[tokio::test]
+    async fn localhost_name_goes_through_the_resolver() {
+        let (url, _) = fixed(200, &[], token_json()).await;
+        let url = url.replace("127.0.0.1", "localhost");
+        client().request_token(&cc(&url), None).await.unwrap();
+    }
+
+    async fn expect_err(
+        status: u16,
+        headers: &'static [(&'static str, &'static str)],
+        body: String,
+        r: fn(&str) -> TokenRequest,
+    ) -> TokenError {
+        let (url, _) = fixed(status, headers, body).await;
+        let e = client().request_token(&r(&url), None).await.unwrap_err();
+        assert_clean(&e);
+        e
+    }
+
+    #[tokio::test]
+    async fn http_error_classification() {
+        let e = expect_err(
+            400,
+            &[("content-type", "application/json")],
+            r#"{"error":"invalid_grant","error_description":"Unknown or invalid refresh token."}"#
+                .into(),
+            refresh,
+        )
+        .await;
+        assert!(
+            matches!(&e, TokenError::InvalidGrant { description: Some(d) } if d == "Unknown or invalid refresh token."),
+            "{e:?}"
+        );
+        assert_eq!(
+            (e.reason(), e.class()),
+            ("RefreshTokenRejected", ErrorClass::Terminal)
+        );
+
+        let e = expect_err(
+            401,
+            &[("www-authenticate", "Basic realm=\"x\"")],
+            r#"{"error":"invalid_client"}"#.into(),
+            cc,
+        )
+        .await;
+        assert_eq!(
+            (e.reason(), e.class()),
+            ("InvalidClient", ErrorClass::Terminal)
+        );
+
+        let e = expect_err(429, &[("retry-after", "2")], "slow down".into(), refresh).await;
+        assert_eq!(
+            e.class(),
+            ErrorClass::Transient {
+                retry_after: Some(Duration::from_secs(2))
+            }
+        );
+
+        let e = expect_err(
+            503,
+            &[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")],
+            String::new(),
+            refresh,
+        )
+        .await;
+        assert_eq!(
+            e.class(),
+            ErrorClass::Transient {
+                retry_after: Some(Duration::ZERO)
+            }
+        );
+
+        let html = format!("<html><body><h1>500</h1><pre>{CLIENT_SECRET} {RT}</pre></body></html>");
+        let e = expect_err(500, &[("content-type", "text/html")], html, refresh).await;
+        assert_eq!(
+            (e.reason(), e.class()),
+            (
+                "TokenEndpointUnavailable",
+                ErrorClass::Transient { retry_after: None }
+            )
+        );
+
+        // 200 with garbage and a truncated body carrying a rotated refresh token.
+        let garbage = format!(r#"{{"access_token":"{AT}","refresh_token":"{NEW_RT}","expi"#);
+        let e = expect_err(
+            200,
+            &[("content-type", "application/json")],
+            garbage,
+            refresh,
+        )
+        .await;
+        assert_eq!(e.reason(), "UnparseableTokenResponse");
+        assert_eq!(e.class(), ErrorClass::UnknownOutcome);
+        assert_eq!(e.recovered_refresh_token().unwrap().expose_secret(), NEW_RT);
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h2 = hits.clone();
+        let router = Router::new()
+            .route(
+                "/token",
+                post(|| async {
+                    (StatusCode::FOUND, [("location", "/other")], "").into_response()
+                }),
+            )
+            .route(
+                "/other",
+                post(move || {
+                    h2.fetch_add(1, Ordering::SeqCst);
+                    async { token_json() }
+                })
+                .get(|| async { "x" }),
+            );
+        let addr = serve(router).await;
+        let e = client()
+            .request_token(&refresh(&format!("http://{addr}/token")), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TokenError::Redirected { status: 302 }), "{e:?}");
+        assert_eq!(e.class(), ErrorClass::Terminal);
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+        assert_clean(&e);
+    }
+
+    #[tokio::test]
+    async fn huge_bodies_are_capped() {
+        let huge = format!(
+            r#"{{"refresh_token":"{NEW_RT}","pad":"{}"}}"#,
+            "a".repeat(10 << 20)
+        );
+        let e = expect_err(200, &[("content-type", "application/json")], huge, refresh).await;
+        assert_eq!(e.reason(), "UnparseableTokenResponse");
+        // The refresh token at the start of the (capped) prefix is still recovered.
+        assert_eq!(e.recovered_refresh_token().unwrap().expose_secret(), NEW_RT);
+
+        let huge = "z".repeat(10 << 20);
+        let e = expect_err(200, &[], huge.clone(), refresh).await;
+        assert!(matches!(
+            e,
+            TokenError::Unparseable {
+                refresh_token: None
+            }
+        ));
+        let e = expect_err(500, &[], huge, refresh).await;
+        assert_eq!(e.reason(), "TokenEndpointUnavailable");
+    }
+
+    #[tokio::test]
+    async fn closed_after_request_is_unknown_outcome() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 8192];
+                let _ = sock.read(&mut buf).await;
+                drop(sock);
+            }
+        });
+        let e = client()
+            .request_token(&refresh(&format!("http://{addr}/token")), None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.class(), ErrorClass::UnknownOutcome, "{e:?}");
+        assert_eq!(e.reason(), "TokenResponseLost");
+        assert_clean(&e);
+    }
+
+    #[tokio::test]
+    async fn slow_response_is_unknown_outcome() {
+        let router = Router::new().route(
+            "/token",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                token_json()
+            }),
+        );
+        let addr = serve(router).await;
+        let c = TokenClient::new(TokenClientConfig {
+            request_timeout: Duration::from_millis(300),
+            ..test_cfg()
+        })
+        .unwrap();
+        let e = c
+            .request_token(&refresh(&format!("http://{addr}/token")), None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.class(), ErrorClass::UnknownOutcome, "{e:?}");
+        assert!(e.to_string().contains("timed out"), "{e}");
+        assert_clean(&e);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_connect_not_unknown() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = client()
+            .request_token(&refresh(&format!("http://127.0.0.1:{port}/token")), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TokenError::Connect(_)), "{e:?}");
+        assert_eq!(e.reason(), "TokenEndpointUnreachable");
+        assert_eq!(e.class(), ErrorClass::Transient { retry_after: None });
+        assert_clean(&e);
+    }
+
+    #[tokio::test]
+    async fn invalid_urls_are_rejected_before_sending() {
+        let c = TokenClient::new(TokenClientConfig::default()).unwrap();
+        for u in [
+            "http://127.0.0.1:1/token",
+            "https://169.254.169.254/token",
+            "https://u:p@idp.example/token",
+        ] {
+            let e = c.request_token(&cc(u), None).await.unwrap_err();
+            assert_eq!(e.reason(), "InvalidTokenUrl", "{u}");
+            assert_eq!(e.class(), ErrorClass::Terminal);
+        }
+    }
+
+    #[tokio::test]
+    async fn resolver_refusals_surface_as_forbidden_address() {
+        crate::install_crypto_provider();
+        let strict = TokenClient::new(TokenClientConfig::default()).unwrap();
+        // Bypass validate_token_url to exercise the connect-time check.
+        for u in [
+            "https://localhost:1/token",
+            "https://metadata.google.internal/token",
+        ] {
+            let e = strict
+                .default_client
+                .post(u)
+                .send()
+                .await
+                .map_err(classify_send_error)
+                .unwrap_err();
+            assert!(matches!(e, TokenError::ForbiddenAddress(_)), "{u}: {e:?}");
+            assert_eq!(e.class(), ErrorClass::Terminal);
+            assert_eq!(e.reason(), "ForbiddenTokenEndpoint");
+        }
+    }
+
+    #[tokio::test]
+    async fn https_to_plain_http_is_a_tls_error() {
+        let (url, seen) = fixed(200, &[], token_json()).await;
+        let url = url.replace("http://", "https://");
+        let e = client()
+            .request_token(&refresh(&url), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TokenError::Tls(_)), "{e:?}");
+        assert_eq!(e.class(), ErrorClass::Transient { retry_after: None });
+        assert!(seen.lock().unwrap().is_empty());
+        assert_clean(&e);
+    }
+
+    // Test PKI (P-256, valid 2024–2124): a CA and a leaf for localhost / 127.0.0.1.
+    const TEST_CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBazCCARGgAwIBAgIBATAKBggqhkjOPQQDAjAcMRowGAYDVQQDDBF2YXVsdGNv
+bm4gdGVzdCBDQTAgFw0yNDAxMDEwMDAwMDBaGA8yMTI0MDEwMTAwMDAwMFowHDEa
+MBgGA1UEAwwRdmF1bHRjb25uIHRlc3QgQ0EwWTATBgcqhkjOPQIBBggqhkjOPQMB
+BwNCAARcJ7n7MfvHadBvkwhrYf48r5eIvxXdq8KxRDa0pOe04nB61xb7Y1kMY7ha
+IbCpQ9jR7KMxD8gxq5roJVzoe0tTo0IwQDAPBgNVHRMBAf8EBTADAQH/MA4GA1Ud
+DwEB/wQEAwIBBjAdBgNVHQ4EFgQUSnpBqcONZtuJDKwGnq4fLvz7lt4wCgYIKoZI
+zj0EAwIDSAAwRQIgbydQceqeronOZYL93OkshqcpK+3snJepH6ZYoAy3YYsCIQD+
+Sdy3KeV2mxeYYsr8zGFoPeW3N+5dRElSkhoZjmc8/A==
+-----END CERTIFICATE-----
+";
+    const TEST_LEAF_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBtDCCAVqgAwIBAgIBAjAKBggqhkjOPQQDAjAcMRowGAYDVQQDDBF2YXVsdGNv
+bm4gdGVzdCBDQTAgFw0yNDAxMDEwMDAwMDBaGA8yMTI0MDEwMTAwMDAwMFowFDES
+MBAGA1UEAwwJbG9jYWxob3N0MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEkH/4
+p5pkQDXVdE4hMvHlHrWt+52nSr20Gq/HfpjbAhKUdM+w8KMA1w+Ea20QPPC4wKZQ
+zLqzMPXmFXT5hzeZXqOBkjCBjzAMBgNVHRMBAf8EAjAAMA4GA1UdDwEB/wQEAwIH
+gDATBgNVHSUEDDAKBggrBgEFBQcDATAaBgNVHREEEzARgglsb2NhbGhvc3SHBH8A
+AAEwHQYDVR0OBBYEFBs+Yb1I6sUIK4gjOASlEXCf9K5tMB8GA1UdIwQYMBaAFEp6
+QanDjWbbiQysBp6uHy78+5beMAoGCCqGSM49BAMCA0gAMEUCIQDTgb54nXHfQcE5
+P+1SmgNr5SZBzqU9PoqAE/EZ7fStmAIgMZ53FiMKam4k+pQtsdZ08MT4Dh1MDjbI
+asFkTLRxiCs=
+-----END CERTIFICATE-----
+";
+    const TEST_LEAF_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgMFRbYMcuheE5gDeK
+dXjxYIDtXNpZo2YWmThXNj6FvayhRANCAASQf/inmmRANdV0TiEy8eUeta37nadK
+vbQar8d+mNsCEpR0z7DwowDXD4RrbRA88LjAplDMurMw9eYVdPmHN5le
+-----END PRIVATE KEY-----
+";
+
+    /// A blocking rustls HTTPS server answering every request with `body` (200, JSON).
+    fn spawn_tls_server(body: String) -> SocketAddr {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(TEST_LEAF_PEM.as_bytes())
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(TEST_LEAF_KEY.as_bytes()).unwrap();
+        let cfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { continue };
+                let cfg = cfg.clone();
+                let body = body.clone();
+                std::thread::spawn(move || {
+                    let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+                    let conn = rustls::ServerConnection::new(cfg).unwrap();
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        match tls.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text[..end]
+                                .lines()
+                                .find_map(|l| {
+                                    let (k, v) = l.split_once(':')?;
+                                    k.eq_ignore_ascii_case("content-length")
+                                        .then(|| v.trim().parse::<usize>().ok())?
+                                })
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                        body.len(),
+                        body
+                    );
+                    let _ = tls.write_all(resp.as_bytes());
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn ca_bundle_is_required_for_a_private_ca_and_cached() {
+        let addr = spawn_tls_server(token_json());
+        let c = client();
+        for host in ["127.0.0.1", "localhost"] {
+            let url = format!("https://{host}:{}/token", addr.port());
+            // Without the CA: TLS error, not sent.
+            let e = c.request_token(&refresh(&url), None).await.unwrap_err();
+            assert!(matches!(e, TokenError::Tls(_)), "{e:?}");
+            assert_clean(&e);
+            // With the CA bundle: succeeds.
+            let t = c
+                .request_token(&refresh(&url), Some(TEST_CA_PEM.as_bytes()))
+                .await
+                .unwrap();
+            assert_eq!(t.access_token.expose_secret(), AT);
+        }
+        assert_eq!(
+            c.ca_clients.lock().unwrap().len(),
+            1,
+            "one cached client per bundle"
+        );
+        // The leaf alone is not a trust anchor for itself here (CA:FALSE) → still TLS error,
+        // and a different bundle gets its own client.
+        let url = format!("https://127.0.0.1:{}/token", addr.port());
+        let e = c
+            .request_token(&refresh(&url), Some(TEST_LEAF_PEM.as_bytes()))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TokenError::Tls(_)), "{e:?}");
+        assert_eq!(c.ca_clients.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn invalid_ca_bundles() {
+        let c = client();
+        let url = "https://127.0.0.1:1/token";
+        for pem in [
+            &b""[..],
+            b"not a pem",
+            TEST_LEAF_KEY.as_bytes(),
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        ] {
+            let e = c.request_token(&cc(url), Some(pem)).await.unwrap_err();
+            assert_eq!(e.reason(), "InvalidCaBundle", "{e:?}");
+            assert_eq!(e.class(), ErrorClass::Terminal);
+        }
+    }
+
+    #[test]
+    fn every_error_display_is_clean() {
+        let all = vec![
+            TokenError::InvalidUrl("x".into()),
+            TokenError::ForbiddenAddress("x".into()),
+            TokenError::InvalidCaBundle("x".into()),
+            TokenError::ClientSetup("x".into()),
+            TokenError::InvalidGrant { description: None },
+            TokenError::InvalidClient {
+                description: Some("d".into()),
+            },
+            TokenError::Rejected {
+                status: 400,
+                error: "invalid_scope".into(),
+                description: None,
+            },
+            TokenError::RateLimited {
+                retry_after: Some(Duration::from_secs(3)),
+            },
+            TokenError::ServerError {
+                status: 502,
+                retry_after: None,
+            },
+            TokenError::Redirected { status: 301 },
+            TokenError::Connect("x".into()),
+            TokenError::Tls("x".into()),
+            TokenError::UnknownOutcome("x".into()),
+            TokenError::Unparseable {
+                refresh_token: Some(SecretString::from(NEW_RT)),
+            },
+        ];
+        let mut reasons = std::collections::BTreeSet::new();
+        for e in &all {
+            assert_clean(e);
+            assert!(
+                reasons.insert(e.reason()),
+                "duplicate reason {}",
+                e.reason()
+            );
+            assert!(e.reason().chars().all(|c| c.is_ascii_alphanumeric()));
+            assert!(e.reason().starts_with(|c: char| c.is_ascii_uppercase()));
+        }
+    }
+}

@@ -29,9 +29,13 @@ use crate::controller::{ensure_secret, keep_known_fields, pending, Context, Secr
 use crate::error::Result;
 use crate::metrics::{ConnectionLabel, Metrics};
 use crate::names::*;
-use crate::oauth::client::{self, ErrorClass, Grant, TokenClient, TokenClientConfig, TokenError, TokenRequest};
+use crate::oauth::client::{
+    self, ErrorClass, Grant, TokenClient, TokenClientConfig, TokenError, TokenRequest,
+};
 use crate::oauth::schedule;
-use crate::oauth::state::{self, format_time, AccessToken, OAuthSettings, Plan, RefreshCause, TokenState};
+use crate::oauth::state::{
+    self, format_time, AccessToken, OAuthSettings, Plan, RefreshCause, TokenState,
+};
 use crate::secret::{self, Inputs, Ownership, SecretBytes, SecretData};
 use crate::status::{OAuthStatus, Outcome};
 
@@ -68,7 +72,10 @@ pub struct OAuthEngine {
 const PERSIST_RETRY_BUDGET: Duration = Duration::from_secs(20);
 
 impl OAuthEngine {
-    pub fn new(allow_http_loopback: bool) -> std::result::Result<Self, TokenError> {
+    pub fn new(
+        allow_http_loopback: bool,
+        metrics: Arc<Metrics>,
+    ) -> std::result::Result<Self, TokenError> {
         Ok(OAuthEngine {
             client: TokenClient::new(TokenClientConfig {
                 allow_http_loopback,
@@ -77,7 +84,7 @@ impl OAuthEngine {
             gate: Box::new(AlwaysWrite),
             pending: Mutex::default(),
             failures: Mutex::default(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
         })
     }
 
@@ -86,7 +93,12 @@ impl OAuthEngine {
     }
 
     fn failures(&self, key: &Key) -> u32 {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied().unwrap_or(0)
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn set_failures(&self, key: &Key, n: u32) {
@@ -101,38 +113,73 @@ impl OAuthEngine {
     /// Write every pending state, retrying with backoff for up to `PERSIST_RETRY_BUDGET` each.
     /// Called on shutdown so a SIGTERM does not drop a rotated refresh token.
     pub async fn flush_pending(&self, ctx: &Context) {
-        let keys: Vec<Key> = self.pending.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        let keys: Vec<Key> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         for key in keys {
-            let item = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            let item = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
             if let Some(p) = item {
                 match persist_state(ctx, &p.vc, &p.state, None).await {
-                    Ok(_) => info!(namespace = %key.0, name = %key.1, "flushed pending token state"),
-                    Err(e) => warn!(namespace = %key.0, name = %key.1, error = %e, "could not flush pending token state before exit"),
+                    Ok(_) => {
+                        info!(namespace = %key.0, name = %key.1, "flushed pending token state")
+                    }
+                    Err(e) => {
+                        warn!(namespace = %key.0, name = %key.1, error = %e, "could not flush pending token state before exit")
+                    }
                 }
             }
         }
     }
 
-    pub async fn reconcile(&self, vc: &VaultConnection, ctx: &Context, inputs: Inputs) -> Result<(Outcome, Action)> {
+    pub async fn reconcile(
+        &self,
+        vc: &VaultConnection,
+        ctx: &Context,
+        inputs: Inputs,
+    ) -> Result<(Outcome, Action)> {
         let ns = vc.namespace().unwrap_or_default();
         let name = vc.name_any();
         let key: Key = (ns.clone(), name.clone());
         let state_name = state_secret_name(&name);
 
         // Tokens already obtained but not yet stored come first: they are the only copy.
-        let pending_state = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        let pending_state = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
         if let Some(p) = pending_state {
             if let Err(e) = persist_state(ctx, vc, &p.state, None).await {
                 warn!(namespace = %ns, name = %name, error = %e, "token state still not persisted");
-                self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(key, p);
-                return Ok((persist_pending_outcome(vc, &ns, &state_name), Action::requeue(Duration::from_secs(2))));
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, p);
+                return Ok((
+                    persist_pending_outcome(vc, &ns, &state_name),
+                    Action::requeue(Duration::from_secs(2)),
+                ));
             }
         }
 
         let inputs = match inputs {
             Inputs::Complete(d) => d,
-            Inputs::Missing { missing_keys, message } => {
-                return Ok((pending(vc, ctx, &ns, missing_keys, message), Action::await_change()));
+            Inputs::Missing {
+                missing_keys,
+                message,
+            } => {
+                return Ok((
+                    pending(vc, ctx, &ns, missing_keys, message),
+                    Action::await_change(),
+                ));
             }
         };
         let settings = state::settings(vc);
@@ -141,11 +188,19 @@ impl OAuthEngine {
         if let Some(live) = &live_state {
             if secret::ownership(vc, &live.metadata) != Ownership::Ours {
                 let msg = format!("Secret {ns}/{state_name} (the token state Secret) exists and is not this connection's; delete or rename it");
-                return Ok((Outcome::new(Phase::Failed, false, "SecretConflict", msg), Action::await_change()));
+                return Ok((
+                    Outcome::new(Phase::Failed, false, "SecretConflict", msg),
+                    Action::await_change(),
+                ));
             }
         }
-        let rv_read = live_state.as_ref().and_then(|s| s.metadata.resource_version.clone());
-        let mut token_state = live_state.as_ref().map(|s| TokenState::from_data(&SecretData::from_secret(s))).unwrap_or_default();
+        let rv_read = live_state
+            .as_ref()
+            .and_then(|s| s.metadata.resource_version.clone());
+        let mut token_state = live_state
+            .as_ref()
+            .map(|s| TokenState::from_data(&SecretData::from_secret(s)))
+            .unwrap_or_default();
         seed_from_inputs(&mut token_state, &settings, &inputs);
 
         let config_fp = state::config_fingerprint(&settings, &inputs);
@@ -165,13 +220,17 @@ impl OAuthEngine {
 
         match plan {
             Plan::Wait { next_refresh } => {
-                let outcome = self.publish_access(ctx, vc, &token_state, Some(next_refresh)).await?;
+                let outcome = self
+                    .publish_access(ctx, vc, &token_state, Some(next_refresh))
+                    .await?;
                 Ok((outcome, requeue_at(next_refresh)))
             }
             Plan::Failed { reason, retry_at } => {
                 let mut o = failed_outcome(vc, &reason, failure_message(&reason, &ns, &name));
                 o = keep_known_fields(vc, o);
-                let action = retry_at.map(requeue_at).unwrap_or_else(Action::await_change);
+                let action = retry_at
+                    .map(requeue_at)
+                    .unwrap_or_else(Action::await_change);
                 Ok((o, action))
             }
             Plan::Refresh(cause) => {
@@ -195,20 +254,39 @@ impl OAuthEngine {
     }
 
     /// Make the generated Secret hold the current access token; Ready while it is valid.
-    async fn publish_access(&self, ctx: &Context, vc: &VaultConnection, st: &TokenState, next_refresh: Option<DateTime<Utc>>) -> Result<Outcome> {
+    async fn publish_access(
+        &self,
+        ctx: &Context,
+        vc: &VaultConnection,
+        st: &TokenState,
+        next_refresh: Option<DateTime<Utc>>,
+    ) -> Result<Outcome> {
         let ns = vc.namespace().unwrap_or_default();
         let name = vc.name_any();
         let Some(access) = &st.access else {
-            return Ok(Outcome::new(Phase::Pending, false, "TokenPending", "No access token has been issued yet"));
+            return Ok(Outcome::new(
+                Phase::Pending,
+                false,
+                "TokenPending",
+                "No access token has been issued yet",
+            ));
         };
-        let data = secret::oauth_outputs(&access.token.expose_str(), &access.token_type, &format_time(access.expires_at), access.scope.as_deref());
+        let data = secret::oauth_outputs(
+            &access.token.expose_str(),
+            &access.token_type,
+            &format_time(access.expires_at),
+            access.scope.as_deref(),
+        );
         let desired = secret::desired_output_secret(vc, data);
         if let SecretWrite::Conflict(msg) = ensure_secret(ctx, vc, &desired).await? {
             return Ok(Outcome::new(Phase::Failed, false, "SecretConflict", msg));
         }
         self.metrics
             .token_expiry
-            .get_or_create(&ConnectionLabel { namespace: ns.clone(), name: name.clone() })
+            .get_or_create(&ConnectionLabel {
+                namespace: ns.clone(),
+                name: name.clone(),
+            })
             .set(access.expires_at.timestamp());
         let valid = access.expires_at > Utc::now();
         let oauth = OAuthStatus {
@@ -220,9 +298,27 @@ impl OAuthEngine {
             last_failure_reason: None,
         };
         let mut o = if valid {
-            Outcome::new(Phase::Ready, true, "Reconciled", format!("Secret {ns}/{} holds an access token valid until {}", desired.name, format_time(access.expires_at)))
+            Outcome::new(
+                Phase::Ready,
+                true,
+                "Reconciled",
+                format!(
+                    "Secret {ns}/{} holds an access token valid until {}",
+                    desired.name,
+                    format_time(access.expires_at)
+                ),
+            )
         } else {
-            Outcome::new(Phase::Failed, false, "TokenExpired", format!("The access token in Secret {ns}/{} expired at {}", desired.name, format_time(access.expires_at)))
+            Outcome::new(
+                Phase::Failed,
+                false,
+                "TokenExpired",
+                format!(
+                    "The access token in Secret {ns}/{} expired at {}",
+                    desired.name,
+                    format_time(access.expires_at)
+                ),
+            )
         };
         o.secret_name = Some(desired.name.clone());
         o.oauth = Some(oauth);
@@ -230,24 +326,58 @@ impl OAuthEngine {
     }
 
     async fn refresh(&self, ctx: &Context, r: RefreshRequest<'_>) -> Result<(Outcome, Action)> {
-        let RefreshRequest { vc, ns, name, key, settings, inputs, mut state, rv_read, config_fp, seed_fp, refresh_request, cause } = r;
+        let RefreshRequest {
+            vc,
+            ns,
+            name,
+            key,
+            settings,
+            inputs,
+            mut state,
+            rv_read,
+            config_fp,
+            seed_fp,
+            refresh_request,
+            cause,
+        } = r;
         if !self.gate.may_write() {
             // Another replica holds the lease and refreshes; check back soon.
-            let o = keep_known_fields(vc, Outcome::new(Phase::Pending, false, "NotLeader", "Waiting for this replica to hold the leader lease"));
+            let o = keep_known_fields(
+                vc,
+                Outcome::new(
+                    Phase::Pending,
+                    false,
+                    "NotLeader",
+                    "Waiting for this replica to hold the leader lease",
+                ),
+            );
             return Ok((o, Action::requeue(Duration::from_secs(15))));
         }
         let state_name = state_secret_name(name);
 
         // Pre-flight: prove both writes would be accepted before spending anything.
         let probe_state = desired_state(vc, &state, config_fp, seed_fp, refresh_request);
-        if let Err(msg) = preflight(ctx, vc, &secret::desired_state_secret(vc, probe_state.to_data())).await? {
+        if let Err(msg) = preflight(
+            ctx,
+            vc,
+            &secret::desired_state_secret(vc, probe_state.to_data()),
+        )
+        .await?
+        {
             return Ok(self.not_writable(vc, key, msg));
         }
-        let probe_output = secret::desired_output_secret(vc, secret::oauth_outputs("probe", "Bearer", &format_time(Utc::now()), None));
+        let probe_output = secret::desired_output_secret(
+            vc,
+            secret::oauth_outputs("probe", "Bearer", &format_time(Utc::now()), None),
+        );
         if let Err(msg) = preflight(ctx, vc, &probe_output).await? {
-            let conflict = msg.contains("not managed by vaultconn") || msg.contains("already managed");
+            let conflict =
+                msg.contains("not managed by vaultconn") || msg.contains("already managed");
             if conflict {
-                return Ok((Outcome::new(Phase::Failed, false, "SecretConflict", msg), Action::await_change()));
+                return Ok((
+                    Outcome::new(Phase::Failed, false, "SecretConflict", msg),
+                    Action::await_change(),
+                ));
             }
             return Ok(self.not_writable(vc, key, msg));
         }
@@ -255,7 +385,8 @@ impl OAuthEngine {
         let rt_sent: Option<SecretBytes> = match settings.grant {
             GrantType::ClientCredentials => None,
             GrantType::RefreshToken => {
-                let reseeded = cause == RefreshCause::Reseeded || state.seed_fingerprint.as_deref() != Some(seed_fp);
+                let reseeded = cause == RefreshCause::Reseeded
+                    || state.seed_fingerprint.as_deref() != Some(seed_fp);
                 if reseeded || state.refresh_token.is_none() {
                     inputs.get("refresh_token").cloned()
                 } else {
@@ -265,7 +396,12 @@ impl OAuthEngine {
         };
         let ca = match load_ca_bundle(ctx, vc, ns).await? {
             Ok(ca) => ca,
-            Err(msg) => return Ok((Outcome::new(Phase::Failed, false, "CABundleMissing", msg), Action::await_change())),
+            Err(msg) => {
+                return Ok((
+                    Outcome::new(Phase::Failed, false, "CABundleMissing", msg),
+                    Action::await_change(),
+                ))
+            }
         };
         let req = token_request(settings, inputs, rt_sent.as_ref());
         info!(namespace = %ns, name = %name, cause = ?cause, "requesting token");
@@ -278,10 +414,14 @@ impl OAuthEngine {
         if settings.grant == GrantType::RefreshToken {
             if let Err(e) = &result {
                 if e.class() == ErrorClass::UnknownOutcome {
-                    if let TokenError::Unparseable { refresh_token: Some(new_rt) } = e {
+                    if let TokenError::Unparseable {
+                        refresh_token: Some(new_rt),
+                    } = e
+                    {
                         // The body was broken but carried a refresh token: it may be the only
                         // live one now, so keep it before anything else.
-                        state.refresh_token = Some(SecretBytes::new(new_rt.expose_secret().as_bytes().to_vec()));
+                        state.refresh_token =
+                            Some(SecretBytes::new(new_rt.expose_secret().as_bytes().to_vec()));
                         let st = desired_state(vc, &state, config_fp, seed_fp, None);
                         if persist_state(ctx, vc, &st, rv_read.clone()).await.is_ok() {
                             return Ok((keep_known_fields(vc, Outcome::new(Phase::Pending, false, "UnparseableTokenResponse", "The token endpoint returned an unparseable response carrying a new refresh token; it was stored and a new access token will be requested")), Action::requeue(Duration::from_secs(1))));
@@ -296,7 +436,22 @@ impl OAuthEngine {
         }
 
         match result {
-            Ok(resp) => self.on_success(ctx, vc, key, state, resp, sent_at, rt_sent, rv_read, config_fp, seed_fp, refresh_request).await,
+            Ok(resp) => {
+                self.on_success(
+                    ctx,
+                    vc,
+                    key,
+                    state,
+                    resp,
+                    sent_at,
+                    rt_sent,
+                    rv_read,
+                    config_fp,
+                    seed_fp,
+                    refresh_request,
+                )
+                .await
+            }
             Err(e) => {
                 let reason = e.reason();
                 self.metrics.failure(reason);
@@ -304,30 +459,73 @@ impl OAuthEngine {
                     if let Some(sent) = &rt_sent {
                         // Someone else may have rotated it (another replica, a restored backup):
                         // if the stored token differs from what we sent, adopt it.
-                        let live = Api::<Secret>::namespaced(ctx.client.clone(), ns).get_opt(&state_name).await?;
-                        let stored = live.map(|s| TokenState::from_data(&SecretData::from_secret(&s))).and_then(|s| s.refresh_token);
+                        let live = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+                            .get_opt(&state_name)
+                            .await?;
+                        let stored = live
+                            .map(|s| TokenState::from_data(&SecretData::from_secret(&s)))
+                            .and_then(|s| s.refresh_token);
                         if stored.as_ref().is_some_and(|st| st != sent) {
                             info!(namespace = %ns, name = %name, "refresh token was rotated elsewhere; adopting the stored one");
                             return Ok((keep_known_fields(vc, Outcome::new(Phase::Pending, false, "RefreshTokenAdopted", "The stored refresh token changed while refreshing; using it")), Action::requeue(Duration::from_secs(1))));
                         }
                     }
-                    let reason = if retried_unknown { "RefreshResponseLost" } else { "RefreshTokenRejected" };
-                    return self.terminal(ctx, vc, key, state, rv_read, config_fp, seed_fp, refresh_request, reason).await;
+                    let reason = if retried_unknown {
+                        "RefreshResponseLost"
+                    } else {
+                        "RefreshTokenRejected"
+                    };
+                    return self
+                        .terminal(
+                            ctx,
+                            vc,
+                            key,
+                            state,
+                            rv_read,
+                            config_fp,
+                            seed_fp,
+                            refresh_request,
+                            reason,
+                        )
+                        .await;
                 }
                 match e.class() {
-                    ErrorClass::Terminal => self.terminal(ctx, vc, key, state, rv_read, config_fp, seed_fp, refresh_request, reason).await,
-                    ErrorClass::Transient { retry_after } => Ok(self.transient(vc, key, &state, reason, &e.to_string(), retry_after)),
-                    ErrorClass::UnknownOutcome => Ok(self.transient(vc, key, &state, reason, &e.to_string(), None)),
+                    ErrorClass::Terminal => {
+                        self.terminal(
+                            ctx,
+                            vc,
+                            key,
+                            state,
+                            rv_read,
+                            config_fp,
+                            seed_fp,
+                            refresh_request,
+                            reason,
+                        )
+                        .await
+                    }
+                    ErrorClass::Transient { retry_after } => {
+                        Ok(self.transient(vc, key, &state, reason, &e.to_string(), retry_after))
+                    }
+                    ErrorClass::UnknownOutcome => {
+                        Ok(self.transient(vc, key, &state, reason, &e.to_string(), None))
+                    }
                 }
             }
         }
     }
 
-    async fn call(&self, req: &TokenRequest, ca: Option<&[u8]>) -> std::result::Result<client::TokenResponse, TokenError> {
+    async fn call(
+        &self,
+        req: &TokenRequest,
+        ca: Option<&[u8]>,
+    ) -> std::result::Result<client::TokenResponse, TokenError> {
         self.metrics.refresh_attempts.inc();
         let started = Instant::now();
         let r = self.client.request_token(req, ca).await;
-        self.metrics.refresh_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .refresh_duration
+            .observe(started.elapsed().as_secs_f64());
         if r.is_ok() {
             self.metrics.refresh_successes.inc();
         }
@@ -358,7 +556,11 @@ impl OAuthEngine {
         };
         state.access = Some(AccessToken {
             token: SecretBytes::new(resp.access_token.expose_secret().as_bytes().to_vec()),
-            token_type: if resp.token_type.is_empty() { "Bearer".into() } else { resp.token_type.clone() },
+            token_type: if resp.token_type.is_empty() {
+                "Bearer".into()
+            } else {
+                resp.token_type.clone()
+            },
             scope: resp.scope.clone(),
             issued_at: sent_at,
             expires_at,
@@ -367,11 +569,28 @@ impl OAuthEngine {
         self.set_failures(key, 0);
         if let Err(e) = persist_state(ctx, vc, &new_state, rv_read).await {
             warn!(namespace = %key.0, name = %key.1, error = %e, "could not persist new tokens; keeping them in memory and retrying the write");
-            self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), PendingPersist { vc: vc.clone(), state: new_state });
-            return Ok((persist_pending_outcome(vc, &key.0, &state_secret_name(&key.1)), Action::requeue(Duration::from_secs(2))));
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(
+                    key.clone(),
+                    PendingPersist {
+                        vc: vc.clone(),
+                        state: new_state,
+                    },
+                );
+            return Ok((
+                persist_pending_outcome(vc, &key.0, &state_secret_name(&key.1)),
+                Action::requeue(Duration::from_secs(2)),
+            ));
         }
         let settings = state::settings(vc);
-        let next = schedule::next_refresh_at(sent_at, expires_at, &settings.renew, &format!("{}/{}", key.0, key.1));
+        let next = schedule::next_refresh_at(
+            sent_at,
+            expires_at,
+            &settings.renew,
+            &format!("{}/{}", key.0, key.1),
+        );
         let outcome = self.publish_access(ctx, vc, &new_state, Some(next)).await?;
         Ok((outcome, requeue_at(next)))
     }
@@ -394,7 +613,13 @@ impl OAuthEngine {
         state.failed_reason = Some(reason.to_string());
         state.failed_fingerprint = Some(state.failure_key(config_fp, seed_fp, refresh_request));
         state.failed_at = Some(Utc::now());
-        let st = desired_state(vc, &state, config_fp, seed_fp, state.refresh_request.clone().as_deref());
+        let st = desired_state(
+            vc,
+            &state,
+            config_fp,
+            seed_fp,
+            state.refresh_request.clone().as_deref(),
+        );
         let mut st = st;
         st.failed_reason = state.failed_reason.clone();
         st.failed_fingerprint = state.failed_fingerprint.clone();
@@ -415,15 +640,39 @@ impl OAuthEngine {
         Ok((o, action))
     }
 
-    fn transient(&self, vc: &VaultConnection, key: &Key, state: &TokenState, reason: &str, detail: &str, retry_after: Option<Duration>) -> (Outcome, Action) {
-        let failures = self.failures(key).max(vc.status.as_ref().and_then(|s| s.failed_refresh_attempts).unwrap_or(0)) + 1;
+    fn transient(
+        &self,
+        vc: &VaultConnection,
+        key: &Key,
+        state: &TokenState,
+        reason: &str,
+        detail: &str,
+        retry_after: Option<Duration>,
+    ) -> (Outcome, Action) {
+        let failures = self.failures(key).max(
+            vc.status
+                .as_ref()
+                .and_then(|s| s.failed_refresh_attempts)
+                .unwrap_or(0),
+        ) + 1;
         self.set_failures(key, failures);
         let delay = schedule::backoff(failures, retry_after, &format!("{}/{}", key.0, key.1));
         let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-        let valid = state.access.as_ref().is_some_and(|a| a.expires_at > Utc::now());
-        let msg = format!("Token request failed ({detail}); retrying in {}s (attempt {failures})", delay.as_secs().max(1));
+        let valid = state
+            .access
+            .as_ref()
+            .is_some_and(|a| a.expires_at > Utc::now());
+        let msg = format!(
+            "Token request failed ({detail}); retrying in {}s (attempt {failures})",
+            delay.as_secs().max(1)
+        );
         let mut o = if valid {
-            Outcome::new(Phase::Ready, true, "RefreshRetrying", format!("{msg}; the current access token is still valid"))
+            Outcome::new(
+                Phase::Ready,
+                true,
+                "RefreshRetrying",
+                format!("{msg}; the current access token is still valid"),
+            )
         } else {
             Outcome::new(Phase::Failed, false, reason_static(reason), msg)
         };
@@ -440,7 +689,15 @@ impl OAuthEngine {
         let failures = self.failures(key) + 1;
         self.set_failures(key, failures);
         let delay = schedule::backoff(failures, None, &format!("{}/{}", key.0, key.1));
-        let o = keep_known_fields(vc, Outcome::new(Phase::Failed, false, "SecretNotWritable", format!("{msg}; no token was requested")));
+        let o = keep_known_fields(
+            vc,
+            Outcome::new(
+                Phase::Failed,
+                false,
+                "SecretNotWritable",
+                format!("{msg}; no token was requested"),
+            ),
+        );
         (o, Action::requeue(delay))
     }
 }
@@ -463,12 +720,26 @@ struct RefreshRequest<'a> {
 /// Map a reason to the fixed set of status reasons.
 fn reason_static(reason: &str) -> &'static str {
     const KNOWN: &[&str] = &[
-        "RefreshTokenRejected", "InvalidClient", "TokenRequestRejected", "TokenEndpointUnreachable",
-        "TokenEndpointUnavailable", "RateLimited", "TokenResponseLost", "UnparseableTokenResponse",
-        "RefreshResponseLost", "ForbiddenTokenEndpoint", "TokenEndpointRedirected", "TokenResponseTooLarge",
-        "TLSError", "InvalidTokenUrl",
+        "RefreshTokenRejected",
+        "InvalidClient",
+        "TokenRequestRejected",
+        "TokenEndpointUnreachable",
+        "TokenEndpointUnavailable",
+        "RateLimited",
+        "TokenResponseLost",
+        "UnparseableTokenResponse",
+        "RefreshResponseLost",
+        "ForbiddenTokenEndpoint",
+        "TokenEndpointRedirected",
+        "TokenResponseTooLarge",
+        "TLSError",
+        "InvalidTokenUrl",
     ];
-    KNOWN.iter().find(|k| **k == reason).copied().unwrap_or("TokenRequestFailed")
+    KNOWN
+        .iter()
+        .find(|k| **k == reason)
+        .copied()
+        .unwrap_or("TokenRequestFailed")
 }
 
 fn failed_outcome(_vc: &VaultConnection, reason: &str, msg: String) -> Outcome {
@@ -502,7 +773,12 @@ fn seed_from_inputs(st: &mut TokenState, settings: &OAuthSettings, inputs: &Secr
     }
     st.refresh_token = inputs.get("refresh_token").cloned();
     st.seed_fingerprint = Some(state::seed_fingerprint(inputs));
-    if let (Some(at), Some(exp)) = (inputs.get("access_token"), inputs.get("expires_at").and_then(|e| state::parse_time(&e.expose_str()))) {
+    if let (Some(at), Some(exp)) = (
+        inputs.get("access_token"),
+        inputs
+            .get("expires_at")
+            .and_then(|e| state::parse_time(&e.expose_str())),
+    ) {
         st.access = Some(AccessToken {
             token: at.clone(),
             token_type: "Bearer".into(),
@@ -517,13 +793,21 @@ fn seed_from_inputs(st: &mut TokenState, settings: &OAuthSettings, inputs: &Secr
 }
 
 /// `st` with the fingerprints it is now valid for, failures cleared.
-fn desired_state(_vc: &VaultConnection, st: &TokenState, config_fp: &str, seed_fp: &str, refresh_request: Option<&str>) -> TokenState {
+fn desired_state(
+    _vc: &VaultConnection,
+    st: &TokenState,
+    config_fp: &str,
+    seed_fp: &str,
+    refresh_request: Option<&str>,
+) -> TokenState {
     TokenState {
         refresh_token: st.refresh_token.clone(),
         seed_fingerprint: Some(seed_fp.to_string()),
         config_fingerprint: Some(config_fp.to_string()),
         access: st.access.clone(),
-        refresh_request: refresh_request.map(str::to_string).or_else(|| st.refresh_request.clone()),
+        refresh_request: refresh_request
+            .map(str::to_string)
+            .or_else(|| st.refresh_request.clone()),
         failed_reason: None,
         failed_fingerprint: None,
         failed_at: None,
@@ -531,7 +815,14 @@ fn desired_state(_vc: &VaultConnection, st: &TokenState, config_fp: &str, seed_f
 }
 
 fn token_request(s: &OAuthSettings, inputs: &SecretData, rt: Option<&SecretBytes>) -> TokenRequest {
-    let secret = |k: &str| SecretString::from(inputs.get(k).map(SecretBytes::expose_str).unwrap_or_default());
+    let secret = |k: &str| {
+        SecretString::from(
+            inputs
+                .get(k)
+                .map(SecretBytes::expose_str)
+                .unwrap_or_default(),
+        )
+    };
     TokenRequest {
         token_url: s.token_url.clone(),
         grant: match rt {
@@ -550,24 +841,47 @@ fn token_request(s: &OAuthSettings, inputs: &SecretData, rt: Option<&SecretBytes
     }
 }
 
-async fn load_ca_bundle(ctx: &Context, vc: &VaultConnection, ns: &str) -> Result<std::result::Result<Option<Vec<u8>>, String>> {
-    let Some(r) = vc.spec.oauth2.as_ref().and_then(|o| o.ca_bundle_ref.as_ref()) else {
+async fn load_ca_bundle(
+    ctx: &Context,
+    vc: &VaultConnection,
+    ns: &str,
+) -> Result<std::result::Result<Option<Vec<u8>>, String>> {
+    let Some(r) = vc
+        .spec
+        .oauth2
+        .as_ref()
+        .and_then(|o| o.ca_bundle_ref.as_ref())
+    else {
         return Ok(Ok(None));
     };
     let key = r.key.clone().unwrap_or_else(|| "ca.crt".into());
-    let s = Api::<Secret>::namespaced(ctx.client.clone(), ns).get_opt(&r.name).await?;
-    let data = s.and_then(|s| s.data).and_then(|d| d.get(&key).map(|b| b.0.clone()));
+    let s = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&r.name)
+        .await?;
+    let data = s
+        .and_then(|s| s.data)
+        .and_then(|d| d.get(&key).map(|b| b.0.clone()));
     Ok(match data {
         Some(pem) if !pem.is_empty() => Ok(Some(pem)),
-        _ => Err(format!("spec.oauth2.caBundleRef: Secret {ns}/{} has no key {key}", r.name)),
+        _ => Err(format!(
+            "spec.oauth2.caBundleRef: Secret {ns}/{} has no key {key}",
+            r.name
+        )),
     })
 }
 
 /// Dry-run the write of `desired` (create or replace) and check ownership, without changing
 /// anything. `Ok(Err(msg))` says why the write would be refused.
-async fn preflight(ctx: &Context, vc: &VaultConnection, desired: &secret::DesiredSecret) -> Result<std::result::Result<(), String>> {
+async fn preflight(
+    ctx: &Context,
+    vc: &VaultConnection,
+    desired: &secret::DesiredSecret,
+) -> Result<std::result::Result<(), String>> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &desired.namespace);
-    let pp = PostParams { dry_run: true, field_manager: Some(FIELD_MANAGER.into()) };
+    let pp = PostParams {
+        dry_run: true,
+        field_manager: Some(FIELD_MANAGER.into()),
+    };
     let res = match api.get_opt(&desired.name).await? {
         None => api.create(&pp, &desired.to_new_secret()).await.map(|_| ()),
         Some(live) => {
@@ -577,13 +891,20 @@ async fn preflight(ctx: &Context, vc: &VaultConnection, desired: &secret::Desire
                 Ownership::Foreign => return Ok(Err(format!("Secret {}/{} already exists and is not managed by vaultconn; set spec.target.adopt: true to take it over, or choose another spec.target.name", desired.namespace, desired.name))),
                 Ownership::OtherConnection(o) => return Ok(Err(format!("Secret {}/{} is already managed by VaultConnection {}/{o}", desired.namespace, desired.name, desired.namespace))),
             }
-            api.replace(&desired.name, &pp, &desired.merged_into(&live)).await.map(|_| ())
+            api.replace(&desired.name, &pp, &desired.merged_into(&live))
+                .await
+                .map(|_| ())
         }
     };
     match res {
         Ok(()) => Ok(Ok(())),
-        Err(kube::Error::Api(e)) if e.code == 403 || e.code == 422 || e.code == 400 || e.code == 413 => {
-            Ok(Err(format!("writing Secret {}/{} would be refused by the API server ({} {})", desired.namespace, desired.name, e.code, e.reason)))
+        Err(kube::Error::Api(e))
+            if e.code == 403 || e.code == 422 || e.code == 400 || e.code == 413 =>
+        {
+            Ok(Err(format!(
+                "writing Secret {}/{} would be refused by the API server ({} {})",
+                desired.namespace, desired.name, e.code, e.reason
+            )))
         }
         Err(e) => Err(e.into()),
     }
@@ -591,11 +912,19 @@ async fn preflight(ctx: &Context, vc: &VaultConnection, desired: &secret::Desire
 
 /// Write the state Secret: create, or replace conditional on a resourceVersion. Conflicts and
 /// server errors retry only the write (same tokens), with backoff, for a bounded time.
-async fn persist_state(ctx: &Context, vc: &VaultConnection, st: &TokenState, rv_read: Option<String>) -> Result<()> {
+async fn persist_state(
+    ctx: &Context,
+    vc: &VaultConnection,
+    st: &TokenState,
+    rv_read: Option<String>,
+) -> Result<()> {
     let ns = vc.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let desired = secret::desired_state_secret(vc, st.to_data());
-    let pp = PostParams { dry_run: false, field_manager: Some(FIELD_MANAGER.into()) };
+    let pp = PostParams {
+        dry_run: false,
+        field_manager: Some(FIELD_MANAGER.into()),
+    };
     let started = Instant::now();
     let mut attempt = 0u32;
     let _ = rv_read;
@@ -610,7 +939,9 @@ async fn persist_state(ctx: &Context, vc: &VaultConnection, st: &TokenState, rv_
                 if desired.matches(&live) {
                     Ok(())
                 } else {
-                    api.replace(&desired.name, &pp, &desired.merged_into(&live)).await.map(|_| ())
+                    api.replace(&desired.name, &pp, &desired.merged_into(&live))
+                        .await
+                        .map(|_| ())
                 }
             }
         };

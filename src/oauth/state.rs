@@ -77,17 +77,22 @@ impl TokenState {
             text(data, keys::ISSUED_AT).and_then(|s| parse_time(&s)),
             text(data, keys::EXPIRES_AT).and_then(|s| parse_time(&s)),
         ) {
-            (Some(t), Some(issued_at), Some(expires_at)) if !t.expose().is_empty() => Some(AccessToken {
-                token: t.clone(),
-                token_type: text(data, keys::TOKEN_TYPE).unwrap_or_else(|| "Bearer".into()),
-                scope: text(data, keys::SCOPE),
-                issued_at,
-                expires_at,
-            }),
+            (Some(t), Some(issued_at), Some(expires_at)) if !t.expose().is_empty() => {
+                Some(AccessToken {
+                    token: t.clone(),
+                    token_type: text(data, keys::TOKEN_TYPE).unwrap_or_else(|| "Bearer".into()),
+                    scope: text(data, keys::SCOPE),
+                    issued_at,
+                    expires_at,
+                })
+            }
             _ => None,
         };
         TokenState {
-            refresh_token: data.get(keys::REFRESH_TOKEN).filter(|v| !v.expose().is_empty()).cloned(),
+            refresh_token: data
+                .get(keys::REFRESH_TOKEN)
+                .filter(|v| !v.expose().is_empty())
+                .cloned(),
             seed_fingerprint: text(data, keys::SEED_FINGERPRINT),
             config_fingerprint: text(data, keys::CONFIG_FINGERPRINT),
             access,
@@ -133,8 +138,19 @@ impl TokenState {
     }
 
     /// The fingerprint a terminal failure is remembered under.
-    pub fn failure_key(&self, config_fp: &str, seed_fp: &str, refresh_request: Option<&str>) -> String {
-        sha256_hex(format!("{config_fp}|{seed_fp}|{}", refresh_request.unwrap_or_default()).as_bytes())
+    pub fn failure_key(
+        &self,
+        config_fp: &str,
+        seed_fp: &str,
+        refresh_request: Option<&str>,
+    ) -> String {
+        sha256_hex(
+            format!(
+                "{config_fp}|{seed_fp}|{}",
+                refresh_request.unwrap_or_default()
+            )
+            .as_bytes(),
+        )
     }
 }
 
@@ -152,7 +168,10 @@ pub struct OAuthSettings {
 
 pub fn settings(vc: &VaultConnection) -> OAuthSettings {
     let spec = &vc.spec;
-    let renew = |before: Option<&String>, pct: Option<u8>| match (before.and_then(|b| humantime::parse_duration(b).ok()), pct) {
+    let renew = |before: Option<&String>, pct: Option<u8>| match (
+        before.and_then(|b| humantime::parse_duration(b).ok()),
+        pct,
+    ) {
         (Some(d), _) => RenewBefore::Duration(d),
         (None, Some(p)) => RenewBefore::Percentage(p),
         _ => RenewBefore::default(),
@@ -234,9 +253,14 @@ pub enum RefreshCause {
 pub enum Plan {
     Refresh(RefreshCause),
     /// The current token is good; come back at `next_refresh`.
-    Wait { next_refresh: DateTime<Utc> },
+    Wait {
+        next_refresh: DateTime<Utc>,
+    },
     /// A terminal failure under the same inputs: stay failed until they change or `retry_at`.
-    Failed { reason: String, retry_at: Option<DateTime<Utc>> },
+    Failed {
+        reason: String,
+        retry_at: Option<DateTime<Utc>>,
+    },
 }
 
 /// Inputs of the decision, all known without I/O.
@@ -262,15 +286,22 @@ pub fn plan(i: &DecisionInput<'_>) -> Plan {
         if *fp == s.failure_key(i.config_fp, i.seed_fp, i.refresh_request) {
             let retry_at = retryable_terminal(reason).then(|| {
                 s.failed_at.unwrap_or(i.now)
-                    + chrono::Duration::from_std(schedule::terminal_retry_interval()).unwrap_or_default()
+                    + chrono::Duration::from_std(schedule::terminal_retry_interval())
+                        .unwrap_or_default()
             });
             return match retry_at {
                 Some(t) if i.now >= t => Plan::Refresh(RefreshCause::RetryAfterFailure),
-                _ => Plan::Failed { reason: reason.clone(), retry_at },
+                _ => Plan::Failed {
+                    reason: reason.clone(),
+                    retry_at,
+                },
             };
         }
     }
-    if s.seed_fingerprint.as_deref().is_some_and(|f| f != i.seed_fp) {
+    if s.seed_fingerprint
+        .as_deref()
+        .is_some_and(|f| f != i.seed_fp)
+    {
         return Plan::Refresh(RefreshCause::Reseeded);
     }
     if s.config_fingerprint.as_deref() != Some(i.config_fp) && s.access.is_some() {
@@ -282,7 +313,8 @@ pub fn plan(i: &DecisionInput<'_>) -> Plan {
     let Some(access) = &s.access else {
         return Plan::Refresh(RefreshCause::Initial);
     };
-    let next = schedule::next_refresh_at(access.issued_at, access.expires_at, i.renew, i.jitter_key);
+    let next =
+        schedule::next_refresh_at(access.issued_at, access.expires_at, i.renew, i.jitter_key);
     if schedule::needs_refresh(i.now, next, access.expires_at) {
         Plan::Refresh(RefreshCause::Scheduled)
     } else {
@@ -332,13 +364,19 @@ mod tests {
         s.failed_reason = Some("InvalidClient".into());
         s.failed_at = Some(t("2026-01-01T00:30:00Z"));
         assert_eq!(TokenState::from_data(&s.to_data()), s);
-        assert_eq!(TokenState::from_data(&SecretData::default()), TokenState::default());
+        assert_eq!(
+            TokenState::from_data(&SecretData::default()),
+            TokenState::default()
+        );
     }
 
     #[test]
     fn no_token_means_initial_refresh() {
         let s = TokenState::default();
-        assert_eq!(plan(&input("2026-01-01T00:00:00Z", &s)), Plan::Refresh(RefreshCause::Initial));
+        assert_eq!(
+            plan(&input("2026-01-01T00:00:00Z", &s)),
+            Plan::Refresh(RefreshCause::Initial)
+        );
     }
 
     #[test]
@@ -351,7 +389,10 @@ mod tests {
             }
             p => panic!("{p:?}"),
         }
-        assert_eq!(plan(&input("2026-01-01T00:41:00Z", &s)), Plan::Refresh(RefreshCause::Scheduled));
+        assert_eq!(
+            plan(&input("2026-01-01T00:41:00Z", &s)),
+            Plan::Refresh(RefreshCause::Scheduled)
+        );
     }
 
     #[test]
@@ -370,7 +411,10 @@ mod tests {
         s2.refresh_request = Some("1".into());
         let mut i = input("2026-01-01T00:01:00Z", &s2);
         i.refresh_request = Some("1");
-        assert!(matches!(plan(&i), Plan::Wait { .. }), "an honoured request is not repeated");
+        assert!(
+            matches!(plan(&i), Plan::Wait { .. }),
+            "an honoured request is not repeated"
+        );
     }
 
     #[test]
@@ -379,13 +423,22 @@ mod tests {
         s.failed_reason = Some("InvalidClient".into());
         s.failed_fingerprint = Some(s.failure_key("cfg", "seed", None));
         s.failed_at = Some(t("2026-01-01T00:00:00Z"));
-        assert!(matches!(plan(&input("2026-01-01T00:10:00Z", &s)), Plan::Failed { .. }));
-        assert_eq!(plan(&input("2026-01-01T01:00:01Z", &s)), Plan::Refresh(RefreshCause::RetryAfterFailure));
+        assert!(matches!(
+            plan(&input("2026-01-01T00:10:00Z", &s)),
+            Plan::Failed { .. }
+        ));
+        assert_eq!(
+            plan(&input("2026-01-01T01:00:01Z", &s)),
+            Plan::Refresh(RefreshCause::RetryAfterFailure)
+        );
         let mut i = input("2026-01-01T00:10:00Z", &s);
         i.config_fp = "fixed";
         assert_eq!(plan(&i), Plan::Refresh(RefreshCause::Initial));
 
         s.failed_reason = Some("RefreshResponseLost".into());
-        assert!(matches!(plan(&input("2026-01-02T00:00:00Z", &s)), Plan::Failed { retry_at: None, .. }));
+        assert!(matches!(
+            plan(&input("2026-01-02T00:00:00Z", &s)),
+            Plan::Failed { retry_at: None, .. }
+        ));
     }
 }

@@ -26,6 +26,11 @@
 //!    dir and KILLs what is left. Because the watchdog leads the group for as long as it lives,
 //!    the group id cannot be recycled for unrelated processes while it acts.
 //!
+//! 3. On a normal exit (libtest ends with `exit()`, which never drops statics) an `atexit` hook
+//!    SIGKILLs and reaps the servers of every control plane not yet stopped and removes its temp
+//!    dir. Without it the servers would still die (1.), but as orphans, and an init that reaps
+//!    lazily (as on the test VMs) leaves `<defunct>` entries behind for a while.
+//!
 //! [`ControlPlane::stop`] (also run by `Drop`) does the orderly version itself: SIGTERM, wait,
 //! SIGKILL after [`ControlPlaneOptions::stop_timeout`], then releases the watchdog and removes the
 //! temp dir.
@@ -35,7 +40,8 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{mpsc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -55,15 +61,17 @@ const PROVISION_SCRIPT: &str = concat!(
     "/scripts/provision-control-plane.sh"
 );
 
-/// Runs in the watchdog `sh`. `$1` is the temp dir. See the module docs.
+/// Runs in the watchdog `sh`. `$1` is the temp dir. See the module docs. `alive` ignores
+/// zombies: killed servers are reparented to init, which need not reap them promptly.
 const WATCHDOG_SCRIPT: &str = r#"
 trap '' TERM INT HUP PIPE
 while read -r _; do :; done
+alive() { pgrep -r R,S,D,T,t,I -g $$ '^(etcd|kube-)' >/dev/null 2>&1; }
 kill -TERM 0 2>/dev/null
 i=0
-while [ $i -lt 100 ] && pgrep -g $$ '^(etcd|kube-)' >/dev/null 2>&1; do sleep 0.1; i=$((i+1)); done
+while [ $i -lt 100 ] && alive; do sleep 0.1; i=$((i+1)); done
 rm -rf -- "$1"
-if pgrep -g $$ '^(etcd|kube-)' >/dev/null 2>&1; then kill -KILL 0; fi
+if alive; then kill -KILL 0; fi
 exit 0
 "#;
 
@@ -148,6 +156,8 @@ struct Watchdog {
 
 /// A running etcd + kube-apiserver (+ kube-controller-manager). See the module docs.
 pub struct ControlPlane {
+    /// Key in [`LIVE`].
+    id: u64,
     dir: Option<TempDir>,
     dir_path: PathBuf,
     kubeconfig: PathBuf,
@@ -231,8 +241,11 @@ impl ControlPlane {
 
         // The watchdog comes first, so that everything after it is covered.
         let watchdog = spawn_watchdog(&dir_path)?;
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        live_register(id, watchdog.child.id(), &dir_path);
         // From here on, dropping `cp` (e.g. through `?`) tears everything down.
         let mut cp = ControlPlane {
+            id,
             dir: Some(dir),
             dir_path: dir_path.clone(),
             kubeconfig: dir_path.join("kubeconfig"),
@@ -403,7 +416,11 @@ current-context: vaultconn-test
         fs::write(&self.kubeconfig, kubeconfig).map_err(io_err("writing kubeconfig"))
     }
 
-    fn spawn_server(&mut self, name: &'static str, mut cmd: Command) -> Result<(), ControlPlaneError> {
+    fn spawn_server(
+        &mut self,
+        name: &'static str,
+        mut cmd: Command,
+    ) -> Result<(), ControlPlaneError> {
         let log = self.dir_path.join(format!("{name}.log"));
         let out = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
         let err = out
@@ -417,6 +434,7 @@ current-context: vaultconn-test
             .ok_or_else(|| ControlPlaneError::Binaries("watchdog is not running".into()))?;
         let child = spawn_supervised(cmd, Role::Server { pgid })
             .map_err(io_err(format!("spawning {name}")))?;
+        live_register(self.id, child.id(), &self.dir_path);
         self.servers.push(Server { name, child, log });
         Ok(())
     }
@@ -498,7 +516,11 @@ current-context: vaultconn-test
 
     /// `(name, pid)` of every process still owned: the servers and the `watchdog`.
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
-        let mut pids: Vec<_> = self.servers.iter().map(|s| (s.name, s.child.id())).collect();
+        let mut pids: Vec<_> = self
+            .servers
+            .iter()
+            .map(|s| (s.name, s.child.id()))
+            .collect();
         if let Some(w) = &self.watchdog {
             pids.push(("watchdog", w.child.id()));
         }
@@ -589,17 +611,18 @@ current-context: vaultconn-test
         Ok(names)
     }
 
-    /// Stop everything and remove the temp dir: SIGTERM to all servers, SIGKILL to those still
-    /// running after the stop timeout, then release the watchdog. Blocking (up to about
-    /// 2 × stop timeout); idempotent.
+    /// Stop everything and remove the temp dir: SIGTERM to each server, SIGKILL if it is still
+    /// running after the stop timeout, then release the watchdog. Blocking (about a second; at
+    /// worst 4 × the stop timeout); idempotent.
     pub fn stop(&mut self) {
+        // First, so that the exit hook never touches pids reaped (and maybe reused) below.
+        live_deregister(self.id);
         self.config = None;
-        for s in &self.servers {
-            signal(&s.child, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + self.stop_timeout;
+        // One at a time, in reverse start order: the apiserver's graceful shutdown talks to etcd
+        // and hangs (until SIGKILL) when etcd goes first; in order it takes about a second.
         for s in self.servers.iter_mut().rev() {
-            if !wait_child(&mut s.child, deadline) {
+            signal(&s.child, libc::SIGTERM);
+            if !wait_child(&mut s.child, Instant::now() + self.stop_timeout) {
                 tracing::warn!(component = s.name, "did not stop on SIGTERM; killing it");
                 let _ = s.child.kill();
                 let _ = s.child.wait();
@@ -713,7 +736,10 @@ fn free_ports<const N: usize>() -> Result<[u16; N], ControlPlaneError> {
     let mut ports = [0u16; N];
     for port in ports.iter_mut() {
         let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("picking a free port"))?;
-        *port = l.local_addr().map_err(io_err("picking a free port"))?.port();
+        *port = l
+            .local_addr()
+            .map_err(io_err("picking a free port"))?
+            .port();
         listeners.push(l);
     }
     Ok(ports)
@@ -775,6 +801,54 @@ enum Role {
     Watchdog,
     /// Joins the watchdog's group and dies with this process.
     Server { pgid: libc::pid_t },
+}
+
+/// Control planes not yet stopped: `(id, pids: watchdog then servers, temp dir)`.
+static LIVE: Mutex<Vec<(u64, Vec<libc::pid_t>, PathBuf)>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn live_register(id: u64, pid: u32, dir: &Path) {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        // SAFETY: registers a plain `extern "C" fn` with libc.
+        unsafe {
+            libc::atexit(reap_at_exit);
+        }
+    });
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    match live.iter_mut().find(|(i, _, _)| *i == id) {
+        Some((_, pids, _)) => pids.push(pid),
+        None => live.push((id, vec![pid], dir.to_path_buf())),
+    }
+}
+
+fn live_deregister(id: u64) {
+    LIVE.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(i, _, _)| *i != id);
+}
+
+/// The exit hook (see the module docs). Servers go first, then the watchdog; all are reaped.
+extern "C" fn reap_at_exit() {
+    let mut live = match LIVE.try_lock() {
+        Ok(live) => live,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        // Someone is mid-stop; the parent-death signal and the watchdog cover it.
+        Err(std::sync::TryLockError::WouldBlock) => return,
+    };
+    for (_, pids, dir) in live.drain(..) {
+        for &pid in pids.iter().rev() {
+            // SAFETY: plain syscalls on our own, not yet reaped children.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        let _ = fs::remove_dir_all(dir);
+    }
 }
 
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);

@@ -281,7 +281,8 @@ impl Fault {
         let mut v = serde_json::json!({ "mode": mode, "times": times });
         match self {
             Fault::SlowAfterCommit { delay } => {
-                v["delay_ms"] = serde_json::json!(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+                v["delay_ms"] =
+                    serde_json::json!(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
             }
             Fault::Status {
                 status,

@@ -29,7 +29,9 @@
 // alias: when a /token request has `audience` and no `resource`, the harness rewrites it to
 // `resource` before oidc-provider sees it (oidc-provider itself would silently drop `audience`). A
 // non-URI audience is dropped as an unknown parameter (RFC 6749 §3.2) and an opaque token without
-// audience is issued. Without audience/resource the token is opaque, lifetime AT_TTL.
+// audience is issued. Without audience/resource the token is opaque, lifetime AT_TTL. The mapping
+// applies to client_credentials only: on the refresh grant `audience` is ignored (a `resource` there
+// must be one the refresh token was granted for, else 400 invalid_target; minted ones have none).
 //
 // Refresh tokens: rotation per ROTATE (`rotateRefreshToken`). With rotation on, replaying a spent
 // refresh token gives 400 invalid_grant ("refresh token already used") and revokes the whole grant
@@ -394,7 +396,8 @@ async function tokenMiddleware(ctx, next) {
     record.auth = ctx.get('authorization') ? ctx.get('authorization').split(' ')[0].toLowerCase()
       : (params.has('client_secret') ? 'post' : 'none');
     let body = raw;
-    if (params.has('audience') && !params.has('resource')) {
+    if (params.get('grant_type') === 'client_credentials'
+      && params.has('audience') && !params.has('resource')) {
       const audience = params.get('audience');
       params.delete('audience');
       if (isAbsoluteUri(audience)) params.set('resource', audience);

@@ -36,10 +36,13 @@ pub async fn client() -> kube::Client {
     cluster().await.client().await
 }
 
-/// `<repo>/crds`, applied once per test binary by [`test_namespace`].
+/// `<repo>/crds` (or `$VAULTCONN_TEST_CRDS`), applied once per test binary by [`test_namespace`].
 #[allow(dead_code)]
 pub fn crds_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds")
+    match std::env::var_os("VAULTCONN_TEST_CRDS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds"),
+    }
 }
 
 /// Install the CRDs in `<repo>/crds` (if it has any `*.yaml`) once per test binary.
@@ -139,3 +142,5 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+pub mod operator;
