@@ -340,6 +340,10 @@ async fn sigkill_helper() {
 
 #[tokio::test]
 async fn control_plane_dies_with_a_sigkilled_owner() {
+    // Become the reaper of the helper's orphans, so that they do not linger as zombies under an
+    // init that reaps lazily; `reap` below collects them.
+    // SAFETY: plain prctl on this process.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) }, 0);
     let mut helper = Command::new(std::env::current_exe().unwrap())
         .args([
             "--ignored",
@@ -382,13 +386,21 @@ async fn control_plane_dies_with_a_sigkilled_owner() {
     helper.kill().unwrap(); // SIGKILL: no Drop, no atexit, nothing runs in the owner
     helper.wait().unwrap();
 
+    let reap = || {
+        for &pid in &pids {
+            // SAFETY: non-blocking wait for a (former grand-)child; ECHILD if it is not ours.
+            unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), libc::WNOHANG) };
+        }
+    };
     wait_for(
         TIMEOUT,
         "the killed owner's control plane to go away",
         || {
+            reap();
             let gone = pids.iter().all(|p| !process_alive(*p)) && !dir.exists();
             async move { gone }
         },
     )
     .await;
+    reap();
 }

@@ -1,0 +1,20 @@
+# The two commands of the README: `make run` and `make test`.
+.PHONY: run test crd bench
+
+# Run the operator. Without KUBECONFIG it starts a local control plane first (Ctrl-C stops both).
+run:
+	bash scripts/provision-control-plane.sh >/dev/null
+	cargo run --release -- run --allow-http-loopback
+
+# The whole test suite: unit tests and the cluster tests against a real control plane.
+test:
+	bash scripts/provision-control-plane.sh >/dev/null
+	bash scripts/install-oidc-provider.sh
+	cargo test --all-targets
+
+# Regenerate the committed CRD from the Rust types.
+crd:
+	cargo run -q -- crd > crds/vaultconnections.vaultconn.dev.yaml
+
+bench:
+	bash scripts/bench.sh
