@@ -15,6 +15,7 @@ test:
 # Regenerate the committed CRD from the Rust types.
 crd:
 	cargo run -q -- crd > crds/vaultconnections.vaultconn.dev.yaml
+	cp crds/vaultconnections.vaultconn.dev.yaml charts/vaultconn/crds/
 
 bench:
 	bash scripts/bench.sh
