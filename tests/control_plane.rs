@@ -386,21 +386,25 @@ async fn control_plane_dies_with_a_sigkilled_owner() {
     helper.kill().unwrap(); // SIGKILL: no Drop, no atexit, nothing runs in the owner
     helper.wait().unwrap();
 
-    let reap = || {
-        for &pid in &pids {
-            // SAFETY: non-blocking wait for a (former grand-)child; ECHILD if it is not ours.
-            unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), libc::WNOHANG) };
-        }
-    };
     wait_for(
         TIMEOUT,
         "the killed owner's control plane to go away",
         || {
-            reap();
             let gone = pids.iter().all(|p| !process_alive(*p)) && !dir.exists();
             async move { gone }
         },
     )
     .await;
-    reap();
+    // A multi-threaded process shows as a zombie before its last thread is gone and only then
+    // can be reaped, so poll.
+    let mut unreaped = pids.clone();
+    wait_for(TIMEOUT, "reaping the killed owner's servers", || {
+        unreaped.retain(|&pid| {
+            // SAFETY: non-blocking wait for a (former grand-)child; -1/ECHILD if it is not ours.
+            unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), libc::WNOHANG) == 0 }
+        });
+        let done = unreaped.is_empty();
+        async move { done }
+    })
+    .await;
 }

@@ -143,4 +143,5 @@ where
     }
 }
 
+pub mod objects;
 pub mod operator;

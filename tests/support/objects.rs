@@ -1,0 +1,174 @@
+//! Helpers to create and observe VaultConnections and Secrets in a test namespace.
+#![allow(dead_code)]
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+use vaultconn::api::{Phase, VaultConnection};
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::ListParams;
+
+use super::{wait_for_some, TestNs};
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn secret_obj(name: &str, data: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+pub async fn put_secret(ns: &TestNs, name: &str, data: &[(&str, &str)]) {
+    let api: Api<Secret> = ns.api();
+    let s = secret_obj(name, data);
+    match api.get_opt(name).await.unwrap() {
+        Some(live) => {
+            let mut s = s;
+            s.metadata.resource_version = live.metadata.resource_version;
+            api.replace(name, &PostParams::default(), &s).await.unwrap();
+        }
+        None => {
+            api.create(&PostParams::default(), &s).await.unwrap();
+        }
+    }
+}
+
+pub async fn apply_vc(ns: &TestNs, name: &str, spec: serde_json::Value) -> VaultConnection {
+    let api: Api<VaultConnection> = ns.api();
+    let vc = json!({"apiVersion": "vaultconn.dev/v1alpha1", "kind": "VaultConnection", "metadata": {"name": name}, "spec": spec});
+    api.patch(
+        name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&vc),
+    )
+    .await
+    .unwrap()
+}
+
+pub async fn vc_where(
+    ns: &TestNs,
+    name: &str,
+    what: &str,
+    f: impl Fn(&VaultConnection) -> bool,
+) -> VaultConnection {
+    let api: Api<VaultConnection> = ns.api();
+    wait_for_some(WAIT, what, || {
+        let api = api.clone();
+        let f = &f;
+        async move { api.get_opt(name).await.ok().flatten().filter(|v| f(v)) }
+    })
+    .await
+}
+
+pub fn phase(v: &VaultConnection) -> Option<Phase> {
+    v.status.as_ref().and_then(|s| s.phase)
+}
+
+pub fn reason(v: &VaultConnection) -> String {
+    v.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.reason.clone())
+        .unwrap_or_default()
+}
+
+pub fn message(v: &VaultConnection) -> String {
+    v.status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+pub async fn ready(ns: &TestNs, name: &str) -> VaultConnection {
+    vc_where(ns, name, &format!("{name} Ready"), |v| {
+        phase(v) == Some(Phase::Ready)
+            && v.status.as_ref().and_then(|s| s.observed_generation) == v.metadata.generation
+    })
+    .await
+}
+
+pub async fn with_reason(ns: &TestNs, name: &str, r: &str) -> VaultConnection {
+    vc_where(ns, name, &format!("{name} reason {r}"), |v| {
+        reason(v) == r
+            && v.status.as_ref().and_then(|s| s.observed_generation) == v.metadata.generation
+    })
+    .await
+}
+
+pub fn data_of(s: &Secret) -> BTreeMap<String, String> {
+    s.data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+        .collect()
+}
+
+pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub async fn secret_data_eq(ns: &TestNs, name: &str, want: BTreeMap<String, String>) -> Secret {
+    let api: Api<Secret> = ns.api();
+    wait_for_some(
+        WAIT,
+        &format!("Secret {name} with {:?}", want.keys().collect::<Vec<_>>()),
+        || {
+            let api = api.clone();
+            let want = want.clone();
+            async move {
+                api.get_opt(name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|s| data_of(s) == want)
+            }
+        },
+    )
+    .await
+}
+
+/// Every text the operator showed the user or logged: statuses, Events and logs.
+pub async fn visible_text(ns: &TestNs) -> String {
+    let mut out = String::new();
+    for vc in ns
+        .api::<VaultConnection>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        out.push_str(&serde_json::to_string(&vc.status).unwrap());
+    }
+    for ev in ns
+        .api::<Event>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        out.push_str(&format!(
+            "{} {}\n",
+            ev.reason.unwrap_or_default(),
+            ev.note.unwrap_or_default()
+        ));
+    }
+    out.push_str(&super::operator::operator_logs().await);
+    out
+}
+
