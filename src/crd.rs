@@ -107,8 +107,14 @@ mod tests {
     #[test]
     fn committed_crds_match_the_rust_types() {
         for (path, committed) in [
-            ("crds/", include_str!("../crds/vaultconnections.vaultconn.dev.yaml")),
-            ("charts/vaultconn/crds/", include_str!("../charts/vaultconn/crds/vaultconnections.vaultconn.dev.yaml")),
+            (
+                "crds/",
+                include_str!("../crds/vaultconnections.vaultconn.dev.yaml"),
+            ),
+            (
+                "charts/vaultconn/crds/",
+                include_str!("../charts/vaultconn/crds/vaultconnections.vaultconn.dev.yaml"),
+            ),
         ] {
             assert_eq!(committed, crd_yaml(), "{path} is stale: run `make crd`");
         }

@@ -17,7 +17,8 @@ fn examples_are_valid_and_cover_every_type() {
             if value.get("kind").and_then(|k| k.as_str()) != Some("VaultConnection") {
                 continue;
             }
-            let mut vc: VaultConnection = serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let mut vc: VaultConnection =
+                serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             vc.metadata.namespace = Some("default".into());
             let problems = validate(&vc, ValidationOptions::default());
             assert!(problems.is_empty(), "{}: {problems:?}", path.display());

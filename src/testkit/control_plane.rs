@@ -12,7 +12,7 @@
 //! # Teardown, including when nothing gets to run `Drop`
 //!
 //! Test binaries keep their control plane in a `static`, which is never dropped, and a test run
-//! can be interrupted or SIGKILLed. Two independent mechanisms make sure no server process or
+//! can be interrupted or SIGKILLed. Three independent mechanisms make sure no server process or
 //! temp dir outlives the process that started them:
 //!
 //! 1. Every server is spawned with `prctl(PR_SET_PDEATHSIG, SIGKILL)`, so the kernel kills it when
@@ -25,7 +25,6 @@
 //!    pids that could be reused. On EOF it TERMs its group, waits briefly, `rm -rf`s the temp
 //!    dir and KILLs what is left. Because the watchdog leads the group for as long as it lives,
 //!    the group id cannot be recycled for unrelated processes while it acts.
-//!
 //! 3. On a normal exit (libtest ends with `exit()`, which never drops statics) an `atexit` hook
 //!    SIGKILLs and reaps the servers of every control plane not yet stopped and removes its temp
 //!    dir. Without it the servers would still die (1.), but as orphans, and an init that reaps

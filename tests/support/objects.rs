@@ -12,6 +12,8 @@ use vaultconn::api::{Phase, VaultConnection};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
 
+#[allow(unused_imports)]
+use super::wait_for;
 use super::{wait_for_some, TestNs};
 
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -65,12 +67,18 @@ pub async fn vc_where(
     f: impl Fn(&VaultConnection) -> bool,
 ) -> VaultConnection {
     let api: Api<VaultConnection> = ns.api();
-    wait_for_some(WAIT, what, || {
-        let api = api.clone();
-        let f = &f;
-        async move { api.get_opt(name).await.ok().flatten().filter(|v| f(v)) }
-    })
-    .await
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let current = api.get_opt(name).await.ok().flatten();
+        if let Some(v) = current.as_ref().filter(|v| f(v)) {
+            return v.clone();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let status = current.and_then(|v| v.status);
+            panic!("timed out after {WAIT:?} waiting for {what}; last status: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 pub fn phase(v: &VaultConnection) -> Option<Phase> {
@@ -171,4 +179,3 @@ pub async fn visible_text(ns: &TestNs) -> String {
     out.push_str(&super::operator::operator_logs().await);
     out
 }
-

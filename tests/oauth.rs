@@ -1,0 +1,713 @@
+//! Cluster tests of the OAuth token lifecycle against our fault-injecting token server: the real
+//! operator process, the real API server, one namespace and one token server per test.
+//!
+//! Global invariants checked after each test (`assert_invariants`): the stored refresh token is
+//! live at the server or the connection shows a specific reason; in non-adversarial tests the
+//! server revoked nothing; no token or secret string appears in operator logs, Events or status.
+mod support;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::{ResourceQuota, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use support::objects::*;
+use support::operator::{ensure_operator, operator_metric};
+use support::{test_namespace, wait_for, wait_for_some, TestNs};
+use vaultconn::api::{Phase, VaultConnection};
+use vaultconn::testkit::token_server::{
+    Fault, FaultBody, RetryAfter, TokenServer, TokenServerConfig,
+};
+
+const CLIENT: &str = "app";
+const CLIENT_SECRET: &str = "client-SECRET-value";
+
+async fn server(cfg: TokenServerConfig) -> TokenServer {
+    TokenServer::start(cfg.with_client(CLIENT, CLIENT_SECRET))
+        .await
+        .unwrap()
+}
+
+fn cc_spec(ts: &TokenServer, extra: serde_json::Value) -> serde_json::Value {
+    let mut oauth2 = json!({"tokenUrl": ts.token_url()});
+    if let (Some(o), Some(e)) = (oauth2.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    json!({"type": "oauth2", "credentialsRef": {"name": "creds"}, "oauth2": oauth2})
+}
+
+fn rt_spec(ts: &TokenServer) -> serde_json::Value {
+    cc_spec(ts, json!({"grantType": "refreshToken"}))
+}
+
+async fn state(ns: &TestNs, name: &str) -> Option<Secret> {
+    ns.api::<Secret>()
+        .get_opt(&format!("{name}-vaultconn-state"))
+        .await
+        .unwrap()
+}
+
+async fn stored_refresh_token(ns: &TestNs, name: &str) -> Option<String> {
+    state(ns, name)
+        .await
+        .and_then(|s| data_of(&s).get("refresh_token").cloned())
+}
+
+async fn access_token(ns: &TestNs, name: &str) -> Option<String> {
+    let s = ns.api::<Secret>().get_opt(name).await.unwrap()?;
+    data_of(&s).get("access_token").cloned()
+}
+
+/// Wait until the generated Secret holds an access token the server considers valid, different
+/// from `not`.
+async fn valid_token(ns: &TestNs, ts: &TokenServer, name: &str, not: Option<&str>) -> String {
+    wait_for_some(WAIT, &format!("{name}: a valid access token"), || async {
+        access_token(ns, name)
+            .await
+            .filter(|t| Some(t.as_str()) != not && ts.is_access_token_valid(t))
+    })
+    .await
+}
+
+/// The invariants of every test; `secrets` are strings that must never be visible.
+async fn assert_invariants(
+    ns: &TestNs,
+    ts: &TokenServer,
+    name: &str,
+    secrets: &[String],
+    adversarial: bool,
+) {
+    let vc = ns.api::<VaultConnection>().get(name).await.unwrap();
+    if let Some(rt) = stored_refresh_token(ns, name).await {
+        let live = ts.is_refresh_token_live(&rt);
+        assert!(
+            live || phase(&vc) == Some(Phase::Failed),
+            "stored refresh token is dead but the connection says {:?}",
+            reason(&vc)
+        );
+    }
+    if !adversarial {
+        assert_eq!(
+            ts.revocations(),
+            0,
+            "the server had to revoke a token family"
+        );
+    }
+    let text = visible_text(ns).await;
+    let mut all: Vec<String> = secrets.to_vec();
+    all.push(CLIENT_SECRET.into());
+    for c in ts.calls() {
+        if let Some(o) = c.outcome {
+            all.extend(o.access_token);
+            all.extend(o.refresh_token);
+        }
+        all.extend(c.refresh_token);
+    }
+    for s in all.iter().filter(|s| s.len() >= 8) {
+        assert!(
+            !text.contains(s.as_str()),
+            "a token or secret leaked into logs/Events/status"
+        );
+    }
+    // The Secret workloads mount never holds the refresh token or the client secret.
+    if let Some(out) = ns.api::<Secret>().get_opt(name).await.unwrap() {
+        let d = data_of(&out);
+        assert!(!d.contains_key("refresh_token") && !d.contains_key("client_secret"));
+        assert!(!d.values().any(|v| v == CLIENT_SECRET));
+    }
+}
+
+#[tokio::test]
+async fn client_credentials_issue_and_schedule() {
+    ensure_operator().await;
+    let ns = test_namespace("cc").await;
+    let ts = server(TokenServerConfig::default().with_ttl(Duration::from_secs(3600))).await;
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    apply_vc(&ns, "api", cc_spec(&ts, json!({"scopes": ["read", "write"], "audience": "https://api.example", "extraParams": {"organization": "org1"}}))).await;
+    let token = valid_token(&ns, &ts, "api", None).await;
+    let vc = ready(&ns, "api").await;
+    let out = data_of(&ns.api::<Secret>().get("api").await.unwrap());
+    assert_eq!(
+        out.keys().cloned().collect::<Vec<_>>(),
+        vec![
+            "access_token",
+            "authorization",
+            "expires_at",
+            "scope",
+            "token_type"
+        ]
+    );
+    assert_eq!(out["authorization"], format!("Bearer {token}"));
+    assert_eq!(out["scope"], "read write");
+    let st = vc.status.clone().unwrap();
+    assert_eq!(st.state_secret_name.as_deref(), Some("api-vaultconn-state"));
+    assert_eq!(st.expires_at.as_deref(), Some(out["expires_at"].as_str()));
+    // Next refresh at ~2/3 of the 1 h lifetime (minus up to 5 % jitter), not on every reconcile.
+    let last =
+        chrono::DateTime::parse_from_rfc3339(st.last_refresh_time.as_deref().unwrap()).unwrap();
+    let next =
+        chrono::DateTime::parse_from_rfc3339(st.next_refresh_time.as_deref().unwrap()).unwrap();
+    let after = (next - last).num_seconds();
+    assert!(
+        (2232..=2413).contains(&after),
+        "next refresh {after}s after issue"
+    );
+    let calls = ts.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].grant_type.as_deref(), Some("client_credentials"));
+    assert_eq!(calls[0].audience.as_deref(), Some("https://api.example"));
+    assert_eq!(calls[0].scope.as_deref(), Some("read write"));
+    assert_eq!(
+        calls[0]
+            .extra_params
+            .get("organization")
+            .map(String::as_str),
+        Some("org1")
+    );
+    // Re-reconciles (a touch of the credentials Secret) do not call the token endpoint.
+    let before = operator_metric("vaultconn_reconciles").await;
+    let patch = json!({"metadata": {"labels": {"touch": "1"}}});
+    ns.api::<Secret>()
+        .patch("creds", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for(WAIT, "a reconcile", || async move {
+        operator_metric("vaultconn_reconciles").await > before
+    })
+    .await;
+    assert_eq!(ts.call_count(), 1);
+    assert_invariants(&ns, &ts, "api", &[token], false).await;
+}
+
+#[tokio::test]
+async fn client_auth_post_and_form_encoded_basic() {
+    ensure_operator().await;
+    let ns = test_namespace("auth").await;
+    let ts = server(TokenServerConfig::default().with_client("m2m special/1", "s3cr:et+%&")).await;
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    put_secret(
+        &ns,
+        "special",
+        &[
+            ("client_id", "m2m special/1"),
+            ("client_secret", "s3cr:et+%&"),
+        ],
+    )
+    .await;
+    apply_vc(
+        &ns,
+        "post",
+        cc_spec(&ts, json!({"clientAuthMethod": "post"})),
+    )
+    .await;
+    let mut special = cc_spec(&ts, json!({}));
+    special["credentialsRef"]["name"] = json!("special");
+    apply_vc(&ns, "basic", special).await;
+    valid_token(&ns, &ts, "post", None).await;
+    valid_token(&ns, &ts, "basic", None).await;
+    use vaultconn::testkit::token_server::AuthMethod;
+    let calls = ts.calls();
+    assert!(calls
+        .iter()
+        .any(|c| c.client_id.as_deref() == Some(CLIENT)
+            && c.auth_method == AuthMethod::ClientSecretPost));
+    assert!(calls
+        .iter()
+        .any(|c| c.client_id.as_deref() == Some("m2m special/1")
+            && c.auth_method == AuthMethod::ClientSecretBasic));
+    assert!(calls.iter().all(|c| c.auth_method != AuthMethod::Both));
+    assert_invariants(&ns, &ts, "post", &[], false).await;
+}
+
+#[tokio::test]
+async fn wrong_client_secret_fails_without_hot_loop_and_recovers_when_fixed() {
+    ensure_operator().await;
+    let ns = test_namespace("badclient").await;
+    let ts = server(TokenServerConfig::default()).await;
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", "wrong-SECRET-1")],
+    )
+    .await;
+    apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
+    let vc = with_reason(&ns, "api", "InvalidClient").await;
+    assert_eq!(phase(&vc), Some(Phase::Failed));
+    assert!(
+        message(&vc).contains("client_id/client_secret"),
+        "{}",
+        message(&vc)
+    );
+    assert_eq!(ts.call_count(), 1);
+    // Forced reconciles without a change do not retry the token endpoint.
+    for i in 0..3 {
+        let before = operator_metric("vaultconn_reconciles").await;
+        let patch = json!({"metadata": {"labels": {"touch": format!("{i}")}}});
+        ns.api::<Secret>()
+            .patch("creds", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        wait_for(WAIT, "a reconcile", || async move {
+            operator_metric("vaultconn_reconciles").await > before
+        })
+        .await;
+    }
+    assert_eq!(ts.call_count(), 1, "retried without any change");
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    valid_token(&ns, &ts, "api", None).await;
+    ready(&ns, "api").await;
+    assert_eq!(ts.call_count(), 2);
+    assert_invariants(&ns, &ts, "api", &["wrong-SECRET-1".into()], false).await;
+}
+
+#[tokio::test]
+async fn refresh_token_rotation_through_several_cycles() {
+    ensure_operator().await;
+    let ns = test_namespace("rotate").await;
+    let ts = server(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_ttl(Duration::from_secs(3)),
+    )
+    .await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &seed),
+        ],
+    )
+    .await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    let mut token = valid_token(&ns, &ts, "crm", None).await;
+    let mut seen = vec![seed.clone(), token.clone()];
+    for _ in 0..3 {
+        token = valid_token(&ns, &ts, "crm", Some(&token)).await;
+        seen.push(token.clone());
+    }
+    let rt = stored_refresh_token(&ns, "crm").await.unwrap();
+    assert_ne!(rt, seed, "the rotated refresh token is stored");
+    assert!(ts.is_refresh_token_live(&rt));
+    assert!(!ts.is_refresh_token_live(&seed));
+    // Every refresh spent the token the previous one issued: no replay, no parallel refresh.
+    let calls = ts.calls();
+    for pair in calls.windows(2) {
+        assert_eq!(
+            pair[1].refresh_token,
+            pair[0]
+                .outcome
+                .as_ref()
+                .and_then(|o| o.refresh_token.clone()),
+            "each refresh uses the newest token"
+        );
+    }
+    assert_eq!(ts.max_concurrent_per_refresh_family(), 1);
+    seen.push(rt);
+    assert_invariants(&ns, &ts, "crm", &seen, false).await;
+}
+
+#[tokio::test]
+async fn rotation_off_and_missing_refresh_token_keep_the_current_one() {
+    ensure_operator().await;
+    let ns = test_namespace("norotate").await;
+    let ts = server(
+        TokenServerConfig::default()
+            .with_rotation(false)
+            .with_ttl(Duration::from_secs(2)),
+    )
+    .await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &seed),
+        ],
+    )
+    .await;
+    ts.push_fault(Fault::StripRefreshToken);
+    ts.push_fault(Fault::StringExpiresIn);
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    let t1 = valid_token(&ns, &ts, "crm", None).await;
+    let t2 = valid_token(&ns, &ts, "crm", Some(&t1)).await;
+    valid_token(&ns, &ts, "crm", Some(&t2)).await;
+    assert_eq!(
+        stored_refresh_token(&ns, "crm").await.as_deref(),
+        Some(seed.as_str()),
+        "the refresh token is retained, not blanked"
+    );
+    assert!(ts
+        .calls()
+        .iter()
+        .all(|c| c.refresh_token.as_deref() == Some(seed.as_str())));
+    assert_invariants(&ns, &ts, "crm", &[seed, t1, t2], false).await;
+}
+
+#[tokio::test]
+async fn missing_expires_in_uses_a_conservative_default() {
+    ensure_operator().await;
+    let ns = test_namespace("noexp").await;
+    let ts = server(TokenServerConfig::default()).await;
+    ts.push_fault(Fault::StripExpiresIn);
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
+    valid_token(&ns, &ts, "api", None).await;
+    let vc = ready(&ns, "api").await;
+    let st = vc.status.unwrap();
+    let last =
+        chrono::DateTime::parse_from_rfc3339(st.last_refresh_time.as_deref().unwrap()).unwrap();
+    let exp = chrono::DateTime::parse_from_rfc3339(st.expires_at.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        (exp - last).num_seconds(),
+        300,
+        "default lifetime of 5 minutes"
+    );
+}
+
+#[tokio::test]
+async fn revoked_refresh_token_is_terminal_until_reseeded() {
+    ensure_operator().await;
+    let ns = test_namespace("revoked").await;
+    let ts = server(TokenServerConfig::default()).await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    ts.revoke_family_of(&seed);
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &seed),
+        ],
+    )
+    .await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    let vc = with_reason(&ns, "crm", "RefreshTokenRejected").await;
+    assert!(
+        message(&vc).contains("new refresh_token"),
+        "{}",
+        message(&vc)
+    );
+    assert_eq!(ts.call_count(), 1);
+    let before = operator_metric("vaultconn_reconciles").await;
+    let patch = json!({"metadata": {"labels": {"touch": "1"}}});
+    ns.api::<Secret>()
+        .patch("creds", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for(WAIT, "a reconcile", || async move {
+        operator_metric("vaultconn_reconciles").await > before
+    })
+    .await;
+    assert_eq!(ts.call_count(), 1, "no retry without a change");
+    // Re-seeding with a new refresh token recovers.
+    let fresh = ts.mint_refresh_token(CLIENT);
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &fresh),
+        ],
+    )
+    .await;
+    valid_token(&ns, &ts, "crm", None).await;
+    ready(&ns, "crm").await;
+    assert_eq!(
+        ts.calls().last().unwrap().refresh_token.as_deref(),
+        Some(fresh.as_str())
+    );
+    assert_invariants(&ns, &ts, "crm", &[seed, fresh], true).await;
+}
+
+#[tokio::test]
+async fn rate_limit_retry_after_is_honoured() {
+    ensure_operator().await;
+    let ns = test_namespace("ratelimit").await;
+    let ts = server(TokenServerConfig::default()).await;
+    ts.push_fault(Fault::Status {
+        code: 429,
+        retry_after: Some(RetryAfter::Seconds(2)),
+        body: FaultBody::OAuthError("slow_down"),
+    });
+    ts.push_fault(Fault::Status {
+        code: 503,
+        retry_after: Some(RetryAfter::HttpDate(
+            SystemTime::now() + Duration::from_secs(3),
+        )),
+        body: FaultBody::Html,
+    });
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
+    let vc = vc_where(&ns, "api", "a failed attempt recorded", |v| {
+        v.status
+            .as_ref()
+            .and_then(|s| s.failed_refresh_attempts)
+            .is_some()
+    })
+    .await;
+    assert_eq!(phase(&vc), Some(Phase::Failed), "no valid token yet");
+    assert!(!message(&vc).contains("<html"), "no HTML in status");
+    valid_token(&ns, &ts, "api", None).await;
+    ready(&ns, "api").await;
+    let calls = ts.calls();
+    assert_eq!(calls.len(), 3);
+    let gap1 = calls[1].at.duration_since(calls[0].at).unwrap();
+    let gap2 = calls[2].at.duration_since(calls[1].at).unwrap();
+    assert!(
+        gap1 >= Duration::from_secs(2),
+        "429 Retry-After: 2 not honoured ({gap1:?})"
+    );
+    assert!(
+        gap2 >= Duration::from_secs(1),
+        "503 Retry-After HTTP-date not honoured ({gap2:?})"
+    );
+    assert!(
+        gap1 < Duration::from_secs(10) && gap2 < Duration::from_secs(10),
+        "retries are capped"
+    );
+    assert_invariants(&ns, &ts, "api", &[], false).await;
+}
+
+#[tokio::test]
+async fn reset_before_processing_is_retried_and_nothing_is_spent() {
+    ensure_operator().await;
+    let ns = test_namespace("resetbefore").await;
+    let ts = server(TokenServerConfig::default()).await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    ts.push_fault(Fault::ResetBeforeProcessing);
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &seed),
+        ],
+    )
+    .await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    valid_token(&ns, &ts, "crm", None).await;
+    ready(&ns, "crm").await;
+    assert!(ts
+        .calls()
+        .iter()
+        .all(|c| c.refresh_token.as_deref() == Some(seed.as_str())));
+    assert_invariants(&ns, &ts, "crm", &[seed], false).await;
+}
+
+#[tokio::test]
+async fn lost_response_without_overlap_is_reported_not_hidden() {
+    ensure_operator().await;
+    let ns = test_namespace("lost").await;
+    let ts = server(TokenServerConfig::default().with_rotation(true)).await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    ts.push_fault(Fault::ResetAfterCommit);
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &seed),
+        ],
+    )
+    .await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    let vc = with_reason(&ns, "crm", "RefreshResponseLost").await;
+    assert!(message(&vc).contains("overlap"), "{}", message(&vc));
+    assert_eq!(ts.call_count(), 2, "exactly one retry with the same token");
+    // No further retries, even on forced reconciles.
+    let before = operator_metric("vaultconn_reconciles").await;
+    let patch = json!({"metadata": {"labels": {"touch": "1"}}});
+    ns.api::<Secret>()
+        .patch("creds", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for(WAIT, "a reconcile", || async move {
+        operator_metric("vaultconn_reconciles").await > before
+    })
+    .await;
+    assert_eq!(ts.call_count(), 2);
+    assert_invariants(&ns, &ts, "crm", &[seed], true).await;
+}
+
+#[tokio::test]
+async fn lost_response_with_overlap_window_recovers() {
+    ensure_operator().await;
+    let ns = test_namespace("overlap").await;
+    let ts = server(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_overlap(Some(Duration::from_secs(30)))
+            .with_ttl(Duration::from_secs(3)),
+    )
+    .await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    ts.push_fault(Fault::ResetAfterCommit);
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &seed),
+        ],
+    )
+    .await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    let t1 = valid_token(&ns, &ts, "crm", None).await;
+    // The chain continues past the lost response.
+    valid_token(&ns, &ts, "crm", Some(&t1)).await;
+    let rt = stored_refresh_token(&ns, "crm").await.unwrap();
+    assert!(ts.is_refresh_token_live(&rt));
+    assert_invariants(&ns, &ts, "crm", &[seed, t1], false).await;
+}
+
+#[tokio::test]
+async fn scope_change_and_refresh_annotation_reissue_right_away() {
+    ensure_operator().await;
+    let ns = test_namespace("reissue").await;
+    let ts = server(TokenServerConfig::default()).await;
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    apply_vc(&ns, "api", cc_spec(&ts, json!({"scopes": ["read"]}))).await;
+    let t1 = valid_token(&ns, &ts, "api", None).await;
+    apply_vc(
+        &ns,
+        "api",
+        cc_spec(&ts, json!({"scopes": ["read", "admin"]})),
+    )
+    .await;
+    let t2 = valid_token(&ns, &ts, "api", Some(&t1)).await;
+    assert_eq!(
+        ts.calls().last().unwrap().scope.as_deref(),
+        Some("read admin")
+    );
+    let patch = json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": "1"}}});
+    ns.api::<VaultConnection>()
+        .patch("api", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let t3 = valid_token(&ns, &ts, "api", Some(&t2)).await;
+    assert_eq!(ts.call_count(), 3);
+    // The same annotation value again does not refresh again.
+    let before = operator_metric("vaultconn_reconciles").await;
+    let touch = json!({"metadata": {"labels": {"touch": "1"}}});
+    ns.api::<Secret>()
+        .patch("creds", &PatchParams::default(), &Patch::Merge(&touch))
+        .await
+        .unwrap();
+    wait_for(WAIT, "a reconcile", || async move {
+        operator_metric("vaultconn_reconciles").await > before
+    })
+    .await;
+    assert_eq!(ts.call_count(), 3);
+    assert_invariants(&ns, &ts, "api", &[t1, t2, t3], false).await;
+}
+
+#[tokio::test]
+async fn unwritable_secret_means_no_token_request() {
+    ensure_operator().await;
+    let ns = test_namespace("quota").await;
+    let ts = server(TokenServerConfig::default()).await;
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    // A Secret quota that is used up (no resourcequota controller runs here, so the usage we
+    // write stays): the API server refuses every new Secret with 403, which the operator's dry
+    // run must see before any token is requested.
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "no-secrets"}, "spec": {"hard": {"secrets": "1"}}}),
+    )
+    .unwrap();
+    let quotas = ns.api::<ResourceQuota>();
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    let used = json!({"status": {"hard": {"secrets": "1"}, "used": {"secrets": "1"}}});
+    quotas
+        .patch_status("no-secrets", &PatchParams::default(), &Patch::Merge(&used))
+        .await
+        .unwrap();
+    apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
+    let vc = with_reason(&ns, "api", "SecretNotWritable").await;
+    assert!(
+        message(&vc).contains("no token was requested"),
+        "{}",
+        message(&vc)
+    );
+    assert_eq!(ts.call_count(), 0);
+    ns.api::<ResourceQuota>()
+        .delete("no-secrets", &DeleteParams::default())
+        .await
+        .unwrap();
+    valid_token(&ns, &ts, "api", None).await;
+    assert_eq!(ts.call_count(), 1);
+    assert_invariants(&ns, &ts, "api", &[], false).await;
+}
+
+#[tokio::test]
+async fn tiny_ttl_refreshes_are_bounded_and_never_parallel() {
+    ensure_operator().await;
+    let ns = test_namespace("tinyttl").await;
+    let ts = server(TokenServerConfig::default().with_ttl(Duration::from_secs(1))).await;
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
+    valid_token(&ns, &ts, "api", None).await;
+    let start = Instant::now();
+    let target = ts.call_count() + 5;
+    wait_for(WAIT, "five more refreshes", || async {
+        ts.call_count() >= target
+    })
+    .await;
+    // A 1 s token is refreshed at the floor (1 s after issue): five refreshes take ≥ ~5 s, so
+    // even a tiny TTL cannot turn into a hot loop; and they do keep happening.
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(3500),
+        "5 refreshes in {elapsed:?}: too fast"
+    );
+    assert_eq!(ts.max_concurrent_per_client(), 1);
+}
