@@ -45,6 +45,8 @@ type Key = (String, String);
 struct PendingPersist {
     vc: VaultConnection,
     state: TokenState,
+    /// The refresh token the state Secret held when this refresh started (see `persist_state`).
+    guard: Option<SecretBytes>,
 }
 
 /// Decides whether this process may spend refresh tokens right now. Today one process runs
@@ -127,7 +129,7 @@ impl OAuthEngine {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key);
             if let Some(p) = item {
-                match persist_state(ctx, &p.vc, &p.state, None).await {
+                match persist_state(ctx, &p.vc, &p.state, p.guard.as_ref()).await {
                     Ok(_) => {
                         info!(namespace = %key.0, name = %key.1, "flushed pending token state")
                     }
@@ -157,7 +159,7 @@ impl OAuthEngine {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
         if let Some(p) = pending_state {
-            if let Err(e) = persist_state(ctx, vc, &p.state, None).await {
+            if let Err(e) = persist_state(ctx, vc, &p.state, p.guard.as_ref()).await {
                 warn!(namespace = %ns, name = %name, error = %e, "token state still not persisted");
                 self.pending
                     .lock()
@@ -194,7 +196,7 @@ impl OAuthEngine {
                 ));
             }
         }
-        let rv_read = live_state
+        let _rv_read = live_state
             .as_ref()
             .and_then(|s| s.metadata.resource_version.clone());
         let mut token_state = live_state
@@ -242,7 +244,6 @@ impl OAuthEngine {
                     settings: &settings,
                     inputs: &inputs,
                     state: token_state,
-                    rv_read,
                     config_fp: &config_fp,
                     seed_fp: &seed_fp,
                     refresh_request: refresh_request.as_deref(),
@@ -334,7 +335,6 @@ impl OAuthEngine {
             settings,
             inputs,
             mut state,
-            rv_read,
             config_fp,
             seed_fp,
             refresh_request,
@@ -355,16 +355,21 @@ impl OAuthEngine {
         }
         let state_name = state_secret_name(name);
 
-        // Pre-flight: prove both writes would be accepted before spending anything.
-        let probe_state = desired_state(vc, &state, config_fp, seed_fp, refresh_request);
-        if let Err(msg) = preflight(
-            ctx,
-            vc,
-            &secret::desired_state_secret(vc, probe_state.to_data()),
-        )
-        .await?
-        {
-            return Ok(self.not_writable(vc, key, msg));
+        // Pre-flight: prove both writes would be accepted before spending anything. For a
+        // refresh token the state write below is real (it records the intent), which proves
+        // more than a dry run; client credentials spend nothing and only dry-run it.
+        let guard = state.refresh_token.clone();
+        if settings.grant == GrantType::ClientCredentials {
+            let probe_state = desired_state(vc, &state, config_fp, seed_fp, refresh_request);
+            if let Err(msg) = preflight(
+                ctx,
+                vc,
+                &secret::desired_state_secret(vc, probe_state.to_data()),
+            )
+            .await?
+            {
+                return Ok(self.not_writable(vc, key, msg));
+            }
         }
         let probe_output = secret::desired_output_secret(
             vc,
@@ -403,6 +408,26 @@ impl OAuthEngine {
                 ))
             }
         };
+        // Record which refresh token is about to be spent. If this process dies before the
+        // result is stored, the next attempt knows the outcome of this one is unknown.
+        let mut previous_attempt_unknown = false;
+        if let Some(rt) = &rt_sent {
+            let fp = state::token_fingerprint(rt);
+            previous_attempt_unknown = state.inflight.as_deref() == Some(fp.as_str());
+            let mut intent = state.clone();
+            intent.inflight = Some(fp);
+            if let Err(e) = persist_state_once(ctx, vc, &intent, guard.as_ref()).await {
+                return match e {
+                    PersistError::NotWritable(msg) => Ok(self.not_writable(vc, key, msg)),
+                    PersistError::Concurrent => Ok((
+                        keep_known_fields(vc, Outcome::new(Phase::Pending, false, "RefreshTokenAdopted", "The stored refresh token changed while refreshing; using it")),
+                        Action::requeue(Duration::from_secs(1)),
+                    )),
+                    PersistError::Kube(e) => Err(e.into()),
+                };
+            }
+            state.inflight = intent.inflight;
+        }
         let req = token_request(settings, inputs, rt_sent.as_ref());
         info!(namespace = %ns, name = %name, cause = ?cause, "requesting token");
         let mut sent_at = Utc::now();
@@ -423,7 +448,7 @@ impl OAuthEngine {
                         state.refresh_token =
                             Some(SecretBytes::new(new_rt.expose_secret().as_bytes().to_vec()));
                         let st = desired_state(vc, &state, config_fp, seed_fp, None);
-                        if persist_state(ctx, vc, &st, rv_read.clone()).await.is_ok() {
+                        if persist_state(ctx, vc, &st, guard.as_ref()).await.is_ok() {
                             return Ok((keep_known_fields(vc, Outcome::new(Phase::Pending, false, "UnparseableTokenResponse", "The token endpoint returned an unparseable response carrying a new refresh token; it was stored and a new access token will be requested")), Action::requeue(Duration::from_secs(1))));
                         }
                     }
@@ -445,7 +470,7 @@ impl OAuthEngine {
                     resp,
                     sent_at,
                     rt_sent,
-                    rv_read,
+                    guard,
                     config_fp,
                     seed_fp,
                     refresh_request,
@@ -470,7 +495,7 @@ impl OAuthEngine {
                             return Ok((keep_known_fields(vc, Outcome::new(Phase::Pending, false, "RefreshTokenAdopted", "The stored refresh token changed while refreshing; using it")), Action::requeue(Duration::from_secs(1))));
                         }
                     }
-                    let reason = if retried_unknown {
+                    let reason = if retried_unknown || previous_attempt_unknown {
                         "RefreshResponseLost"
                     } else {
                         "RefreshTokenRejected"
@@ -481,7 +506,7 @@ impl OAuthEngine {
                             vc,
                             key,
                             state,
-                            rv_read,
+                            guard.as_ref(),
                             config_fp,
                             seed_fp,
                             refresh_request,
@@ -496,7 +521,7 @@ impl OAuthEngine {
                             vc,
                             key,
                             state,
-                            rv_read,
+                            guard.as_ref(),
                             config_fp,
                             seed_fp,
                             refresh_request,
@@ -505,6 +530,18 @@ impl OAuthEngine {
                         .await
                     }
                     ErrorClass::Transient { retry_after } => {
+                        // The server answered (or was never reached): the token was not spent,
+                        // so the in-flight mark goes; a later invalid_grant is then a plain
+                        // rejection, not a lost response.
+                        if state.inflight.take().is_some() {
+                            let st = desired_state(vc, &state, config_fp, seed_fp, None);
+                            let mut st = st;
+                            st.config_fingerprint = state.config_fingerprint.clone();
+                            st.seed_fingerprint = state.seed_fingerprint.clone();
+                            if let Err(e) = persist_state(ctx, vc, &st, guard.as_ref()).await {
+                                warn!(namespace = %ns, name = %name, error = %e, "could not clear the in-flight mark");
+                            }
+                        }
                         Ok(self.transient(vc, key, &state, reason, &e.to_string(), retry_after))
                     }
                     ErrorClass::UnknownOutcome => {
@@ -542,7 +579,7 @@ impl OAuthEngine {
         resp: client::TokenResponse,
         sent_at: DateTime<Utc>,
         rt_sent: Option<SecretBytes>,
-        rv_read: Option<String>,
+        guard: Option<SecretBytes>,
         config_fp: &str,
         seed_fp: &str,
         refresh_request: Option<&str>,
@@ -567,7 +604,7 @@ impl OAuthEngine {
         });
         let new_state = desired_state(vc, &state, config_fp, seed_fp, refresh_request);
         self.set_failures(key, 0);
-        if let Err(e) = persist_state(ctx, vc, &new_state, rv_read).await {
+        if let Err(e) = persist_state(ctx, vc, &new_state, guard.as_ref()).await {
             warn!(namespace = %key.0, name = %key.1, error = %e, "could not persist new tokens; keeping them in memory and retrying the write");
             self.pending
                 .lock()
@@ -577,6 +614,7 @@ impl OAuthEngine {
                     PendingPersist {
                         vc: vc.clone(),
                         state: new_state,
+                        guard,
                     },
                 );
             return Ok((
@@ -602,7 +640,7 @@ impl OAuthEngine {
         vc: &VaultConnection,
         key: &Key,
         mut state: TokenState,
-        rv_read: Option<String>,
+        guard: Option<&SecretBytes>,
         config_fp: &str,
         seed_fp: &str,
         refresh_request: Option<&str>,
@@ -624,7 +662,7 @@ impl OAuthEngine {
         st.failed_reason = state.failed_reason.clone();
         st.failed_fingerprint = state.failed_fingerprint.clone();
         st.failed_at = state.failed_at;
-        persist_state(ctx, vc, &st, rv_read).await?;
+        persist_state(ctx, vc, &st, guard).await?;
         self.set_failures(key, 0);
         let msg = failure_message(reason, &key.0, &key.1);
         let mut o = keep_known_fields(vc, failed_outcome(vc, reason, msg));
@@ -710,7 +748,6 @@ struct RefreshRequest<'a> {
     settings: &'a OAuthSettings,
     inputs: &'a SecretData,
     state: TokenState,
-    rv_read: Option<String>,
     config_fp: &'a str,
     seed_fp: &'a str,
     refresh_request: Option<&'a str>,
@@ -792,7 +829,7 @@ fn seed_from_inputs(st: &mut TokenState, settings: &OAuthSettings, inputs: &Secr
     }
 }
 
-/// `st` with the fingerprints it is now valid for, failures cleared.
+/// `st` with the fingerprints it is now valid for, failures and the in-flight mark cleared.
 fn desired_state(
     _vc: &VaultConnection,
     st: &TokenState,
@@ -811,6 +848,7 @@ fn desired_state(
         failed_reason: None,
         failed_fingerprint: None,
         failed_at: None,
+        inflight: None,
     }
 }
 
@@ -910,14 +948,28 @@ async fn preflight(
     }
 }
 
-/// Write the state Secret: create, or replace conditional on a resourceVersion. Conflicts and
-/// server errors retry only the write (same tokens), with backoff, for a bounded time.
-async fn persist_state(
+/// Why a state write did not happen.
+#[derive(Debug, thiserror::Error)]
+enum PersistError {
+    #[error("{0}")]
+    NotWritable(String),
+    /// The stored refresh token is no longer the one this refresh started from: someone else
+    /// rotated it. Never overwritten blindly.
+    #[error("the stored refresh token changed concurrently")]
+    Concurrent,
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+/// One attempt to write the state Secret: read it, refuse if its refresh token is not `guard`
+/// (the one this refresh started from), then create it or replace it conditional on the
+/// resourceVersion just read (a 409 means someone wrote in between).
+async fn persist_state_once(
     ctx: &Context,
     vc: &VaultConnection,
     st: &TokenState,
-    rv_read: Option<String>,
-) -> Result<()> {
+    guard: Option<&SecretBytes>,
+) -> std::result::Result<(), PersistError> {
     let ns = vc.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let desired = secret::desired_state_secret(vc, st.to_data());
@@ -925,39 +977,62 @@ async fn persist_state(
         dry_run: false,
         field_manager: Some(FIELD_MANAGER.into()),
     };
-    let started = Instant::now();
-    let mut attempt = 0u32;
-    let _ = rv_read;
-    loop {
-        attempt += 1;
-        let res = match api.get_opt(&desired.name).await {
-            Err(e) => Err(e),
-            Ok(None) => api.create(&pp, &desired.to_new_secret()).await.map(|_| ()),
-            Ok(Some(live)) => {
-                // A conflict means someone wrote between our read and our write; the tokens we
-                // hold are the newest the provider issued, so the same content is re-applied.
-                if desired.matches(&live) {
-                    Ok(())
-                } else {
-                    api.replace(&desired.name, &pp, &desired.merged_into(&live))
-                        .await
-                        .map(|_| ())
+    let res = match api.get_opt(&desired.name).await? {
+        None => api.create(&pp, &desired.to_new_secret()).await.map(|_| ()),
+        Some(live) => {
+            let live_rt = TokenState::from_data(&SecretData::from_secret(&live)).refresh_token;
+            if let (Some(g), Some(l)) = (guard, live_rt.as_ref()) {
+                if g != l && Some(l) != st.refresh_token.as_ref() {
+                    return Err(PersistError::Concurrent);
                 }
             }
-        };
-        match res {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                let retryable = match &e {
-                    kube::Error::Api(ae) => ae.code == 409 || ae.code == 429 || ae.code >= 500,
-                    _ => true,
-                };
-                if !retryable || started.elapsed() > PERSIST_RETRY_BUDGET {
-                    return Err(e.into());
-                }
-                let delay = Duration::from_millis((100u64 << attempt.min(6)).min(3000));
-                tokio::time::sleep(delay).await;
+            if desired.matches(&live) {
+                Ok(())
+            } else {
+                api.replace(&desired.name, &pp, &desired.merged_into(&live))
+                    .await
+                    .map(|_| ())
             }
         }
+    };
+    match res {
+        Ok(()) => Ok(()),
+        Err(kube::Error::Api(e)) if [400, 403, 413, 422].contains(&e.code) => Err(PersistError::NotWritable(format!(
+            "writing Secret {ns}/{} is refused by the API server ({} {})",
+            desired.name, e.code, e.reason
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Write the state Secret, retrying only the write (same tokens) on conflicts and server
+/// errors, with backoff, for up to `PERSIST_RETRY_BUDGET`.
+async fn persist_state(
+    ctx: &Context,
+    vc: &VaultConnection,
+    st: &TokenState,
+    guard: Option<&SecretBytes>,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let err = match persist_state_once(ctx, vc, st, guard).await {
+            Ok(()) => return Ok(()),
+            Err(PersistError::Concurrent) => {
+                return Err(crate::error::Error::Retry("the stored refresh token changed concurrently".into()))
+            }
+            Err(PersistError::NotWritable(msg)) => return Err(crate::error::Error::Retry(msg)),
+            Err(PersistError::Kube(e)) => e,
+        };
+        let retryable = match &err {
+            kube::Error::Api(ae) => ae.code == 409 || ae.code == 429 || ae.code >= 500,
+            _ => true,
+        };
+        if !retryable || started.elapsed() > PERSIST_RETRY_BUDGET {
+            return Err(err.into());
+        }
+        let delay = Duration::from_millis((100u64 << attempt.min(5)).min(3000));
+        tokio::time::sleep(delay).await;
     }
 }

@@ -29,6 +29,10 @@ pub mod keys {
     pub const FAILED_REASON: &str = "failed_reason";
     pub const FAILED_FINGERPRINT: &str = "failed_fingerprint";
     pub const FAILED_AT: &str = "failed_at";
+    /// Fingerprint of a refresh token that is being spent right now (written before the token
+    /// request, cleared with its result). Found on start-up, it means the previous attempt's
+    /// outcome is unknown (the process died mid-refresh).
+    pub const INFLIGHT: &str = "inflight_refresh_token";
 }
 
 pub fn format_time(t: DateTime<Utc>) -> String {
@@ -62,6 +66,12 @@ pub struct TokenState {
     pub failed_reason: Option<String>,
     pub failed_fingerprint: Option<String>,
     pub failed_at: Option<DateTime<Utc>>,
+    pub inflight: Option<String>,
+}
+
+/// Fingerprint of a refresh token (never the token itself outside the state Secret's data).
+pub fn token_fingerprint(token: &SecretBytes) -> String {
+    sha256_hex(token.expose())
 }
 
 fn text(data: &SecretData, key: &str) -> Option<String> {
@@ -100,6 +110,7 @@ impl TokenState {
             failed_reason: text(data, keys::FAILED_REASON),
             failed_fingerprint: text(data, keys::FAILED_FINGERPRINT),
             failed_at: text(data, keys::FAILED_AT).and_then(|s| parse_time(&s)),
+            inflight: text(data, keys::INFLIGHT),
         }
     }
 
@@ -117,6 +128,7 @@ impl TokenState {
             (keys::REFRESH_REQUEST, &self.refresh_request),
             (keys::FAILED_REASON, &self.failed_reason),
             (keys::FAILED_FINGERPRINT, &self.failed_fingerprint),
+            (keys::INFLIGHT, &self.inflight),
         ] {
             if let Some(v) = v {
                 put(k, v.as_bytes().to_vec());
@@ -363,6 +375,7 @@ mod tests {
         s.refresh_token = Some(SecretBytes::new(b"rt".to_vec()));
         s.failed_reason = Some("InvalidClient".into());
         s.failed_at = Some(t("2026-01-01T00:30:00Z"));
+        s.inflight = Some("fp".into());
         assert_eq!(TokenState::from_data(&s.to_data()), s);
         assert_eq!(
             TokenState::from_data(&SecretData::default()),
