@@ -154,6 +154,7 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
     }
     // Every family the provider revoked corresponds to a reported loss.
     let revoked = ts2.revocations() as usize;
+    eprintln!("kill storm: {rotations} refreshes with overlap, 0 lost; without overlap {} refreshes, {revoked} chains lost and reported ({reported} during, {final_losses} at the end)", ts2.calls().len());
     assert_eq!(revoked, reported + final_losses, "revocations: {revoked}, reported losses: {reported} during + {final_losses} at the end");
     op.stop(Duration::from_secs(10));
 }
