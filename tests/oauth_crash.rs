@@ -42,19 +42,37 @@ fn client(i: usize) -> String {
 
 async fn seed(ns: &TestNs, ts: &TokenServer, prefix: &str, i: usize) {
     let rt = ts.mint_refresh_token(&client(i));
-    put_secret(ns, &format!("{prefix}-{i}-creds"), &[("client_id", &client(i)), ("client_secret", "s3cret-value"), ("refresh_token", &rt)]).await;
+    put_secret(
+        ns,
+        &format!("{prefix}-{i}-creds"),
+        &[
+            ("client_id", &client(i)),
+            ("client_secret", "s3cret-value"),
+            ("refresh_token", &rt),
+        ],
+    )
+    .await;
 }
 
 async fn create(ns: &TestNs, ts: &TokenServer, prefix: &str) {
     for i in 0..CONNECTIONS {
         seed(ns, ts, prefix, i).await;
-        apply_vc(ns, &format!("{prefix}-{i}"), json!({"type": "oauth2", "credentialsRef": {"name": format!("{prefix}-{i}-creds")},
-            "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}})).await;
+        apply_vc(
+            ns,
+            &format!("{prefix}-{i}"),
+            json!({"type": "oauth2", "credentialsRef": {"name": format!("{prefix}-{i}-creds")},
+            "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}}),
+        )
+        .await;
     }
 }
 
 async fn stored_rt(ns: &TestNs, name: &str) -> Option<String> {
-    let s = ns.api::<Secret>().get_opt(&format!("{name}-vaultconn-state")).await.unwrap()?;
+    let s = ns
+        .api::<Secret>()
+        .get_opt(&format!("{name}-vaultconn-state"))
+        .await
+        .unwrap()?;
     data_of(&s).get("refresh_token").cloned()
 }
 
@@ -71,9 +89,15 @@ async fn settled(ns: &TestNs, ts: &TokenServer, name: &str) -> String {
                     let out = ns.api::<Secret>().get_opt(name).await.ok()??;
                     let at = data_of(&out).get("access_token").cloned()?;
                     let rt = stored_rt(ns, name).await?;
-                    (ts.is_access_token_valid(&at) && ts.is_refresh_token_live(&rt)).then(|| reason(&vc))
+                    (ts.is_access_token_valid(&at) && ts.is_refresh_token_live(&rt))
+                        .then(|| reason(&vc))
                 }
-                Some(Phase::Failed) if ["RefreshResponseLost", "RefreshTokenRejected"].contains(&reason(&vc).as_str()) => Some(reason(&vc)),
+                Some(Phase::Failed)
+                    if ["RefreshResponseLost", "RefreshTokenRejected"]
+                        .contains(&reason(&vc).as_str()) =>
+                {
+                    Some(reason(&vc))
+                }
                 _ => None,
             }
         }
@@ -81,7 +105,13 @@ async fn settled(ns: &TestNs, ts: &TokenServer, name: &str) -> String {
     .await
 }
 
-async fn kill_storm(op: &mut OperatorProcess, ns: &TestNs, ts: &TokenServer, prefix: &str, reseed_lost: bool) -> usize {
+async fn kill_storm(
+    op: &mut OperatorProcess,
+    ns: &TestNs,
+    ts: &TokenServer,
+    prefix: &str,
+    reseed_lost: bool,
+) -> usize {
     let mut losses = 0;
     for _ in 0..KILLS {
         let pause = rand::rng().random_range(0..1500u64);
@@ -97,7 +127,13 @@ async fn kill_storm(op: &mut OperatorProcess, ns: &TestNs, ts: &TokenServer, pre
                     losses += 1;
                     seed(ns, ts, prefix, i).await;
                     // Counted once: wait until the operator took up the new seed.
-                    vc_where(ns, &name, "the re-seeded connection leaves RefreshResponseLost", |v| reason(v) != "RefreshResponseLost").await;
+                    vc_where(
+                        ns,
+                        &name,
+                        "the re-seeded connection leaves RefreshResponseLost",
+                        |v| reason(v) != "RefreshResponseLost",
+                    )
+                    .await;
                 }
             }
         }
@@ -112,7 +148,10 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
 
     // With an overlap window: nothing is lost.
     let ts = TokenServer::start(
-        (0..CONNECTIONS).fold(TokenServerConfig::default(), |c, i| c.with_client(client(i), "s3cret-value"))
+        (0..CONNECTIONS)
+            .fold(TokenServerConfig::default(), |c, i| {
+                c.with_client(client(i), "s3cret-value")
+            })
             .with_rotation(true)
             .with_overlap(Some(Duration::from_secs(60)))
             .with_ttl(Duration::from_secs(2)),
@@ -125,16 +164,30 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
     }
     kill_storm(&mut op, &ns, &ts, "ov", false).await;
     for i in 0..CONNECTIONS {
-        assert_eq!(settled(&ns, &ts, &format!("ov-{i}")).await, "Reconciled", "ov-{i} lost its credential");
+        assert_eq!(
+            settled(&ns, &ts, &format!("ov-{i}")).await,
+            "Reconciled",
+            "ov-{i} lost its credential"
+        );
     }
-    assert_eq!(ts.revocations(), 0, "the provider saw a replay outside its window");
+    assert_eq!(
+        ts.revocations(),
+        0,
+        "the provider saw a replay outside its window"
+    );
     assert_eq!(ts.max_concurrent_per_refresh_family(), 1);
     let rotations = ts.calls().len();
-    assert!(rotations > KILLS, "only {rotations} refreshes during {KILLS} kills");
+    assert!(
+        rotations > KILLS,
+        "only {rotations} refreshes during {KILLS} kills"
+    );
 
     // Without a window: losses happen, and each one is reported.
     let ts2 = TokenServer::start(
-        (0..CONNECTIONS).fold(TokenServerConfig::default(), |c, i| c.with_client(client(i), "s3cret-value"))
+        (0..CONNECTIONS)
+            .fold(TokenServerConfig::default(), |c, i| {
+                c.with_client(client(i), "s3cret-value")
+            })
             .with_rotation(true)
             .with_ttl(Duration::from_secs(2)),
     )
@@ -155,6 +208,10 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
     // Every family the provider revoked corresponds to a reported loss.
     let revoked = ts2.revocations() as usize;
     eprintln!("kill storm: {rotations} refreshes with overlap, 0 lost; without overlap {} refreshes, {revoked} chains lost and reported ({reported} during, {final_losses} at the end)", ts2.calls().len());
-    assert_eq!(revoked, reported + final_losses, "revocations: {revoked}, reported losses: {reported} during + {final_losses} at the end");
+    assert_eq!(
+        revoked,
+        reported + final_losses,
+        "revocations: {revoked}, reported losses: {reported} during + {final_losses} at the end"
+    );
     op.stop(Duration::from_secs(10));
 }

@@ -7,7 +7,9 @@ use serde_json::json;
 use support::objects::*;
 use support::operator::ensure_operator;
 use support::{test_namespace, wait_for_some, TestNs};
-use vaultconn::testkit::oidc::{OidcClient, OidcOptions, OidcProvider, M2M, M2M_POST, M2M_SPECIAL, RT_CLIENT};
+use vaultconn::testkit::oidc::{
+    OidcClient, OidcOptions, OidcProvider, M2M, M2M_POST, M2M_SPECIAL, RT_CLIENT,
+};
 
 async fn creds(ns: &TestNs, name: &str, c: &OidcClient, rt: Option<&str>) {
     let mut data = vec![("client_id", c.id), ("client_secret", c.secret)];
@@ -20,7 +22,10 @@ async fn creds(ns: &TestNs, name: &str, c: &OidcClient, rt: Option<&str>) {
 async fn token(ns: &TestNs, name: &str, not: Option<&str>) -> String {
     wait_for_some(WAIT, &format!("{name}: a new access token"), || async {
         let s = ns.api::<Secret>().get_opt(name).await.ok()??;
-        data_of(&s).get("access_token").cloned().filter(|t| Some(t.as_str()) != not)
+        data_of(&s)
+            .get("access_token")
+            .cloned()
+            .filter(|t| Some(t.as_str()) != not)
     })
     .await
 }
@@ -29,18 +34,33 @@ async fn token(ns: &TestNs, name: &str, not: Option<&str>) -> String {
 async fn client_credentials_with_basic_post_and_special_characters() {
     ensure_operator().await;
     let ns = test_namespace("oidc-cc").await;
-    let op = OidcProvider::start(OidcOptions { rotate: true, access_token_ttl_secs: 60 }).await.unwrap();
-    for (name, client, method) in [("basic", &M2M, "basic"), ("post", &M2M_POST, "post"), ("special", &M2M_SPECIAL, "basic")] {
+    let op = OidcProvider::start(OidcOptions {
+        rotate: true,
+        access_token_ttl_secs: 60,
+    })
+    .await
+    .unwrap();
+    for (name, client, method) in [
+        ("basic", &M2M, "basic"),
+        ("post", &M2M_POST, "post"),
+        ("special", &M2M_SPECIAL, "basic"),
+    ] {
         creds(&ns, &format!("{name}-creds"), client, None).await;
-        apply_vc(&ns, name, json!({"type": "oauth2", "credentialsRef": {"name": format!("{name}-creds")},
-            "oauth2": {"tokenUrl": op.token_url(), "clientAuthMethod": method}})).await;
+        apply_vc(
+            &ns,
+            name,
+            json!({"type": "oauth2", "credentialsRef": {"name": format!("{name}-creds")},
+            "oauth2": {"tokenUrl": op.token_url(), "clientAuthMethod": method}}),
+        )
+        .await;
     }
     for name in ["basic", "post", "special"] {
         token(&ns, name, None).await;
         let vc = ready(&ns, name).await;
         let st = vc.status.unwrap();
         let (last, exp) = (st.last_refresh_time.unwrap(), st.expires_at.unwrap());
-        let lifetime = chrono::DateTime::parse_from_rfc3339(&exp).unwrap() - chrono::DateTime::parse_from_rfc3339(&last).unwrap();
+        let lifetime = chrono::DateTime::parse_from_rfc3339(&exp).unwrap()
+            - chrono::DateTime::parse_from_rfc3339(&last).unwrap();
         assert_eq!(lifetime.num_seconds(), 60, "{name}: expires_in honoured");
     }
     let events = op.events().await.unwrap();
@@ -52,11 +72,21 @@ async fn client_credentials_with_basic_post_and_special_characters() {
 async fn refresh_token_rotation_through_several_cycles_revokes_nothing() {
     ensure_operator().await;
     let ns = test_namespace("oidc-rt").await;
-    let op = OidcProvider::start(OidcOptions { rotate: true, access_token_ttl_secs: 3 }).await.unwrap();
+    let op = OidcProvider::start(OidcOptions {
+        rotate: true,
+        access_token_ttl_secs: 3,
+    })
+    .await
+    .unwrap();
     let seed = op.mint_refresh_token().await.unwrap();
     creds(&ns, "crm-creds", &RT_CLIENT, Some(&seed)).await;
-    apply_vc(&ns, "crm", json!({"type": "oauth2", "credentialsRef": {"name": "crm-creds"},
-        "oauth2": {"tokenUrl": op.token_url(), "grantType": "refreshToken"}})).await;
+    apply_vc(
+        &ns,
+        "crm",
+        json!({"type": "oauth2", "credentialsRef": {"name": "crm-creds"},
+        "oauth2": {"tokenUrl": op.token_url(), "grantType": "refreshToken"}}),
+    )
+    .await;
     let mut t = token(&ns, "crm", None).await;
     for _ in 0..3 {
         t = token(&ns, "crm", Some(&t)).await;
@@ -65,10 +95,16 @@ async fn refresh_token_rotation_through_several_cycles_revokes_nothing() {
     let state = ns.api::<Secret>().get("crm-vaultconn-state").await.unwrap();
     let rt = data_of(&state)["refresh_token"].clone();
     assert_ne!(rt, seed, "rotated");
-    assert!(op.is_refresh_token_live(&rt).await.unwrap(), "the stored refresh token works at the provider");
+    assert!(
+        op.is_refresh_token_live(&rt).await.unwrap(),
+        "the stored refresh token works at the provider"
+    );
     assert!(!op.is_refresh_token_live(&seed).await.unwrap());
     let events = op.events().await.unwrap();
     assert!(events.refresh_token_consumed >= 4, "{events:?}");
-    assert_eq!(events.grant_revoked, 0, "the provider logged a revoked grant");
+    assert_eq!(
+        events.grant_revoked, 0,
+        "the provider logged a revoked grant"
+    );
     assert_eq!(events.grant_error, 0);
 }

@@ -420,7 +420,15 @@ impl OAuthEngine {
                 return match e {
                     PersistError::NotWritable(msg) => Ok(self.not_writable(vc, key, msg)),
                     PersistError::Concurrent => Ok((
-                        keep_known_fields(vc, Outcome::new(Phase::Pending, false, "RefreshTokenAdopted", "The stored refresh token changed while refreshing; using it")),
+                        keep_known_fields(
+                            vc,
+                            Outcome::new(
+                                Phase::Pending,
+                                false,
+                                "RefreshTokenAdopted",
+                                "The stored refresh token changed while refreshing; using it",
+                            ),
+                        ),
                         Action::requeue(Duration::from_secs(1)),
                     )),
                     PersistError::Kube(e) => Err(e.into()),
@@ -997,10 +1005,12 @@ async fn persist_state_once(
     };
     match res {
         Ok(()) => Ok(()),
-        Err(kube::Error::Api(e)) if [400, 403, 413, 422].contains(&e.code) => Err(PersistError::NotWritable(format!(
-            "writing Secret {ns}/{} is refused by the API server ({} {})",
-            desired.name, e.code, e.reason
-        ))),
+        Err(kube::Error::Api(e)) if [400, 403, 413, 422].contains(&e.code) => {
+            Err(PersistError::NotWritable(format!(
+                "writing Secret {ns}/{} is refused by the API server ({} {})",
+                desired.name, e.code, e.reason
+            )))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -1020,7 +1030,9 @@ async fn persist_state(
         let err = match persist_state_once(ctx, vc, st, guard).await {
             Ok(()) => return Ok(()),
             Err(PersistError::Concurrent) => {
-                return Err(crate::error::Error::Retry("the stored refresh token changed concurrently".into()))
+                return Err(crate::error::Error::Retry(
+                    "the stored refresh token changed concurrently".into(),
+                ))
             }
             Err(PersistError::NotWritable(msg)) => return Err(crate::error::Error::Retry(msg)),
             Err(PersistError::Kube(e)) => e,
