@@ -245,7 +245,7 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
         )),
         Inputs::Complete(data) => {
             let desired = secret::desired_output_secret(vc, secret::static_outputs(vc, &data));
-            match ensure_secret(ctx, vc, &desired).await? {
+            match ensure_secret(ctx, vc, &desired, true).await? {
                 SecretWrite::Conflict(msg) => Ok((
                     Outcome::new(Phase::Failed, false, "SecretConflict", msg),
                     Action::await_change(),
@@ -319,10 +319,13 @@ pub enum SecretWrite {
 
 /// Make the live Secret equal `desired`, writing only when it differs and never touching a
 /// Secret another object controls.
+/// `announce_updates`: publish an Event for updates too (off for routine token rotation, which
+/// would otherwise emit an Event per refresh).
 pub async fn ensure_secret(
     ctx: &Context,
     vc: &VaultConnection,
     desired: &DesiredSecret,
+    announce_updates: bool,
 ) -> Result<SecretWrite> {
     let ns = &desired.namespace;
     if ctx.secrets.is_verified(
@@ -403,14 +406,16 @@ pub async fn ensure_secret(
                 ctx.secrets
                     .mark_verified(ns, &desired.name, updated.metadata.resource_version);
                 ctx.metrics.secret_writes.inc();
-                publish(
-                    ctx,
-                    vc,
-                    EventType::Normal,
-                    "SecretUpdated",
-                    format!("Updated Secret {ns}/{}", desired.name),
-                )
-                .await;
+                if announce_updates {
+                    publish(
+                        ctx,
+                        vc,
+                        EventType::Normal,
+                        "SecretUpdated",
+                        format!("Updated Secret {ns}/{}", desired.name),
+                    )
+                    .await;
+                }
                 SecretWrite::Updated
             }
         }

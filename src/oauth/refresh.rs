@@ -279,7 +279,7 @@ impl OAuthEngine {
             access.scope.as_deref(),
         );
         let desired = secret::desired_output_secret(vc, data);
-        if let SecretWrite::Conflict(msg) = ensure_secret(ctx, vc, &desired).await? {
+        if let SecretWrite::Conflict(msg) = ensure_secret(ctx, vc, &desired, false).await? {
             return Ok(Outcome::new(Phase::Failed, false, "SecretConflict", msg));
         }
         self.metrics
