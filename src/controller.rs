@@ -33,6 +33,8 @@ pub struct ControllerConfig {
     pub instance: Option<String>,
     /// Maximum reconciles in flight (0 = unbounded).
     pub concurrency: u16,
+    /// Total time limit of one token request.
+    pub token_request_timeout: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -41,6 +43,7 @@ impl Default for ControllerConfig {
             allow_http_loopback: false,
             instance: None,
             concurrency: 32,
+            token_request_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -71,7 +74,11 @@ impl Context {
         Ok(Arc::new(Context {
             recorder: Recorder::new(client.clone(), reporter),
             oauth: crate::oauth::refresh::OAuthEngine::new(
-                config.allow_http_loopback,
+                crate::oauth::client::TokenClientConfig {
+                    allow_http_loopback: config.allow_http_loopback,
+                    request_timeout: config.token_request_timeout,
+                    ..Default::default()
+                },
                 metrics.clone(),
             )?,
             metrics,

@@ -31,6 +31,9 @@ struct RunArgs {
         global = true
     )]
     concurrency: u16,
+    /// Total time limit of one token request (e.g. 15s).
+    #[arg(long, env = "VAULTCONN_TOKEN_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration, global = true)]
+    token_request_timeout: std::time::Duration,
     /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(
         long,
@@ -166,6 +169,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         allow_http_loopback: args.allow_http_loopback,
         instance: args.instance,
         concurrency: args.concurrency,
+        token_request_timeout: args.token_request_timeout,
     };
     let metrics = std::sync::Arc::new(vaultconn::metrics::Metrics::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

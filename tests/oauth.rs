@@ -711,3 +711,126 @@ async fn tiny_ttl_refreshes_are_bounded_and_never_parallel() {
     );
     assert_eq!(ts.max_concurrent_per_client(), 1);
 }
+
+#[tokio::test]
+async fn broken_json_and_huge_bodies_are_retried_for_client_credentials() {
+    ensure_operator().await;
+    let ns = test_namespace("brokenjson").await;
+    let ts = server(TokenServerConfig::default()).await;
+    ts.push_fault(Fault::BrokenJson { after_commit: true });
+    ts.push_fault(Fault::HugeBody {
+        bytes: 10 * 1024 * 1024,
+    });
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
+    let vc = vc_where(&ns, "api", "the broken response recorded", |v| {
+        v.status
+            .as_ref()
+            .and_then(|s| s.last_failure_reason.as_deref())
+            == Some("UnparseableTokenResponse")
+    })
+    .await;
+    assert!(
+        !message(&vc).contains('{'),
+        "no response body in status: {}",
+        message(&vc)
+    );
+    valid_token(&ns, &ts, "api", None).await;
+    ready(&ns, "api").await;
+    assert_eq!(ts.call_count(), 3);
+    assert_invariants(&ns, &ts, "api", &[], false).await;
+}
+
+#[tokio::test]
+async fn broken_json_after_rotation_is_an_unknown_outcome() {
+    ensure_operator().await;
+    let ns = test_namespace("brokenrt").await;
+    let ts = server(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_overlap(Some(Duration::from_secs(30))),
+    )
+    .await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    ts.push_fault(Fault::BrokenJson { after_commit: true });
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &seed),
+        ],
+    )
+    .await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    // The retry with the same token is answered inside the provider's overlap window.
+    valid_token(&ns, &ts, "crm", None).await;
+    ready(&ns, "crm").await;
+    assert_eq!(ts.call_count(), 2, "one retry with the same refresh token");
+    assert!(ts
+        .calls()
+        .iter()
+        .all(|c| c.refresh_token.as_deref() == Some(seed.as_str())));
+    let rt = stored_refresh_token(&ns, "crm").await.unwrap();
+    assert!(ts.is_refresh_token_live(&rt));
+    assert_invariants(&ns, &ts, "crm", &[seed], false).await;
+}
+
+#[tokio::test]
+async fn slow_reply_after_rotation_without_overlap_is_reported() {
+    ensure_operator().await;
+    let ns = test_namespace("slow").await;
+    let ts = server(TokenServerConfig::default().with_rotation(true)).await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    // Longer than the operator's 3 s token timeout (see support/operator.rs).
+    ts.push_fault(Fault::SlowReply {
+        delay: Duration::from_secs(6),
+        after_commit: true,
+    });
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &seed),
+        ],
+    )
+    .await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    with_reason(&ns, "crm", "RefreshResponseLost").await;
+    assert_eq!(ts.call_count(), 2);
+    assert_invariants(&ns, &ts, "crm", &[seed], true).await;
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed() {
+    ensure_operator().await;
+    let ns = test_namespace("redirect").await;
+    let ts = server(TokenServerConfig::default()).await;
+    let other = server(TokenServerConfig::default()).await;
+    ts.set_sticky_fault(Some(Fault::Redirect {
+        location: other.token_url(),
+    }));
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
+    let vc = with_reason(&ns, "api", "TokenEndpointRedirected").await;
+    assert_eq!(phase(&vc), Some(Phase::Failed));
+    assert_eq!(
+        other.call_count(),
+        0,
+        "the redirect target was never called"
+    );
+    assert_eq!(ts.call_count(), 1, "a redirect is terminal: no retries");
+}

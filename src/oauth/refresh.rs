@@ -75,14 +75,11 @@ const PERSIST_RETRY_BUDGET: Duration = Duration::from_secs(20);
 
 impl OAuthEngine {
     pub fn new(
-        allow_http_loopback: bool,
+        client_config: TokenClientConfig,
         metrics: Arc<Metrics>,
     ) -> std::result::Result<Self, TokenError> {
         Ok(OAuthEngine {
-            client: TokenClient::new(TokenClientConfig {
-                allow_http_loopback,
-                ..Default::default()
-            })?,
+            client: TokenClient::new(client_config)?,
             gate: Box::new(AlwaysWrite),
             pending: Mutex::default(),
             failures: Mutex::default(),

@@ -19,7 +19,12 @@ pub async fn operator() -> MutexGuard<'static, OperatorProcess> {
                 kubeconfig: cp.kubeconfig_path().to_path_buf(),
                 // Inside the control plane's temp dir: removed with it.
                 log_path: cp.dir().join("operator.log"),
-                extra_args: vec!["--allow-http-loopback".into()],
+                // A short token timeout lets tests reach "slow reply" faults quickly.
+                extra_args: vec![
+                    "--allow-http-loopback".into(),
+                    "--token-request-timeout".into(),
+                    "3s".into(),
+                ],
                 log_filter: "info,vaultconn=debug".into(),
             };
             match OperatorProcess::start(opts).await {
