@@ -128,6 +128,8 @@ pub async fn run(
     let (reader, writer) = reflector::store();
     let vc_stream = watcher(connections, watcher::Config::default())
         .default_backoff()
+        // managedFields are the largest part of a stored object and never read here.
+        .modify(|vc| vc.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects()
         .predicate_filter(trigger_hash, Default::default());
@@ -193,6 +195,7 @@ pub async fn reconcile(vc: Arc<VaultConnection>, ctx: Arc<Context>) -> Result<Ac
 
     let (outcome, action) = decide(&vc, &ctx, &ns).await?;
     write_status(&vc, &ctx, &outcome).await?;
+    debug!("reconcile finished: {ns}/{name} ({})", outcome.reason);
     Ok(action)
 }
 
@@ -344,37 +347,39 @@ pub async fn ensure_secret(
         return Ok(SecretWrite::Unchanged);
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let result = match api.get_opt(&desired.name).await? {
-        None => {
-            let created = match api
-                .create(
-                    &PostParams {
-                        field_manager: Some(FIELD_MANAGER.into()),
-                        ..Default::default()
-                    },
-                    &desired.to_new_secret(),
+    // A target the watch has never seen as ours is most likely new: create it straight away
+    // (one request instead of a read and a create); 409 means it exists and is looked at below.
+    if ctx.secrets.managed(ns, &desired.name).is_none() {
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match api.create(&pp, &desired.to_new_secret()).await {
+            Ok(created) => {
+                ctx.secrets
+                    .mark_verified(ns, &desired.name, created.metadata.resource_version);
+                ctx.metrics.secret_writes.inc();
+                publish(
+                    ctx,
+                    vc,
+                    EventType::Normal,
+                    "SecretCreated",
+                    format!("Created Secret {ns}/{}", desired.name),
                 )
-                .await
-            {
-                Ok(s) => s,
-                // Someone created it between our read and our write: look again next time.
-                Err(kube::Error::Api(e)) if e.code == 409 => {
-                    return Err(Error::Retry("Secret appeared while creating it".into()))
-                }
-                Err(e) => return Err(e.into()),
-            };
-            ctx.secrets
-                .mark_verified(ns, &desired.name, created.metadata.resource_version);
-            ctx.metrics.secret_writes.inc();
-            publish(
-                ctx,
-                vc,
-                EventType::Normal,
-                "SecretCreated",
-                format!("Created Secret {ns}/{}", desired.name),
-            )
-            .await;
-            SecretWrite::Created
+                .await;
+                return Ok(SecretWrite::Created);
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let result = match api.get_opt(&desired.name).await? {
+        // Deleted between the create attempt (or the index) and this read: try again soon.
+        None => {
+            return Err(Error::Retry(format!(
+                "Secret {ns}/{} changed while writing it",
+                desired.name
+            )))
         }
         Some(live) => {
             match secret::ownership(vc, &live.metadata) {
@@ -463,7 +468,8 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, desired);
-    if previous_reason.as_deref() != Some(outcome.reason) {
+    let first_ready = previous_reason.is_none() && outcome.ready;
+    if previous_reason.as_deref() != Some(outcome.reason) && !first_ready {
         let type_ = if outcome.ready
             || outcome.phase == Phase::Pending
             || outcome.phase == Phase::Suspended

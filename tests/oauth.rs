@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{ResourceQuota, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::objects::*;
-use support::operator::{ensure_operator, operator_metric};
+use support::operator::ensure_operator;
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use vaultconn::api::{Phase, VaultConnection};
 use vaultconn::testkit::token_server::{
@@ -170,16 +170,7 @@ async fn client_credentials_issue_and_schedule() {
         Some("org1")
     );
     // Re-reconciles (a touch of the credentials Secret) do not call the token endpoint.
-    let before = operator_metric("vaultconn_reconciles").await;
-    let patch = json!({"metadata": {"labels": {"touch": "1"}}});
-    ns.api::<Secret>()
-        .patch("creds", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
-    wait_for(WAIT, "a reconcile", || async move {
-        operator_metric("vaultconn_reconciles").await > before
-    })
-    .await;
+    force_reconcile(&ns, "creds", "api").await;
     assert_eq!(ts.call_count(), 1);
     assert_invariants(&ns, &ts, "api", &[token], false).await;
 }
@@ -250,17 +241,8 @@ async fn wrong_client_secret_fails_without_hot_loop_and_recovers_when_fixed() {
     );
     assert_eq!(ts.call_count(), 1);
     // Forced reconciles without a change do not retry the token endpoint.
-    for i in 0..3 {
-        let before = operator_metric("vaultconn_reconciles").await;
-        let patch = json!({"metadata": {"labels": {"touch": format!("{i}")}}});
-        ns.api::<Secret>()
-            .patch("creds", &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .unwrap();
-        wait_for(WAIT, "a reconcile", || async move {
-            operator_metric("vaultconn_reconciles").await > before
-        })
-        .await;
+    for _ in 0..3 {
+        force_reconcile(&ns, "creds", "api").await;
     }
     assert_eq!(ts.call_count(), 1, "retried without any change");
     put_secret(
@@ -414,16 +396,7 @@ async fn revoked_refresh_token_is_terminal_until_reseeded() {
         message(&vc)
     );
     assert_eq!(ts.call_count(), 1);
-    let before = operator_metric("vaultconn_reconciles").await;
-    let patch = json!({"metadata": {"labels": {"touch": "1"}}});
-    ns.api::<Secret>()
-        .patch("creds", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
-    wait_for(WAIT, "a reconcile", || async move {
-        operator_metric("vaultconn_reconciles").await > before
-    })
-    .await;
+    force_reconcile(&ns, "creds", "crm").await;
     assert_eq!(ts.call_count(), 1, "no retry without a change");
     // Re-seeding with a new refresh token recovers.
     let fresh = ts.mint_refresh_token(CLIENT);
@@ -549,16 +522,7 @@ async fn lost_response_without_overlap_is_reported_not_hidden() {
     assert!(message(&vc).contains("overlap"), "{}", message(&vc));
     assert_eq!(ts.call_count(), 2, "exactly one retry with the same token");
     // No further retries, even on forced reconciles.
-    let before = operator_metric("vaultconn_reconciles").await;
-    let patch = json!({"metadata": {"labels": {"touch": "1"}}});
-    ns.api::<Secret>()
-        .patch("creds", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
-    wait_for(WAIT, "a reconcile", || async move {
-        operator_metric("vaultconn_reconciles").await > before
-    })
-    .await;
+    force_reconcile(&ns, "creds", "crm").await;
     assert_eq!(ts.call_count(), 2);
     assert_invariants(&ns, &ts, "crm", &[seed], true).await;
 }
@@ -627,16 +591,7 @@ async fn scope_change_and_refresh_annotation_reissue_right_away() {
     let t3 = valid_token(&ns, &ts, "api", Some(&t2)).await;
     assert_eq!(ts.call_count(), 3);
     // The same annotation value again does not refresh again.
-    let before = operator_metric("vaultconn_reconciles").await;
-    let touch = json!({"metadata": {"labels": {"touch": "1"}}});
-    ns.api::<Secret>()
-        .patch("creds", &PatchParams::default(), &Patch::Merge(&touch))
-        .await
-        .unwrap();
-    wait_for(WAIT, "a reconcile", || async move {
-        operator_metric("vaultconn_reconciles").await > before
-    })
-    .await;
+    force_reconcile(&ns, "creds", "api").await;
     assert_eq!(ts.call_count(), 3);
     assert_invariants(&ns, &ts, "api", &[t1, t2, t3], false).await;
 }

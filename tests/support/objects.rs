@@ -179,3 +179,28 @@ pub async fn visible_text(ns: &TestNs) -> String {
     out.push_str(&super::operator::operator_logs().await);
     out
 }
+
+/// How many reconciles of `ns/name` the operator has finished (from its debug log).
+pub async fn reconcile_count(ns: &TestNs, name: &str) -> usize {
+    let needle = format!("reconcile finished: {}/{} (", ns.name, name);
+    super::operator::operator_logs()
+        .await
+        .matches(&needle)
+        .count()
+}
+
+/// Wake `vc` without changing anything it depends on (a label on its credentials Secret) and
+/// wait until the operator has finished a reconcile of it.
+pub async fn force_reconcile(ns: &TestNs, creds: &str, vc: &str) {
+    let before = reconcile_count(ns, vc).await;
+    let value = format!("t{}", rand::random::<u32>());
+    let patch = json!({"metadata": {"labels": {"test-touch": value}}});
+    ns.api::<Secret>()
+        .patch(creds, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    super::wait_for(WAIT, &format!("a reconcile of {vc}"), || async {
+        reconcile_count(ns, vc).await > before
+    })
+    .await;
+}
