@@ -10,7 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
@@ -52,7 +52,7 @@ impl Default for ControllerConfig {
 pub struct Context {
     pub client: Client,
     pub config: ControllerConfig,
-    pub recorder: Recorder,
+    pub events: crate::events::EventSink,
     pub secrets: SecretIndex,
     pub oauth: crate::oauth::refresh::OAuthEngine,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -72,7 +72,10 @@ impl Context {
             instance: config.instance.clone(),
         };
         Ok(Arc::new(Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: crate::events::EventSink::start(
+                Recorder::new(client.clone(), reporter),
+                metrics.events_dropped.clone(),
+            ),
             oauth: crate::oauth::refresh::OAuthEngine::new(
                 crate::oauth::client::TokenClientConfig {
                     allow_http_loopback: config.allow_http_loopback,
@@ -365,8 +368,7 @@ pub async fn ensure_secret(
                     EventType::Normal,
                     "SecretCreated",
                     format!("Created Secret {ns}/{}", desired.name),
-                )
-                .await;
+                );
                 return Ok(SecretWrite::Created);
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -425,8 +427,7 @@ pub async fn ensure_secret(
                         EventType::Normal,
                         "SecretUpdated",
                         format!("Updated Secret {ns}/{}", desired.name),
-                    )
-                    .await;
+                    );
                 }
                 SecretWrite::Updated
             }
@@ -478,7 +479,7 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
         } else {
             EventType::Warning
         };
-        publish(ctx, vc, type_, outcome.reason, outcome.message.clone()).await;
+        publish(ctx, vc, type_, outcome.reason, outcome.message.clone());
     }
     Ok(())
 }
@@ -487,24 +488,9 @@ fn jiff_now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
 }
 
-/// Publish an Event; failures are logged, never fatal (Events are best-effort).
-pub async fn publish(
-    ctx: &Context,
-    vc: &VaultConnection,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &vc.object_ref(&())).await {
-        debug!(error = %e, "could not publish event");
-    }
+/// Queue an Event (published in the background; best-effort, see `events`).
+pub fn publish(ctx: &Context, vc: &VaultConnection, type_: EventType, reason: &str, note: String) {
+    ctx.events.publish(vc.object_ref(&()), type_, reason, note);
 }
 
 pub fn error_policy(vc: Arc<VaultConnection>, error: &Error, ctx: Arc<Context>) -> Action {

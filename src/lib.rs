@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod names;

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub refresh_duration: Histogram,
     pub token_expiry: Family<ConnectionLabel, Gauge>,
     pub secret_writes: Counter,
+    pub events_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -42,6 +43,7 @@ impl Default for Metrics {
         let refresh_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
         let token_expiry = Family::<ConnectionLabel, Gauge>::default();
         let secret_writes = Counter::default();
+        let events_dropped = Counter::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -78,6 +80,11 @@ impl Default for Metrics {
             "Secret creates and updates made by the operator",
             secret_writes.clone(),
         );
+        registry.register(
+            "events_dropped",
+            "Events not published because the event queue was full",
+            events_dropped.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -88,6 +95,7 @@ impl Default for Metrics {
             refresh_duration,
             token_expiry,
             secret_writes,
+            events_dropped,
         }
     }
 }

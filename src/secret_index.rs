@@ -239,8 +239,14 @@ fn triggers_for(
         .flatten()
         .map(|c| ObjectRef::new(c).within(&k.0))
         .collect();
+    // A managed Secret at exactly the version this process wrote or verified is the echo of
+    // our own write: waking its connection again would only re-read what we just wrote.
+    let own_echo = obj.metadata.resource_version.is_some()
+        && inner.verified.get(k) == obj.metadata.resource_version.as_ref();
     if let Some(conn) = managed_meta(obj).and_then(|m| m.connection) {
-        out.push(ObjectRef::new(&conn).within(&k.0));
+        if !own_echo {
+            out.push(ObjectRef::new(&conn).within(&k.0));
+        }
     }
     out
 }
@@ -309,6 +315,11 @@ mod tests {
         assert!(!idx.is_verified("ns", "out", "u1", "h1"));
         idx.mark_verified("ns", "out", Some("5".into()));
         assert!(idx.is_verified("ns", "out", "u1", "h1"));
+        assert!(
+            idx.apply_event(Event::Apply(meta("ns", "out", "5", Some("conn"))))
+                .is_empty(),
+            "the echo of our own write wakes nobody"
+        );
         assert!(!idx.is_verified("ns", "out", "u1", "h2"));
         idx.apply_event(Event::Apply(meta("ns", "out", "6", Some("conn"))));
         assert!(
