@@ -384,6 +384,15 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_never_shows_tokens() {
+        let mut s = state_with_token("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
+        s.refresh_token = Some(SecretBytes::new(b"refresh-SECRET-1".to_vec()));
+        s.access.as_mut().unwrap().token = SecretBytes::new(b"access-SECRET-2".to_vec());
+        let dbg = format!("{s:?} {:?}", s.to_data());
+        assert!(!dbg.contains("SECRET"), "{dbg}");
+    }
+
+    #[test]
     fn no_token_means_initial_refresh() {
         let s = TokenState::default();
         assert_eq!(
