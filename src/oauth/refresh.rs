@@ -67,6 +67,9 @@ pub struct OAuthEngine {
     gate: Box<dyn WriteGate>,
     pending: Mutex<HashMap<Key, PendingPersist>>,
     failures: Mutex<HashMap<Key, u32>>,
+    /// Connections whose last refresh stored everything: their next refresh skips the dry
+    /// runs (nothing about RBAC or admission changed as far as we know; a failure clears it).
+    writes_proven: Mutex<std::collections::HashSet<Key>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -83,6 +86,7 @@ impl OAuthEngine {
             gate: Box::new(AlwaysWrite),
             pending: Mutex::default(),
             failures: Mutex::default(),
+            writes_proven: Mutex::default(),
             metrics,
         })
     }
@@ -98,6 +102,22 @@ impl OAuthEngine {
             .get(key)
             .copied()
             .unwrap_or(0)
+    }
+
+    fn writes_proven(&self, key: &Key) -> bool {
+        self.writes_proven
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
+    }
+
+    fn set_writes_proven(&self, key: &Key, proven: bool) {
+        let mut set = self.writes_proven.lock().unwrap_or_else(|e| e.into_inner());
+        if proven {
+            set.insert(key.clone());
+        } else {
+            set.remove(key);
+        }
     }
 
     fn set_failures(&self, key: &Key, n: u32) {
@@ -356,7 +376,8 @@ impl OAuthEngine {
         // refresh token the state write below is real (it records the intent), which proves
         // more than a dry run; client credentials spend nothing and only dry-run it.
         let guard = state.refresh_token.clone();
-        if settings.grant == GrantType::ClientCredentials {
+        let proven = self.writes_proven(key);
+        if settings.grant == GrantType::ClientCredentials && !proven {
             let probe_state = desired_state(vc, &state, config_fp, seed_fp, refresh_request);
             if let Err(msg) = preflight(
                 ctx,
@@ -372,7 +393,12 @@ impl OAuthEngine {
             vc,
             secret::oauth_outputs("probe", "Bearer", &format_time(Utc::now()), None),
         );
-        if let Err(msg) = preflight(ctx, vc, &probe_output).await? {
+        let output_check = if proven {
+            Ok(())
+        } else {
+            preflight(ctx, vc, &probe_output).await?
+        };
+        if let Err(msg) = output_check {
             let conflict =
                 msg.contains("not managed by vaultconn") || msg.contains("already managed");
             if conflict {
@@ -589,6 +615,8 @@ impl OAuthEngine {
         seed_fp: &str,
         refresh_request: Option<&str>,
     ) -> Result<(Outcome, Action)> {
+        // Whole seconds, as stored: the schedule computed now and after a restart must agree.
+        let sent_at = chrono::SubsecRound::trunc_subsecs(sent_at, 0);
         let expires_in = resp.expires_in.unwrap_or_else(schedule::default_expires_in);
         let expires_at = sent_at + chrono::Duration::from_std(expires_in).unwrap_or_default();
         // RFC 6749 §6: no refresh_token in the response means the current one stays valid.
@@ -611,6 +639,7 @@ impl OAuthEngine {
         self.set_failures(key, 0);
         if let Err(e) = persist_state(ctx, vc, &new_state, guard.as_ref()).await {
             warn!(namespace = %key.0, name = %key.1, error = %e, "could not persist new tokens; keeping them in memory and retrying the write");
+            self.set_writes_proven(key, false);
             self.pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -634,7 +663,14 @@ impl OAuthEngine {
             &settings.renew,
             &format!("{}/{}", key.0, key.1),
         );
-        let outcome = self.publish_access(ctx, vc, &new_state, Some(next)).await?;
+        let outcome = match self.publish_access(ctx, vc, &new_state, Some(next)).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.set_writes_proven(key, false);
+                return Err(e);
+            }
+        };
+        self.set_writes_proven(key, outcome.ready);
         Ok((outcome, requeue_at(next)))
     }
 
@@ -729,6 +765,7 @@ impl OAuthEngine {
     }
 
     fn not_writable(&self, vc: &VaultConnection, key: &Key, msg: String) -> (Outcome, Action) {
+        self.set_writes_proven(key, false);
         let failures = self.failures(key) + 1;
         self.set_failures(key, failures);
         let delay = schedule::backoff(failures, None, &format!("{}/{}", key.0, key.1));
@@ -983,7 +1020,10 @@ async fn persist_state_once(
         field_manager: Some(FIELD_MANAGER.into()),
     };
     let res = match api.get_opt(&desired.name).await? {
-        None => api.create(&pp, &desired.to_new_secret()).await.map(|_| ()),
+        None => api
+            .create(&pp, &desired.to_new_secret())
+            .await
+            .map(|s| s.metadata.resource_version),
         Some(live) => {
             let live_rt = TokenState::from_data(&SecretData::from_secret(&live)).refresh_token;
             if let (Some(g), Some(l)) = (guard, live_rt.as_ref()) {
@@ -992,16 +1032,20 @@ async fn persist_state_once(
                 }
             }
             if desired.matches(&live) {
-                Ok(())
+                Ok(live.metadata.resource_version)
             } else {
                 api.replace(&desired.name, &pp, &desired.merged_into(&live))
                     .await
-                    .map(|_| ())
+                    .map(|s| s.metadata.resource_version)
             }
         }
     };
     match res {
-        Ok(()) => Ok(()),
+        Ok(rv) => {
+            // Our own write: its watch event need not wake the connection again.
+            ctx.secrets.mark_verified(&ns, &desired.name, rv);
+            Ok(())
+        }
         Err(kube::Error::Api(e)) if [400, 403, 413, 422].contains(&e.code) => {
             Err(PersistError::NotWritable(format!(
                 "writing Secret {ns}/{} is refused by the API server ({} {})",
