@@ -175,11 +175,23 @@ async fn start_local_cluster() -> anyhow::Result<(
     Ok((cp, client))
 }
 
+/// The operator's API client. kube-client's built-in retry of 429/503/504 is turned off: one
+/// request could otherwise block for minutes inside its backoff, which would break the token
+/// write's bounded retry budget (and a graceful shutdown). Retries are the operator's own
+/// decision: the refresh path retries writes within its budget, everything else requeues.
+fn operator_client(mut config: kube::Config) -> anyhow::Result<kube::Client> {
+    config.default_retry = false;
+    Ok(kube::Client::try_from(config)?)
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (local, client) = if cluster_configured() {
-        (None, kube::Client::try_default().await?)
+        (None, operator_client(kube::Config::infer().await?)?)
     } else {
-        let (cp, client) = start_local_cluster().await?;
+        let (cp, _) = start_local_cluster().await?;
+        let kubeconfig = kube::config::Kubeconfig::read_from(cp.kubeconfig_path())?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        let client = operator_client(config)?;
         (Some(cp), client)
     };
     let config = ControllerConfig {

@@ -1068,7 +1068,22 @@ async fn persist_state(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let err = match persist_state_once(ctx, vc, st, guard).await {
+        // Each attempt is bounded by what is left of the budget, whatever the client does.
+        let left = PERSIST_RETRY_BUDGET.saturating_sub(started.elapsed());
+        let attempt_result = match tokio::time::timeout(
+            left.max(Duration::from_secs(1)),
+            persist_state_once(ctx, vc, st, guard),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(crate::error::Error::Retry(
+                    "the state Secret write did not finish within its retry budget".into(),
+                ))
+            }
+        };
+        let err = match attempt_result {
             Ok(()) => return Ok(()),
             Err(PersistError::Concurrent) => {
                 return Err(crate::error::Error::Retry(

@@ -1,0 +1,702 @@
+//! A fault-injecting reverse proxy in front of the real kube-apiserver, for tests.
+//!
+//! The real API server cannot be told to fail one specific write on demand (a 409 on the
+//! state Secret right after a token refresh, a 503 outage of Secret writes, APF throttling).
+//! [`ApiFaultProxy`] sits between the operator and the API server: the operator's kubeconfig
+//! ([`ApiFaultProxy::write_kubeconfig`]) points at the proxy, which forwards every request
+//! unchanged and injects a fault only on the requests a test chose with a [`FaultRule`].
+//!
+//! - Listens on `http://127.0.0.1:<random port>` (plain HTTP; kube-rs accepts `http://`
+//!   servers) and forwards to the upstream `https://` API server, whose self-signed
+//!   certificate is accepted without verification (test clusters only).
+//! - Forwards method, path and query, headers (`Authorization` included; hop-by-hop headers
+//!   and `Host` dropped) and the body; returns the upstream status, headers and body. Response
+//!   bodies are streamed chunk by chunk, so `?watch=true` streams stay live. Redirects are
+//!   returned to the client, not followed.
+//! - A matching rule answers with its status and a Kubernetes `Status` body (`"message":
+//!   "injected by test"`) *without* forwarding the request, so nothing reaches the API server.
+//! - Every request is recorded ([`RecordedRequest`]) with the status returned and whether it
+//!   was injected.
+//!
+//! The proxy runs on its own thread with its own tokio runtime, so it outlives the runtime of
+//! the test that started it (each `#[tokio::test]` has its own runtime, while one proxy and
+//! one operator usually serve a whole test binary). Dropping the [`ApiFaultProxy`] stops it.
+//!
+//! Rules are matched in the order they were added; the first active match applies. Tests that
+//! share one proxy should match namespace-specific paths (e.g.
+//! `/api/v1/namespaces/<ns>/secrets/<name>`) so they do not disturb each other. Note that a
+//! *create* is a `POST` to the collection (`/api/v1/namespaces/<ns>/secrets`): its path does
+//! not contain the object's name.
+//!
+//! The request log grows without bound: the proxy is meant for test runs, not long-lived use.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use axum::response::Response;
+use axum::Router;
+use futures::TryStreamExt as _;
+use tokio::sync::oneshot;
+
+/// Largest request body forwarded (the API server's own limit is 3 MiB for most objects).
+const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
+
+/// Which request methods a [`FaultRule`] (or [`ApiFaultProxy::count`]) matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MethodMatch {
+    /// Every method.
+    Any,
+    /// `POST`, `PUT`, `PATCH` and `DELETE`: the requests that change objects.
+    AnyWrite,
+    /// Exactly this method.
+    Only(Method),
+}
+
+impl MethodMatch {
+    /// Whether `m` is matched.
+    pub fn matches(&self, m: &Method) -> bool {
+        match self {
+            MethodMatch::Any => true,
+            MethodMatch::AnyWrite => {
+                [Method::POST, Method::PUT, Method::PATCH, Method::DELETE].contains(m)
+            }
+            MethodMatch::Only(only) => only == m,
+        }
+    }
+}
+
+impl From<Method> for MethodMatch {
+    fn from(m: Method) -> Self {
+        MethodMatch::Only(m)
+    }
+}
+
+/// The next `times` requests whose method matches `method` and whose path contains
+/// `path_contains` are answered with `status` and a Kubernetes `Status` body, without being
+/// forwarded. `times` is ignored by [`ApiFaultProxy::fail_until_cleared`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FaultRule {
+    pub method: MethodMatch,
+    /// Substring of the request path (the query string is not part of it).
+    pub path_contains: String,
+    /// HTTP status to answer with, e.g. 409, 429, 500, 503. An invalid code answers 500.
+    pub status: u16,
+    pub times: usize,
+}
+
+impl FaultRule {
+    /// Fail the next write (`POST`/`PUT`/`PATCH`/`DELETE`) to a path containing
+    /// `path_contains` with `status`; see [`FaultRule::times`] for more than one.
+    pub fn writes(path_contains: impl Into<String>, status: u16) -> Self {
+        FaultRule {
+            method: MethodMatch::AnyWrite,
+            path_contains: path_contains.into(),
+            status,
+            times: 1,
+        }
+    }
+
+    /// Fail the next request of `method` to a path containing `path_contains` with `status`.
+    pub fn requests(
+        method: impl Into<MethodMatch>,
+        path_contains: impl Into<String>,
+        status: u16,
+    ) -> Self {
+        FaultRule {
+            method: method.into(),
+            path_contains: path_contains.into(),
+            status,
+            times: 1,
+        }
+    }
+
+    /// Apply to the next `n` matching requests (builder style).
+    pub fn times(mut self, n: usize) -> Self {
+        self.times = n;
+        self
+    }
+
+    fn matches(&self, method: &Method, path: &str) -> bool {
+        self.method.matches(method) && path.contains(&self.path_contains)
+    }
+}
+
+/// Identifies a rule added with [`ApiFaultProxy::fail`] or [`ApiFaultProxy::fail_until_cleared`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleId(u64);
+
+impl fmt::Display for RuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rule#{}", self.0)
+    }
+}
+
+/// One request the proxy answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// Arrival order, starting at 0.
+    pub seq: u64,
+    pub at: SystemTime,
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    /// Status returned to the client: injected, upstream's, or 502 when upstream failed.
+    pub status: u16,
+    /// Answered by a rule without being forwarded.
+    pub injected: bool,
+    /// The rule that answered it, if injected.
+    pub rule: Option<RuleId>,
+}
+
+impl RecordedRequest {
+    /// A 2xx status.
+    pub fn succeeded(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+struct ActiveRule {
+    id: RuleId,
+    rule: FaultRule,
+    /// Injections left; `None` until cleared.
+    remaining: Option<usize>,
+}
+
+#[derive(Default)]
+struct Rules {
+    next_id: u64,
+    active: Vec<ActiveRule>,
+}
+
+struct Shared {
+    upstream: String,
+    client: reqwest::Client,
+    rules: Mutex<Rules>,
+    log: Mutex<Vec<RecordedRequest>>,
+    next_seq: AtomicU64,
+}
+
+/// Lock ignoring poisoning: every update of the protected data is a single step.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn add_rule(&self, rule: FaultRule, remaining: Option<usize>) -> RuleId {
+        let mut rules = lock(&self.rules);
+        let id = RuleId(rules.next_id);
+        rules.next_id += 1;
+        if remaining != Some(0) {
+            rules.active.push(ActiveRule {
+                id,
+                rule,
+                remaining,
+            });
+        }
+        id
+    }
+
+    /// The first active rule matching, consuming one of its injections.
+    fn take_fault(&self, method: &Method, path: &str) -> Option<(RuleId, u16)> {
+        let mut rules = lock(&self.rules);
+        let idx = rules
+            .active
+            .iter()
+            .position(|r| r.rule.matches(method, path))?;
+        let r = &mut rules.active[idx];
+        let hit = (r.id, r.rule.status);
+        if let Some(n) = r.remaining.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                rules.active.remove(idx);
+            }
+        }
+        Some(hit)
+    }
+
+    fn record(
+        &self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        status: u16,
+        rule: Option<RuleId>,
+    ) {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let rec = RecordedRequest {
+            seq,
+            at: SystemTime::now(),
+            method: method.clone(),
+            path: path.to_string(),
+            query: query.map(str::to_string),
+            status,
+            injected: rule.is_some(),
+            rule,
+        };
+        let mut log = lock(&self.log);
+        // Keep arrival order even if two handlers record out of order.
+        let pos = log.partition_point(|r| r.seq < seq);
+        log.insert(pos, rec);
+    }
+}
+
+/// A running fault-injecting proxy; see the module documentation.
+pub struct ApiFaultProxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl ApiFaultProxy {
+    /// Start a proxy on `127.0.0.1:<random port>` forwarding to `upstream` (e.g. the test
+    /// control plane's `https://127.0.0.1:6443`). Blocks briefly until it listens; may be
+    /// called from inside or outside a tokio runtime.
+    pub fn start(upstream: &str) -> io::Result<Self> {
+        let upstream_url = url::Url::parse(upstream)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{upstream}: {e}")))?;
+        if !matches!(upstream_url.scheme(), "http" | "https") || upstream_url.host().is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{upstream}: not an http(s) URL"),
+            ));
+        }
+        crate::install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .tls_danger_accept_invalid_certs(true)
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(io::Error::other)?;
+        let listener = StdTcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            client,
+            rules: Mutex::default(),
+            log: Mutex::default(),
+            next_seq: AtomicU64::new(0),
+        });
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+        let state = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("api-fault-proxy-{}", addr.port()))
+            .spawn(move || serve_thread(listener, state, shutdown_rx, ready_tx))?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("the proxy thread ended during start-up"))??;
+        Ok(ApiFaultProxy {
+            addr,
+            shared,
+            shutdown: Some(shutdown_tx),
+        })
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The upstream API server URL.
+    pub fn upstream(&self) -> &str {
+        &self.shared.upstream
+    }
+
+    /// Write a kubeconfig that points at the proxy and authenticates with the bearer `token`
+    /// (which the proxy forwards to the API server).
+    pub fn write_kubeconfig(&self, path: &Path, token: &str) -> io::Result<()> {
+        let kubeconfig = format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: api-fault-proxy
+  cluster:
+    server: {server}
+users:
+- name: admin
+  user:
+    token: {token}
+contexts:
+- name: api-fault-proxy
+  context:
+    cluster: api-fault-proxy
+    user: admin
+    namespace: default
+current-context: api-fault-proxy
+",
+            server = self.url(),
+        );
+        std::fs::write(path, kubeconfig)
+    }
+
+    /// Answer the next `rule.times` matching requests with `rule.status` instead of
+    /// forwarding them. The rule goes away once used up (or on [`ApiFaultProxy::clear`]).
+    pub fn fail(&self, rule: FaultRule) -> RuleId {
+        let times = rule.times;
+        self.shared.add_rule(rule, Some(times))
+    }
+
+    /// Answer every matching request with `rule.status` until [`ApiFaultProxy::clear`] is
+    /// called with the returned id (`rule.times` is ignored): an outage.
+    pub fn fail_until_cleared(&self, rule: FaultRule) -> RuleId {
+        self.shared.add_rule(rule, None)
+    }
+
+    /// Remove a rule; returns whether it was still active.
+    pub fn clear(&self, id: RuleId) -> bool {
+        let mut rules = lock(&self.shared.rules);
+        let before = rules.active.len();
+        rules.active.retain(|r| r.id != id);
+        rules.active.len() != before
+    }
+
+    /// Remove every rule (including other tests' rules on a shared proxy).
+    pub fn clear_all(&self) {
+        lock(&self.shared.rules).active.clear();
+    }
+
+    /// Whether a rule is still active (not used up, not cleared).
+    pub fn is_active(&self, id: RuleId) -> bool {
+        lock(&self.shared.rules).active.iter().any(|r| r.id == id)
+    }
+
+    /// How many requests `id` answered.
+    pub fn injected(&self, id: RuleId) -> usize {
+        lock(&self.shared.log)
+            .iter()
+            .filter(|r| r.rule == Some(id))
+            .count()
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.shared.log).clone()
+    }
+
+    /// The requests of `method` whose path contains `path_contains`, in arrival order.
+    pub fn requests_matching(
+        &self,
+        method: impl Into<MethodMatch>,
+        path_contains: &str,
+    ) -> Vec<RecordedRequest> {
+        let method = method.into();
+        lock(&self.shared.log)
+            .iter()
+            .filter(|r| method.matches(&r.method) && r.path.contains(path_contains))
+            .cloned()
+            .collect()
+    }
+
+    /// How many requests of `method` had a path containing `path_contains`, injected or not.
+    pub fn count(&self, method: impl Into<MethodMatch>, path_contains: &str) -> usize {
+        let method = method.into();
+        lock(&self.shared.log)
+            .iter()
+            .filter(|r| method.matches(&r.method) && r.path.contains(path_contains))
+            .count()
+    }
+}
+
+impl fmt::Debug for ApiFaultProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiFaultProxy")
+            .field("addr", &self.addr)
+            .field("upstream", &self.shared.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for ApiFaultProxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            // The thread drops its runtime, and with it every connection, on this signal.
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The proxy thread: its own runtime, serving until the shutdown signal.
+fn serve_thread(
+    listener: StdTcpListener,
+    shared: Arc<Shared>,
+    shutdown: oneshot::Receiver<()>,
+    ready: mpsc::Sender<io::Result<()>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("api-fault-proxy-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        let app = Router::new().fallback(handle).with_state(shared);
+        // Not a graceful shutdown: watch streams never end on their own.
+        tokio::select! {
+            res = axum::serve(listener, app) => {
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, "api fault proxy stopped");
+                }
+            }
+            _ = shutdown => {}
+        }
+    });
+    // Dropping the runtime here cancels every in-flight (watch) request.
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Host`.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// `headers` without hop-by-hop headers (and those named in `Connection`), `Host`, and the
+/// names in `also_drop`.
+fn end_to_end(headers: &HeaderMap, also_drop: &[HeaderName]) -> HeaderMap {
+    let named_in_connection: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n)
+            || named_in_connection.iter().any(|c| c == n)
+            || also_drop.contains(name)
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// The `reason` of a Kubernetes `Status` for an HTTP status (apimachinery `StatusReason`).
+fn status_reason(code: u16) -> &'static str {
+    match code {
+        400 => "BadRequest",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "NotFound",
+        405 => "MethodNotAllowed",
+        406 => "NotAcceptable",
+        409 => "Conflict",
+        410 => "Expired",
+        413 => "RequestEntityTooLarge",
+        415 => "UnsupportedMediaType",
+        422 => "Invalid",
+        429 => "TooManyRequests",
+        500 => "InternalError",
+        503 => "ServiceUnavailable",
+        504 => "Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// A Kubernetes `Status` failure response. 429 and 503 carry `Retry-After: 1` like the API
+/// server's priority-and-fairness rejections.
+fn status_response(code: u16, message: &str) -> Response {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = status.as_u16();
+    let retry = matches!(code, 429 | 503);
+    let mut body = serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "reason": status_reason(code),
+        "code": code,
+        "message": message,
+    });
+    if retry {
+        body["details"] = serde_json::json!({"retryAfterSeconds": 1});
+    }
+    let mut resp = Response::new(Body::from(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if retry {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+async fn handle(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Response {
+    let (parts, body) = req.into_parts();
+    let method = parts.method;
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().map(str::to_string);
+
+    if let Some((rule, code)) = shared.take_fault(&method, &path) {
+        let resp = status_response(code, "injected by test");
+        shared.record(
+            &method,
+            &path,
+            query.as_deref(),
+            resp.status().as_u16(),
+            Some(rule),
+        );
+        return resp;
+    }
+
+    let reply_failure = |code: u16, message: String| {
+        shared.record(&method, &path, query.as_deref(), code, None);
+        status_response(code, &message)
+    };
+    let body = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
+        Ok(b) => b,
+        Err(e) => return reply_failure(400, format!("api fault proxy: reading the body: {e}")),
+    };
+    let url = match &query {
+        Some(q) => format!("{}{path}?{q}", shared.upstream),
+        None => format!("{}{path}", shared.upstream),
+    };
+    let upstream = shared
+        .client
+        .request(method.clone(), url)
+        .headers(end_to_end(&parts.headers, &[header::CONTENT_LENGTH]))
+        .body(body)
+        .send()
+        .await;
+    let upstream = match upstream {
+        Ok(r) => r,
+        Err(e) => {
+            return reply_failure(
+                502,
+                format!("api fault proxy: upstream request failed: {e}"),
+            )
+        }
+    };
+    let status = upstream.status();
+    let headers = end_to_end(upstream.headers(), &[]);
+    shared.record(&method, &path, query.as_deref(), status.as_u16(), None);
+    // Streamed as it arrives: a watch response is an endless sequence of chunks.
+    let stream = upstream.bytes_stream().map_err(io::Error::other);
+    let mut resp = Response::new(Body::from_stream(stream));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_match() {
+        assert!(MethodMatch::AnyWrite.matches(&Method::PUT));
+        assert!(MethodMatch::AnyWrite.matches(&Method::POST));
+        assert!(!MethodMatch::AnyWrite.matches(&Method::GET));
+        assert!(MethodMatch::Any.matches(&Method::GET));
+        assert!(MethodMatch::from(Method::PATCH).matches(&Method::PATCH));
+        assert!(!MethodMatch::from(Method::PATCH).matches(&Method::PUT));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-foo"),
+        );
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert(header::HOST, HeaderValue::from_static("example"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        let out = end_to_end(&h, &[header::CONTENT_LENGTH]);
+        assert_eq!(out.len(), 1);
+        assert!(out.contains_key(header::AUTHORIZATION));
+    }
+
+    #[tokio::test]
+    async fn rules_fail_then_pass_through() {
+        // An upstream that is never reached by injected requests and refuses the others.
+        let proxy = ApiFaultProxy::start("http://127.0.0.1:9").unwrap();
+        let once = proxy.fail(FaultRule::writes("/secrets/a", 409).times(2));
+        let sticky = proxy.fail_until_cleared(FaultRule::requests(Method::GET, "/b", 503));
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let url = |p: &str| format!("{}{p}", proxy.url());
+        for _ in 0..2 {
+            let r = client
+                .put(url("/api/v1/namespaces/n/secrets/a"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 409);
+            let v: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(v["kind"], "Status");
+            assert_eq!(v["reason"], "Conflict");
+            assert_eq!(v["code"], 409);
+            assert_eq!(v["message"], "injected by test");
+        }
+        assert!(!proxy.is_active(once));
+        // Used up: forwarded to the (closed) upstream now.
+        let r = client
+            .put(url("/api/v1/namespaces/n/secrets/a"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502);
+        for _ in 0..3 {
+            let r = client.get(url("/b?watch=true")).send().await.unwrap();
+            assert_eq!(r.status(), 503);
+            assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        }
+        assert!(proxy.clear(sticky));
+        let r = client.get(url("/b")).send().await.unwrap();
+        assert_eq!(r.status(), 502);
+        assert_eq!(proxy.injected(once), 2);
+        assert_eq!(proxy.injected(sticky), 3);
+        assert_eq!(proxy.count(Method::PUT, "/secrets/a"), 3);
+        assert_eq!(proxy.count(MethodMatch::Any, "/b"), 4);
+        let reqs = proxy.requests();
+        assert_eq!(reqs.len(), 7);
+        assert!(reqs.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert_eq!(reqs[2].query, None);
+        assert_eq!(reqs[3].query.as_deref(), Some("watch=true"));
+        assert!(!reqs[2].injected && reqs[3].injected);
+    }
+}
