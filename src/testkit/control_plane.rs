@@ -40,7 +40,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex, Once, OnceLock};
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -850,26 +850,6 @@ extern "C" fn reap_at_exit() {
     }
 }
 
-type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
-
-/// The one thread that forks all children (see the module docs for why). It never exits: the
-/// sender lives in a static, so its receive loop never ends.
-fn spawner() -> &'static mpsc::Sender<SpawnRequest> {
-    static SPAWNER: OnceLock<mpsc::Sender<SpawnRequest>> = OnceLock::new();
-    SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<SpawnRequest>();
-        // If the thread cannot be created, `rx` is dropped and every spawn reports an error.
-        let _ = std::thread::Builder::new()
-            .name("vaultconn-cp-spawner".into())
-            .spawn(move || {
-                for (mut cmd, reply) in rx {
-                    let _ = reply.send(cmd.spawn());
-                }
-            });
-        tx
-    })
-}
-
 fn spawn_supervised(mut cmd: Command, role: Role) -> io::Result<Child> {
     let owner = libc::pid_t::try_from(std::process::id()).map_err(io::Error::other)?;
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
@@ -898,8 +878,6 @@ fn spawn_supervised(mut cmd: Command, role: Role) -> io::Result<Child> {
             Ok(())
         });
     }
-    let (tx, rx) = mpsc::channel();
-    let gone = || io::Error::other("the control-plane spawner thread is not running");
-    spawner().send((cmd, tx)).map_err(|_| gone())?;
-    rx.recv().map_err(|_| gone())?
+    // The one spawner thread that never exits (see the module docs and `testkit::process`).
+    crate::testkit::process::spawn_on_spawner_thread(cmd)
 }

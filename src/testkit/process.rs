@@ -41,6 +41,11 @@ pub fn spawn_dies_with_parent(mut cmd: Command) -> io::Result<Child> {
             Ok(())
         });
     }
+    spawn_on_spawner_thread(cmd)
+}
+
+/// Spawn `cmd` (with whatever `pre_exec` it carries) from the one never-exiting spawner thread.
+pub(crate) fn spawn_on_spawner_thread(cmd: Command) -> io::Result<Child> {
     let (tx, rx) = mpsc::channel();
     let gone = || io::Error::other("the testkit spawner thread is not running");
     spawner().send((cmd, tx)).map_err(|_| gone())?;
