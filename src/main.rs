@@ -1,7 +1,5 @@
 //! The `vaultconn` binary: the operator (`run`, the default) and small helper commands.
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
 use vaultconn::controller::{self, ControllerConfig};
 
@@ -227,7 +225,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn local_cluster() -> anyhow::Result<()> {
     let (mut cp, _client) = start_local_cluster().await?;
     println!("{}", cp.kubeconfig_path().display());
-    let _: Option<PathBuf> = None;
     shutdown_signal().await;
     cp.stop();
     Ok(())

@@ -379,8 +379,9 @@ impl DesiredSecret {
     }
 
     /// `live` updated to this content, keeping what others put on it (their labels, annotations,
-    /// non-controller owner references). Labels and annotations that `previous` (the spec we
-    /// last applied, known from our own annotation set) had but this one does not are removed.
+    /// non-controller owner references). Data keys are replaced exactly; a label or annotation
+    /// removed from `spec.target` is not removed from the Secret (we cannot tell it from one
+    /// another tool added).
     pub fn merged_into(&self, live: &Secret) -> Secret {
         let mut s = live.clone();
         let meta = &mut s.metadata;

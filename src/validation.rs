@@ -3,7 +3,6 @@
 //! everything a user can get wrong in `spec` is checked here and reported as `InvalidSpec`.
 
 use crate::api::{ConnectionType, GrantType, VaultConnection, VaultConnectionSpec};
-use crate::catalog;
 use crate::oauth::client::validate_token_url;
 
 /// Settings that change what is valid.
@@ -204,7 +203,6 @@ fn validate_settings_blocks(
         },
         _ => {}
     }
-    let _ = catalog::info(t);
 }
 
 fn validate_renewal(block: &str, before: Option<&str>, pct: Option<u8>, errors: &mut Vec<String>) {

@@ -213,9 +213,6 @@ impl OAuthEngine {
                 ));
             }
         }
-        let _rv_read = live_state
-            .as_ref()
-            .and_then(|s| s.metadata.resource_version.clone());
         let mut token_state = live_state
             .as_ref()
             .map(|s| TokenState::from_data(&SecretData::from_secret(s)))
