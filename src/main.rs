@@ -55,6 +55,7 @@ enum Command {
     /// List the connection types with their input and output keys.
     Types,
     /// Start a local control plane, install the CRD, print the kubeconfig path; Ctrl-C stops it.
+    #[cfg(feature = "local-cluster")]
     LocalCluster,
 }
 
@@ -94,7 +95,8 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Some(Command::LocalCluster) => local_cluster().await,
+            #[cfg(feature = "local-cluster")]
+            Some(Command::LocalCluster) => local::local_cluster().await,
             _ => run(cli.run).await,
         }
     });
@@ -156,23 +158,6 @@ fn cluster_configured() -> bool {
         || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
 }
 
-async fn start_local_cluster() -> anyhow::Result<(
-    vaultconn::testkit::control_plane::ControlPlane,
-    kube::Client,
-)> {
-    tracing::info!("no cluster configured (KUBECONFIG unset): starting a local control plane");
-    let cp = vaultconn::testkit::control_plane::ControlPlane::start(Default::default()).await?;
-    let client = cp.try_client().await?;
-    if let Err(e) = vaultconn::crd::install(&client).await {
-        tracing::error!("installing the CRD failed: {e}");
-        if std::env::var_os("VAULTCONN_KEEP_CLUSTER_ON_CRD_ERROR").is_none() {
-            return Err(e.into());
-        }
-    }
-    tracing::info!(kubeconfig = %cp.kubeconfig_path().display(), "local control plane ready; use: export KUBECONFIG={}", cp.kubeconfig_path().display());
-    Ok((cp, client))
-}
-
 /// The operator's API client. kube-client's built-in retry of 429/503/504 is turned off: one
 /// request could otherwise block for minutes inside its backoff, which would break the token
 /// write's bounded retry budget (and a graceful shutdown). Retries are the operator's own
@@ -183,14 +168,21 @@ fn operator_client(mut config: kube::Config) -> anyhow::Result<kube::Client> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    #[cfg(feature = "local-cluster")]
     let (local, client) = if cluster_configured() {
         (None, operator_client(kube::Config::infer().await?)?)
     } else {
-        let (cp, _) = start_local_cluster().await?;
-        let kubeconfig = kube::config::Kubeconfig::read_from(cp.kubeconfig_path())?;
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-        let client = operator_client(config)?;
-        (Some(cp), client)
+        let (cp, config) = local::start().await?;
+        (Some(cp), operator_client(config)?)
+    };
+    #[cfg(not(feature = "local-cluster"))]
+    let client = if cluster_configured() {
+        operator_client(kube::Config::infer().await?)?
+    } else {
+        anyhow::bail!(
+            "no cluster configured: set KUBECONFIG to a kubeconfig file, or run in a Pod \
+             (this build has no local control plane: it was built without the local-cluster feature)"
+        );
     };
     let config = ControllerConfig {
         allow_http_loopback: args.allow_http_loopback,
@@ -215,6 +207,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "metrics endpoint task failed"),
         Ok(Ok(())) => {}
     }
+    #[cfg(feature = "local-cluster")]
     if let Some(mut cp) = local {
         tracing::info!("stopping the local control plane");
         cp.stop();
@@ -222,10 +215,42 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     result.map_err(Into::into)
 }
 
-async fn local_cluster() -> anyhow::Result<()> {
-    let (mut cp, _client) = start_local_cluster().await?;
-    println!("{}", cp.kubeconfig_path().display());
-    shutdown_signal().await;
-    cp.stop();
-    Ok(())
+/// `vaultconn run` without a cluster, and `vaultconn local-cluster`: a control plane on
+/// loopback (the `vaultconn-local-cluster` crate) with the CRD installed.
+#[cfg(feature = "local-cluster")]
+mod local {
+    use vaultconn_local_cluster::{ControlPlane, ControlPlaneOptions};
+
+    /// Start the control plane, install the CRD and return the operator's kube config for it.
+    pub async fn start() -> anyhow::Result<(ControlPlane, kube::Config)> {
+        tracing::info!("no cluster configured (KUBECONFIG unset): starting a local control plane");
+        let opts = ControlPlaneOptions {
+            // `make run` provisions the binaries; a checkout's script builds them otherwise.
+            provision_script: std::path::Path::new("scripts/provision-control-plane.sh")
+                .is_file()
+                .then(|| "scripts/provision-control-plane.sh".into()),
+            ..Default::default()
+        };
+        let cp = ControlPlane::start(opts).await?;
+        let client = cp.try_client().await?;
+        if let Err(e) = vaultconn::crd::install(&client).await {
+            tracing::error!("installing the CRD failed: {e}");
+            if std::env::var_os("VAULTCONN_KEEP_CLUSTER_ON_CRD_ERROR").is_none() {
+                return Err(e.into());
+            }
+        }
+        let path = cp.kubeconfig_path().display().to_string();
+        tracing::info!(kubeconfig = %path, "local control plane ready; use: export KUBECONFIG={path}");
+        let kubeconfig = kube::config::Kubeconfig::read_from(cp.kubeconfig_path())?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        Ok((cp, config))
+    }
+
+    pub async fn local_cluster() -> anyhow::Result<()> {
+        let (mut cp, _config) = start().await?;
+        println!("{}", cp.kubeconfig_path().display());
+        super::shutdown_signal().await;
+        cp.stop();
+        Ok(())
+    }
 }

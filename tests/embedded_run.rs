@@ -9,11 +9,11 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use vaultconn::api::VaultConnection;
-use vaultconn::testkit::process::spawn_dies_with_parent;
+use vaultconn_testkit::process::spawn_dies_with_parent;
 
 #[tokio::test]
 async fn run_without_kubeconfig_brings_up_a_local_cluster_and_stops_cleanly_on_ctrl_c() {
-    vaultconn::install_crypto_provider();
+    vaultconn_testkit::install_crypto_provider();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

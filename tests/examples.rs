@@ -12,13 +12,14 @@ fn examples_are_valid_and_cover_every_type() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(doc).unwrap();
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for value in docs {
             if value.get("kind").and_then(|k| k.as_str()) != Some("VaultConnection") {
                 continue;
             }
             let mut vc: VaultConnection =
-                serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                serde_json::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             vc.metadata.namespace = Some("default".into());
             let problems = validate(&vc, ValidationOptions::default());
             assert!(problems.is_empty(), "{}: {problems:?}", path.display());
@@ -28,5 +29,3 @@ fn examples_are_valid_and_cover_every_type() {
     let all: BTreeSet<_> = ConnectionType::ALL.iter().map(|t| t.as_str()).collect();
     assert_eq!(types, all, "every connection type needs an example");
 }
-
-use serde::Deserialize;

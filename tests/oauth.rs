@@ -15,7 +15,7 @@ use support::objects::*;
 use support::operator::ensure_operator;
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use vaultconn::api::{Phase, VaultConnection};
-use vaultconn::testkit::token_server::{
+use vaultconn_testkit::token_server::{
     Fault, FaultBody, RetryAfter, TokenServer, TokenServerConfig,
 };
 
@@ -206,7 +206,7 @@ async fn client_auth_post_and_form_encoded_basic() {
     apply_vc(&ns, "basic", special).await;
     valid_token(&ns, &ts, "post", None).await;
     valid_token(&ns, &ts, "basic", None).await;
-    use vaultconn::testkit::token_server::AuthMethod;
+    use vaultconn_testkit::token_server::AuthMethod;
     let calls = ts.calls();
     assert!(calls
         .iter()

@@ -16,8 +16,8 @@ use serde_json::json;
 use support::objects::*;
 use support::{test_namespace, wait_for_some, TestNs};
 use vaultconn::api::{Phase, VaultConnection};
-use vaultconn::testkit::operator::{OperatorOptions, OperatorProcess};
-use vaultconn::testkit::token_server::{TokenServer, TokenServerConfig};
+use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 
 const KILLS: usize = 50;
 const CONNECTIONS: usize = 3;

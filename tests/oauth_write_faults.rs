@@ -29,9 +29,9 @@ use support::objects::*;
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use tokio::sync::{Mutex, OnceCell, RwLock};
 use vaultconn::api::{Phase, VaultConnection};
-use vaultconn::testkit::api_proxy::{ApiFaultProxy, FaultRule, MethodMatch, RuleId};
-use vaultconn::testkit::operator::{OperatorOptions, OperatorProcess};
-use vaultconn::testkit::token_server::{Fault, RecordedCall, TokenServer, TokenServerConfig};
+use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule, MethodMatch, RuleId};
+use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::token_server::{Fault, RecordedCall, TokenServer, TokenServerConfig};
 
 const CLIENT: &str = "app";
 const CLIENT_SECRET: &str = "client-SECRET-value";

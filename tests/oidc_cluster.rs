@@ -7,7 +7,7 @@ use serde_json::json;
 use support::objects::*;
 use support::operator::ensure_operator;
 use support::{test_namespace, wait_for_some, TestNs};
-use vaultconn::testkit::oidc::{
+use vaultconn_testkit::oidc::{
     OidcClient, OidcOptions, OidcProvider, M2M, M2M_POST, M2M_SPECIAL, RT_CLIENT,
 };
 

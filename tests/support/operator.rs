@@ -3,7 +3,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::OnceCell;
-use vaultconn::testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
 
 static OPERATOR: OnceCell<Mutex<OperatorProcess>> = OnceCell::const_new();
 
@@ -53,8 +53,8 @@ pub async fn operator_logs() -> String {
 #[allow(dead_code)]
 pub async fn operator_metric(name: &str) -> f64 {
     let url = operator().await.metrics_url();
-    let text = vaultconn::testkit::operator::fetch_metrics(&url)
+    let text = vaultconn_testkit::operator::fetch_metrics(&url)
         .await
         .unwrap_or_default();
-    vaultconn::testkit::operator::parse_metric(&text, name).unwrap_or(0.0)
+    vaultconn_testkit::operator::parse_metric(&text, name).unwrap_or(0.0)
 }

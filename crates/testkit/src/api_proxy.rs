@@ -268,7 +268,7 @@ impl ApiFaultProxy {
                 format!("{upstream}: not an http(s) URL"),
             ));
         }
-        crate::install_crypto_provider();
+        vaultconn_local_cluster::install_crypto_provider();
         let client = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())

@@ -3,8 +3,8 @@
 //! quirks; this module starts it, talks to its test-only endpoints and kills it on drop.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), vaultconn::testkit::oidc::OidcError> {
-//! use vaultconn::testkit::oidc::{OidcOptions, OidcProvider, RT_CLIENT};
+//! # async fn demo() -> Result<(), vaultconn_testkit::oidc::OidcError> {
+//! use vaultconn_testkit::oidc::{OidcOptions, OidcProvider, RT_CLIENT};
 //! let idp = OidcProvider::start(OidcOptions { rotate: true, access_token_ttl_secs: 5 }).await?;
 //! let rt = idp.mint_refresh_token().await?;
 //! // POST idp.token_url() with grant_type=refresh_token, authenticated as RT_CLIENT ...
@@ -27,11 +27,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 /// Where the server and its `package.json` live.
-pub const SERVER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oidc");
+pub const SERVER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/oidc");
 /// Installs `tests/oidc/node_modules` if needed and prints the node binary to use.
 pub const INSTALL_SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/scripts/install-oidc-provider.sh"
+    "/../../scripts/install-oidc-provider.sh"
 );
 /// Account (`sub`) that minted refresh tokens belong to.
 pub const TEST_ACCOUNT: &str = "test-user";
@@ -355,7 +355,7 @@ impl OidcProvider {
     /// Installs the provider if needed (`scripts/install-oidc-provider.sh`), starts it on a random
     /// loopback port and waits until it serves its discovery document.
     pub async fn start(options: OidcOptions) -> Result<Self, OidcError> {
-        crate::install_crypto_provider();
+        vaultconn_local_cluster::install_crypto_provider();
         let node = node_binary().await?;
 
         let mut cmd = Command::new(&node);

@@ -44,9 +44,9 @@ use vaultconn::api::{Phase, VaultConnection};
 use vaultconn::oauth::schedule::{self, RenewBefore};
 use vaultconn::secret::{self as vsecret, SecretData};
 use vaultconn::status::{self as vstatus, Outcome};
-use vaultconn::testkit::control_plane::{ControlPlane, ControlPlaneOptions};
-use vaultconn::testkit::operator::{OperatorOptions, OperatorProcess};
-use vaultconn::testkit::token_server::{TokenServer, TokenServerConfig};
+use vaultconn_testkit::control_plane::{ControlPlane, ControlPlaneOptions};
+use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 
 const OUTPUT_SELECTOR: &str = "vaultconn.dev/secret-role=output";
 const BENCH_MANAGER: &str = "vaultconn-bench";
@@ -1863,7 +1863,7 @@ fn bail_with_logs(op: &OperatorProcess) {
 
 fn main() -> ExitCode {
     STARTED.get_or_init(Instant::now);
-    vaultconn::install_crypto_provider();
+    vaultconn_testkit::install_crypto_provider();
     let args = Args::parse_with_smoke();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("warn,kube_client::client::tls=error")

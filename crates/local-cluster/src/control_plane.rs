@@ -2,8 +2,8 @@
 //! kube-controller-manager, the same binaries envtest uses (see `scripts/provision-control-plane.sh`).
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), vaultconn::testkit::control_plane::ControlPlaneError> {
-//! use vaultconn::testkit::control_plane::{ControlPlane, ControlPlaneOptions};
+//! # async fn demo() -> Result<(), vaultconn_local_cluster::control_plane::ControlPlaneError> {
+//! use vaultconn_local_cluster::control_plane::{ControlPlane, ControlPlaneOptions};
 //! let cp = ControlPlane::start(ControlPlaneOptions::default()).await?;
 //! let client = cp.client().await;
 //! # let _ = client; Ok(()) }
@@ -55,10 +55,11 @@ use tempfile::TempDir;
 pub const FIELD_MANAGER: &str = "vaultconn-testkit";
 
 const POLL: Duration = Duration::from_millis(50);
-const PROVISION_SCRIPT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/scripts/provision-control-plane.sh"
-);
+/// Where the binaries are built and cached when no folder is given (see `locate`).
+const PROVISION_SCRIPT_ENV: &str = "VAULTCONN_PROVISION_SCRIPT";
+/// The folder `scripts/provision-control-plane.sh` fills, under `$VAULTCONN_CACHE` (default
+/// `~/.cache/vaultconn`).
+const CACHE_DIR: &str = "k8s-v1.20.2";
 
 /// Runs in the watchdog `sh`. `$1` is the temp dir. See the module docs. `alive` ignores
 /// zombies: killed servers are reparented to init, which need not reap them promptly.
@@ -85,8 +86,11 @@ pub struct ControlPlaneOptions {
     /// Start kube-controller-manager (garbage collector, namespace, service-account controllers).
     pub controller_manager: bool,
     /// Folder holding `etcd`, `kube-apiserver` (and `kube-controller-manager`). Defaults to
-    /// `KUBEBUILDER_ASSETS`, then to what `scripts/provision-control-plane.sh` prints.
+    /// `KUBEBUILDER_ASSETS`, then to what the provisioning script prints or has cached.
     pub assets_dir: Option<PathBuf>,
+    /// `scripts/provision-control-plane.sh`, run when no binaries are given (tests pass it so a
+    /// fresh machine builds them on first use).
+    pub provision_script: Option<PathBuf>,
     /// Where to create the temp dir (etcd data, certs, logs). Defaults to the system temp dir;
     /// `/dev/shm` makes etcd much faster for load tests.
     pub temp_root: Option<PathBuf>,
@@ -101,6 +105,7 @@ impl Default for ControlPlaneOptions {
             stop_timeout: Duration::from_secs(10),
             controller_manager: true,
             assets_dir: None,
+            provision_script: None,
             temp_root: None,
             extra_apiserver_args: Vec::new(),
         }
@@ -565,18 +570,14 @@ current-context: vaultconn-test
         for file in &files {
             let text =
                 fs::read_to_string(file).map_err(io_err(format!("reading {}", file.display())))?;
-            for doc in serde_yaml::Deserializer::from_str(&text) {
-                let crd_err = |reason: String| ControlPlaneError::Crd {
-                    file: file.clone(),
-                    reason,
-                };
-                let value = serde::Deserialize::deserialize(doc)
-                    .map_err(|e: serde_yaml::Error| crd_err(e.to_string()))?;
-                if matches!(value, serde_yaml::Value::Null) {
-                    continue; // empty document, e.g. a trailing `---`
-                }
-                let crd: CustomResourceDefinition =
-                    serde_yaml::from_value(value).map_err(|e| crd_err(e.to_string()))?;
+            let crd_err = |reason: String| ControlPlaneError::Crd {
+                file: file.clone(),
+                reason,
+            };
+            // Empty documents (a trailing `---`) are skipped by the parser.
+            let crds: Vec<CustomResourceDefinition> =
+                serde_saphyr::from_multiple(&text).map_err(|e| crd_err(e.to_string()))?;
+            for crd in crds {
                 let name = crd
                     .metadata
                     .name
@@ -664,6 +665,10 @@ struct Binaries {
 }
 
 impl Binaries {
+    /// The binaries to run, from (in order) `opts.assets_dir`, `KUBEBUILDER_ASSETS`, the cache
+    /// that `scripts/provision-control-plane.sh` fills, or by running that script when
+    /// `opts.provision_script` (or `$VAULTCONN_PROVISION_SCRIPT`) names it. Looked up at run
+    /// time, so the shipped binary carries no path of the machine that built it.
     async fn locate(opts: &ControlPlaneOptions) -> Result<Binaries, ControlPlaneError> {
         let has_core = |d: &Path| d.join("etcd").is_file() && d.join("kube-apiserver").is_file();
         let dir = if let Some(dir) = &opts.assets_dir {
@@ -675,9 +680,28 @@ impl Binaries {
             }
             dir.clone()
         } else {
-            match std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from) {
-                Some(dir) if has_core(&dir) => dir,
-                _ => provision().await?,
+            let assets = std::env::var_os("KUBEBUILDER_ASSETS").map(PathBuf::from);
+            let cache = std::env::var_os("VAULTCONN_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vaultconn"))
+                })
+                .map(|root| root.join(CACHE_DIR));
+            let script = opts
+                .provision_script
+                .clone()
+                .or_else(|| std::env::var_os(PROVISION_SCRIPT_ENV).map(PathBuf::from));
+            match (assets, cache, script) {
+                (Some(dir), _, _) if has_core(&dir) => dir,
+                // The script is the authority when given (it also rebuilds a stale cache).
+                (_, _, Some(script)) => provision(&script).await?,
+                (_, Some(dir), None) if has_core(&dir) => dir,
+                _ => {
+                    return Err(ControlPlaneError::Binaries(format!(
+                        "no etcd and kube-apiserver found: run scripts/provision-control-plane.sh \
+                         (fills ~/.cache/vaultconn/{CACHE_DIR}) or set KUBEBUILDER_ASSETS to a folder holding them"
+                    )))
+                }
             }
         };
         let kcm = dir.join("kube-controller-manager");
@@ -692,19 +716,20 @@ impl Binaries {
 
 /// Run the provisioning script (it serialises concurrent builds with a lock); its stdout is
 /// the folder. Its stderr (build progress) is passed through.
-async fn provision() -> Result<PathBuf, ControlPlaneError> {
+async fn provision(script: &Path) -> Result<PathBuf, ControlPlaneError> {
     let out = tokio::process::Command::new("bash")
-        .arg(PROVISION_SCRIPT)
+        .arg(script)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
         .await
-        .map_err(io_err(format!("running {PROVISION_SCRIPT}")))?;
+        .map_err(io_err(format!("running {}", script.display())))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let dir = stdout.lines().last().unwrap_or("").trim();
     if !out.status.success() || dir.is_empty() {
         return Err(ControlPlaneError::Binaries(format!(
-            "{PROVISION_SCRIPT} failed ({}); stdout: {stdout}",
+            "{} failed ({}); stdout: {stdout}",
+            script.display(),
             out.status
         )));
     }
@@ -879,5 +904,5 @@ fn spawn_supervised(mut cmd: Command, role: Role) -> io::Result<Child> {
         });
     }
     // The one spawner thread that never exits (see the module docs and `testkit::process`).
-    crate::testkit::process::spawn_on_spawner_thread(cmd)
+    crate::process::spawn_on_spawner_thread(cmd)
 }

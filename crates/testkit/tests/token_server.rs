@@ -1,10 +1,10 @@
-//! Tests of the fault-injecting token server itself (`vaultconn::testkit::token_server`), over
+//! Tests of the fault-injecting token server itself (`vaultconn_testkit::token_server`), over
 //! real HTTP with reqwest.
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use serde_json::Value;
-use vaultconn::testkit::token_server::{
+use vaultconn_testkit::token_server::{
     AuthMethod, Fault, FaultBody, GrantEvent, RefreshTokenState, RetryAfter, TokenServer,
     TokenServerConfig,
 };
@@ -23,7 +23,7 @@ fn config() -> TokenServerConfig {
 }
 
 fn client() -> reqwest::Client {
-    vaultconn::install_crypto_provider();
+    vaultconn_testkit::install_crypto_provider();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()

@@ -1,4 +1,4 @@
-//! HTTP-level tests of the oidc-provider harness (`vaultconn::testkit::oidc`): they prove the
+//! HTTP-level tests of the oidc-provider harness (`vaultconn_testkit::oidc`): they prove the
 //! peer behaves as the operator's tests assume (client auth methods, App. B encoding, rotation,
 //! reuse detection, TTLs, events, faults, process lifetime).
 use std::time::Duration;
@@ -6,12 +6,12 @@ use std::time::Duration;
 use base64::Engine as _;
 use reqwest::header::AUTHORIZATION;
 use serde_json::Value;
-use vaultconn::testkit::oidc::{
+use vaultconn_testkit::oidc::{
     Fault, OidcClient, OidcOptions, OidcProvider, M2M, M2M_POST, M2M_SPECIAL, RT_CLIENT,
 };
 
 fn http() -> reqwest::Client {
-    vaultconn::install_crypto_provider();
+    vaultconn_testkit::install_crypto_provider();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(15))

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::testkit::process::spawn_dies_with_parent;
+use vaultconn_local_cluster::process::spawn_dies_with_parent;
 
 pub struct OperatorOptions {
     /// The `vaultconn` binary (tests: `env!("CARGO_BIN_EXE_vaultconn")`).

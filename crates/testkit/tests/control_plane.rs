@@ -1,6 +1,6 @@
 //! Cluster tests of the test foundation itself: the control plane is real (garbage collector,
 //! service-account controllers), tests are isolated, and nothing outlives its owner.
-mod support;
+use vaultconn_testkit::shared as support;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use support::{test_namespace, wait_for, wait_for_some};
-use vaultconn::testkit::control_plane::{ControlPlane, ControlPlaneOptions};
+use vaultconn_testkit::control_plane::{ControlPlane, ControlPlaneOptions};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 

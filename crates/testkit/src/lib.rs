@@ -1,0 +1,22 @@
+//! Test support for vaultconn, never shipped (`publish = false`, a dev-dependency only).
+//!
+//! - [`shared`]: one control plane per test binary, a namespace per test, `wait_for`.
+//! - [`token_server`]: our fault-injecting OAuth token server (faults a real provider cannot
+//!   produce on demand).
+//! - [`oidc`]: drives a real OAuth server, panva/oidc-provider, and reads its own record of
+//!   what it issued, received and revoked.
+//! - [`api_proxy`]: a fault-injecting proxy in front of the real kube-apiserver (the real one
+//!   cannot fail one chosen write on demand).
+//! - [`operator`]: the `vaultconn` binary as a child process (kill, restart, logs, metrics).
+pub mod api_proxy;
+pub mod oidc;
+pub mod operator;
+pub mod shared;
+pub mod token_server;
+
+pub use vaultconn_local_cluster::{control_plane, install_crypto_provider, process};
+
+/// The repository root (test support only: a build-machine path is fine here).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
