@@ -7,23 +7,27 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::api::{Phase, VaultConnection, VaultConnectionStatus};
 use crate::error::{Error, Result};
+use crate::events::EventSink;
 use crate::names::*;
-use crate::secret::{self, DesiredSecret, Inputs, Ownership};
-use crate::secret_index::SecretIndex;
+use crate::oauth::client::TokenClientConfig;
+use crate::oauth::refresh::OAuthEngine;
+use crate::reason::Reason;
+use crate::secret::{self, Inputs};
 use crate::status::{self, Outcome};
 use crate::validation::{self, ValidationOptions};
+use crate::writer::{SecretWrite, SecretWriter};
 
 /// Operator settings the reconcile loop needs.
 #[derive(Debug, Clone)]
@@ -48,18 +52,20 @@ impl Default for ControllerConfig {
     }
 }
 
-/// Everything a reconcile needs, shared by all reconciles.
+/// Everything a reconcile needs, shared by all reconciles: the controller's own bundle. The
+/// OAuth engine gets only the writer, never the whole context.
 pub struct Context {
-    pub client: Client,
     pub config: ControllerConfig,
-    pub events: crate::events::EventSink,
-    pub secrets: SecretIndex,
-    pub oauth: crate::oauth::refresh::OAuthEngine,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub writer: SecretWriter,
+    pub oauth: OAuthEngine,
     /// Status this process last wrote per connection (the reflector may lag behind our own
     /// writes; comparing with both keeps a no-op reconcile from writing).
-    last_status: Mutex<HashMap<(String, String), VaultConnectionStatus>>,
+    last_status: Mutex<HashMap<Key, VaultConnectionStatus>>,
+    /// Consecutive reconcile errors per connection, for the error policy's backoff.
+    errors: Mutex<HashMap<Key, u32>>,
 }
+
+type Key = (String, String);
 
 impl Context {
     pub fn new(
@@ -71,24 +77,24 @@ impl Context {
             controller: CONTROLLER_NAME.into(),
             instance: config.instance.clone(),
         };
+        let events = EventSink::start(
+            Recorder::new(client.clone(), reporter),
+            metrics.events_dropped.clone(),
+        );
+        let oauth = OAuthEngine::new(
+            TokenClientConfig {
+                allow_http_loopback: config.allow_http_loopback,
+                request_timeout: config.token_request_timeout,
+                ..Default::default()
+            },
+            metrics.clone(),
+        )?;
         Ok(Arc::new(Context {
-            events: crate::events::EventSink::start(
-                Recorder::new(client.clone(), reporter),
-                metrics.events_dropped.clone(),
-            ),
-            oauth: crate::oauth::refresh::OAuthEngine::new(
-                crate::oauth::client::TokenClientConfig {
-                    allow_http_loopback: config.allow_http_loopback,
-                    request_timeout: config.token_request_timeout,
-                    ..Default::default()
-                },
-                metrics.clone(),
-            )?,
-            metrics,
-            client,
+            writer: SecretWriter::new(client, events, metrics),
+            oauth,
             config,
-            secrets: SecretIndex::default(),
             last_status: Mutex::default(),
+            errors: Mutex::default(),
         }))
     }
 
@@ -96,6 +102,10 @@ impl Context {
         ValidationOptions {
             allow_http_loopback: self.config.allow_http_loopback,
         }
+    }
+
+    fn client(&self) -> Client {
+        self.writer.client()
     }
 }
 
@@ -157,7 +167,7 @@ pub async fn run(
         })
         .await;
     // Token writes that were still retrying get one last chance before the process exits.
-    ctx.oauth.flush_pending(&ctx).await;
+    ctx.oauth.flush_pending(&ctx.writer).await;
     info!("controller stopped");
     Ok(())
 }
@@ -175,7 +185,7 @@ fn secret_triggers(
             let ctx = ctx.clone();
             async move {
                 match ev {
-                    Ok(ev) => Some(futures::stream::iter(ctx.secrets.apply_event(ev))),
+                    Ok(ev) => Some(futures::stream::iter(ctx.writer.index.apply_event(ev))),
                     Err(e) => {
                         warn!(error = %e, "secret watch error");
                         None
@@ -190,14 +200,18 @@ fn secret_triggers(
 pub async fn reconcile(vc: Arc<VaultConnection>, ctx: Arc<Context>) -> Result<Action> {
     let ns = vc.namespace().unwrap_or_default();
     let name = vc.name_any();
-    ctx.metrics.reconciles.inc();
+    ctx.writer.metrics.reconciles.inc();
     if vc.metadata.deletion_timestamp.is_some() {
-        ctx.secrets.forget_connection(&ns, &name);
+        ctx.writer.index.forget_connection(&ns, &name);
         return Ok(Action::await_change());
     }
 
     let (outcome, action) = decide(&vc, &ctx, &ns).await?;
     write_status(&vc, &ctx, &outcome).await?;
+    ctx.errors
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&(ns.clone(), name.clone()));
     debug!("reconcile finished: {ns}/{name} ({})", outcome.reason);
     Ok(action)
 }
@@ -208,16 +222,15 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
     if vc.spec.suspend {
         let msg =
             "Suspended: the operator writes and refreshes nothing until spec.suspend is false";
-        let mut o = Outcome::new(Phase::Suspended, false, "Suspended", msg);
         // Keep what the user needs to see about the existing Secret and tokens.
-        o = keep_known_fields(vc, o);
+        let o = status::keep_known_fields(vc, Outcome::new(Reason::Suspended, msg));
         return Ok((o, Action::await_change()));
     }
 
     let problems = validation::validate(vc, ctx.validation_options());
     if !problems.is_empty() {
-        let o = Outcome::new(Phase::Failed, false, "InvalidSpec", problems.join("; "));
-        return Ok((keep_known_fields(vc, o), Action::await_change()));
+        let o = Outcome::new(Reason::InvalidSpec, problems.join("; "));
+        return Ok((status::keep_known_fields(vc, o), Action::await_change()));
     }
 
     // Register interest before reading, so a Secret created right after the read still wakes us.
@@ -235,17 +248,16 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
     {
         reads.push(ca.name.clone());
     }
-    ctx.secrets.set_reads(ns, &name, reads);
+    ctx.writer.index.set_reads(ns, &name, reads);
 
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let creds = match &vc.spec.credentials_ref {
-        Some(r) => secrets.get_opt(&r.name).await?,
+        Some(r) => ctx.writer.get(ns, &r.name).await?,
         None => None,
     };
     let inputs = secret::extract_inputs(vc, creds.as_ref());
 
     if vc.spec.type_.is_oauth() {
-        return ctx.oauth.reconcile(vc, ctx, inputs).await;
+        return ctx.oauth.reconcile(vc, &ctx.writer, inputs).await;
     }
 
     match inputs {
@@ -253,21 +265,19 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
             missing_keys,
             message,
         } => Ok((
-            pending(vc, ctx, ns, missing_keys, message),
+            status::pending(vc, missing_keys, message, ctx.writer.last_good_kept(vc)),
             Action::await_change(),
         )),
         Inputs::Complete(data) => {
             let desired = secret::desired_output_secret(vc, secret::static_outputs(vc, &data));
-            match ensure_secret(ctx, vc, &desired, true).await? {
+            match ctx.writer.ensure(vc, &desired, true).await? {
                 SecretWrite::Conflict(msg) => Ok((
-                    Outcome::new(Phase::Failed, false, "SecretConflict", msg),
+                    Outcome::new(Reason::SecretConflict, msg),
                     Action::await_change(),
                 )),
                 _ => Ok((
                     Outcome::new(
-                        Phase::Ready,
-                        true,
-                        "Reconciled",
+                        Reason::Reconciled,
                         format!("Secret {ns}/{} is up to date", desired.name),
                     )
                     .with_secret(Some(desired.name.clone())),
@@ -277,163 +287,6 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
             }
         }
     }
-}
-
-/// Pending, keeping (and saying so) the last good Secret if there is one.
-pub fn pending(
-    vc: &VaultConnection,
-    ctx: &Context,
-    ns: &str,
-    missing_keys: Vec<String>,
-    message: String,
-) -> Outcome {
-    let target = vc.target_name();
-    let kept = ctx.secrets.managed(ns, &target).is_some()
-        && vc.status.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(target.as_str());
-    let message = if kept {
-        format!("{message}; the last good Secret {ns}/{target} is kept unchanged")
-    } else {
-        message
-    };
-    let mut o = Outcome::new(Phase::Pending, false, "CredentialsMissing", message);
-    o = keep_known_fields(vc, o);
-    o.missing_keys = missing_keys;
-    if !kept {
-        o.secret_name = None;
-    }
-    o
-}
-
-/// Carry over `secretName` and token fields from the live status into a non-Ready outcome.
-pub fn keep_known_fields(vc: &VaultConnection, mut o: Outcome) -> Outcome {
-    if let Some(s) = &vc.status {
-        o.secret_name = s.secret_name.clone();
-        if vc.spec.type_.is_oauth() && o.oauth.is_none() {
-            o.oauth = Some(crate::status::OAuthStatus {
-                state_secret_name: s.state_secret_name.clone(),
-                expires_at: s.expires_at.clone(),
-                last_refresh_time: s.last_refresh_time.clone(),
-                next_refresh_time: s.next_refresh_time.clone(),
-                failed_refresh_attempts: s.failed_refresh_attempts.unwrap_or(0),
-                last_failure_reason: s.last_failure_reason.clone(),
-            });
-        }
-    }
-    o
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretWrite {
-    Unchanged,
-    Created,
-    Updated,
-    Conflict(String),
-}
-
-/// Make the live Secret equal `desired`, writing only when it differs and never touching a
-/// Secret another object controls.
-/// `announce_updates`: publish an Event for updates too (off for routine token rotation, which
-/// would otherwise emit an Event per refresh).
-pub async fn ensure_secret(
-    ctx: &Context,
-    vc: &VaultConnection,
-    desired: &DesiredSecret,
-    announce_updates: bool,
-) -> Result<SecretWrite> {
-    let ns = &desired.namespace;
-    if ctx.secrets.is_verified(
-        ns,
-        &desired.name,
-        vc.metadata.uid.as_deref().unwrap_or_default(),
-        desired.content_hash(),
-    ) {
-        return Ok(SecretWrite::Unchanged);
-    }
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    // A target the watch has never seen as ours is most likely new: create it straight away
-    // (one request instead of a read and a create); 409 means it exists and is looked at below.
-    if ctx.secrets.managed(ns, &desired.name).is_none() {
-        let pp = PostParams {
-            field_manager: Some(FIELD_MANAGER.into()),
-            ..Default::default()
-        };
-        match api.create(&pp, &desired.to_new_secret()).await {
-            Ok(created) => {
-                ctx.secrets
-                    .mark_verified(ns, &desired.name, created.metadata.resource_version);
-                ctx.metrics.secret_writes.inc();
-                publish(
-                    ctx,
-                    vc,
-                    EventType::Normal,
-                    "SecretCreated",
-                    format!("Created Secret {ns}/{}", desired.name),
-                );
-                return Ok(SecretWrite::Created);
-            }
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let result = match api.get_opt(&desired.name).await? {
-        // Deleted between the create attempt (or the index) and this read: try again soon.
-        None => {
-            return Err(Error::Retry(format!(
-                "Secret {ns}/{} changed while writing it",
-                desired.name
-            )))
-        }
-        Some(live) => {
-            match secret::ownership(vc, &live.metadata) {
-                Ownership::Ours => {}
-                Ownership::Foreign if vc.adopt() => {}
-                Ownership::Foreign => {
-                    return Ok(SecretWrite::Conflict(format!(
-                        "Secret {ns}/{} already exists and is not managed by vaultconn; set spec.target.adopt: true to take it over, or choose another spec.target.name",
-                        desired.name
-                    )))
-                }
-                Ownership::OtherConnection(other) => {
-                    return Ok(SecretWrite::Conflict(format!(
-                        "Secret {ns}/{} is already managed by VaultConnection {ns}/{other}; two connections cannot share one Secret",
-                        desired.name
-                    )))
-                }
-            }
-            if desired.matches(&live) {
-                ctx.secrets
-                    .mark_verified(ns, &desired.name, live.metadata.resource_version);
-                SecretWrite::Unchanged
-            } else {
-                // Replace with the resourceVersion we read: a concurrent writer makes this fail
-                // (409) instead of being overwritten blindly.
-                let updated = api
-                    .replace(
-                        &desired.name,
-                        &PostParams {
-                            field_manager: Some(FIELD_MANAGER.into()),
-                            ..Default::default()
-                        },
-                        &desired.merged_into(&live),
-                    )
-                    .await?;
-                ctx.secrets
-                    .mark_verified(ns, &desired.name, updated.metadata.resource_version);
-                ctx.metrics.secret_writes.inc();
-                if announce_updates {
-                    publish(
-                        ctx,
-                        vc,
-                        EventType::Normal,
-                        "SecretUpdated",
-                        format!("Updated Secret {ns}/{}", desired.name),
-                    );
-                }
-                SecretWrite::Updated
-            }
-        }
-    };
-    Ok(result)
 }
 
 async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) -> Result<()> {
@@ -453,7 +306,7 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
         return Ok(());
     }
     let previous_reason = status::current_reason(vc).map(str::to_string);
-    let api: Api<VaultConnection> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<VaultConnection> = Api::namespaced(ctx.client(), &ns);
     let patch = json!({
         "apiVersion": "vaultconn.dev/v1alpha1",
         "kind": "VaultConnection",
@@ -470,7 +323,7 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, desired);
     let first_ready = previous_reason.is_none() && outcome.ready;
-    if previous_reason.as_deref() != Some(outcome.reason) && !first_ready {
+    if previous_reason.as_deref() != Some(outcome.reason.as_str()) && !first_ready {
         let type_ = if outcome.ready
             || outcome.phase == Phase::Pending
             || outcome.phase == Phase::Suspended
@@ -479,7 +332,8 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
         } else {
             EventType::Warning
         };
-        publish(ctx, vc, type_, outcome.reason, outcome.message.clone());
+        ctx.writer
+            .publish(vc, type_, outcome.reason.as_str(), outcome.message.clone());
     }
     Ok(())
 }
@@ -488,20 +342,26 @@ fn jiff_now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
 }
 
-/// Queue an Event (published in the background; best-effort, see `events`).
-pub fn publish(ctx: &Context, vc: &VaultConnection, type_: EventType, reason: &str, note: String) {
-    ctx.events.publish(vc.object_ref(&()), type_, reason, note);
-}
-
+/// Requeue a failed reconcile after a per-connection exponential backoff whose range depends
+/// on the error's category: a persistent RBAC denial backs off to 10 minutes instead of
+/// retrying every few seconds forever; a conflict or a blip retries within seconds.
 pub fn error_policy(vc: Arc<VaultConnection>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
+    let category = error.category();
+    ctx.writer
+        .metrics
         .reconcile_errors
         .get_or_create(&crate::metrics::ReasonLabel {
-            reason: error.category().into(),
+            reason: category.into(),
         })
         .inc();
-    warn!(namespace = vc.namespace().unwrap_or_default(), name = %vc.name_any(), category = error.category(), error = %error, "reconcile failed; will retry");
-    // Jittered so that many connections failing together (API server restart) spread out.
-    let jitter = rand::random::<u64>() % 2000;
-    Action::requeue(Duration::from_millis(3000 + jitter))
+    let key = (vc.namespace().unwrap_or_default(), vc.name_any());
+    let attempt = {
+        let mut errors = ctx.errors.lock().unwrap_or_else(|e| e.into_inner());
+        let n = errors.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = error.backoff().delay(attempt);
+    warn!(namespace = vc.namespace().unwrap_or_default(), name = %vc.name_any(), category, attempt, retry_in_ms = delay.as_millis() as u64, error = %error, "reconcile failed; will retry");
+    Action::requeue(delay)
 }

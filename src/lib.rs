@@ -14,10 +14,12 @@ pub mod http;
 pub mod metrics;
 pub mod names;
 pub mod oauth;
+pub mod reason;
 pub mod secret;
 pub mod secret_index;
 pub mod status;
 pub mod validation;
+pub mod writer;
 
 /// Install the one rustls crypto provider (ring) used by both kube and reqwest.
 /// Idempotent: a second call is a no-op.

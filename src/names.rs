@@ -28,7 +28,7 @@ pub fn state_secret_name(connection: &str) -> String {
     let mut name = format!("{connection}-vaultconn-state");
     if name.len() > 253 {
         // Keep it a valid name for very long connection names: truncate and add a hash suffix.
-        let digest = crate::secret::sha256_hex(connection.as_bytes());
+        let digest = sha256_hex(connection.as_bytes());
         name = format!("{}-{}-vaultconn-state", &connection[..200], &digest[..16]);
     }
     name
@@ -36,4 +36,11 @@ pub fn state_secret_name(connection: &str) -> String {
 
 pub fn auth0_token_url(domain: &str) -> String {
     format!("https://{domain}/oauth/token")
+}
+
+/// Hex SHA-256: content hashes, fingerprints of tokens (never the tokens themselves) and
+/// hash suffixes of long names.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
 }

@@ -237,10 +237,6 @@ pub struct DesiredSecret {
     pub data: SecretData,
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
 /// Hash of everything the operator puts on a Secret (data, labels, annotations, owner), so a
 /// spec change to labels or the deletion policy is not mistaken for "already correct".
 fn content_hash(
@@ -453,6 +449,32 @@ pub fn ownership(vc: &VaultConnection, meta: &ObjectMeta) -> Ownership {
         Ownership::Foreign
     } else {
         Ownership::OtherConnection(conn)
+    }
+}
+
+/// The single ownership check of every write: `None` when `vc` may write `desired` over the
+/// live Secret with metadata `live`, else the message saying who controls it. A foreign Secret
+/// is taken over only as an output Secret with `spec.target.adopt`; a state Secret never is.
+pub fn write_conflict(
+    vc: &VaultConnection,
+    desired: &DesiredSecret,
+    live: &ObjectMeta,
+) -> Option<String> {
+    let ns = &desired.namespace;
+    let name = &desired.name;
+    let is_output = desired.labels.get(ROLE_LABEL).map(String::as_str) == Some(ROLE_OUTPUT);
+    match ownership(vc, live) {
+        Ownership::Ours => None,
+        Ownership::Foreign if is_output && vc.adopt() => None,
+        Ownership::Foreign if is_output => Some(format!(
+            "Secret {ns}/{name} already exists and is not managed by vaultconn; set spec.target.adopt: true to take it over, or choose another spec.target.name"
+        )),
+        Ownership::Foreign => Some(format!(
+            "Secret {ns}/{name} (the token state Secret) exists and is not this connection's; delete or rename it"
+        )),
+        Ownership::OtherConnection(other) => Some(format!(
+            "Secret {ns}/{name} is already managed by VaultConnection {ns}/{other}; two connections cannot share one Secret"
+        )),
     }
 }
 

@@ -4,6 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{Phase, VaultConnection, VaultConnectionStatus};
+use crate::reason::Reason;
 
 /// Condition type every connection carries (Argo CD and `kubectl wait` key off it).
 pub const READY: &str = "Ready";
@@ -13,8 +14,7 @@ pub const READY: &str = "Ready";
 pub struct Outcome {
     pub phase: Phase,
     pub ready: bool,
-    /// CamelCase reason from a fixed set (see the README's table).
-    pub reason: &'static str,
+    pub reason: Reason,
     /// Human-readable; never contains a secret value.
     pub message: String,
     pub secret_name: Option<String>,
@@ -34,15 +34,11 @@ pub struct OAuthStatus {
 }
 
 impl Outcome {
-    pub fn new(
-        phase: Phase,
-        ready: bool,
-        reason: &'static str,
-        message: impl Into<String>,
-    ) -> Self {
+    /// The phase and readiness follow from the reason (see [`Reason::phase`]).
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
         Outcome {
-            phase,
-            ready,
+            phase: reason.phase(),
+            ready: reason.is_ready(),
             reason,
             message: message.into(),
             secret_name: None,
@@ -70,7 +66,7 @@ pub fn desired_status(vc: &VaultConnection, outcome: &Outcome, now: Time) -> Vau
     let ready = Condition {
         type_: READY.into(),
         status: cond_status.into(),
-        reason: outcome.reason.into(),
+        reason: outcome.reason.as_str().into(),
         message: truncate(&outcome.message, 1024),
         observed_generation: generation,
         last_transition_time,
@@ -101,6 +97,48 @@ pub fn desired_status(vc: &VaultConnection, outcome: &Outcome, now: Time) -> Vau
             .then_some(oauth.failed_refresh_attempts),
         last_failure_reason: oauth.last_failure_reason,
     }
+}
+
+/// `outcome` with `secretName` and the token fields carried over from the live status: a
+/// non-Ready outcome must not make the user lose sight of the existing Secret and tokens.
+pub fn keep_known_fields(vc: &VaultConnection, mut o: Outcome) -> Outcome {
+    if let Some(s) = &vc.status {
+        o.secret_name = s.secret_name.clone();
+        if vc.spec.type_.is_oauth() && o.oauth.is_none() {
+            o.oauth = Some(OAuthStatus {
+                state_secret_name: s.state_secret_name.clone(),
+                expires_at: s.expires_at.clone(),
+                last_refresh_time: s.last_refresh_time.clone(),
+                next_refresh_time: s.next_refresh_time.clone(),
+                failed_refresh_attempts: s.failed_refresh_attempts.unwrap_or(0),
+                last_failure_reason: s.last_failure_reason.clone(),
+            });
+        }
+    }
+    o
+}
+
+/// Pending for missing credentials. `last_good_kept`: the target Secret exists, is ours, and
+/// the status already names it, so the message says the last good Secret stays unchanged.
+pub fn pending(
+    vc: &VaultConnection,
+    missing_keys: Vec<String>,
+    message: String,
+    last_good_kept: bool,
+) -> Outcome {
+    let message = if last_good_kept {
+        let ns = vc.metadata.namespace.as_deref().unwrap_or_default();
+        let target = vc.target_name();
+        format!("{message}; the last good Secret {ns}/{target} is kept unchanged")
+    } else {
+        message
+    };
+    let mut o = keep_known_fields(vc, Outcome::new(Reason::CredentialsMissing, message));
+    o.missing_keys = missing_keys;
+    if !last_good_kept {
+        o.secret_name = None;
+    }
+    o
 }
 
 /// The reason of the live `Ready` condition, if any.
@@ -146,12 +184,7 @@ mod tests {
 
     #[test]
     fn pending_status_lists_missing_keys() {
-        let mut o = Outcome::new(
-            Phase::Pending,
-            false,
-            "CredentialsMissing",
-            "Secret ns/c has no key api_key",
-        );
+        let mut o = Outcome::new(Reason::CredentialsMissing, "Secret ns/c has no key api_key");
         o.missing_keys = vec!["api_key".into()];
         let s = desired_status(&vc(None), &o, time("2026-01-01T00:00:00Z"));
         assert_eq!(s.phase, Some(Phase::Pending));
@@ -167,7 +200,7 @@ mod tests {
 
     #[test]
     fn unchanged_outcome_gives_identical_status() {
-        let o = Outcome::new(Phase::Ready, true, "Reconciled", "ok").with_secret(Some("s".into()));
+        let o = Outcome::new(Reason::Reconciled, "ok").with_secret(Some("s".into()));
         let first = desired_status(&vc(None), &o, time("2026-01-01T00:00:00Z"));
         let again = desired_status(&vc(Some(first.clone())), &o, time("2026-01-02T00:00:00Z"));
         assert_eq!(first, again);
@@ -175,15 +208,15 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_when_status_flips() {
-        let ready = Outcome::new(Phase::Ready, true, "Reconciled", "ok");
+        let ready = Outcome::new(Reason::Reconciled, "ok");
         let first = desired_status(&vc(None), &ready, time("2026-01-01T00:00:00Z"));
-        let pending = Outcome::new(Phase::Pending, false, "CredentialsMissing", "x");
+        let pending = Outcome::new(Reason::CredentialsMissing, "x");
         let second = desired_status(&vc(Some(first)), &pending, time("2026-01-02T00:00:00Z"));
         assert_eq!(
             second.conditions[0].last_transition_time,
             time("2026-01-02T00:00:00Z")
         );
-        let failed = Outcome::new(Phase::Failed, false, "InvalidSpec", "y");
+        let failed = Outcome::new(Reason::InvalidSpec, "y");
         let third = desired_status(&vc(Some(second)), &failed, time("2026-01-03T00:00:00Z"));
         assert_eq!(
             third.conditions[0].last_transition_time,
@@ -194,7 +227,7 @@ mod tests {
 
     #[test]
     fn long_messages_are_truncated() {
-        let o = Outcome::new(Phase::Failed, false, "InvalidSpec", "é".repeat(2000));
+        let o = Outcome::new(Reason::InvalidSpec, "é".repeat(2000));
         let s = desired_status(&vc(None), &o, time("2026-01-01T00:00:00Z"));
         assert!(s.conditions[0].message.len() <= 1024 + 3);
     }

@@ -17,15 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
 use kube::ResourceExt;
 use secrecy::{ExposeSecret, SecretString};
 use tracing::{info, warn};
 
-use crate::api::{GrantType, Phase, VaultConnection};
-use crate::controller::{ensure_secret, keep_known_fields, pending, Context, SecretWrite};
+use crate::api::{GrantType, VaultConnection};
 use crate::error::Result;
 use crate::metrics::{ConnectionLabel, Metrics};
 use crate::names::*;
@@ -36,8 +33,10 @@ use crate::oauth::schedule;
 use crate::oauth::state::{
     self, format_time, AccessToken, OAuthSettings, Plan, RefreshCause, TokenState,
 };
+use crate::reason::Reason;
 use crate::secret::{self, Inputs, Ownership, SecretBytes, SecretData};
-use crate::status::{OAuthStatus, Outcome};
+use crate::status::{keep_known_fields, OAuthStatus, Outcome};
+use crate::writer::{DryRun, GuardedWriteError, SecretWrite, SecretWriter};
 
 type Key = (String, String);
 
@@ -131,7 +130,7 @@ impl OAuthEngine {
 
     /// Write every pending state, retrying with backoff for up to `PERSIST_RETRY_BUDGET` each.
     /// Called on shutdown so a SIGTERM does not drop a rotated refresh token.
-    pub async fn flush_pending(&self, ctx: &Context) {
+    pub async fn flush_pending(&self, ctx: &SecretWriter) {
         let keys: Vec<Key> = self
             .pending
             .lock()
@@ -161,7 +160,7 @@ impl OAuthEngine {
     pub async fn reconcile(
         &self,
         vc: &VaultConnection,
-        ctx: &Context,
+        ctx: &SecretWriter,
         inputs: Inputs,
     ) -> Result<(Outcome, Action)> {
         let ns = vc.namespace().unwrap_or_default();
@@ -195,20 +194,20 @@ impl OAuthEngine {
                 missing_keys,
                 message,
             } => {
+                let kept = ctx.last_good_kept(vc);
                 return Ok((
-                    pending(vc, ctx, &ns, missing_keys, message),
+                    crate::status::pending(vc, missing_keys, message, kept),
                     Action::await_change(),
                 ));
             }
         };
         let settings = state::settings(vc);
-        let state_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let live_state = state_api.get_opt(&state_name).await?;
+        let live_state = ctx.get(&ns, &state_name).await?;
         if let Some(live) = &live_state {
             if secret::ownership(vc, &live.metadata) != Ownership::Ours {
                 let msg = format!("Secret {ns}/{state_name} (the token state Secret) exists and is not this connection's; delete or rename it");
                 return Ok((
-                    Outcome::new(Phase::Failed, false, "SecretConflict", msg),
+                    Outcome::new(Reason::SecretConflict, msg),
                     Action::await_change(),
                 ));
             }
@@ -271,7 +270,7 @@ impl OAuthEngine {
     /// Make the generated Secret hold the current access token; Ready while it is valid.
     async fn publish_access(
         &self,
-        ctx: &Context,
+        ctx: &SecretWriter,
         vc: &VaultConnection,
         st: &TokenState,
         next_refresh: Option<DateTime<Utc>>,
@@ -280,9 +279,7 @@ impl OAuthEngine {
         let name = vc.name_any();
         let Some(access) = &st.access else {
             return Ok(Outcome::new(
-                Phase::Pending,
-                false,
-                "TokenPending",
+                Reason::TokenPending,
                 "No access token has been issued yet",
             ));
         };
@@ -293,8 +290,8 @@ impl OAuthEngine {
             access.scope.as_deref(),
         );
         let desired = secret::desired_output_secret(vc, data);
-        if let SecretWrite::Conflict(msg) = ensure_secret(ctx, vc, &desired, false).await? {
-            return Ok(Outcome::new(Phase::Failed, false, "SecretConflict", msg));
+        if let SecretWrite::Conflict(msg) = ctx.ensure(vc, &desired, false).await? {
+            return Ok(Outcome::new(Reason::SecretConflict, msg));
         }
         self.metrics
             .token_expiry
@@ -314,9 +311,7 @@ impl OAuthEngine {
         };
         let mut o = if valid {
             Outcome::new(
-                Phase::Ready,
-                true,
-                "Reconciled",
+                Reason::Reconciled,
                 format!(
                     "Secret {ns}/{} holds an access token valid until {}",
                     desired.name,
@@ -325,9 +320,7 @@ impl OAuthEngine {
             )
         } else {
             Outcome::new(
-                Phase::Failed,
-                false,
-                "TokenExpired",
+                Reason::TokenExpired,
                 format!(
                     "The access token in Secret {ns}/{} expired at {}",
                     desired.name,
@@ -340,7 +333,11 @@ impl OAuthEngine {
         Ok(o)
     }
 
-    async fn refresh(&self, ctx: &Context, r: RefreshRequest<'_>) -> Result<(Outcome, Action)> {
+    async fn refresh(
+        &self,
+        ctx: &SecretWriter,
+        r: RefreshRequest<'_>,
+    ) -> Result<(Outcome, Action)> {
         let RefreshRequest {
             vc,
             ns,
@@ -359,9 +356,7 @@ impl OAuthEngine {
             let o = keep_known_fields(
                 vc,
                 Outcome::new(
-                    Phase::Pending,
-                    false,
-                    "NotLeader",
+                    Reason::NotLeader,
                     "Waiting for this replica to hold the leader lease",
                 ),
             );
@@ -374,37 +369,28 @@ impl OAuthEngine {
         // more than a dry run; client credentials spend nothing and only dry-run it.
         let guard = state.refresh_token.clone();
         let proven = self.writes_proven(key);
-        if settings.grant == GrantType::ClientCredentials && !proven {
+        if !proven {
             let probe_state = desired_state(vc, &state, config_fp, seed_fp, refresh_request);
-            if let Err(msg) = preflight(
-                ctx,
+            let probe_output = secret::desired_output_secret(
                 vc,
-                &secret::desired_state_secret(vc, probe_state.to_data()),
-            )
-            .await?
-            {
-                return Ok(self.not_writable(vc, key, msg));
+                secret::oauth_outputs("probe", "Bearer", &format_time(Utc::now()), None),
+            );
+            let mut probes = vec![probe_output];
+            if settings.grant == GrantType::ClientCredentials {
+                probes.push(secret::desired_state_secret(vc, probe_state.to_data()));
             }
-        }
-        let probe_output = secret::desired_output_secret(
-            vc,
-            secret::oauth_outputs("probe", "Bearer", &format_time(Utc::now()), None),
-        );
-        let output_check = if proven {
-            Ok(())
-        } else {
-            preflight(ctx, vc, &probe_output).await?
-        };
-        if let Err(msg) = output_check {
-            let conflict =
-                msg.contains("not managed by vaultconn") || msg.contains("already managed");
-            if conflict {
-                return Ok((
-                    Outcome::new(Phase::Failed, false, "SecretConflict", msg),
-                    Action::await_change(),
-                ));
+            for probe in &probes {
+                match ctx.dry_run(vc, probe).await? {
+                    DryRun::Accepted => {}
+                    DryRun::Conflict(msg) => {
+                        return Ok((
+                            Outcome::new(Reason::SecretConflict, msg),
+                            Action::await_change(),
+                        ))
+                    }
+                    DryRun::Refused(msg) => return Ok(self.not_writable(vc, key, msg)),
+                }
             }
-            return Ok(self.not_writable(vc, key, msg));
         }
 
         let rt_sent: Option<SecretBytes> = match settings.grant {
@@ -423,7 +409,7 @@ impl OAuthEngine {
             Ok(ca) => ca,
             Err(msg) => {
                 return Ok((
-                    Outcome::new(Phase::Failed, false, "CABundleMissing", msg),
+                    Outcome::new(Reason::CaBundleMissing, msg),
                     Action::await_change(),
                 ))
             }
@@ -438,20 +424,18 @@ impl OAuthEngine {
             intent.inflight = Some(fp);
             if let Err(e) = persist_state_once(ctx, vc, &intent, guard.as_ref()).await {
                 return match e {
-                    PersistError::NotWritable(msg) => Ok(self.not_writable(vc, key, msg)),
-                    PersistError::Concurrent => Ok((
+                    GuardedWriteError::NotWritable(msg) => Ok(self.not_writable(vc, key, msg)),
+                    GuardedWriteError::Concurrent => Ok((
                         keep_known_fields(
                             vc,
                             Outcome::new(
-                                Phase::Pending,
-                                false,
-                                "RefreshTokenAdopted",
+                                Reason::RefreshTokenAdopted,
                                 "The stored refresh token changed while refreshing; using it",
                             ),
                         ),
                         Action::requeue(Duration::from_secs(1)),
                     )),
-                    PersistError::Kube(e) => Err(e.into()),
+                    GuardedWriteError::Kube(e) => Err(e.into()),
                 };
             }
             state.inflight = intent.inflight;
@@ -477,7 +461,7 @@ impl OAuthEngine {
                             Some(SecretBytes::new(new_rt.expose_secret().as_bytes().to_vec()));
                         let st = desired_state(vc, &state, config_fp, seed_fp, None);
                         if persist_state(ctx, vc, &st, guard.as_ref()).await.is_ok() {
-                            return Ok((keep_known_fields(vc, Outcome::new(Phase::Pending, false, "UnparseableTokenResponse", "The token endpoint returned an unparseable response carrying a new refresh token; it was stored and a new access token will be requested")), Action::requeue(Duration::from_secs(1))));
+                            return Ok((keep_known_fields(vc, Outcome::new(Reason::UnparseableTokenResponse, "The token endpoint returned an unparseable response carrying a new refresh token; it was stored and a new access token will be requested")), Action::requeue(Duration::from_secs(1))));
                         }
                     }
                     warn!(namespace = %ns, name = %name, "token response lost; retrying once with the same refresh token");
@@ -512,15 +496,13 @@ impl OAuthEngine {
                     if let Some(sent) = &rt_sent {
                         // Someone else may have rotated it (another replica, a restored backup):
                         // if the stored token differs from what we sent, adopt it.
-                        let live = Api::<Secret>::namespaced(ctx.client.clone(), ns)
-                            .get_opt(&state_name)
-                            .await?;
+                        let live = ctx.get(ns, &state_name).await?;
                         let stored = live
                             .map(|s| TokenState::from_data(&SecretData::from_secret(&s)))
                             .and_then(|s| s.refresh_token);
                         if stored.as_ref().is_some_and(|st| st != sent) {
                             info!(namespace = %ns, name = %name, "refresh token was rotated elsewhere; adopting the stored one");
-                            return Ok((keep_known_fields(vc, Outcome::new(Phase::Pending, false, "RefreshTokenAdopted", "The stored refresh token changed while refreshing; using it")), Action::requeue(Duration::from_secs(1))));
+                            return Ok((keep_known_fields(vc, Outcome::new(Reason::RefreshTokenAdopted, "The stored refresh token changed while refreshing; using it")), Action::requeue(Duration::from_secs(1))));
                         }
                     }
                     let reason = if retried_unknown || previous_attempt_unknown {
@@ -600,7 +582,7 @@ impl OAuthEngine {
     #[allow(clippy::too_many_arguments)]
     async fn on_success(
         &self,
-        ctx: &Context,
+        ctx: &SecretWriter,
         vc: &VaultConnection,
         key: &Key,
         mut state: TokenState,
@@ -674,7 +656,7 @@ impl OAuthEngine {
     #[allow(clippy::too_many_arguments)]
     async fn terminal(
         &self,
-        ctx: &Context,
+        ctx: &SecretWriter,
         vc: &VaultConnection,
         key: &Key,
         mut state: TokenState,
@@ -744,13 +726,11 @@ impl OAuthEngine {
         );
         let mut o = if valid {
             Outcome::new(
-                Phase::Ready,
-                true,
-                "RefreshRetrying",
+                Reason::RefreshRetrying,
                 format!("{msg}; the current access token is still valid"),
             )
         } else {
-            Outcome::new(Phase::Failed, false, reason_static(reason), msg)
+            Outcome::new(reason_static(reason), msg)
         };
         o = keep_known_fields(vc, o);
         let oauth = o.oauth.get_or_insert_with(Default::default);
@@ -769,9 +749,7 @@ impl OAuthEngine {
         let o = keep_known_fields(
             vc,
             Outcome::new(
-                Phase::Failed,
-                false,
-                "SecretNotWritable",
+                Reason::SecretNotWritable,
                 format!("{msg}; no token was requested"),
             ),
         );
@@ -793,33 +771,16 @@ struct RefreshRequest<'a> {
     cause: RefreshCause,
 }
 
-/// Map a reason to the fixed set of status reasons.
-fn reason_static(reason: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "RefreshTokenRejected",
-        "InvalidClient",
-        "TokenRequestRejected",
-        "TokenEndpointUnreachable",
-        "TokenEndpointUnavailable",
-        "RateLimited",
-        "TokenResponseLost",
-        "UnparseableTokenResponse",
-        "RefreshResponseLost",
-        "ForbiddenTokenEndpoint",
-        "TokenEndpointRedirected",
-        "TokenResponseTooLarge",
-        "TLSError",
-        "InvalidTokenUrl",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == reason)
-        .copied()
-        .unwrap_or("TokenRequestFailed")
+/// Map a token error's reason name to the status vocabulary.
+fn reason_static(reason: &str) -> Reason {
+    match reason {
+        "InvalidCaBundle" => Reason::InvalidCaBundle,
+        other => Reason::parse(other).unwrap_or(Reason::TokenClientSetupFailed),
+    }
 }
 
 fn failed_outcome(_vc: &VaultConnection, reason: &str, msg: String) -> Outcome {
-    Outcome::new(Phase::Failed, false, reason_static(reason), msg)
+    Outcome::new(reason_static(reason), msg)
 }
 
 /// What the user should read (and do) for each terminal reason.
@@ -834,7 +795,7 @@ fn failure_message(reason: &str, ns: &str, name: &str) -> String {
 }
 
 fn persist_pending_outcome(vc: &VaultConnection, ns: &str, state_name: &str) -> Outcome {
-    keep_known_fields(vc, Outcome::new(Phase::Pending, false, "TokenPersistPending", format!("New tokens were issued but Secret {ns}/{state_name} could not be written yet; retrying the write (the token endpoint is not called again)")))
+    keep_known_fields(vc, Outcome::new(Reason::TokenPersistPending, format!("New tokens were issued but Secret {ns}/{state_name} could not be written yet; retrying the write (the token endpoint is not called again)")))
 }
 
 fn requeue_at(t: DateTime<Utc>) -> Action {
@@ -919,7 +880,7 @@ fn token_request(s: &OAuthSettings, inputs: &SecretData, rt: Option<&SecretBytes
 }
 
 async fn load_ca_bundle(
-    ctx: &Context,
+    ctx: &SecretWriter,
     vc: &VaultConnection,
     ns: &str,
 ) -> Result<std::result::Result<Option<Vec<u8>>, String>> {
@@ -932,9 +893,7 @@ async fn load_ca_bundle(
         return Ok(Ok(None));
     };
     let key = r.key.clone().unwrap_or_else(|| "ca.crt".into());
-    let s = Api::<Secret>::namespaced(ctx.client.clone(), ns)
-        .get_opt(&r.name)
-        .await?;
+    let s = ctx.get(ns, &r.name).await?;
     let data = s
         .and_then(|s| s.data)
         .and_then(|d| d.get(&key).map(|b| b.0.clone()));
@@ -947,116 +906,30 @@ async fn load_ca_bundle(
     })
 }
 
-/// Dry-run the write of `desired` (create or replace) and check ownership, without changing
-/// anything. `Ok(Err(msg))` says why the write would be refused.
-async fn preflight(
-    ctx: &Context,
-    vc: &VaultConnection,
-    desired: &secret::DesiredSecret,
-) -> Result<std::result::Result<(), String>> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &desired.namespace);
-    let pp = PostParams {
-        dry_run: true,
-        field_manager: Some(FIELD_MANAGER.into()),
-    };
-    let res = match api.get_opt(&desired.name).await? {
-        None => api.create(&pp, &desired.to_new_secret()).await.map(|_| ()),
-        Some(live) => {
-            match secret::ownership(vc, &live.metadata) {
-                Ownership::Ours => {}
-                Ownership::Foreign if vc.adopt() && desired.labels.get(ROLE_LABEL).map(String::as_str) == Some(ROLE_OUTPUT) => {}
-                Ownership::Foreign => return Ok(Err(format!("Secret {}/{} already exists and is not managed by vaultconn; set spec.target.adopt: true to take it over, or choose another spec.target.name", desired.namespace, desired.name))),
-                Ownership::OtherConnection(o) => return Ok(Err(format!("Secret {}/{} is already managed by VaultConnection {}/{o}", desired.namespace, desired.name, desired.namespace))),
-            }
-            api.replace(&desired.name, &pp, &desired.merged_into(&live))
-                .await
-                .map(|_| ())
-        }
-    };
-    match res {
-        Ok(()) => Ok(Ok(())),
-        Err(kube::Error::Api(e))
-            if e.code == 403 || e.code == 422 || e.code == 400 || e.code == 413 =>
-        {
-            Ok(Err(format!(
-                "writing Secret {}/{} would be refused by the API server ({} {})",
-                desired.namespace, desired.name, e.code, e.reason
-            )))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Why a state write did not happen.
-#[derive(Debug, thiserror::Error)]
-enum PersistError {
-    #[error("{0}")]
-    NotWritable(String),
-    /// The stored refresh token is no longer the one this refresh started from: someone else
-    /// rotated it. Never overwritten blindly.
-    #[error("the stored refresh token changed concurrently")]
-    Concurrent,
-    #[error(transparent)]
-    Kube(#[from] kube::Error),
-}
-
-/// One attempt to write the state Secret: read it, refuse if its refresh token is not `guard`
-/// (the one this refresh started from), then create it or replace it conditional on the
-/// resourceVersion just read (a 409 means someone wrote in between).
+/// One attempt to write the state Secret, refused if its refresh token is no longer `guard`
+/// (the one this refresh started from) or the one being written: someone else rotated it,
+/// and it is never overwritten blindly.
 async fn persist_state_once(
-    ctx: &Context,
+    ctx: &SecretWriter,
     vc: &VaultConnection,
     st: &TokenState,
     guard: Option<&SecretBytes>,
-) -> std::result::Result<(), PersistError> {
-    let ns = vc.namespace().unwrap_or_default();
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+) -> std::result::Result<(), GuardedWriteError> {
     let desired = secret::desired_state_secret(vc, st.to_data());
-    let pp = PostParams {
-        dry_run: false,
-        field_manager: Some(FIELD_MANAGER.into()),
-    };
-    let res = match api.get_opt(&desired.name).await? {
-        None => api
-            .create(&pp, &desired.to_new_secret())
-            .await
-            .map(|s| s.metadata.resource_version),
-        Some(live) => {
-            let live_rt = TokenState::from_data(&SecretData::from_secret(&live)).refresh_token;
-            if let (Some(g), Some(l)) = (guard, live_rt.as_ref()) {
-                if g != l && Some(l) != st.refresh_token.as_ref() {
-                    return Err(PersistError::Concurrent);
-                }
-            }
-            if desired.matches(&live) {
-                Ok(live.metadata.resource_version)
-            } else {
-                api.replace(&desired.name, &pp, &desired.merged_into(&live))
-                    .await
-                    .map(|s| s.metadata.resource_version)
-            }
+    ctx.write_guarded(vc, &desired, |live| {
+        let live_rt = TokenState::from_data(&SecretData::from_secret(live)).refresh_token;
+        match (guard, live_rt.as_ref()) {
+            (Some(g), Some(l)) => g == l || Some(l) == st.refresh_token.as_ref(),
+            _ => true,
         }
-    };
-    match res {
-        Ok(rv) => {
-            // Our own write: its watch event need not wake the connection again.
-            ctx.secrets.mark_verified(&ns, &desired.name, rv);
-            Ok(())
-        }
-        Err(kube::Error::Api(e)) if [400, 403, 413, 422].contains(&e.code) => {
-            Err(PersistError::NotWritable(format!(
-                "writing Secret {ns}/{} is refused by the API server ({} {})",
-                desired.name, e.code, e.reason
-            )))
-        }
-        Err(e) => Err(e.into()),
-    }
+    })
+    .await
 }
 
 /// Write the state Secret, retrying only the write (same tokens) on conflicts and server
 /// errors, with backoff, for up to `PERSIST_RETRY_BUDGET`.
 async fn persist_state(
-    ctx: &Context,
+    ctx: &SecretWriter,
     vc: &VaultConnection,
     st: &TokenState,
     guard: Option<&SecretBytes>,
@@ -1082,13 +955,15 @@ async fn persist_state(
         };
         let err = match attempt_result {
             Ok(()) => return Ok(()),
-            Err(PersistError::Concurrent) => {
+            Err(GuardedWriteError::Concurrent) => {
                 return Err(crate::error::Error::Retry(
                     "the stored refresh token changed concurrently".into(),
                 ))
             }
-            Err(PersistError::NotWritable(msg)) => return Err(crate::error::Error::Retry(msg)),
-            Err(PersistError::Kube(e)) => e,
+            Err(GuardedWriteError::NotWritable(msg)) => {
+                return Err(crate::error::Error::Retry(msg))
+            }
+            Err(GuardedWriteError::Kube(e)) => e,
         };
         let retryable = match &err {
             kube::Error::Api(ae) => ae.code == 409 || ae.code == 429 || ae.code >= 500,

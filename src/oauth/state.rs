@@ -5,8 +5,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::api::{ConnectionType, GrantType, VaultConnection};
 use crate::catalog;
+use crate::names::sha256_hex;
 use crate::oauth::schedule::{self, RenewBefore};
-use crate::secret::{sha256_hex, SecretBytes, SecretData};
+use crate::secret::{SecretBytes, SecretData};
 
 /// Keys of the state Secret.
 pub mod keys {

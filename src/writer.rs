@@ -1,0 +1,264 @@
+//! The one Secret writer (I/O edge): create, replace-if-unchanged, dry run, and guarded writes,
+//! each behind the single pure ownership check [`secret::write_conflict`]. It also carries what
+//! every write touches: the Secret index (our own writes are not echoed back as work), the
+//! Event queue and the metrics. The controller and the OAuth engine both write through it, so
+//! neither needs the other's state.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use kube::runtime::events::EventType;
+use kube::{Client, Resource};
+
+use crate::api::VaultConnection;
+use crate::error::{Error, Result};
+use crate::events::EventSink;
+use crate::metrics::Metrics;
+use crate::names::FIELD_MANAGER;
+use crate::secret::{self, DesiredSecret};
+use crate::secret_index::SecretIndex;
+
+/// What [`SecretWriter::ensure`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretWrite {
+    Unchanged,
+    Created,
+    Updated,
+    /// Another object controls the Secret; nothing was written. The message says which.
+    Conflict(String),
+}
+
+/// What a dry run says about a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DryRun {
+    Accepted,
+    /// Another object controls the Secret (see [`secret::write_conflict`]).
+    Conflict(String),
+    /// The API server would refuse it (RBAC, admission, size).
+    Refused(String),
+}
+
+/// Why a guarded write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardedWriteError {
+    /// The API server refuses the write for good (RBAC, admission, size, ownership).
+    #[error("{0}")]
+    NotWritable(String),
+    /// The live Secret no longer satisfies the caller's precondition: someone else wrote it.
+    #[error("the Secret changed concurrently")]
+    Concurrent,
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+/// HTTP statuses that mean "this write will not be accepted as it is", as opposed to conflicts
+/// and server trouble, which a retry can fix.
+fn refused(code: u16) -> bool {
+    matches!(code, 400 | 403 | 413 | 422)
+}
+
+pub struct SecretWriter {
+    client: Client,
+    pub index: SecretIndex,
+    events: EventSink,
+    pub metrics: Arc<Metrics>,
+}
+
+impl SecretWriter {
+    pub fn new(client: Client, events: EventSink, metrics: Arc<Metrics>) -> Self {
+        SecretWriter {
+            client,
+            index: SecretIndex::default(),
+            events,
+            metrics,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Whether `vc`'s target Secret exists, is ours, and the status already names it: then a
+    /// connection that loses its credentials keeps serving the last good Secret.
+    pub fn last_good_kept(&self, vc: &VaultConnection) -> bool {
+        let ns = vc.metadata.namespace.as_deref().unwrap_or_default();
+        let target = vc.target_name();
+        self.index.managed(ns, &target).is_some()
+            && vc.status.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(target.as_str())
+    }
+
+    fn api(&self, namespace: &str) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// A live read (never from a cache: used where a stale copy would replay a token).
+    pub async fn get(&self, namespace: &str, name: &str) -> Result<Option<Secret>> {
+        Ok(self.api(namespace).get_opt(name).await?)
+    }
+
+    /// Queue an Event about `vc` (published in the background; best-effort, see `events`).
+    pub fn publish(&self, vc: &VaultConnection, type_: EventType, reason: &str, note: String) {
+        self.events.publish(vc.object_ref(&()), type_, reason, note);
+    }
+
+    fn params(dry_run: bool) -> PostParams {
+        PostParams {
+            dry_run,
+            field_manager: Some(FIELD_MANAGER.into()),
+        }
+    }
+
+    /// Make the live Secret equal `desired`, writing only when it differs and never touching a
+    /// Secret another object controls. `announce_updates`: publish an Event for updates too
+    /// (off for routine token rotation, which would otherwise emit an Event per refresh).
+    pub async fn ensure(
+        &self,
+        vc: &VaultConnection,
+        desired: &DesiredSecret,
+        announce_updates: bool,
+    ) -> Result<SecretWrite> {
+        let ns = &desired.namespace;
+        let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+        if self
+            .index
+            .is_verified(ns, &desired.name, uid, desired.content_hash())
+        {
+            return Ok(SecretWrite::Unchanged);
+        }
+        // A target the watch has never seen as ours is most likely new: create it straight
+        // away (one request instead of a read and a create); 409 means it exists.
+        if self.index.managed(ns, &desired.name).is_none() {
+            match self
+                .api(ns)
+                .create(&Self::params(false), &desired.to_new_secret())
+                .await
+            {
+                Ok(created) => {
+                    self.written(desired, created.metadata.resource_version);
+                    let note = format!("Created Secret {ns}/{}", desired.name);
+                    self.publish(vc, EventType::Normal, "SecretCreated", note);
+                    return Ok(SecretWrite::Created);
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some(live) = self.get(ns, &desired.name).await? else {
+            // Deleted between the create attempt (or the index) and this read.
+            return Err(Error::Retry(format!(
+                "Secret {ns}/{} changed while writing it",
+                desired.name
+            )));
+        };
+        if let Some(msg) = secret::write_conflict(vc, desired, &live.metadata) {
+            return Ok(SecretWrite::Conflict(msg));
+        }
+        if desired.matches(&live) {
+            self.index
+                .mark_verified(ns, &desired.name, live.metadata.resource_version);
+            return Ok(SecretWrite::Unchanged);
+        }
+        // Replace with the resourceVersion we read: a concurrent writer makes this fail (409)
+        // instead of being overwritten blindly.
+        let updated = self
+            .api(ns)
+            .replace(
+                &desired.name,
+                &Self::params(false),
+                &desired.merged_into(&live),
+            )
+            .await?;
+        self.written(desired, updated.metadata.resource_version);
+        if announce_updates {
+            let note = format!("Updated Secret {ns}/{}", desired.name);
+            self.publish(vc, EventType::Normal, "SecretUpdated", note);
+        }
+        Ok(SecretWrite::Updated)
+    }
+
+    /// Our own write: its watch event need not wake the connection again.
+    fn written(&self, desired: &DesiredSecret, resource_version: Option<String>) {
+        self.index
+            .mark_verified(&desired.namespace, &desired.name, resource_version);
+        self.metrics.secret_writes.inc();
+    }
+
+    /// Dry-run the write of `desired` (create or replace) and check ownership, without
+    /// changing anything.
+    pub async fn dry_run(&self, vc: &VaultConnection, desired: &DesiredSecret) -> Result<DryRun> {
+        let api = self.api(&desired.namespace);
+        let pp = Self::params(true);
+        let res = match api.get_opt(&desired.name).await? {
+            None => api.create(&pp, &desired.to_new_secret()).await.map(|_| ()),
+            Some(live) => {
+                if let Some(msg) = secret::write_conflict(vc, desired, &live.metadata) {
+                    return Ok(DryRun::Conflict(msg));
+                }
+                api.replace(&desired.name, &pp, &desired.merged_into(&live))
+                    .await
+                    .map(|_| ())
+            }
+        };
+        match res {
+            Ok(()) => Ok(DryRun::Accepted),
+            Err(kube::Error::Api(e)) if refused(e.code) => Ok(DryRun::Refused(format!(
+                "writing Secret {}/{} would be refused by the API server ({} {})",
+                desired.namespace, desired.name, e.code, e.reason
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// One attempt to write `desired` if the live Secret passes `precondition` (and the
+    /// ownership check): read it, then create it or replace it conditional on the
+    /// resourceVersion just read (a 409 means someone wrote in between). Unchanged content is
+    /// not written again.
+    pub async fn write_guarded(
+        &self,
+        vc: &VaultConnection,
+        desired: &DesiredSecret,
+        precondition: impl FnOnce(&Secret) -> bool,
+    ) -> std::result::Result<(), GuardedWriteError> {
+        let api = self.api(&desired.namespace);
+        let pp = Self::params(false);
+        let res = match api.get_opt(&desired.name).await? {
+            None => api
+                .create(&pp, &desired.to_new_secret())
+                .await
+                .map(|s| s.metadata.resource_version),
+            Some(live) => {
+                if let Some(msg) = secret::write_conflict(vc, desired, &live.metadata) {
+                    return Err(GuardedWriteError::NotWritable(msg));
+                }
+                if !precondition(&live) {
+                    return Err(GuardedWriteError::Concurrent);
+                }
+                if desired.matches(&live) {
+                    self.index.mark_verified(
+                        &desired.namespace,
+                        &desired.name,
+                        live.metadata.resource_version,
+                    );
+                    return Ok(());
+                }
+                api.replace(&desired.name, &pp, &desired.merged_into(&live))
+                    .await
+                    .map(|s| s.metadata.resource_version)
+            }
+        };
+        match res {
+            Ok(rv) => {
+                self.written(desired, rv);
+                Ok(())
+            }
+            Err(kube::Error::Api(e)) if refused(e.code) => {
+                Err(GuardedWriteError::NotWritable(format!(
+                    "writing Secret {}/{} is refused by the API server ({} {})",
+                    desired.namespace, desired.name, e.code, e.reason
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
