@@ -37,6 +37,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "http",
             "oauth",
             "oauth::token",
+            "oauth::client",
             "oauth::token::transport",
             "oauth::refresh",
         ],

@@ -148,11 +148,9 @@ async fn client_credentials_issue_and_schedule() {
     assert_eq!(st.state_secret_name.as_deref(), Some("api-vaultconn-state"));
     assert_eq!(st.expires_at.as_deref(), Some(out["expires_at"].as_str()));
     // Next refresh at ~2/3 of the 1 h lifetime (minus up to 5 % jitter), not on every reconcile.
-    let last =
-        chrono::DateTime::parse_from_rfc3339(st.last_refresh_time.as_deref().unwrap()).unwrap();
-    let next =
-        chrono::DateTime::parse_from_rfc3339(st.next_refresh_time.as_deref().unwrap()).unwrap();
-    let after = (next - last).num_seconds();
+    let last: jiff::Timestamp = st.last_refresh_time.as_deref().unwrap().parse().unwrap();
+    let next: jiff::Timestamp = st.next_refresh_time.as_deref().unwrap().parse().unwrap();
+    let after = next.duration_since(last).as_secs();
     assert!(
         (2232..=2413).contains(&after),
         "next refresh {after}s after issue"
@@ -361,11 +359,10 @@ async fn missing_expires_in_uses_a_conservative_default() {
     valid_token(&ns, &ts, "api", None).await;
     let vc = ready(&ns, "api").await;
     let st = vc.status.unwrap();
-    let last =
-        chrono::DateTime::parse_from_rfc3339(st.last_refresh_time.as_deref().unwrap()).unwrap();
-    let exp = chrono::DateTime::parse_from_rfc3339(st.expires_at.as_deref().unwrap()).unwrap();
+    let last: jiff::Timestamp = st.last_refresh_time.as_deref().unwrap().parse().unwrap();
+    let exp: jiff::Timestamp = st.expires_at.as_deref().unwrap().parse().unwrap();
     assert_eq!(
-        (exp - last).num_seconds(),
+        exp.duration_since(last).as_secs(),
         300,
         "default lifetime of 5 minutes"
     );

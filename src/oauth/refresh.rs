@@ -1,41 +1,37 @@
-//! The refresh-and-persist protocol for oauth2/auth0 connections (I/O edge).
-//!
-//! Order of a refresh, chosen so that no refresh token is ever lost silently:
+//! The refresh-and-persist sequence for oauth2/auth0 connections (I/O edge). Every choice is
+//! made by `decide`; this module only carries them out, in the order the README promises, so
+//! that no refresh token is ever lost silently:
 //! 1. read the state Secret live from the API server (a cached token would be a replay);
 //! 2. ask "may I write?" (the leader-election seam) and dry-run the Secret writes, so RBAC,
 //!    admission and ownership problems surface before a refresh token is spent;
-//! 3. call the token endpoint once; an unknown outcome is retried exactly once with the same
-//!    refresh token;
-//! 4. persist the new refresh token to the state Secret first, conditional on the
-//!    resourceVersion read; on conflict or server errors retry only the write, never the grant;
-//!    tokens that cannot be written yet stay in memory (`TokenPersistPending`) and are flushed
-//!    before the process exits;
+//! 3. record the token about to be spent (the in-flight mark), call the token endpoint once;
+//!    an unknown outcome is retried exactly once with the same refresh token;
+//! 4. persist the new refresh token to the state Secret first, guarded against a token someone
+//!    else stored meanwhile; on conflict or server errors retry only the write, never the
+//!    grant; tokens that cannot be written yet stay in memory (`TokenPersistPending`) and are
+//!    flushed before the process exits;
 //! 5. then write the access token to the generated Secret.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::ResourceExt;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use tracing::{info, warn};
 
 use crate::api::{GrantType, VaultConnection};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::{ConnectionLabel, Metrics};
 use crate::names::*;
-use crate::oauth::client::{
-    self, ErrorClass, Grant, TokenClient, TokenClientConfig, TokenError, TokenRequest,
-};
-use crate::oauth::schedule;
-use crate::oauth::state::{
-    self, format_time, AccessToken, OAuthSettings, Plan, RefreshCause, TokenState,
-};
+use crate::oauth::client::{self, TokenClient, TokenClientConfig, TokenError, TokenRequest};
+use crate::oauth::decide::{self, AfterFailure, AfterFirstCall, Decider, Decision, Fingerprints};
+use crate::oauth::state::{self, format_time, OAuthSettings, Plan, RefreshCause, TokenState};
 use crate::reason::Reason;
-use crate::secret::{self, Inputs, Ownership, SecretBytes, SecretData};
-use crate::status::{keep_known_fields, OAuthStatus, Outcome};
+use crate::secret::{self, Inputs, SecretBytes, SecretData};
+use crate::status::Outcome;
 use crate::writer::{DryRun, GuardedWriteError, SecretWrite, SecretWriter};
 
 type Key = (String, String);
@@ -61,6 +57,22 @@ impl WriteGate for AlwaysWrite {
     }
 }
 
+/// How long one reconcile keeps retrying a failed state write before handing it to `pending`.
+const PERSIST_RETRY_BUDGET: Duration = Duration::from_secs(20);
+
+/// The controller's form of a requeue decision.
+fn action(requeue: decide::Requeue) -> Action {
+    match requeue {
+        decide::Requeue::After(delay) => Action::requeue(delay),
+        decide::Requeue::OnChange => Action::await_change(),
+    }
+}
+
+/// Turn a decision into what the controller returns.
+fn carry_out(d: Decision) -> (Outcome, Action) {
+    (d.outcome, action(d.requeue))
+}
+
 pub struct OAuthEngine {
     client: TokenClient,
     gate: Box<dyn WriteGate>,
@@ -68,12 +80,25 @@ pub struct OAuthEngine {
     failures: Mutex<HashMap<Key, u32>>,
     /// Connections whose last refresh stored everything: their next refresh skips the dry
     /// runs (nothing about RBAC or admission changed as far as we know; a failure clears it).
-    writes_proven: Mutex<std::collections::HashSet<Key>>,
-    pub metrics: Arc<Metrics>,
+    writes_proven: Mutex<HashSet<Key>>,
+    metrics: Arc<Metrics>,
 }
 
-/// How long one reconcile keeps retrying a failed state write before handing it to `pending`.
-const PERSIST_RETRY_BUDGET: Duration = Duration::from_secs(20);
+/// What one refresh works with, gathered before the token call.
+struct Refresh<'a> {
+    vc: &'a VaultConnection,
+    key: Key,
+    settings: OAuthSettings,
+    inputs: &'a SecretData,
+    state: TokenState,
+    fps: Fingerprints<'a>,
+    cause: RefreshCause,
+    decider: Decider<'a>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 impl OAuthEngine {
     pub fn new(
@@ -95,32 +120,11 @@ impl OAuthEngine {
     }
 
     fn failures(&self, key: &Key) -> u32 {
-        self.failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    fn writes_proven(&self, key: &Key) -> bool {
-        self.writes_proven
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(key)
-    }
-
-    fn set_writes_proven(&self, key: &Key, proven: bool) {
-        let mut set = self.writes_proven.lock().unwrap_or_else(|e| e.into_inner());
-        if proven {
-            set.insert(key.clone());
-        } else {
-            set.remove(key);
-        }
+        lock(&self.failures).get(key).copied().unwrap_or(0)
     }
 
     fn set_failures(&self, key: &Key, n: u32) {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = lock(&self.failures);
         if n == 0 {
             f.remove(key);
         } else {
@@ -128,30 +132,24 @@ impl OAuthEngine {
         }
     }
 
+    fn set_writes_proven(&self, key: &Key, proven: bool) {
+        let mut set = lock(&self.writes_proven);
+        if proven {
+            set.insert(key.clone());
+        } else {
+            set.remove(key);
+        }
+    }
+
     /// Write every pending state, retrying with backoff for up to `PERSIST_RETRY_BUDGET` each.
     /// Called on shutdown so a SIGTERM does not drop a rotated refresh token.
-    pub async fn flush_pending(&self, ctx: &SecretWriter) {
-        let keys: Vec<Key> = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        for key in keys {
-            let item = self
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
-            if let Some(p) = item {
-                match persist_state(ctx, &p.vc, &p.state, p.guard.as_ref()).await {
-                    Ok(_) => {
-                        info!(namespace = %key.0, name = %key.1, "flushed pending token state")
-                    }
-                    Err(e) => {
-                        warn!(namespace = %key.0, name = %key.1, error = %e, "could not flush pending token state before exit")
-                    }
+    pub async fn flush_pending(&self, w: &SecretWriter) {
+        let items: Vec<(Key, PendingPersist)> = lock(&self.pending).drain().collect();
+        for ((ns, name), p) in items {
+            match persist_state(w, &p.vc, &p.state, p.guard.as_ref()).await {
+                Ok(()) => info!(namespace = %ns, name = %name, "flushed pending token state"),
+                Err(e) => {
+                    warn!(namespace = %ns, name = %name, error = %e, "could not flush pending token state before exit")
                 }
             }
         }
@@ -160,128 +158,109 @@ impl OAuthEngine {
     pub async fn reconcile(
         &self,
         vc: &VaultConnection,
-        ctx: &SecretWriter,
+        w: &SecretWriter,
         inputs: Inputs,
     ) -> Result<(Outcome, Action)> {
-        let ns = vc.namespace().unwrap_or_default();
-        let name = vc.name_any();
-        let key: Key = (ns.clone(), name.clone());
-        let state_name = state_secret_name(&name);
-
+        let key: Key = (vc.namespace().unwrap_or_default(), vc.name_any());
+        let decider = Decider {
+            vc,
+            now: Timestamp::now(),
+        };
         // Tokens already obtained but not yet stored come first: they are the only copy.
-        let pending_state = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
-        if let Some(p) = pending_state {
-            if let Err(e) = persist_state(ctx, vc, &p.state, p.guard.as_ref()).await {
-                warn!(namespace = %ns, name = %name, error = %e, "token state still not persisted");
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, p);
-                return Ok((
-                    persist_pending_outcome(vc, &ns, &state_name),
-                    Action::requeue(Duration::from_secs(2)),
-                ));
-            }
+        if !self.flush_one(w, &key).await {
+            return Ok(carry_out(decider.persist_pending()));
         }
-
         let inputs = match inputs {
             Inputs::Complete(d) => d,
             Inputs::Missing {
                 missing_keys,
                 message,
             } => {
-                let kept = ctx.last_good_kept(vc);
-                return Ok((
-                    crate::status::pending(vc, missing_keys, message, kept),
-                    Action::await_change(),
-                ));
+                let kept = w.last_good_kept(vc);
+                let o = crate::status::pending(vc, missing_keys, message, kept);
+                return Ok((o, Action::await_change()));
             }
         };
-        let settings = state::settings(vc);
-        let live_state = ctx.get(&ns, &state_name).await?;
+        let state_name = state_secret_name(&key.1);
+        let live_state = w.get(&key.0, &state_name).await?;
+        let mut token_state = TokenState::default();
         if let Some(live) = &live_state {
-            if secret::ownership(vc, &live.metadata) != Ownership::Ours {
-                let msg = format!("Secret {ns}/{state_name} (the token state Secret) exists and is not this connection's; delete or rename it");
-                return Ok((
-                    Outcome::new(Reason::SecretConflict, msg),
-                    Action::await_change(),
-                ));
+            let probe = secret::desired_state_secret(vc, SecretData::default());
+            if let Some(msg) = secret::write_conflict(vc, &probe, &live.metadata) {
+                return Ok(carry_out(decider.conflict(msg)));
             }
+            token_state = TokenState::from_data(&SecretData::from_secret(live));
         }
-        let mut token_state = live_state
-            .as_ref()
-            .map(|s| TokenState::from_data(&SecretData::from_secret(s)))
-            .unwrap_or_default();
-        seed_from_inputs(&mut token_state, &settings, &inputs);
-
+        let settings = state::settings(vc);
+        decide::seed_from_inputs(&mut token_state, &settings, &inputs, decider.now);
         let config_fp = state::config_fingerprint(&settings, &inputs);
         let seed_fp = state::seed_fingerprint(&inputs);
         let refresh_request = vc.annotations().get(REFRESH_REQUESTED_ANNOTATION).cloned();
-        let jitter_key = format!("{ns}/{name}");
-        let now = Utc::now();
+        let fps = Fingerprints {
+            config: &config_fp,
+            seed: &seed_fp,
+            refresh_request: refresh_request.as_deref(),
+        };
         let plan = state::plan(&state::DecisionInput {
-            now,
+            now: decider.now,
             state: &token_state,
             config_fp: &config_fp,
             seed_fp: &seed_fp,
-            refresh_request: refresh_request.as_deref(),
+            refresh_request: fps.refresh_request,
             renew: &settings.renew,
-            jitter_key: &jitter_key,
+            jitter_key: &decider.jitter_key(),
         });
-
         match plan {
             Plan::Wait { next_refresh } => {
-                let outcome = self
-                    .publish_access(ctx, vc, &token_state, Some(next_refresh))
+                let o = self
+                    .publish_access(w, &decider, &token_state, Some(next_refresh))
                     .await?;
-                Ok((outcome, requeue_at(next_refresh)))
+                Ok((o, action(decider.requeue_at(next_refresh))))
             }
             Plan::Failed { reason, retry_at } => {
-                let mut o = failed_outcome(vc, &reason, failure_message(&reason, &ns, &name));
-                o = keep_known_fields(vc, o);
-                let action = retry_at
-                    .map(requeue_at)
-                    .unwrap_or_else(Action::await_change);
-                Ok((o, action))
+                let reason = Reason::parse(&reason).unwrap_or(Reason::TokenRequestRejected);
+                Ok(carry_out(decider.remembered_failure(reason, retry_at)))
             }
             Plan::Refresh(cause) => {
-                let ctx_req = RefreshRequest {
+                let r = Refresh {
                     vc,
-                    ns: &ns,
-                    name: &name,
-                    key: &key,
-                    settings: &settings,
+                    key,
+                    settings,
                     inputs: &inputs,
                     state: token_state,
-                    config_fp: &config_fp,
-                    seed_fp: &seed_fp,
-                    refresh_request: refresh_request.as_deref(),
+                    fps,
                     cause,
+                    decider,
                 };
-                self.refresh(ctx, ctx_req).await
+                self.refresh(w, r).await.map(carry_out)
             }
         }
+    }
+
+    /// Write a held-back state for `key`, if there is one. False while it still cannot be
+    /// written (it stays held).
+    async fn flush_one(&self, w: &SecretWriter, key: &Key) -> bool {
+        let Some(p) = lock(&self.pending).remove(key) else {
+            return true;
+        };
+        if let Err(e) = persist_state(w, &p.vc, &p.state, p.guard.as_ref()).await {
+            warn!(namespace = %key.0, name = %key.1, error = %e, "token state still not persisted");
+            lock(&self.pending).insert(key.clone(), p);
+            return false;
+        }
+        true
     }
 
     /// Make the generated Secret hold the current access token; Ready while it is valid.
     async fn publish_access(
         &self,
-        ctx: &SecretWriter,
-        vc: &VaultConnection,
+        w: &SecretWriter,
+        d: &Decider<'_>,
         st: &TokenState,
-        next_refresh: Option<DateTime<Utc>>,
+        next_refresh: Option<Timestamp>,
     ) -> Result<Outcome> {
-        let ns = vc.namespace().unwrap_or_default();
-        let name = vc.name_any();
         let Some(access) = &st.access else {
-            return Ok(Outcome::new(
-                Reason::TokenPending,
-                "No access token has been issued yet",
-            ));
+            return Ok(d.access_outcome(None, "", None));
         };
         let data = secret::oauth_outputs(
             &access.token.expose_str(),
@@ -289,277 +268,245 @@ impl OAuthEngine {
             &format_time(access.expires_at),
             access.scope.as_deref(),
         );
-        let desired = secret::desired_output_secret(vc, data);
-        if let SecretWrite::Conflict(msg) = ctx.ensure(vc, &desired, false).await? {
+        let desired = secret::desired_output_secret(d.vc, data);
+        if let SecretWrite::Conflict(msg) = w.ensure(d.vc, &desired, false).await? {
             return Ok(Outcome::new(Reason::SecretConflict, msg));
         }
+        let label = ConnectionLabel {
+            namespace: desired.namespace.clone(),
+            name: d.vc.name_any(),
+        };
         self.metrics
             .token_expiry
-            .get_or_create(&ConnectionLabel {
-                namespace: ns.clone(),
-                name: name.clone(),
-            })
-            .set(access.expires_at.timestamp());
-        let valid = access.expires_at > Utc::now();
-        let oauth = OAuthStatus {
-            state_secret_name: Some(state_secret_name(&name)),
-            expires_at: Some(format_time(access.expires_at)),
-            last_refresh_time: Some(format_time(access.issued_at)),
-            next_refresh_time: next_refresh.map(format_time),
-            failed_refresh_attempts: 0,
-            last_failure_reason: None,
-        };
-        let mut o = if valid {
-            Outcome::new(
-                Reason::Reconciled,
-                format!(
-                    "Secret {ns}/{} holds an access token valid until {}",
-                    desired.name,
-                    format_time(access.expires_at)
-                ),
-            )
-        } else {
-            Outcome::new(
-                Reason::TokenExpired,
-                format!(
-                    "The access token in Secret {ns}/{} expired at {}",
-                    desired.name,
-                    format_time(access.expires_at)
-                ),
-            )
-        };
-        o.secret_name = Some(desired.name.clone());
-        o.oauth = Some(oauth);
-        Ok(o)
+            .get_or_create(&label)
+            .set(access.expires_at.as_second());
+        Ok(d.access_outcome(Some(access), &desired.name, next_refresh))
     }
 
-    async fn refresh(
-        &self,
-        ctx: &SecretWriter,
-        r: RefreshRequest<'_>,
-    ) -> Result<(Outcome, Action)> {
-        let RefreshRequest {
-            vc,
-            ns,
-            name,
-            key,
-            settings,
-            inputs,
-            mut state,
-            config_fp,
-            seed_fp,
-            refresh_request,
-            cause,
-        } = r;
+    /// Steps 2–5 of the module docs for one connection whose plan says "refresh now".
+    async fn refresh(&self, w: &SecretWriter, mut r: Refresh<'_>) -> Result<Decision> {
         if !self.gate.may_write() {
-            // Another replica holds the lease and refreshes; check back soon.
-            let o = keep_known_fields(
-                vc,
-                Outcome::new(
-                    Reason::NotLeader,
-                    "Waiting for this replica to hold the leader lease",
-                ),
-            );
-            return Ok((o, Action::requeue(Duration::from_secs(15))));
+            return Ok(r.decider.not_leader());
         }
-        let state_name = state_secret_name(name);
-
-        // Pre-flight: prove both writes would be accepted before spending anything. For a
-        // refresh token the state write below is real (it records the intent), which proves
-        // more than a dry run; client credentials spend nothing and only dry-run it.
-        let guard = state.refresh_token.clone();
-        let proven = self.writes_proven(key);
-        if !proven {
-            let probe_state = desired_state(vc, &state, config_fp, seed_fp, refresh_request);
-            let probe_output = secret::desired_output_secret(
-                vc,
-                secret::oauth_outputs("probe", "Bearer", &format_time(Utc::now()), None),
-            );
-            let mut probes = vec![probe_output];
-            if settings.grant == GrantType::ClientCredentials {
-                probes.push(secret::desired_state_secret(vc, probe_state.to_data()));
-            }
-            for probe in &probes {
-                match ctx.dry_run(vc, probe).await? {
-                    DryRun::Accepted => {}
-                    DryRun::Conflict(msg) => {
-                        return Ok((
-                            Outcome::new(Reason::SecretConflict, msg),
-                            Action::await_change(),
-                        ))
-                    }
-                    DryRun::Refused(msg) => return Ok(self.not_writable(vc, key, msg)),
-                }
-            }
+        let guard = r.state.refresh_token.clone();
+        if let Some(stop) = self.prove_writable(w, &r).await? {
+            return Ok(stop);
         }
-
-        let rt_sent: Option<SecretBytes> = match settings.grant {
-            GrantType::ClientCredentials => None,
-            GrantType::RefreshToken => {
-                let reseeded = cause == RefreshCause::Reseeded
-                    || state.seed_fingerprint.as_deref() != Some(seed_fp);
-                if reseeded || state.refresh_token.is_none() {
-                    inputs.get("refresh_token").cloned()
-                } else {
-                    state.refresh_token.clone()
-                }
-            }
-        };
-        let ca = match load_ca_bundle(ctx, vc, ns).await? {
+        let seed = r.inputs.get("refresh_token");
+        let rt_sent = decide::token_to_send(r.settings.grant, r.cause, &r.state, r.fps.seed, seed);
+        let ca = match load_ca_bundle(w, r.vc).await? {
             Ok(ca) => ca,
-            Err(msg) => {
-                return Ok((
-                    Outcome::new(Reason::CaBundleMissing, msg),
-                    Action::await_change(),
-                ))
-            }
+            Err(msg) => return Ok(r.decider.ca_bundle_missing(msg)),
         };
         // Record which refresh token is about to be spent. If this process dies before the
         // result is stored, the next attempt knows the outcome of this one is unknown.
         let mut previous_attempt_unknown = false;
         if let Some(rt) = &rt_sent {
             let fp = state::token_fingerprint(rt);
-            previous_attempt_unknown = state.inflight.as_deref() == Some(fp.as_str());
-            let mut intent = state.clone();
+            previous_attempt_unknown = r.state.inflight.as_deref() == Some(fp.as_str());
+            let mut intent = r.state.clone();
             intent.inflight = Some(fp);
-            if let Err(e) = persist_state_once(ctx, vc, &intent, guard.as_ref()).await {
-                return match e {
-                    GuardedWriteError::NotWritable(msg) => Ok(self.not_writable(vc, key, msg)),
-                    GuardedWriteError::Concurrent => Ok((
-                        keep_known_fields(
-                            vc,
-                            Outcome::new(
-                                Reason::RefreshTokenAdopted,
-                                "The stored refresh token changed while refreshing; using it",
-                            ),
-                        ),
-                        Action::requeue(Duration::from_secs(1)),
-                    )),
-                    GuardedWriteError::Kube(e) => Err(e.into()),
-                };
+            match persist_state_once(w, r.vc, &intent, guard.as_ref()).await {
+                Ok(()) => r.state.inflight = intent.inflight,
+                Err(GuardedWriteError::NotWritable(msg)) => return Ok(self.not_writable(&r, &msg)),
+                Err(GuardedWriteError::Concurrent) => return Ok(r.decider.adopted()),
+                Err(GuardedWriteError::Kube(e)) => return Err(e.into()),
             }
-            state.inflight = intent.inflight;
         }
-        let req = token_request(settings, inputs, rt_sent.as_ref());
-        info!(namespace = %ns, name = %name, cause = ?cause, "requesting token");
-        let mut sent_at = Utc::now();
+        let req = token_request(&r.settings, r.inputs, rt_sent.as_ref());
+        info!(namespace = %r.key.0, name = %r.key.1, cause = ?r.cause, "requesting token");
+        let mut sent_at = Timestamp::now();
         let mut result = self.call(&req, ca.as_deref()).await;
-
-        // Unknown outcome with a refresh token: the provider may have rotated already. Retry
-        // exactly once with the same token; an overlap window on the provider answers it.
         let mut retried_unknown = false;
-        if settings.grant == GrantType::RefreshToken {
-            if let Err(e) = &result {
-                if e.class() == ErrorClass::UnknownOutcome {
-                    if let TokenError::Unparseable {
-                        refresh_token: Some(new_rt),
-                    } = e
-                    {
-                        // The body was broken but carried a refresh token: it may be the only
-                        // live one now, so keep it before anything else.
-                        state.refresh_token =
-                            Some(SecretBytes::new(new_rt.expose_secret().as_bytes().to_vec()));
-                        let st = desired_state(vc, &state, config_fp, seed_fp, None);
-                        if persist_state(ctx, vc, &st, guard.as_ref()).await.is_ok() {
-                            return Ok((keep_known_fields(vc, Outcome::new(Reason::UnparseableTokenResponse, "The token endpoint returned an unparseable response carrying a new refresh token; it was stored and a new access token will be requested")), Action::requeue(Duration::from_secs(1))));
-                        }
+        if let Err(e) = &result {
+            match decide::after_first_call(rt_sent.is_some(), e) {
+                AfterFirstCall::Settle => {}
+                AfterFirstCall::KeepSalvaged(new_rt) => {
+                    let mut salvaged = r.state.clone();
+                    salvaged.refresh_token = Some(new_rt);
+                    let st = decide::settled_state(&salvaged, r.fps.without_request());
+                    if persist_state(w, r.vc, &st, guard.as_ref()).await.is_ok() {
+                        return Ok(r.decider.salvaged());
                     }
-                    warn!(namespace = %ns, name = %name, "token response lost; retrying once with the same refresh token");
+                    // The token in hand may be the only live one: hold it and retry only the
+                    // write. Retrying the grant with the old token would revoke it on a
+                    // provider without an overlap window.
+                    return Ok(self.hold(&r, st, guard));
+                }
+                AfterFirstCall::RetryOnce => {
+                    warn!(namespace = %r.key.0, name = %r.key.1, "token response lost; retrying once with the same refresh token");
                     retried_unknown = true;
-                    sent_at = Utc::now();
+                    sent_at = Timestamp::now();
                     result = self.call(&req, ca.as_deref()).await;
                 }
             }
         }
-
         match result {
             Ok(resp) => {
-                self.on_success(
-                    ctx,
-                    vc,
-                    key,
-                    state,
-                    resp,
-                    sent_at,
-                    rt_sent,
-                    guard,
-                    config_fp,
-                    seed_fp,
-                    refresh_request,
-                )
-                .await
+                let st = decide::state_after_success(&r.state, &resp, sent_at, rt_sent, r.fps);
+                self.store_success(w, &r, st, guard).await
             }
             Err(e) => {
-                let reason = e.reason();
-                self.metrics.failure(reason);
-                if matches!(e, TokenError::InvalidGrant { .. }) {
-                    if let Some(sent) = &rt_sent {
-                        // Someone else may have rotated it (another replica, a restored backup):
-                        // if the stored token differs from what we sent, adopt it.
-                        let live = ctx.get(ns, &state_name).await?;
-                        let stored = live
-                            .map(|s| TokenState::from_data(&SecretData::from_secret(&s)))
-                            .and_then(|s| s.refresh_token);
-                        if stored.as_ref().is_some_and(|st| st != sent) {
-                            info!(namespace = %ns, name = %name, "refresh token was rotated elsewhere; adopting the stored one");
-                            return Ok((keep_known_fields(vc, Outcome::new(Reason::RefreshTokenAdopted, "The stored refresh token changed while refreshing; using it")), Action::requeue(Duration::from_secs(1))));
-                        }
-                    }
-                    let reason = if retried_unknown || previous_attempt_unknown {
-                        "RefreshResponseLost"
-                    } else {
-                        "RefreshTokenRejected"
-                    };
-                    return self
-                        .terminal(
-                            ctx,
-                            vc,
-                            key,
-                            state,
-                            guard.as_ref(),
-                            config_fp,
-                            seed_fp,
-                            refresh_request,
-                            reason,
-                        )
-                        .await;
-                }
-                match e.class() {
-                    ErrorClass::Terminal => {
-                        self.terminal(
-                            ctx,
-                            vc,
-                            key,
-                            state,
-                            guard.as_ref(),
-                            config_fp,
-                            seed_fp,
-                            refresh_request,
-                            reason,
-                        )
-                        .await
-                    }
-                    ErrorClass::Transient { retry_after } => {
-                        // The server answered (or was never reached): the token was not spent,
-                        // so the in-flight mark goes; a later invalid_grant is then a plain
-                        // rejection, not a lost response.
-                        if state.inflight.take().is_some() {
-                            let st = desired_state(vc, &state, config_fp, seed_fp, None);
-                            let mut st = st;
-                            st.config_fingerprint = state.config_fingerprint.clone();
-                            st.seed_fingerprint = state.seed_fingerprint.clone();
-                            if let Err(e) = persist_state(ctx, vc, &st, guard.as_ref()).await {
-                                warn!(namespace = %ns, name = %name, error = %e, "could not clear the in-flight mark");
-                            }
-                        }
-                        Ok(self.transient(vc, key, &state, reason, &e.to_string(), retry_after))
-                    }
-                    ErrorClass::UnknownOutcome => {
-                        Ok(self.transient(vc, key, &state, reason, &e.to_string(), None))
-                    }
-                }
+                let failed = self
+                    .failed_call(
+                        w,
+                        &r,
+                        &e,
+                        rt_sent.as_ref(),
+                        retried_unknown,
+                        previous_attempt_unknown,
+                    )
+                    .await?;
+                self.on_failure(w, r, failed, &e, guard).await
             }
         }
+    }
+
+    /// Dry-run the Secret writes unless the last refresh proved them: `Some` stops the refresh
+    /// before anything is spent. A refresh-token grant's state write is proven by the real
+    /// in-flight mark write instead.
+    async fn prove_writable(&self, w: &SecretWriter, r: &Refresh<'_>) -> Result<Option<Decision>> {
+        if lock(&self.writes_proven).contains(&r.key) {
+            return Ok(None);
+        }
+        let mut probes = vec![secret::desired_output_secret(
+            r.vc,
+            secret::oauth_outputs("probe", "Bearer", &format_time(r.decider.now), None),
+        )];
+        if r.settings.grant == GrantType::ClientCredentials {
+            let probe_state = decide::settled_state(&r.state, r.fps);
+            probes.push(secret::desired_state_secret(r.vc, probe_state.to_data()));
+        }
+        for probe in &probes {
+            match w.dry_run(r.vc, probe).await? {
+                DryRun::Accepted => {}
+                DryRun::Conflict(msg) => return Ok(Some(r.decider.conflict(msg))),
+                DryRun::Refused(msg) => return Ok(Some(self.not_writable(r, &msg))),
+            }
+        }
+        Ok(None)
+    }
+
+    fn not_writable(&self, r: &Refresh<'_>, msg: &str) -> Decision {
+        self.set_writes_proven(&r.key, false);
+        let failures = self.failures(&r.key) + 1;
+        self.set_failures(&r.key, failures);
+        r.decider.not_writable(failures, msg)
+    }
+
+    /// The facts `decide::after_failure` needs; after an `invalid_grant` this re-reads the
+    /// state Secret to see whether another writer rotated the token meanwhile.
+    async fn failed_call(
+        &self,
+        w: &SecretWriter,
+        r: &Refresh<'_>,
+        e: &TokenError,
+        rt_sent: Option<&SecretBytes>,
+        retried_unknown: bool,
+        previous_attempt_unknown: bool,
+    ) -> Result<decide::FailedCall> {
+        let invalid_grant = matches!(e, TokenError::InvalidGrant { .. }) && rt_sent.is_some();
+        let mut stored_token_differs = false;
+        if let (true, Some(sent)) = (invalid_grant, rt_sent) {
+            let live = w.get(&r.key.0, &state_secret_name(&r.key.1)).await?;
+            let stored = live
+                .map(|s| TokenState::from_data(&SecretData::from_secret(&s)))
+                .and_then(|s| s.refresh_token);
+            stored_token_differs = stored.as_ref().is_some_and(|st| st != sent);
+        }
+        Ok(decide::FailedCall {
+            reason: token_error_reason(e),
+            class: e.class(),
+            invalid_grant,
+            stored_token_differs,
+            retried_unknown,
+            previous_attempt_unknown,
+        })
+    }
+
+    async fn on_failure(
+        &self,
+        w: &SecretWriter,
+        mut r: Refresh<'_>,
+        failed: decide::FailedCall,
+        e: &TokenError,
+        guard: Option<SecretBytes>,
+    ) -> Result<Decision> {
+        self.metrics.failure(failed.reason.metric_label());
+        match decide::after_failure(&failed) {
+            AfterFailure::Adopt => {
+                info!(namespace = %r.key.0, name = %r.key.1, "refresh token was rotated elsewhere; adopting the stored one");
+                Ok(r.decider.adopted())
+            }
+            AfterFailure::Terminal(reason) => {
+                let st = decide::terminal_state(&r.state, reason, r.fps, r.decider.now);
+                persist_state(w, r.vc, &st, guard.as_ref()).await?;
+                self.set_failures(&r.key, 0);
+                Ok(r.decider.terminal(reason))
+            }
+            AfterFailure::Transient {
+                reason,
+                retry_after,
+                clear_inflight,
+            } => {
+                if clear_inflight && r.state.inflight.take().is_some() {
+                    let mut st = decide::settled_state(&r.state, r.fps.without_request());
+                    st.config_fingerprint = r.state.config_fingerprint.clone();
+                    st.seed_fingerprint = r.state.seed_fingerprint.clone();
+                    if let Err(err) = persist_state(w, r.vc, &st, guard.as_ref()).await {
+                        warn!(namespace = %r.key.0, name = %r.key.1, error = %err, "could not clear the in-flight mark");
+                    }
+                }
+                let status_count = r.vc.status.as_ref().and_then(|s| s.failed_refresh_attempts);
+                let failures = decide::failure_count(self.failures(&r.key), status_count);
+                self.set_failures(&r.key, failures);
+                let current = r.state.access.as_ref();
+                Ok(r.decider
+                    .transient(failures, current, reason, retry_after, &e.to_string()))
+            }
+        }
+    }
+
+    /// Store the tokens of a successful call (state first, then the generated Secret).
+    async fn store_success(
+        &self,
+        w: &SecretWriter,
+        r: &Refresh<'_>,
+        st: TokenState,
+        guard: Option<SecretBytes>,
+    ) -> Result<Decision> {
+        self.set_failures(&r.key, 0);
+        if let Err(e) = persist_state(w, r.vc, &st, guard.as_ref()).await {
+            warn!(namespace = %r.key.0, name = %r.key.1, error = %e, "could not persist new tokens; keeping them in memory and retrying the write");
+            return Ok(self.hold(r, st, guard));
+        }
+        let next = st
+            .access
+            .as_ref()
+            .map(|a| r.decider.next_refresh(a, &r.settings.renew));
+        let outcome = self.publish_access(w, &r.decider, &st, next).await;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                self.set_writes_proven(&r.key, false);
+                return Err(e);
+            }
+        };
+        self.set_writes_proven(&r.key, outcome.ready);
+        let requeue = next.map_or(decide::Requeue::OnChange, |t| r.decider.requeue_at(t));
+        Ok(Decision { outcome, requeue })
+    }
+
+    /// Keep `st` in memory until the state Secret accepts it (`TokenPersistPending`).
+    fn hold(&self, r: &Refresh<'_>, st: TokenState, guard: Option<SecretBytes>) -> Decision {
+        self.set_writes_proven(&r.key, false);
+        let held = PendingPersist {
+            vc: r.vc.clone(),
+            state: st,
+            guard,
+        };
+        lock(&self.pending).insert(r.key.clone(), held);
+        r.decider.persist_pending()
     }
 
     async fn call(
@@ -578,277 +525,13 @@ impl OAuthEngine {
         }
         r
     }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn on_success(
-        &self,
-        ctx: &SecretWriter,
-        vc: &VaultConnection,
-        key: &Key,
-        mut state: TokenState,
-        resp: client::TokenResponse,
-        sent_at: DateTime<Utc>,
-        rt_sent: Option<SecretBytes>,
-        guard: Option<SecretBytes>,
-        config_fp: &str,
-        seed_fp: &str,
-        refresh_request: Option<&str>,
-    ) -> Result<(Outcome, Action)> {
-        // Whole seconds, as stored: the schedule computed now and after a restart must agree.
-        let sent_at = chrono::SubsecRound::trunc_subsecs(sent_at, 0);
-        let expires_in = resp.expires_in.unwrap_or_else(schedule::default_expires_in);
-        let expires_at = sent_at + chrono::Duration::from_std(expires_in).unwrap_or_default();
-        // RFC 6749 §6: no refresh_token in the response means the current one stays valid.
-        state.refresh_token = match resp.refresh_token {
-            Some(rt) => Some(SecretBytes::new(rt.expose_secret().as_bytes().to_vec())),
-            None => rt_sent,
-        };
-        state.access = Some(AccessToken {
-            token: SecretBytes::new(resp.access_token.expose_secret().as_bytes().to_vec()),
-            token_type: if resp.token_type.is_empty() {
-                "Bearer".into()
-            } else {
-                resp.token_type.clone()
-            },
-            scope: resp.scope.clone(),
-            issued_at: sent_at,
-            expires_at,
-        });
-        let new_state = desired_state(vc, &state, config_fp, seed_fp, refresh_request);
-        self.set_failures(key, 0);
-        if let Err(e) = persist_state(ctx, vc, &new_state, guard.as_ref()).await {
-            warn!(namespace = %key.0, name = %key.1, error = %e, "could not persist new tokens; keeping them in memory and retrying the write");
-            self.set_writes_proven(key, false);
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(
-                    key.clone(),
-                    PendingPersist {
-                        vc: vc.clone(),
-                        state: new_state,
-                        guard,
-                    },
-                );
-            return Ok((
-                persist_pending_outcome(vc, &key.0, &state_secret_name(&key.1)),
-                Action::requeue(Duration::from_secs(2)),
-            ));
-        }
-        let settings = state::settings(vc);
-        let next = schedule::next_refresh_at(
-            sent_at,
-            expires_at,
-            &settings.renew,
-            &format!("{}/{}", key.0, key.1),
-        );
-        let outcome = match self.publish_access(ctx, vc, &new_state, Some(next)).await {
-            Ok(o) => o,
-            Err(e) => {
-                self.set_writes_proven(key, false);
-                return Err(e);
-            }
-        };
-        self.set_writes_proven(key, outcome.ready);
-        Ok((outcome, requeue_at(next)))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn terminal(
-        &self,
-        ctx: &SecretWriter,
-        vc: &VaultConnection,
-        key: &Key,
-        mut state: TokenState,
-        guard: Option<&SecretBytes>,
-        config_fp: &str,
-        seed_fp: &str,
-        refresh_request: Option<&str>,
-        reason: &str,
-    ) -> Result<(Outcome, Action)> {
-        // Remember the failure with the inputs it happened under, so neither a requeue nor a
-        // restart retries it until something changes (no hot loop against the provider).
-        state.failed_reason = Some(reason.to_string());
-        state.failed_fingerprint = Some(state.failure_key(config_fp, seed_fp, refresh_request));
-        state.failed_at = Some(Utc::now());
-        let st = desired_state(
-            vc,
-            &state,
-            config_fp,
-            seed_fp,
-            state.refresh_request.clone().as_deref(),
-        );
-        let mut st = st;
-        st.failed_reason = state.failed_reason.clone();
-        st.failed_fingerprint = state.failed_fingerprint.clone();
-        st.failed_at = state.failed_at;
-        persist_state(ctx, vc, &st, guard).await?;
-        self.set_failures(key, 0);
-        let msg = failure_message(reason, &key.0, &key.1);
-        let mut o = keep_known_fields(vc, failed_outcome(vc, reason, msg));
-        if let Some(oauth) = o.oauth.as_mut() {
-            oauth.last_failure_reason = Some(reason.to_string());
-            oauth.next_refresh_time = None;
-        }
-        let action = if reason == "RefreshResponseLost" {
-            Action::await_change()
-        } else {
-            Action::requeue(schedule::terminal_retry_interval())
-        };
-        Ok((o, action))
-    }
-
-    fn transient(
-        &self,
-        vc: &VaultConnection,
-        key: &Key,
-        state: &TokenState,
-        reason: &str,
-        detail: &str,
-        retry_after: Option<Duration>,
-    ) -> (Outcome, Action) {
-        let failures = self.failures(key).max(
-            vc.status
-                .as_ref()
-                .and_then(|s| s.failed_refresh_attempts)
-                .unwrap_or(0),
-        ) + 1;
-        self.set_failures(key, failures);
-        let delay = schedule::backoff(failures, retry_after, &format!("{}/{}", key.0, key.1));
-        let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-        let valid = state
-            .access
-            .as_ref()
-            .is_some_and(|a| a.expires_at > Utc::now());
-        let msg = format!(
-            "Token request failed ({detail}); retrying in {}s (attempt {failures})",
-            delay.as_secs().max(1)
-        );
-        let mut o = if valid {
-            Outcome::new(
-                Reason::RefreshRetrying,
-                format!("{msg}; the current access token is still valid"),
-            )
-        } else {
-            Outcome::new(reason_static(reason), msg)
-        };
-        o = keep_known_fields(vc, o);
-        let oauth = o.oauth.get_or_insert_with(Default::default);
-        oauth.state_secret_name = Some(state_secret_name(&key.1));
-        oauth.failed_refresh_attempts = failures;
-        oauth.last_failure_reason = Some(reason.to_string());
-        oauth.next_refresh_time = Some(format_time(next));
-        (o, Action::requeue(delay))
-    }
-
-    fn not_writable(&self, vc: &VaultConnection, key: &Key, msg: String) -> (Outcome, Action) {
-        self.set_writes_proven(key, false);
-        let failures = self.failures(key) + 1;
-        self.set_failures(key, failures);
-        let delay = schedule::backoff(failures, None, &format!("{}/{}", key.0, key.1));
-        let o = keep_known_fields(
-            vc,
-            Outcome::new(
-                Reason::SecretNotWritable,
-                format!("{msg}; no token was requested"),
-            ),
-        );
-        (o, Action::requeue(delay))
-    }
 }
 
-struct RefreshRequest<'a> {
-    vc: &'a VaultConnection,
-    ns: &'a str,
-    name: &'a str,
-    key: &'a Key,
-    settings: &'a OAuthSettings,
-    inputs: &'a SecretData,
-    state: TokenState,
-    config_fp: &'a str,
-    seed_fp: &'a str,
-    refresh_request: Option<&'a str>,
-    cause: RefreshCause,
-}
-
-/// Map a token error's reason name to the status vocabulary.
-fn reason_static(reason: &str) -> Reason {
-    match reason {
+/// The status vocabulary's name for a token error.
+fn token_error_reason(e: &TokenError) -> Reason {
+    match e.reason() {
         "InvalidCaBundle" => Reason::InvalidCaBundle,
         other => Reason::parse(other).unwrap_or(Reason::TokenClientSetupFailed),
-    }
-}
-
-fn failed_outcome(_vc: &VaultConnection, reason: &str, msg: String) -> Outcome {
-    Outcome::new(reason_static(reason), msg)
-}
-
-/// What the user should read (and do) for each terminal reason.
-fn failure_message(reason: &str, ns: &str, name: &str) -> String {
-    match reason {
-        "RefreshTokenRejected" => format!("The token endpoint rejected the refresh token (invalid_grant): it was revoked or expired. Re-authorize and put a new refresh_token in the credentials Secret of {ns}/{name}"),
-        "InvalidClient" => format!("The token endpoint rejected the client credentials (invalid_client). Fix client_id/client_secret in the credentials Secret of {ns}/{name}"),
-        "RefreshResponseLost" => format!("The response to a refresh was lost after the provider rotated the refresh token, and the provider refused the one retry (invalid_grant). The connection needs a new refresh_token in its credentials Secret. Enable a refresh-token rotation overlap (reuse) window on the provider (e.g. Auth0 'Rotation Overlap Period' of 60s) to make this recoverable for {ns}/{name}"),
-        "TokenRequestRejected" => format!("The token endpoint rejected the request (e.g. invalid_scope or unauthorized_client); check the scopes, audience and grant type of {ns}/{name}"),
-        other => format!("Token request failed with {other}; fix the connection's settings or credentials to retry"),
-    }
-}
-
-fn persist_pending_outcome(vc: &VaultConnection, ns: &str, state_name: &str) -> Outcome {
-    keep_known_fields(vc, Outcome::new(Reason::TokenPersistPending, format!("New tokens were issued but Secret {ns}/{state_name} could not be written yet; retrying the write (the token endpoint is not called again)")))
-}
-
-fn requeue_at(t: DateTime<Utc>) -> Action {
-    let d = (t - Utc::now()).to_std().unwrap_or_default();
-    Action::requeue(d.max(Duration::from_millis(500)))
-}
-
-/// A refreshToken connection starts from the credentials Secret's tokens when there is no state.
-fn seed_from_inputs(st: &mut TokenState, settings: &OAuthSettings, inputs: &SecretData) {
-    if settings.grant != GrantType::RefreshToken || st.seed_fingerprint.is_some() {
-        return;
-    }
-    st.refresh_token = inputs.get("refresh_token").cloned();
-    st.seed_fingerprint = Some(state::seed_fingerprint(inputs));
-    if let (Some(at), Some(exp)) = (
-        inputs.get("access_token"),
-        inputs
-            .get("expires_at")
-            .and_then(|e| state::parse_time(&e.expose_str())),
-    ) {
-        st.access = Some(AccessToken {
-            token: at.clone(),
-            token_type: "Bearer".into(),
-            scope: None,
-            // Unknown issue time: assume the token was just issued so it is used until
-            // the renewal window of the remaining lifetime.
-            issued_at: Utc::now(),
-            expires_at: exp,
-        });
-        st.config_fingerprint = None;
-    }
-}
-
-/// `st` with the fingerprints it is now valid for, failures and the in-flight mark cleared.
-fn desired_state(
-    _vc: &VaultConnection,
-    st: &TokenState,
-    config_fp: &str,
-    seed_fp: &str,
-    refresh_request: Option<&str>,
-) -> TokenState {
-    TokenState {
-        refresh_token: st.refresh_token.clone(),
-        seed_fingerprint: Some(seed_fp.to_string()),
-        config_fingerprint: Some(config_fp.to_string()),
-        access: st.access.clone(),
-        refresh_request: refresh_request
-            .map(str::to_string)
-            .or_else(|| st.refresh_request.clone()),
-        failed_reason: None,
-        failed_fingerprint: None,
-        failed_at: None,
-        inflight: None,
     }
 }
 
@@ -864,8 +547,8 @@ fn token_request(s: &OAuthSettings, inputs: &SecretData, rt: Option<&SecretBytes
     TokenRequest {
         token_url: s.token_url.clone(),
         grant: match rt {
-            Some(rt) => Grant::RefreshToken(SecretString::from(rt.expose_str())),
-            None => Grant::ClientCredentials,
+            Some(rt) => client::Grant::RefreshToken(SecretString::from(rt.expose_str())),
+            None => client::Grant::ClientCredentials,
         },
         client_id: secret("client_id"),
         client_secret: secret("client_secret"),
@@ -879,10 +562,10 @@ fn token_request(s: &OAuthSettings, inputs: &SecretData, rt: Option<&SecretBytes
     }
 }
 
+/// The PEM bundle `caBundleRef` names; `Ok(Err(msg))` when it is missing.
 async fn load_ca_bundle(
-    ctx: &SecretWriter,
+    w: &SecretWriter,
     vc: &VaultConnection,
-    ns: &str,
 ) -> Result<std::result::Result<Option<Vec<u8>>, String>> {
     let Some(r) = vc
         .spec
@@ -892,9 +575,11 @@ async fn load_ca_bundle(
     else {
         return Ok(Ok(None));
     };
+    let ns = vc.namespace().unwrap_or_default();
     let key = r.key.clone().unwrap_or_else(|| "ca.crt".into());
-    let s = ctx.get(ns, &r.name).await?;
-    let data = s
+    let data = w
+        .get(&ns, &r.name)
+        .await?
         .and_then(|s| s.data)
         .and_then(|d| d.get(&key).map(|b| b.0.clone()));
     Ok(match data {
@@ -910,13 +595,13 @@ async fn load_ca_bundle(
 /// (the one this refresh started from) or the one being written: someone else rotated it,
 /// and it is never overwritten blindly.
 async fn persist_state_once(
-    ctx: &SecretWriter,
+    w: &SecretWriter,
     vc: &VaultConnection,
     st: &TokenState,
     guard: Option<&SecretBytes>,
 ) -> std::result::Result<(), GuardedWriteError> {
     let desired = secret::desired_state_secret(vc, st.to_data());
-    ctx.write_guarded(vc, &desired, |live| {
+    w.write_guarded(vc, &desired, |live| {
         let live_rt = TokenState::from_data(&SecretData::from_secret(live)).refresh_token;
         match (guard, live_rt.as_ref()) {
             (Some(g), Some(l)) => g == l || Some(l) == st.refresh_token.as_ref(),
@@ -929,7 +614,7 @@ async fn persist_state_once(
 /// Write the state Secret, retrying only the write (same tokens) on conflicts and server
 /// errors, with backoff, for up to `PERSIST_RETRY_BUDGET`.
 async fn persist_state(
-    ctx: &SecretWriter,
+    w: &SecretWriter,
     vc: &VaultConnection,
     st: &TokenState,
     guard: Option<&SecretBytes>,
@@ -940,30 +625,21 @@ async fn persist_state(
         attempt += 1;
         // Each attempt is bounded by what is left of the budget, whatever the client does.
         let left = PERSIST_RETRY_BUDGET.saturating_sub(started.elapsed());
-        let attempt_result = match tokio::time::timeout(
-            left.max(Duration::from_secs(1)),
-            persist_state_once(ctx, vc, st, guard),
-        )
-        .await
-        {
-            Ok(r) => r,
+        let once = persist_state_once(w, vc, st, guard);
+        let err = match tokio::time::timeout(left.max(Duration::from_secs(1)), once).await {
             Err(_) => {
-                return Err(crate::error::Error::Retry(
+                return Err(Error::Retry(
                     "the state Secret write did not finish within its retry budget".into(),
                 ))
             }
-        };
-        let err = match attempt_result {
-            Ok(()) => return Ok(()),
-            Err(GuardedWriteError::Concurrent) => {
-                return Err(crate::error::Error::Retry(
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(GuardedWriteError::Concurrent)) => {
+                return Err(Error::Retry(
                     "the stored refresh token changed concurrently".into(),
                 ))
             }
-            Err(GuardedWriteError::NotWritable(msg)) => {
-                return Err(crate::error::Error::Retry(msg))
-            }
-            Err(GuardedWriteError::Kube(e)) => e,
+            Ok(Err(GuardedWriteError::NotWritable(msg))) => return Err(Error::Retry(msg)),
+            Ok(Err(GuardedWriteError::Kube(e))) => e,
         };
         let retryable = match &err {
             kube::Error::Api(ae) => ae.code == 409 || ae.code == 429 || ae.code >= 500,

@@ -29,7 +29,7 @@
 //! [`MAX_RETRY_AFTER`] = 1 h) is a lower bound.
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use jiff::{SignedDuration, Timestamp};
 use sha2::{Digest, Sha256};
 
 /// How long before expiry a token is refreshed.
@@ -87,12 +87,17 @@ fn key_fraction(parts: &[&[u8]]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-fn add_ms(t: DateTime<Utc>, ms: i128) -> DateTime<Utc> {
+fn add_ms(t: Timestamp, ms: i128) -> Timestamp {
     i64::try_from(ms)
         .ok()
-        .and_then(TimeDelta::try_milliseconds)
-        .and_then(|d| t.checked_add_signed(d))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        .and_then(|ms| t.checked_add(SignedDuration::from_millis(ms)).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// Milliseconds since the epoch, floored (also before 1970), as the schedule always hashed them.
+fn millis(t: Timestamp) -> i64 {
+    // |t| < 2^49 ms over jiff's whole range: the cast cannot truncate.
+    t.as_nanosecond().div_euclid(1_000_000) as i64
 }
 
 /// When to refresh a token issued at `issued_at` and expiring at `expires_at`.
@@ -101,14 +106,13 @@ fn add_ms(t: DateTime<Utc>, ms: i128) -> DateTime<Utc> {
 /// hashed together with `issued_at`, so the result is reproducible after a restart and the
 /// jitter differs from one cycle to the next. See the module docs for the exact rule.
 pub fn next_refresh_at(
-    issued_at: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
+    issued_at: Timestamp,
+    expires_at: Timestamp,
     renew: &RenewBefore,
     jitter_key: &str,
-) -> DateTime<Utc> {
-    // i128 milliseconds: the full chrono range cannot overflow.
-    let lifetime_ms =
-        i128::from(expires_at.timestamp_millis()) - i128::from(issued_at.timestamp_millis());
+) -> Timestamp {
+    // i128 milliseconds: the full range cannot overflow.
+    let lifetime_ms = i128::from(millis(expires_at)) - i128::from(millis(issued_at));
     let min_ms = MIN_REFRESH_INTERVAL.as_millis() as i128;
     if lifetime_ms <= 0 {
         return add_ms(issued_at, min_ms);
@@ -119,10 +123,7 @@ pub fn next_refresh_at(
         RenewBefore::Percentage(p) => lifetime_ms * i128::from(p.clamp(1, 99)) / 100,
     };
 
-    let frac = key_fraction(&[
-        jitter_key.as_bytes(),
-        &issued_at.timestamp_millis().to_be_bytes(),
-    ]);
+    let frac = key_fraction(&[jitter_key.as_bytes(), &millis(issued_at).to_be_bytes()]);
     let max_jitter_ms = lifetime_ms * MAX_JITTER_PERCENT / 100;
     let jitter_ms = (max_jitter_ms * i128::from(frac)) >> 64;
 
@@ -177,29 +178,24 @@ pub fn terminal_retry_interval() -> Duration {
 }
 
 /// Whether a token must be refreshed now: the scheduled refresh point or the expiry has passed.
-pub fn needs_refresh(
-    now: DateTime<Utc>,
-    next_refresh_at: DateTime<Utc>,
-    expires_at: DateTime<Utc>,
-) -> bool {
+pub fn needs_refresh(now: Timestamp, next_refresh_at: Timestamp, expires_at: Timestamp) -> bool {
     now >= next_refresh_at || now >= expires_at
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
 
-    fn t0() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap()
+    fn t0() -> Timestamp {
+        "2025-01-01T00:00:00Z".parse().unwrap()
     }
 
-    fn secs(s: i64) -> TimeDelta {
-        TimeDelta::seconds(s)
+    fn secs(s: i64) -> SignedDuration {
+        SignedDuration::from_secs(s)
     }
 
-    fn ms(m: i64) -> TimeDelta {
-        TimeDelta::milliseconds(m)
+    fn ms(m: i64) -> SignedDuration {
+        SignedDuration::from_millis(m)
     }
 
     #[test]
@@ -232,7 +228,7 @@ mod tests {
             &RenewBefore::default(),
             "ns/a",
         );
-        assert_ne!(c - issued2, a - issued);
+        assert_ne!(c.duration_since(issued2), a.duration_since(issued));
     }
 
     #[test]
@@ -317,15 +313,10 @@ mod tests {
     #[test]
     fn huge_lifetimes_do_not_overflow() {
         let issued = t0();
-        let exp = DateTime::<Utc>::MAX_UTC;
+        let exp = Timestamp::MAX;
         let at = next_refresh_at(issued, exp, &RenewBefore::default(), "k");
         assert!(at > issued && at < exp);
-        let at = next_refresh_at(
-            DateTime::<Utc>::MIN_UTC,
-            exp,
-            &RenewBefore::Percentage(50),
-            "k",
-        );
+        let at = next_refresh_at(Timestamp::MIN, exp, &RenewBefore::Percentage(50), "k");
         assert!(at <= exp);
     }
 
@@ -337,12 +328,12 @@ mod tests {
         let nominal = exp - ms(lifetime * 330);
         let lower = nominal - ms(lifetime * 50);
         let mut offsets = std::collections::BTreeSet::new();
-        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+        let (mut lo, mut hi) = (i128::MAX, i128::MIN);
         for i in 0..1000 {
             let key = format!("ns-{}/conn-{i}", i % 7);
             let at = next_refresh_at(issued, exp, &RenewBefore::default(), &key);
             assert!(at <= nominal && at >= lower, "key {key}: {at}");
-            let off = (nominal - at).num_milliseconds();
+            let off = nominal.duration_since(at).as_millis();
             offsets.insert(off);
             lo = lo.min(off);
             hi = hi.max(off);

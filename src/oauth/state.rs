@@ -1,7 +1,8 @@
 //! The token state of one OAuth connection, kept in its state Secret, and the pure decision of
 //! what to do next. Nothing here does I/O.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use jiff::fmt::temporal::Pieces;
+use jiff::{SignedDuration, Timestamp};
 
 use crate::api::{ConnectionType, GrantType, VaultConnection};
 use crate::catalog;
@@ -36,14 +37,48 @@ pub mod keys {
     pub const INFLIGHT: &str = "inflight_refresh_token";
 }
 
-pub fn format_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+/// RFC 3339 in UTC with whole seconds (fraction truncated) and a `Z`: `2026-11-28T23:57:50Z`.
+/// The state Secret and the status hold this form; it must not change between versions.
+pub fn format_time(t: Timestamp) -> String {
+    format!("{t:.0}")
 }
 
-pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s.trim())
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+/// `t` without its fraction of a second (floored, also before 1970): exactly what
+/// [`format_time`] keeps, so `parse_time(&format_time(t)) == Some(whole_seconds(t))`.
+pub fn whole_seconds(t: Timestamp) -> Timestamp {
+    t - SignedDuration::from_nanos(i64::from(t.subsec_nanosecond()).rem_euclid(1_000_000_000))
+}
+
+/// An RFC 3339 time with any offset, any fraction and surrounding whitespace.
+///
+/// Accepts everything the parser of earlier versions did, so their state Secrets and the
+/// `expires_at` values users wrote still load. jiff's own parser covers all of that except a
+/// few corners, handled by [`parse_time_compat`]; it also accepts more (e.g. `+0200`).
+pub fn parse_time(s: &str) -> Option<Timestamp> {
+    let s = s.trim();
+    s.parse().ok().or_else(|| parse_time_compat(s))
+}
+
+/// RFC 3339 inputs that earlier versions accepted and jiff rejects: more than nine fractional
+/// digits (the rest are dropped), U+2212 MINUS SIGN before the offset, and instants past the end
+/// of jiff's range (9999-12-30), such as a `9999-12-31T23:59:59Z` meaning "never expires": these
+/// saturate.
+fn parse_time_compat(s: &str) -> Option<Timestamp> {
+    let mut s = s.replacen('\u{2212}', "-", 1);
+    if s.as_bytes().get(19) == Some(&b'.') {
+        let digits = s[20..].bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 9 {
+            s.replace_range(29..20 + digits, "");
+        }
+    }
+    let pieces = Pieces::parse(&s).ok()?;
+    let dt = pieces.date().to_datetime(pieces.time()?);
+    let offset = pieces.to_numeric_offset()?;
+    Some(offset.to_timestamp(dt).unwrap_or(if dt.year() > 0 {
+        Timestamp::MAX
+    } else {
+        Timestamp::MIN
+    }))
 }
 
 /// The current access token.
@@ -52,8 +87,8 @@ pub struct AccessToken {
     pub token: SecretBytes,
     pub token_type: String,
     pub scope: Option<String>,
-    pub issued_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
 }
 
 /// What the state Secret holds.
@@ -66,7 +101,7 @@ pub struct TokenState {
     pub refresh_request: Option<String>,
     pub failed_reason: Option<String>,
     pub failed_fingerprint: Option<String>,
-    pub failed_at: Option<DateTime<Utc>>,
+    pub failed_at: Option<Timestamp>,
     pub inflight: Option<String>,
 }
 
@@ -267,18 +302,18 @@ pub enum Plan {
     Refresh(RefreshCause),
     /// The current token is good; come back at `next_refresh`.
     Wait {
-        next_refresh: DateTime<Utc>,
+        next_refresh: Timestamp,
     },
     /// A terminal failure under the same inputs: stay failed until they change or `retry_at`.
     Failed {
         reason: String,
-        retry_at: Option<DateTime<Utc>>,
+        retry_at: Option<Timestamp>,
     },
 }
 
 /// Inputs of the decision, all known without I/O.
 pub struct DecisionInput<'a> {
-    pub now: DateTime<Utc>,
+    pub now: Timestamp,
     pub state: &'a TokenState,
     pub config_fp: &'a str,
     pub seed_fp: &'a str,
@@ -298,9 +333,10 @@ pub fn plan(i: &DecisionInput<'_>) -> Plan {
     if let (Some(reason), Some(fp)) = (&s.failed_reason, &s.failed_fingerprint) {
         if *fp == s.failure_key(i.config_fp, i.seed_fp, i.refresh_request) {
             let retry_at = retryable_terminal(reason).then(|| {
-                s.failed_at.unwrap_or(i.now)
-                    + chrono::Duration::from_std(schedule::terminal_retry_interval())
-                        .unwrap_or_default()
+                s.failed_at
+                    .unwrap_or(i.now)
+                    .checked_add(schedule::terminal_retry_interval())
+                    .unwrap_or(Timestamp::MAX)
             });
             return match retry_at {
                 Some(t) if i.now >= t => Plan::Refresh(RefreshCause::RetryAfterFailure),
@@ -339,7 +375,7 @@ pub fn plan(i: &DecisionInput<'_>) -> Plan {
 mod tests {
     use super::*;
 
-    fn t(s: &str) -> DateTime<Utc> {
+    fn t(s: &str) -> Timestamp {
         parse_time(s).unwrap()
     }
 
@@ -463,5 +499,117 @@ mod tests {
             plan(&input("2026-01-02T00:00:00Z", &s)),
             Plan::Failed { retry_at: None, .. }
         ));
+    }
+
+    fn ts(second: i64, nanosecond: i32) -> Timestamp {
+        Timestamp::new(second, nanosecond).unwrap()
+    }
+
+    #[test]
+    fn format_time_is_byte_identical_to_earlier_versions() {
+        // Expected strings as written by the previous implementation (whole seconds, fraction
+        // truncated, `Z`), for the same instants.
+        for (t, want) in [
+            (ts(0, 0), "1970-01-01T00:00:00Z"),
+            (ts(1_795_910_270, 0), "2026-11-28T23:57:50Z"),
+            (ts(1_795_910_270, 999_999_999), "2026-11-28T23:57:50Z"),
+            (ts(1_700_000_000, 500_000_000), "2023-11-14T22:13:20Z"),
+            (ts(951_782_400, 123), "2000-02-29T00:00:00Z"),
+            (ts(1_835_395_200, 0), "2028-02-29T00:00:00Z"),
+            (ts(-1, -500_000_000), "1969-12-31T23:59:58Z"),
+            (ts(253_402_207_199, 0), "9999-12-30T21:59:59Z"),
+        ] {
+            assert_eq!(format_time(t), want);
+        }
+    }
+
+    #[test]
+    fn parse_time_accepts_what_earlier_versions_accepted() {
+        // (input, seconds, nanoseconds) as the previous parser read them.
+        for (input, second, nanosecond) in [
+            ("2026-11-28T23:57:50Z", 1_795_910_270, 0),
+            ("2026-11-28t23:57:50z", 1_795_910_270, 0),
+            ("2026-11-28 23:57:50Z", 1_795_910_270, 0),
+            ("2026-11-28T23:57:50+02:00", 1_795_903_070, 0),
+            ("2026-11-28T23:57:50-05:30", 1_795_930_070, 0),
+            ("2026-11-28T23:57:50-00:00", 1_795_910_270, 0),
+            ("2026-11-28T23:57:50.25Z", 1_795_910_270, 250_000_000),
+            (
+                "2026-11-28T23:57:50.123456789+01:00",
+                1_795_906_670,
+                123_456_789,
+            ),
+            (" 2026-11-28T23:57:50+02:00\n", 1_795_903_070, 0),
+            (
+                "\t2026-11-28T23:57:50.5-00:00  ",
+                1_795_910_270,
+                500_000_000,
+            ),
+            // Digits past the ninth are dropped.
+            (
+                "2026-11-28T23:57:50.1234567891234Z",
+                1_795_910_270,
+                123_456_789,
+            ),
+            // U+2212 MINUS SIGN.
+            ("2026-11-28T23:57:50\u{2212}02:00", 1_795_917_470, 0),
+        ] {
+            assert_eq!(parse_time(input), Some(ts(second, nanosecond)), "{input:?}");
+        }
+        // A leap second is accepted (as the second before it: jiff has no leap seconds).
+        assert_eq!(
+            parse_time("2016-12-31T23:59:60Z"),
+            Some(ts(1_483_228_799, 0))
+        );
+        // Past the end of jiff's range: accepted, saturated.
+        assert_eq!(parse_time("9999-12-31T23:59:59Z"), Some(Timestamp::MAX));
+        assert_eq!(
+            parse_time("9999-12-31T23:59:59-01:00"),
+            Some(Timestamp::MAX)
+        );
+    }
+
+    #[test]
+    fn parse_time_rejects_garbage() {
+        for input in [
+            "",
+            "   ",
+            "garbage",
+            "1795910270",
+            "2026-11-28",
+            "2026-11-28T23:57:50",
+            "2026-11-28T23:57",
+            "2026-02-30T00:00:00Z",
+            "2026-11-28T24:00:00Z",
+            "2026-11-28T23:57:50Zjunk",
+            "2026-11-28T23:57:50 Z",
+            "2026-11-28T23:57:50.Z",
+            "2026-11-28T23:57:50+2:00",
+            "2026-11-28T23:57:50+02:60",
+            "2026-11-28T23:57:50UTC",
+            "2026-11-28T23:57:50.1234567891234",
+            "2026-11-28T23:57:50\u{2212}",
+        ] {
+            assert_eq!(parse_time(input), None, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn stored_times_read_back_as_whole_seconds() {
+        // What refresh.rs computes the schedule from (whole_seconds) is what a restarted
+        // operator reads back from the state Secret.
+        for t in [
+            ts(1_795_910_270, 0),
+            ts(1_795_910_270, 1),
+            ts(1_795_910_270, 999_999_999),
+            ts(-1, -500_000_000),
+        ] {
+            assert_eq!(parse_time(&format_time(t)), Some(whole_seconds(t)), "{t}");
+            assert_eq!(whole_seconds(t).subsec_nanosecond(), 0);
+            assert!(
+                whole_seconds(t) <= t
+                    && t.duration_since(whole_seconds(t)) < SignedDuration::from_secs(1)
+            );
+        }
     }
 }

@@ -27,10 +27,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use chrono::{DateTime, Utc};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
+use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::ByteString;
@@ -355,7 +355,7 @@ fn machine_info() -> String {
     format!(
         "{cores} cores ({cpu}), {:.1} GiB RAM, Linux {kernel}, {}",
         mem_kb as f64 / 1024.0 / 1024.0,
-        Utc::now().format("%Y-%m-%d %H:%M UTC")
+        Timestamp::now().strftime("%Y-%m-%d %H:%M UTC")
     )
 }
 
@@ -997,9 +997,7 @@ async fn baseline(c: &Cluster, args: &Args, prefix: &str, n: usize) -> Result<Op
             let obj = desired.to_new_secret();
             retry("baseline Secret create", || create_ok(&secrets, &obj)).await?;
             let outcome = Outcome::new(
-                Phase::Ready,
-                true,
-                "Reconciled",
+                vaultconn::reason::Reason::Reconciled,
                 format!("Secret {ns}/{} is up to date", desired.name),
             )
             .with_secret(Some(desired.name.clone()));
@@ -1294,7 +1292,7 @@ struct ExpiryStats {
 fn check_secret(
     s: &Secret,
     ts: &TokenServer,
-    now: DateTime<Utc>,
+    now: Timestamp,
     stats: &mut ExpiryStats,
     last_seen: &mut HashMap<String, Instant>,
 ) {
@@ -1309,8 +1307,11 @@ fn check_secret(
         stats.missing_fields.insert(name);
         return;
     };
-    let exp = DateTime::parse_from_rfc3339(exp.trim()).map(|t| t.with_timezone(&Utc));
-    let margin = exp.as_ref().map(|e| (*e - now).num_milliseconds()).ok();
+    let exp = exp.trim().parse::<Timestamp>();
+    let margin = exp
+        .as_ref()
+        .map(|e| e.duration_since(now).as_millis() as i64)
+        .ok();
     let expired = margin.is_none_or(|m| m <= 0) || !ts.is_access_token_valid(&token);
     if let Some(m) = margin {
         stats.min_margin_ms = Some(stats.min_margin_ms.map_or(m, |x| x.min(m)));
@@ -1427,7 +1428,7 @@ async fn refresh(
             let mut last_seen = HashMap::new();
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = Utc::now();
+                let now = Timestamp::now();
                 let all = reader.state();
                 let mut st = lock(&stats);
                 for s in &all {
@@ -1450,7 +1451,7 @@ async fn refresh(
                     .await
                 {
                     Ok(list) => {
-                        let now = Utc::now();
+                        let now = Timestamp::now();
                         let mut st = lock(&stats);
                         for s in &list.items {
                             check_secret(s, &ts, now, &mut st, &mut last_seen);
@@ -1509,9 +1510,8 @@ async fn refresh(
             by_client.entry(id.clone()).or_default().push(call.at);
         }
     }
-    let to_utc = |t: SystemTime| DateTime::<Utc>::from(t);
-    let (w0u, w1u) = (to_utc(w0), to_utc(w1));
-    let ttl_c = chrono::Duration::from_std(ttl)?;
+    let to_utc = Timestamp::try_from;
+    let (w0u, w1u) = (to_utc(w0)?, to_utc(w1)?);
     let renew = RenewBefore::default();
     let mut actual = 0u64;
     let mut ideal = 0u64;
@@ -1545,9 +1545,9 @@ async fn refresh(
             continue;
         };
         let key = format!("{ns}/oauth-{i}");
-        let mut issued = to_utc(*start);
+        let mut issued = to_utc(*start)?;
         loop {
-            let next = schedule::next_refresh_at(issued, issued + ttl_c, &renew, &key);
+            let next = schedule::next_refresh_at(issued, issued + ttl, &renew, &key);
             if next > w1u {
                 break;
             }

@@ -1,0 +1,976 @@
+//! What happens next in a refresh, decided without I/O: which refresh token to send, what to
+//! do after a token call's outcome, after a failed write, or for a plan that needs no call;
+//! the state to store, the status to show and when to come back. Time and counters are passed
+//! in, so each row of the OAuth fault matrix (`shared/reference/oauth.md` §6) that concerns a
+//! decision is a unit test below. `refresh.rs` carries the decisions out.
+
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use secrecy::ExposeSecret;
+
+use crate::api::{GrantType, VaultConnection};
+use crate::names::state_secret_name;
+use crate::oauth::client::{ErrorClass, TokenError, TokenResponse};
+use crate::oauth::schedule;
+use crate::oauth::state::{
+    format_time, parse_time, seed_fingerprint, whole_seconds, AccessToken, OAuthSettings,
+    RefreshCause, TokenState,
+};
+use crate::reason::Reason;
+use crate::secret::{SecretBytes, SecretData};
+use crate::status::{keep_known_fields, OAuthStatus, Outcome};
+
+/// When the connection should be looked at again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requeue {
+    After(Duration),
+    /// Only when the connection or a Secret it reads changes.
+    OnChange,
+}
+
+/// A reconcile's result: the status to show and when to come back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub requeue: Requeue,
+}
+
+/// How soon a held-back write (`TokenPersistPending`) is tried again.
+pub const PERSIST_RETRY: Duration = Duration::from_secs(2);
+/// How soon a connection whose stored refresh token changed underneath it is looked at again.
+pub const ADOPT_RETRY: Duration = Duration::from_secs(1);
+/// How often a replica without the leader lease checks back.
+pub const NOT_LEADER_RETRY: Duration = Duration::from_secs(15);
+/// Never requeue sooner than this for a scheduled time already (almost) reached.
+pub const MIN_REQUEUE: Duration = Duration::from_millis(500);
+
+/// The fingerprints a stored state is valid for (see `state::config_fingerprint`).
+#[derive(Debug, Clone, Copy)]
+pub struct Fingerprints<'a> {
+    pub config: &'a str,
+    pub seed: &'a str,
+    /// The `refresh-requested-at` annotation value this refresh honours.
+    pub refresh_request: Option<&'a str>,
+}
+
+impl<'a> Fingerprints<'a> {
+    /// The same fingerprints, keeping the state's honoured refresh request as it is (for
+    /// writes that do not complete a refresh).
+    pub fn without_request(self) -> Fingerprints<'a> {
+        Fingerprints {
+            refresh_request: None,
+            ..self
+        }
+    }
+}
+
+/// A refreshToken connection starts from the credentials Secret's tokens when there is no
+/// chain yet: its `refresh_token`, and optionally a current `access_token` + `expires_at`.
+pub fn seed_from_inputs(
+    st: &mut TokenState,
+    settings: &OAuthSettings,
+    inputs: &SecretData,
+    now: Timestamp,
+) {
+    if settings.grant != GrantType::RefreshToken || st.seed_fingerprint.is_some() {
+        return;
+    }
+    st.refresh_token = inputs.get("refresh_token").cloned();
+    st.seed_fingerprint = Some(seed_fingerprint(inputs));
+    let expires_at = inputs
+        .get("expires_at")
+        .and_then(|e| parse_time(&e.expose_str()));
+    if let (Some(at), Some(expires_at)) = (inputs.get("access_token"), expires_at) {
+        st.access = Some(AccessToken {
+            token: at.clone(),
+            token_type: "Bearer".into(),
+            scope: None,
+            // Unknown issue time: assume the token was just issued so it is used until the
+            // renewal window of the remaining lifetime.
+            issued_at: now,
+            expires_at,
+        });
+        st.config_fingerprint = None;
+    }
+}
+
+/// The refresh token to spend, if the grant uses one: the credentials Secret's seed when the
+/// user re-seeded or no chain exists yet, else the chain's current token.
+pub fn token_to_send(
+    grant: GrantType,
+    cause: RefreshCause,
+    state: &TokenState,
+    seed_fp: &str,
+    seed: Option<&SecretBytes>,
+) -> Option<SecretBytes> {
+    match grant {
+        GrantType::ClientCredentials => None,
+        GrantType::RefreshToken => {
+            let reseeded = cause == RefreshCause::Reseeded
+                || state.seed_fingerprint.as_deref() != Some(seed_fp);
+            if reseeded || state.refresh_token.is_none() {
+                seed.cloned()
+            } else {
+                state.refresh_token.clone()
+            }
+        }
+    }
+}
+
+/// `state` marked valid for `fps`, with failures and the in-flight mark cleared.
+pub fn settled_state(state: &TokenState, fps: Fingerprints<'_>) -> TokenState {
+    TokenState {
+        refresh_token: state.refresh_token.clone(),
+        seed_fingerprint: Some(fps.seed.to_string()),
+        config_fingerprint: Some(fps.config.to_string()),
+        access: state.access.clone(),
+        refresh_request: fps
+            .refresh_request
+            .map(str::to_string)
+            .or_else(|| state.refresh_request.clone()),
+        failed_reason: None,
+        failed_fingerprint: None,
+        failed_at: None,
+        inflight: None,
+    }
+}
+
+/// What to do when the first token call did not give a usable answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterFirstCall {
+    /// Nothing more to try now: decide on the error.
+    Settle,
+    /// A broken 200 carried a (possibly rotated) refresh token: store it before anything else,
+    /// it may be the only live one.
+    KeepSalvaged(SecretBytes),
+    /// The outcome is unknown and the provider may have rotated: retry exactly once with the
+    /// same refresh token (an overlap window on the provider answers it).
+    RetryOnce,
+}
+
+pub fn after_first_call(rt_sent: bool, error: &TokenError) -> AfterFirstCall {
+    if !rt_sent || error.class() != ErrorClass::UnknownOutcome {
+        return AfterFirstCall::Settle;
+    }
+    match error.recovered_refresh_token() {
+        Some(rt) => {
+            AfterFirstCall::KeepSalvaged(SecretBytes::new(rt.expose_secret().as_bytes().to_vec()))
+        }
+        None => AfterFirstCall::RetryOnce,
+    }
+}
+
+/// The state after a successful token response to a request sent at `sent_at`.
+/// RFC 6749 §6: a response without `refresh_token` keeps the one that was sent.
+pub fn state_after_success(
+    state: &TokenState,
+    resp: &TokenResponse,
+    sent_at: Timestamp,
+    rt_sent: Option<SecretBytes>,
+    fps: Fingerprints<'_>,
+) -> TokenState {
+    // Whole seconds, as stored: the schedule computed now and after a restart must agree.
+    let issued_at = whole_seconds(sent_at);
+    let expires_in = resp.expires_in.unwrap_or_else(schedule::default_expires_in);
+    let expires_at = issued_at
+        .checked_add(SignedDuration::try_from(expires_in).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX);
+    let mut next = state.clone();
+    next.refresh_token = match &resp.refresh_token {
+        Some(rt) => Some(SecretBytes::new(rt.expose_secret().as_bytes().to_vec())),
+        None => rt_sent,
+    };
+    next.access = Some(AccessToken {
+        token: SecretBytes::new(resp.access_token.expose_secret().as_bytes().to_vec()),
+        token_type: if resp.token_type.is_empty() {
+            "Bearer".into()
+        } else {
+            resp.token_type.clone()
+        },
+        scope: resp.scope.clone(),
+        issued_at,
+        expires_at,
+    });
+    settled_state(&next, fps)
+}
+
+/// What a failed token call means, with the facts gathered around it.
+#[derive(Debug, Clone, Copy)]
+pub struct FailedCall {
+    pub reason: Reason,
+    pub class: ErrorClass,
+    /// `invalid_grant` on a refresh grant.
+    pub invalid_grant: bool,
+    /// After an `invalid_grant`: the state Secret now holds a refresh token other than the one
+    /// sent (another writer rotated it).
+    pub stored_token_differs: bool,
+    /// This reconcile already retried once after an unknown outcome.
+    pub retried_unknown: bool,
+    /// The in-flight mark showed an earlier attempt with this token ended unknown (a crash).
+    pub previous_attempt_unknown: bool,
+}
+
+/// What to do after a failed token call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailure {
+    /// Use the token another writer stored; no error to report.
+    Adopt,
+    /// Needs a human or a change: remember it under the current inputs (no hot loop).
+    Terminal(Reason),
+    /// Retry with backoff. `clear_inflight`: the request was provably not processed, so the
+    /// token was not spent and the in-flight mark goes (a later `invalid_grant` is then a plain
+    /// rejection, not a lost response).
+    Transient {
+        reason: Reason,
+        retry_after: Option<Duration>,
+        clear_inflight: bool,
+    },
+}
+
+pub fn after_failure(f: &FailedCall) -> AfterFailure {
+    if f.invalid_grant {
+        if f.stored_token_differs {
+            return AfterFailure::Adopt;
+        }
+        let lost = f.retried_unknown || f.previous_attempt_unknown;
+        return AfterFailure::Terminal(if lost {
+            Reason::RefreshResponseLost
+        } else {
+            Reason::RefreshTokenRejected
+        });
+    }
+    match f.class {
+        ErrorClass::Terminal => AfterFailure::Terminal(f.reason),
+        ErrorClass::Transient { retry_after } => AfterFailure::Transient {
+            reason: f.reason,
+            retry_after,
+            clear_inflight: true,
+        },
+        ErrorClass::UnknownOutcome => AfterFailure::Transient {
+            reason: f.reason,
+            retry_after: None,
+            clear_inflight: false,
+        },
+    }
+}
+
+/// The state to store for a terminal failure: remembered with the inputs it happened under,
+/// so neither a requeue nor a restart retries it until something changes.
+pub fn terminal_state(
+    state: &TokenState,
+    reason: Reason,
+    fps: Fingerprints<'_>,
+    now: Timestamp,
+) -> TokenState {
+    let failure_key = state.failure_key(fps.config, fps.seed, fps.refresh_request);
+    // The annotation value is remembered as it was: a failed forced refresh is not "honoured".
+    let kept_request = Fingerprints {
+        refresh_request: state.refresh_request.as_deref(),
+        ..fps
+    };
+    let mut st = settled_state(state, kept_request);
+    st.failed_reason = Some(reason.as_str().to_string());
+    st.failed_fingerprint = Some(failure_key);
+    st.failed_at = Some(now);
+    st
+}
+
+/// A terminal failure is retried slowly, except a lost response: retrying a token the
+/// provider already rotated would only trigger its reuse detection again.
+pub fn terminal_requeue(reason: Reason) -> Requeue {
+    if reason == Reason::RefreshResponseLost {
+        Requeue::OnChange
+    } else {
+        Requeue::After(schedule::terminal_retry_interval())
+    }
+}
+
+/// What the user should read (and do) for each terminal reason.
+pub fn failure_message(reason: Reason, ns: &str, name: &str) -> String {
+    match reason {
+        Reason::RefreshTokenRejected => format!("The token endpoint rejected the refresh token (invalid_grant): it was revoked or expired. Re-authorize and put a new refresh_token in the credentials Secret of {ns}/{name}"),
+        Reason::InvalidClient => format!("The token endpoint rejected the client credentials (invalid_client). Fix client_id/client_secret in the credentials Secret of {ns}/{name}"),
+        Reason::RefreshResponseLost => format!("The response to a refresh was lost after the provider rotated the refresh token, and the provider refused the one retry (invalid_grant). The connection needs a new refresh_token in its credentials Secret. Enable a refresh-token rotation overlap (reuse) window on the provider (e.g. Auth0 'Rotation Overlap Period' of 60s) to make this recoverable for {ns}/{name}"),
+        Reason::TokenRequestRejected => format!("The token endpoint rejected the request (e.g. invalid_scope or unauthorized_client); check the scopes, audience and grant type of {ns}/{name}"),
+        other => format!("Token request failed with {other}; fix the connection's settings or credentials to retry"),
+    }
+}
+
+/// Consecutive transient failures including this one: the larger of what this process
+/// counted and what the status says (a restart must not reset the backoff).
+pub fn failure_count(counted: u32, status: Option<u32>) -> u32 {
+    counted.max(status.unwrap_or(0)).saturating_add(1)
+}
+
+/// Decisions about one connection at one moment.
+pub struct Decider<'a> {
+    pub vc: &'a VaultConnection,
+    pub now: Timestamp,
+}
+
+impl Decider<'_> {
+    fn ns(&self) -> &str {
+        self.vc.metadata.namespace.as_deref().unwrap_or_default()
+    }
+
+    fn name(&self) -> &str {
+        self.vc.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    /// The stable key the schedule and backoff jitter are derived from.
+    pub fn jitter_key(&self) -> String {
+        format!("{}/{}", self.ns(), self.name())
+    }
+
+    fn keep(&self, reason: Reason, message: impl Into<String>) -> Outcome {
+        keep_known_fields(self.vc, Outcome::new(reason, message))
+    }
+
+    /// When the token issued with `access` should be refreshed.
+    pub fn next_refresh(&self, access: &AccessToken, renew: &schedule::RenewBefore) -> Timestamp {
+        schedule::next_refresh_at(
+            access.issued_at,
+            access.expires_at,
+            renew,
+            &self.jitter_key(),
+        )
+    }
+
+    /// A requeue at `t` (at least [`MIN_REQUEUE`] from now).
+    pub fn requeue_at(&self, t: Timestamp) -> Requeue {
+        let d = Duration::try_from(t.duration_since(self.now)).unwrap_or_default();
+        Requeue::After(d.max(MIN_REQUEUE))
+    }
+
+    /// The status while the generated Secret `secret` holds `access` (Ready while it is valid).
+    pub fn access_outcome(
+        &self,
+        access: Option<&AccessToken>,
+        secret: &str,
+        next_refresh: Option<Timestamp>,
+    ) -> Outcome {
+        let Some(access) = access else {
+            return Outcome::new(Reason::TokenPending, "No access token has been issued yet");
+        };
+        let ns = self.ns();
+        let expiry = format_time(access.expires_at);
+        let mut o = if access.expires_at > self.now {
+            Outcome::new(
+                Reason::Reconciled,
+                format!("Secret {ns}/{secret} holds an access token valid until {expiry}"),
+            )
+        } else {
+            Outcome::new(
+                Reason::TokenExpired,
+                format!("The access token in Secret {ns}/{secret} expired at {expiry}"),
+            )
+        };
+        o.secret_name = Some(secret.to_string());
+        o.oauth = Some(OAuthStatus {
+            state_secret_name: Some(state_secret_name(self.name())),
+            expires_at: Some(expiry),
+            last_refresh_time: Some(format_time(access.issued_at)),
+            next_refresh_time: next_refresh.map(format_time),
+            failed_refresh_attempts: 0,
+            last_failure_reason: None,
+        });
+        o
+    }
+
+    /// The plan found a terminal failure remembered under the same inputs.
+    pub fn remembered_failure(&self, reason: Reason, retry_at: Option<Timestamp>) -> Decision {
+        Decision {
+            outcome: self.keep(reason, failure_message(reason, self.ns(), self.name())),
+            requeue: retry_at.map_or(Requeue::OnChange, |t| self.requeue_at(t)),
+        }
+    }
+
+    /// A token call ended in a terminal failure (already stored by the caller).
+    pub fn terminal(&self, reason: Reason) -> Decision {
+        let mut outcome = self.keep(reason, failure_message(reason, self.ns(), self.name()));
+        if let Some(oauth) = outcome.oauth.as_mut() {
+            oauth.last_failure_reason = Some(reason.as_str().to_string());
+            oauth.next_refresh_time = None;
+        }
+        Decision {
+            outcome,
+            requeue: terminal_requeue(reason),
+        }
+    }
+
+    /// A transient failure, the `failures`-th in a row. Ready (`RefreshRetrying`) while the
+    /// current token is still valid; the specific reason once it has expired.
+    pub fn transient(
+        &self,
+        failures: u32,
+        current: Option<&AccessToken>,
+        reason: Reason,
+        retry_after: Option<Duration>,
+        detail: &str,
+    ) -> Decision {
+        let delay = schedule::backoff(failures, retry_after, &self.jitter_key());
+        let next = self
+            .now
+            .checked_add(SignedDuration::try_from(delay).unwrap_or(SignedDuration::MAX))
+            .unwrap_or(Timestamp::MAX);
+        let msg = format!(
+            "Token request failed ({detail}); retrying in {}s (attempt {failures})",
+            delay.as_secs().max(1)
+        );
+        let valid = current.is_some_and(|a| a.expires_at > self.now);
+        let mut o = if valid {
+            self.keep(
+                Reason::RefreshRetrying,
+                format!("{msg}; the current access token is still valid"),
+            )
+        } else {
+            self.keep(reason, msg)
+        };
+        let oauth = o.oauth.get_or_insert_with(Default::default);
+        oauth.state_secret_name = Some(state_secret_name(self.name()));
+        oauth.failed_refresh_attempts = failures;
+        oauth.last_failure_reason = Some(reason.as_str().to_string());
+        oauth.next_refresh_time = Some(format_time(next));
+        Decision {
+            outcome: o,
+            requeue: Requeue::After(delay),
+        }
+    }
+
+    /// A dry run showed a write would be refused: nothing was requested; back off.
+    pub fn not_writable(&self, failures: u32, msg: &str) -> Decision {
+        Decision {
+            outcome: self.keep(
+                Reason::SecretNotWritable,
+                format!("{msg}; no token was requested"),
+            ),
+            requeue: Requeue::After(schedule::backoff(failures, None, &self.jitter_key())),
+        }
+    }
+
+    /// Another object controls a Secret this connection would write.
+    pub fn conflict(&self, msg: String) -> Decision {
+        Decision {
+            outcome: Outcome::new(Reason::SecretConflict, msg),
+            requeue: Requeue::OnChange,
+        }
+    }
+
+    /// New tokens are held in memory until the state Secret write succeeds.
+    pub fn persist_pending(&self) -> Decision {
+        let ns = self.ns();
+        let state = state_secret_name(self.name());
+        Decision {
+            outcome: self.keep(Reason::TokenPersistPending, format!("New tokens were issued but Secret {ns}/{state} could not be written yet; retrying the write (the token endpoint is not called again)")),
+            requeue: Requeue::After(PERSIST_RETRY),
+        }
+    }
+
+    /// The stored refresh token changed while refreshing: use it on the next pass.
+    pub fn adopted(&self) -> Decision {
+        Decision {
+            outcome: self.keep(
+                Reason::RefreshTokenAdopted,
+                "The stored refresh token changed while refreshing; using it",
+            ),
+            requeue: Requeue::After(ADOPT_RETRY),
+        }
+    }
+
+    /// A broken 200 carried a refresh token, now stored; a new access token comes next.
+    pub fn salvaged(&self) -> Decision {
+        Decision {
+            outcome: self.keep(Reason::UnparseableTokenResponse, "The token endpoint returned an unparseable response carrying a new refresh token; it was stored and a new access token will be requested"),
+            requeue: Requeue::After(ADOPT_RETRY),
+        }
+    }
+
+    pub fn ca_bundle_missing(&self, msg: String) -> Decision {
+        Decision {
+            outcome: Outcome::new(Reason::CaBundleMissing, msg),
+            requeue: Requeue::OnChange,
+        }
+    }
+
+    /// This replica may not spend refresh tokens (another holds the lease).
+    pub fn not_leader(&self) -> Decision {
+        Decision {
+            outcome: self.keep(
+                Reason::NotLeader,
+                "Waiting for this replica to hold the leader lease",
+            ),
+            requeue: Requeue::After(NOT_LEADER_RETRY),
+        }
+    }
+}
+
+/// One test per row of the fault matrix (`shared/reference/oauth.md` §6) that is a decision;
+/// the row number leads each test's name. Rows about I/O order, transport or the API server
+/// are cluster tests (`tests/oauth*.rs`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oauth::schedule::RenewBefore;
+    use secrecy::SecretString;
+
+    fn vc() -> VaultConnection {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "vaultconn.dev/v1alpha1", "kind": "VaultConnection",
+            "metadata": {"name": "conn", "namespace": "ns", "uid": "u1"},
+            "spec": {"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/token"}}
+        }))
+        .unwrap()
+    }
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn rt(s: &str) -> SecretBytes {
+        SecretBytes::new(s.as_bytes().to_vec())
+    }
+
+    const FPS: Fingerprints<'static> = Fingerprints {
+        config: "cfg",
+        seed: "seed",
+        refresh_request: None,
+    };
+
+    fn response(refresh: Option<&str>, expires_in: Option<u64>) -> TokenResponse {
+        TokenResponse {
+            access_token: SecretString::from("at-new"),
+            token_type: String::new(),
+            expires_in: expires_in.map(Duration::from_secs),
+            refresh_token: refresh.map(SecretString::from),
+            scope: None,
+        }
+    }
+
+    fn chain(token: &str) -> TokenState {
+        TokenState {
+            refresh_token: Some(rt(token)),
+            seed_fingerprint: Some("seed".into()),
+            config_fingerprint: Some("cfg".into()),
+            ..Default::default()
+        }
+    }
+
+    fn failed(reason: Reason, class: ErrorClass) -> FailedCall {
+        FailedCall {
+            reason,
+            class,
+            invalid_grant: false,
+            stored_token_differs: false,
+            retried_unknown: false,
+            previous_attempt_unknown: false,
+        }
+    }
+
+    fn invalid_grant() -> FailedCall {
+        FailedCall {
+            invalid_grant: true,
+            ..failed(Reason::RefreshTokenRejected, ErrorClass::Terminal)
+        }
+    }
+
+    #[test]
+    fn row_01_client_credentials_success_schedules_at_two_thirds() {
+        let sent = t("2026-01-01T00:00:00.700Z");
+        let st = state_after_success(
+            &TokenState::default(),
+            &response(None, Some(3600)),
+            sent,
+            None,
+            FPS,
+        );
+        let access = st.access.as_ref().unwrap();
+        assert_eq!(
+            access.issued_at,
+            t("2026-01-01T00:00:00Z"),
+            "whole seconds, as stored"
+        );
+        assert_eq!(access.expires_at, t("2026-01-01T01:00:00Z"));
+        assert_eq!(access.token_type, "Bearer");
+        let v = vc();
+        let d = Decider { vc: &v, now: sent };
+        let next = d.next_refresh(access, &RenewBefore::Percentage(33));
+        // 67 % of the lifetime, minus at most 5 % jitter.
+        assert!(
+            next <= t("2026-01-01T00:40:12Z") && next >= t("2026-01-01T00:37:12Z"),
+            "{next}"
+        );
+        let o = d.access_outcome(Some(access), "conn", Some(next));
+        assert_eq!(o.reason, Reason::Reconciled);
+        assert!(o.ready);
+    }
+
+    #[test]
+    fn row_04_invalid_client_is_terminal_and_retried_only_hourly() {
+        let f = failed(Reason::InvalidClient, ErrorClass::Terminal);
+        assert_eq!(
+            after_failure(&f),
+            AfterFailure::Terminal(Reason::InvalidClient)
+        );
+        let v = vc();
+        let d = Decider {
+            vc: &v,
+            now: t("2026-01-01T00:00:00Z"),
+        };
+        let dec = d.terminal(Reason::InvalidClient);
+        assert_eq!(dec.outcome.reason, Reason::InvalidClient);
+        assert_eq!(dec.requeue, Requeue::After(Duration::from_secs(3600)));
+        // Remembered under the current inputs, so a restart does not retry it either.
+        let st = terminal_state(&chain("c"), Reason::InvalidClient, FPS, d.now);
+        assert_eq!(st.failed_reason.as_deref(), Some("InvalidClient"));
+        assert_eq!(
+            st.failed_fingerprint,
+            Some(chain("c").failure_key("cfg", "seed", None))
+        );
+        assert_eq!(st.refresh_token, Some(rt("c")), "the chain token is kept");
+    }
+
+    #[test]
+    fn row_05_rotation_stores_the_new_refresh_token() {
+        let st = state_after_success(
+            &chain("old"),
+            &response(Some("new"), Some(60)),
+            t("2026-01-01T00:00:00Z"),
+            Some(rt("old")),
+            FPS,
+        );
+        assert_eq!(st.refresh_token, Some(rt("new")));
+        assert_eq!(
+            st.inflight, None,
+            "the in-flight mark is cleared with the result"
+        );
+    }
+
+    #[test]
+    fn row_06_07_response_without_refresh_token_keeps_the_sent_one() {
+        let st = state_after_success(
+            &chain("old"),
+            &response(None, Some(60)),
+            t("2026-01-01T00:00:00Z"),
+            Some(rt("old")),
+            FPS,
+        );
+        assert_eq!(st.refresh_token, Some(rt("old")));
+    }
+
+    #[test]
+    fn row_08_missing_expires_in_means_five_minutes() {
+        let st = state_after_success(
+            &TokenState::default(),
+            &response(None, None),
+            t("2026-01-01T00:00:00Z"),
+            None,
+            FPS,
+        );
+        assert_eq!(st.access.unwrap().expires_at, t("2026-01-01T00:05:00Z"));
+    }
+
+    #[test]
+    fn row_09_broken_200_with_refresh_token_is_kept_not_retried() {
+        let e = TokenError::Unparseable {
+            refresh_token: Some(SecretString::from("salvaged")),
+        };
+        assert_eq!(
+            after_first_call(true, &e),
+            AfterFirstCall::KeepSalvaged(rt("salvaged"))
+        );
+        let e = TokenError::Unparseable {
+            refresh_token: None,
+        };
+        assert_eq!(after_first_call(true, &e), AfterFirstCall::RetryOnce);
+        // Client credentials spend nothing: no retry, just back off.
+        assert_eq!(after_first_call(false, &e), AfterFirstCall::Settle);
+    }
+
+    #[test]
+    fn row_10_invalid_grant_with_unchanged_store_is_rejected() {
+        assert_eq!(
+            after_failure(&invalid_grant()),
+            AfterFailure::Terminal(Reason::RefreshTokenRejected)
+        );
+        assert_eq!(
+            terminal_requeue(Reason::RefreshTokenRejected),
+            Requeue::After(Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn row_11_invalid_grant_after_a_sibling_rotated_adopts() {
+        let f = FailedCall {
+            stored_token_differs: true,
+            ..invalid_grant()
+        };
+        assert_eq!(after_failure(&f), AfterFailure::Adopt);
+        let v = vc();
+        let d = Decider {
+            vc: &v,
+            now: t("2026-01-01T00:00:00Z"),
+        };
+        let dec = d.adopted();
+        assert_eq!(dec.outcome.reason, Reason::RefreshTokenAdopted);
+        assert_eq!(dec.requeue, Requeue::After(ADOPT_RETRY));
+    }
+
+    #[test]
+    fn row_12_retry_after_is_honoured() {
+        let f = failed(
+            Reason::RateLimited,
+            ErrorClass::Transient {
+                retry_after: Some(Duration::from_secs(2)),
+            },
+        );
+        let AfterFailure::Transient {
+            retry_after,
+            clear_inflight,
+            ..
+        } = after_failure(&f)
+        else {
+            panic!("transient expected");
+        };
+        assert!(
+            clear_inflight,
+            "a 429 was not processed: the token was not spent"
+        );
+        let v = vc();
+        let d = Decider {
+            vc: &v,
+            now: t("2026-01-01T00:00:00Z"),
+        };
+        let dec = d.transient(1, None, Reason::RateLimited, retry_after, "HTTP 429");
+        let Requeue::After(delay) = dec.requeue else {
+            panic!()
+        };
+        assert!(delay >= Duration::from_secs(2), "{delay:?}");
+        assert_eq!(
+            dec.outcome.reason,
+            Reason::RateLimited,
+            "no valid token: the specific reason"
+        );
+    }
+
+    #[test]
+    fn row_13_server_error_backs_off_and_stays_ready_while_the_token_is_valid() {
+        let v = vc();
+        let now = t("2026-01-01T00:30:00Z");
+        let d = Decider { vc: &v, now };
+        let valid = AccessToken {
+            token: rt("at"),
+            token_type: "Bearer".into(),
+            scope: None,
+            issued_at: t("2026-01-01T00:00:00Z"),
+            expires_at: t("2026-01-01T01:00:00Z"),
+        };
+        let first = d.transient(
+            1,
+            Some(&valid),
+            Reason::TokenEndpointUnavailable,
+            None,
+            "HTTP 500",
+        );
+        let fifth = d.transient(
+            5,
+            Some(&valid),
+            Reason::TokenEndpointUnavailable,
+            None,
+            "HTTP 500",
+        );
+        assert_eq!(first.outcome.reason, Reason::RefreshRetrying);
+        assert!(first.outcome.ready);
+        let (Requeue::After(a), Requeue::After(b)) = (first.requeue, fifth.requeue) else {
+            panic!()
+        };
+        assert!(b > a * 8, "exponential: {a:?} then {b:?}");
+        let oauth = fifth.outcome.oauth.unwrap();
+        assert_eq!(oauth.failed_refresh_attempts, 5);
+        assert_eq!(
+            oauth.last_failure_reason.as_deref(),
+            Some("TokenEndpointUnavailable")
+        );
+        // A restart does not reset the count: the status's count is continued.
+        assert_eq!(failure_count(0, Some(4)), 5);
+        assert_eq!(failure_count(2, None), 3);
+    }
+
+    #[test]
+    fn row_14_connect_failure_clears_the_inflight_mark() {
+        let f = failed(
+            Reason::TokenEndpointUnreachable,
+            ErrorClass::Transient { retry_after: None },
+        );
+        assert!(matches!(
+            after_failure(&f),
+            AfterFailure::Transient {
+                clear_inflight: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn row_15_17_lost_response_retried_once_then_refused_is_response_lost_for_good() {
+        let e = TokenError::UnknownOutcome("timeout".into());
+        assert_eq!(after_first_call(true, &e), AfterFirstCall::RetryOnce);
+        let f = FailedCall {
+            retried_unknown: true,
+            ..invalid_grant()
+        };
+        assert_eq!(
+            after_failure(&f),
+            AfterFailure::Terminal(Reason::RefreshResponseLost)
+        );
+        assert_eq!(
+            terminal_requeue(Reason::RefreshResponseLost),
+            Requeue::OnChange
+        );
+        // Still unknown after the one retry: back off, keep the in-flight mark.
+        let f = failed(Reason::TokenResponseLost, ErrorClass::UnknownOutcome);
+        assert!(matches!(
+            after_failure(&f),
+            AfterFailure::Transient {
+                clear_inflight: false,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn row_16_overlap_window_success_after_retry_continues_the_chain() {
+        let st = state_after_success(
+            &chain("old"),
+            &response(Some("next"), Some(60)),
+            t("2026-01-01T00:00:05Z"),
+            Some(rt("old")),
+            FPS,
+        );
+        assert_eq!(st.refresh_token, Some(rt("next")));
+        assert_eq!(st.failed_reason, None);
+    }
+
+    #[test]
+    fn row_22_23_held_tokens_retry_only_the_write() {
+        let v = vc();
+        let d = Decider {
+            vc: &v,
+            now: t("2026-01-01T00:00:00Z"),
+        };
+        let dec = d.persist_pending();
+        assert_eq!(dec.outcome.reason, Reason::TokenPersistPending);
+        assert!(dec
+            .outcome
+            .message
+            .contains("the token endpoint is not called again"));
+        assert_eq!(dec.requeue, Requeue::After(PERSIST_RETRY));
+    }
+
+    #[test]
+    fn row_24_refused_dry_run_requests_nothing_and_backs_off() {
+        let v = vc();
+        let d = Decider {
+            vc: &v,
+            now: t("2026-01-01T00:00:00Z"),
+        };
+        let first = d.not_writable(1, "writing Secret ns/conn would be refused (403 Forbidden)");
+        let later = d.not_writable(6, "x");
+        assert_eq!(first.outcome.reason, Reason::SecretNotWritable);
+        assert!(first.outcome.message.ends_with("no token was requested"));
+        let (Requeue::After(a), Requeue::After(b)) = (first.requeue, later.requeue) else {
+            panic!()
+        };
+        assert!(b > a);
+    }
+
+    #[test]
+    fn row_26_crash_after_send_then_refusal_is_response_lost() {
+        let f = FailedCall {
+            previous_attempt_unknown: true,
+            ..invalid_grant()
+        };
+        assert_eq!(
+            after_failure(&f),
+            AfterFailure::Terminal(Reason::RefreshResponseLost)
+        );
+    }
+
+    #[test]
+    fn row_43_seeded_access_token_is_used_until_due() {
+        let mut st = TokenState::default();
+        let settings = crate::oauth::state::settings(&{
+            let mut v = vc();
+            v.spec.oauth2.as_mut().unwrap().grant_type = Some(GrantType::RefreshToken);
+            v
+        });
+        let mut inputs = SecretData::default();
+        inputs.0.insert("refresh_token".into(), rt("seed-rt"));
+        inputs.0.insert("access_token".into(), rt("seed-at"));
+        inputs
+            .0
+            .insert("expires_at".into(), rt("2026-01-01T01:00:00Z"));
+        let now = t("2026-01-01T00:00:00Z");
+        seed_from_inputs(&mut st, &settings, &inputs, now);
+        assert_eq!(st.refresh_token, Some(rt("seed-rt")));
+        let access = st.access.unwrap();
+        assert_eq!(
+            (access.issued_at, access.expires_at),
+            (now, t("2026-01-01T01:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn reseeding_sends_the_new_seed_and_a_chain_sends_its_own_token() {
+        let seed = rt("seed");
+        let c = chain("chain");
+        let send = |cause, st: &TokenState, fp| {
+            token_to_send(GrantType::RefreshToken, cause, st, fp, Some(&seed))
+        };
+        assert_eq!(send(RefreshCause::Scheduled, &c, "seed"), Some(rt("chain")));
+        assert_eq!(send(RefreshCause::Reseeded, &c, "seed"), Some(rt("seed")));
+        assert_eq!(send(RefreshCause::Scheduled, &c, "other"), Some(rt("seed")));
+        assert_eq!(
+            send(RefreshCause::Initial, &TokenState::default(), "seed"),
+            Some(rt("seed"))
+        );
+        assert_eq!(
+            token_to_send(
+                GrantType::ClientCredentials,
+                RefreshCause::Initial,
+                &c,
+                "seed",
+                Some(&seed)
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn expired_token_without_a_new_one_is_token_expired() {
+        let v = vc();
+        let d = Decider {
+            vc: &v,
+            now: t("2026-01-01T02:00:00Z"),
+        };
+        let access = AccessToken {
+            token: rt("at"),
+            token_type: "Bearer".into(),
+            scope: None,
+            issued_at: t("2026-01-01T00:00:00Z"),
+            expires_at: t("2026-01-01T01:00:00Z"),
+        };
+        assert_eq!(
+            d.access_outcome(Some(&access), "conn", None).reason,
+            Reason::TokenExpired
+        );
+        assert_eq!(
+            d.access_outcome(None, "conn", None).reason,
+            Reason::TokenPending
+        );
+        assert_eq!(
+            d.requeue_at(t("2026-01-01T01:59:00Z")),
+            Requeue::After(MIN_REQUEUE)
+        );
+    }
+}
