@@ -113,95 +113,102 @@ fn validate_settings_blocks(
         }
     }
     match t {
-        ConnectionType::ApiKey => {
-            if let Some(base) = spec.api_key.as_ref().and_then(|a| a.base_url.as_deref()) {
-                match url::Url::parse(base) {
-                    Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {
-                        if !u.username().is_empty() || u.password().is_some() {
-                            errors.push("spec.apiKey.baseUrl must not contain user info; put credentials in the credentials Secret".into());
-                        }
-                    }
-                    _ => errors.push(format!(
-                        "spec.apiKey.baseUrl {base:?} is not an http(s) URL"
-                    )),
+        ConnectionType::ApiKey => validate_api_key(spec, errors),
+        ConnectionType::OAuth2 => validate_oauth2(spec, opts, errors),
+        ConnectionType::Auth0 => validate_auth0(spec, opts, errors),
+        _ => {}
+    }
+}
+
+fn validate_api_key(spec: &VaultConnectionSpec, errors: &mut Vec<String>) {
+    if let Some(base) = spec.api_key.as_ref().and_then(|a| a.base_url.as_deref()) {
+        match url::Url::parse(base) {
+            Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {
+                if !u.username().is_empty() || u.password().is_some() {
+                    errors.push("spec.apiKey.baseUrl must not contain user info; put credentials in the credentials Secret".into());
                 }
             }
-            if let Some(h) = spec.api_key.as_ref().and_then(|a| a.header_name.as_deref()) {
-                if h.is_empty() || !h.bytes().all(is_http_token_char) {
+            _ => errors.push(format!(
+                "spec.apiKey.baseUrl {base:?} is not an http(s) URL"
+            )),
+        }
+    }
+    if let Some(h) = spec.api_key.as_ref().and_then(|a| a.header_name.as_deref()) {
+        if h.is_empty() || !h.bytes().all(is_http_token_char) {
+            errors.push(format!(
+                "spec.apiKey.headerName {h:?} is not a valid HTTP header name"
+            ));
+        }
+    }
+}
+
+fn validate_oauth2(spec: &VaultConnectionSpec, opts: ValidationOptions, errors: &mut Vec<String>) {
+    match &spec.oauth2 {
+        None => errors.push("spec.oauth2 is required for type oauth2 (at least tokenUrl)".into()),
+        Some(o) => {
+            if o.token_url.is_empty() {
+                errors.push("spec.oauth2.tokenUrl is required".into());
+            } else if let Err(msg) = validate_token_url(&o.token_url, opts.allow_http_loopback) {
+                errors.push(format!("spec.oauth2.tokenUrl: {msg}"));
+            }
+            validate_renewal(
+                "oauth2",
+                o.renew_before.as_deref(),
+                o.renew_before_percentage,
+                errors,
+            );
+            validate_scopes("oauth2", &o.scopes, errors);
+            for key in o.extra_params.keys() {
+                if RESERVED_PARAMS.contains(&key.as_str()) {
                     errors.push(format!(
-                        "spec.apiKey.headerName {h:?} is not a valid HTTP header name"
+                        "spec.oauth2.extraParams must not set {key:?}; use the dedicated field"
+                    ));
+                }
+            }
+            if let Some(ca) = &o.ca_bundle_ref {
+                if !is_dns_subdomain(&ca.name) {
+                    errors.push(format!(
+                        "spec.oauth2.caBundleRef.name {:?} is not a valid Secret name",
+                        ca.name
                     ));
                 }
             }
         }
-        ConnectionType::OAuth2 => match &spec.oauth2 {
-            None => {
-                errors.push("spec.oauth2 is required for type oauth2 (at least tokenUrl)".into())
+    }
+}
+
+fn validate_auth0(spec: &VaultConnectionSpec, opts: ValidationOptions, errors: &mut Vec<String>) {
+    match &spec.auth0 {
+        None => errors.push("spec.auth0 is required for type auth0 (at least domain)".into()),
+        Some(a) => {
+            if a.domain.is_empty() {
+                errors.push("spec.auth0.domain is required".into());
+            } else if !is_hostname(&a.domain) {
+                errors.push(format!(
+                    "spec.auth0.domain {:?} must be a bare host name like example.eu.auth0.com (no scheme or path)",
+                    a.domain
+                ));
+            } else if let Err(msg) = validate_token_url(
+                &crate::names::auth0_token_url(&a.domain),
+                opts.allow_http_loopback,
+            ) {
+                errors.push(format!("spec.auth0.domain: {msg}"));
             }
-            Some(o) => {
-                if o.token_url.is_empty() {
-                    errors.push("spec.oauth2.tokenUrl is required".into());
-                } else if let Err(msg) = validate_token_url(&o.token_url, opts.allow_http_loopback)
-                {
-                    errors.push(format!("spec.oauth2.tokenUrl: {msg}"));
-                }
-                validate_renewal(
-                    "oauth2",
-                    o.renew_before.as_deref(),
-                    o.renew_before_percentage,
-                    errors,
+            if a.grant_type.unwrap_or_default() == GrantType::ClientCredentials
+                && a.audience.as_deref().is_none_or(str::is_empty)
+            {
+                errors.push(
+                    "spec.auth0.audience is required for the clientCredentials grant (the API identifier)".into(),
                 );
-                validate_scopes("oauth2", &o.scopes, errors);
-                for key in o.extra_params.keys() {
-                    if RESERVED_PARAMS.contains(&key.as_str()) {
-                        errors.push(format!(
-                            "spec.oauth2.extraParams must not set {key:?}; use the dedicated field"
-                        ));
-                    }
-                }
-                if let Some(ca) = &o.ca_bundle_ref {
-                    if !is_dns_subdomain(&ca.name) {
-                        errors.push(format!(
-                            "spec.oauth2.caBundleRef.name {:?} is not a valid Secret name",
-                            ca.name
-                        ));
-                    }
-                }
             }
-        },
-        ConnectionType::Auth0 => match &spec.auth0 {
-            None => errors.push("spec.auth0 is required for type auth0 (at least domain)".into()),
-            Some(a) => {
-                if a.domain.is_empty() {
-                    errors.push("spec.auth0.domain is required".into());
-                } else if !is_hostname(&a.domain) {
-                    errors.push(format!(
-                        "spec.auth0.domain {:?} must be a bare host name like example.eu.auth0.com (no scheme or path)",
-                        a.domain
-                    ));
-                } else if let Err(msg) = validate_token_url(
-                    &crate::names::auth0_token_url(&a.domain),
-                    opts.allow_http_loopback,
-                ) {
-                    errors.push(format!("spec.auth0.domain: {msg}"));
-                }
-                if a.grant_type.unwrap_or_default() == GrantType::ClientCredentials
-                    && a.audience.as_deref().is_none_or(str::is_empty)
-                {
-                    errors.push(
-                        "spec.auth0.audience is required for the clientCredentials grant (the API identifier)".into(),
-                    );
-                }
-                validate_renewal(
-                    "auth0",
-                    a.renew_before.as_deref(),
-                    a.renew_before_percentage,
-                    errors,
-                );
-                validate_scopes("auth0", &a.scopes, errors);
-            }
-        },
-        _ => {}
+            validate_renewal(
+                "auth0",
+                a.renew_before.as_deref(),
+                a.renew_before_percentage,
+                errors,
+            );
+            validate_scopes("auth0", &a.scopes, errors);
+        }
     }
 }
 
