@@ -14,26 +14,36 @@ use crate::api::{ConnectionType, DeletionPolicy, VaultConnection};
 use crate::catalog;
 use crate::names::*;
 
-/// Secret bytes whose `Debug` never shows the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretBytes(Vec<u8>);
+/// Secret bytes (a Secret's value may be any bytes), kept in `secrecy`'s box like every other
+/// secret value here: zeroed on drop, and `Debug` never shows the value.
+#[derive(Clone)]
+pub struct SecretBytes(secrecy::SecretSlice<u8>);
 
 impl SecretBytes {
     pub fn new(v: Vec<u8>) -> Self {
-        SecretBytes(v)
+        SecretBytes(v.into())
     }
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        secrecy::ExposeSecret::expose_secret(&self.0)
     }
     /// The value as UTF-8 text (credentials are text; invalid UTF-8 is replaced, never logged).
     pub fn expose_str(&self) -> String {
-        String::from_utf8_lossy(&self.0).into_owned()
+        String::from_utf8_lossy(self.expose()).into_owned()
     }
 }
 
+// Equality of tokens is how a rotated refresh token is told from the one sent.
+impl PartialEq for SecretBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for SecretBytes {}
+
 impl fmt::Debug for SecretBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SecretBytes([redacted; {} bytes])", self.0.len())
+        write!(f, "SecretBytes([redacted; {} bytes])", self.expose().len())
     }
 }
 
@@ -54,7 +64,7 @@ impl SecretData {
                 .data
                 .iter()
                 .flatten()
-                .map(|(k, v)| (k.clone(), SecretBytes(v.0.clone())))
+                .map(|(k, v)| (k.clone(), SecretBytes::new(v.0.clone())))
                 .collect(),
         )
     }
@@ -62,12 +72,12 @@ impl SecretData {
         self.0.get(key)
     }
     fn insert(&mut self, key: &str, value: impl Into<Vec<u8>>) {
-        self.0.insert(key.to_string(), SecretBytes(value.into()));
+        self.0.insert(key.to_string(), SecretBytes::new(value.into()));
     }
     fn to_k8s(&self) -> BTreeMap<String, ByteString> {
         self.0
             .iter()
-            .map(|(k, v)| (k.clone(), ByteString(v.0.clone())))
+            .map(|(k, v)| (k.clone(), ByteString(v.expose().to_vec())))
             .collect()
     }
 }
@@ -112,7 +122,7 @@ pub fn extract_inputs(vc: &VaultConnection, secret: Option<&Secret>) -> Inputs {
         .iter()
         .filter(|k| {
             data.get(k)
-                .is_none_or(|v| v.0.iter().all(u8::is_ascii_whitespace))
+                .is_none_or(|v| v.expose().iter().all(u8::is_ascii_whitespace))
         })
         .map(|k| k.to_string())
         .collect();
@@ -133,8 +143,8 @@ pub fn extract_inputs(vc: &VaultConnection, secret: Option<&Secret>) -> Inputs {
         .chain(catalog::optional_inputs(&vc.spec).iter())
     {
         if let Some(v) = data.get(k) {
-            if !v.0.is_empty() {
-                picked.insert(k, trim_newline(&v.0));
+            if !v.expose().is_empty() {
+                picked.insert(k, trim_newline(v.expose()));
             }
         }
     }
@@ -155,7 +165,7 @@ pub fn static_outputs(vc: &VaultConnection, inputs: &SecretData) -> SecretData {
     let mut out = SecretData::default();
     let copy = |out: &mut SecretData, k: &str| {
         if let Some(v) = inputs.get(k) {
-            out.insert(k, v.0.clone());
+            out.insert(k, v.expose().to_vec());
         }
     };
     match vc.spec.type_ {
@@ -174,7 +184,7 @@ pub fn static_outputs(vc: &VaultConnection, inputs: &SecretData) -> SecretData {
             copy(&mut out, "token");
             if let Some(t) = inputs.get("token") {
                 let mut v = b"Bearer ".to_vec();
-                v.extend_from_slice(&t.0);
+                v.extend_from_slice(t.expose());
                 out.insert("authorization", v);
             }
         }
@@ -182,9 +192,9 @@ pub fn static_outputs(vc: &VaultConnection, inputs: &SecretData) -> SecretData {
             copy(&mut out, "username");
             copy(&mut out, "password");
             if let (Some(u), Some(p)) = (inputs.get("username"), inputs.get("password")) {
-                let mut raw = u.0.clone();
+                let mut raw = u.expose().to_vec();
                 raw.push(b':');
-                raw.extend_from_slice(&p.0);
+                raw.extend_from_slice(p.expose());
                 let enc = base64::engine::general_purpose::STANDARD.encode(raw);
                 out.insert("authorization", format!("Basic {enc}"));
             }
@@ -251,8 +261,8 @@ fn content_hash(
     for (k, v) in &data.0 {
         h.update((k.len() as u64).to_be_bytes());
         h.update(k.as_bytes());
-        h.update((v.0.len() as u64).to_be_bytes());
-        h.update(&v.0);
+        h.update((v.expose().len() as u64).to_be_bytes());
+        h.update(v.expose());
     }
     hex::encode(h.finalize())
 }
