@@ -72,7 +72,8 @@ impl SecretData {
         self.0.get(key)
     }
     fn insert(&mut self, key: &str, value: impl Into<Vec<u8>>) {
-        self.0.insert(key.to_string(), SecretBytes::new(value.into()));
+        self.0
+            .insert(key.to_string(), SecretBytes::new(value.into()));
     }
     fn to_k8s(&self) -> BTreeMap<String, ByteString> {
         self.0

@@ -786,3 +786,100 @@ async fn redirects_are_not_followed() {
     );
     assert_eq!(ts.call_count(), 1, "a redirect is terminal: no retries");
 }
+
+/// Rotation issue, scenario 1 (fault matrix row 38): a re-seed the provider rejects — a person,
+/// or GitOps self-heal re-applying an old seed — is sent once and ends in an explained terminal
+/// state. It is not mistaken for "another writer rotated the token" (which used to requeue in
+/// 1 s forever), and the chain's own token, still valid, is kept.
+#[tokio::test]
+async fn rejected_reseed_is_sent_once_and_keeps_the_chain_token() {
+    ensure_operator().await;
+    let ns = test_namespace("badseed").await;
+    let ts = server(TokenServerConfig::default().with_rotation(true)).await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    let creds = |rt: &str| {
+        [
+            ("client_id", CLIENT.to_string()),
+            ("client_secret", CLIENT_SECRET.to_string()),
+            ("refresh_token", rt.to_string()),
+        ]
+    };
+    let put = |rt: String| {
+        let ns = &ns;
+        async move {
+            let data = creds(&rt);
+            let pairs: Vec<(&str, &str)> = data.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            put_secret(ns, "creds", &pairs).await;
+        }
+    };
+    put(seed.clone()).await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    valid_token(&ns, &ts, "crm", None).await;
+    let chain = stored_refresh_token(&ns, "crm").await.unwrap();
+    assert_ne!(chain, seed);
+
+    let bad = "never-issued-SECRET-reseed".to_string();
+    put(bad.clone()).await;
+    let vc = with_reason(&ns, "crm", "RefreshTokenRejected").await;
+    assert!(message(&vc).contains("refresh_token"), "{}", message(&vc));
+    force_reconcile(&ns, "creds", "crm").await;
+    let sent_bad = |ts: &TokenServer| {
+        ts.calls()
+            .iter()
+            .filter(|c| c.refresh_token.as_deref() == Some(bad.as_str()))
+            .count()
+    };
+    assert_eq!(sent_bad(&ts), 1, "the rejected seed was sent exactly once");
+    assert_eq!(
+        stored_refresh_token(&ns, "crm").await.as_deref(),
+        Some(chain.as_str()),
+        "the chain token is kept"
+    );
+    assert!(ts.is_refresh_token_live(&chain));
+    assert_invariants(&ns, &ts, "crm", &[seed, chain, bad], false).await;
+}
+
+/// Rotation issue, scenario 7 (fault matrix row 43): a credentials Secret that carries a current
+/// `access_token` + `expires_at` is used as it is; no token request until it is due.
+#[tokio::test]
+async fn seeded_access_token_is_used_until_due() {
+    ensure_operator().await;
+    let ns = test_namespace("seedat").await;
+    let ts = server(TokenServerConfig::default().with_rotation(true)).await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    let expires = format!("{expires:.0}");
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &seed),
+            ("access_token", "seeded-access-SECRET"),
+            ("expires_at", &expires),
+        ],
+    )
+    .await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    let vc = ready(&ns, "crm").await;
+    assert_eq!(
+        access_token(&ns, "crm").await.as_deref(),
+        Some("seeded-access-SECRET")
+    );
+    assert_eq!(
+        vc.status.as_ref().and_then(|s| s.expires_at.clone()),
+        Some(expires)
+    );
+    force_reconcile(&ns, "creds", "crm").await;
+    assert_eq!(ts.call_count(), 0, "the provider saw no request");
+    assert!(ts.is_refresh_token_live(&seed));
+    assert_invariants(
+        &ns,
+        &ts,
+        "crm",
+        &[seed, "seeded-access-SECRET".into()],
+        false,
+    )
+    .await;
+}

@@ -67,10 +67,13 @@ impl<'a> Fingerprints<'a> {
 
 /// A refreshToken connection starts from the credentials Secret's tokens when there is no
 /// chain yet: its `refresh_token`, and optionally a current `access_token` + `expires_at`.
+/// The seeded token counts as issued for the current configuration (`config_fp`), so it is
+/// used until it is due instead of being replaced at once.
 pub fn seed_from_inputs(
     st: &mut TokenState,
     settings: &OAuthSettings,
     inputs: &SecretData,
+    config_fp: &str,
     now: Timestamp,
 ) {
     if settings.grant != GrantType::RefreshToken || st.seed_fingerprint.is_some() {
@@ -91,7 +94,7 @@ pub fn seed_from_inputs(
             issued_at: now,
             expires_at,
         });
-        st.config_fingerprint = None;
+        st.config_fingerprint = Some(config_fp.to_string());
     }
 }
 
@@ -203,8 +206,10 @@ pub struct FailedCall {
     /// `invalid_grant` on a refresh grant.
     pub invalid_grant: bool,
     /// After an `invalid_grant`: the state Secret now holds a refresh token other than the one
-    /// sent (another writer rotated it).
-    pub stored_token_differs: bool,
+    /// it held when this refresh started (another writer rotated it meanwhile). Compared with
+    /// the start, not with the token sent: a rejected re-seed differs from the stored chain
+    /// token without anyone having written anything.
+    pub stored_token_changed: bool,
     /// This reconcile already retried once after an unknown outcome.
     pub retried_unknown: bool,
     /// The in-flight mark showed an earlier attempt with this token ended unknown (a crash).
@@ -230,7 +235,7 @@ pub enum AfterFailure {
 
 pub fn after_failure(f: &FailedCall) -> AfterFailure {
     if f.invalid_grant {
-        if f.stored_token_differs {
+        if f.stored_token_changed {
             return AfterFailure::Adopt;
         }
         let lost = f.retried_unknown || f.previous_attempt_unknown;
@@ -270,6 +275,12 @@ pub fn terminal_state(
         ..fps
     };
     let mut st = settled_state(state, kept_request);
+    // The chain keeps the identity of the seed it grew from: a rejected re-seed must not make
+    // the original seed (long spent) look new, or restoring it would replay it.
+    st.seed_fingerprint = state
+        .seed_fingerprint
+        .clone()
+        .or_else(|| Some(fps.seed.to_string()));
     st.failed_reason = Some(reason.as_str().to_string());
     st.failed_fingerprint = Some(failure_key);
     st.failed_at = Some(now);
@@ -386,9 +397,15 @@ impl Decider<'_> {
         }
     }
 
-    /// A token call ended in a terminal failure (already stored by the caller).
-    pub fn terminal(&self, reason: Reason) -> Decision {
-        let mut outcome = self.keep(reason, failure_message(reason, self.ns(), self.name()));
+    /// A token call ended in a terminal failure (already stored by the caller). `reseed`: the
+    /// token refused was a new one from the credentials Secret, not the chain's own.
+    pub fn terminal(&self, reason: Reason, reseed: bool) -> Decision {
+        let message = if reseed && reason == Reason::RefreshTokenRejected {
+            format!("The token endpoint rejected the new refresh_token in the credentials Secret of {}/{} (invalid_grant). The connection's current refresh token is kept but not used while that Secret holds the rejected one: put a valid refresh_token there, or restore the previous value", self.ns(), self.name())
+        } else {
+            failure_message(reason, self.ns(), self.name())
+        };
+        let mut outcome = self.keep(reason, message);
         if let Some(oauth) = outcome.oauth.as_mut() {
             oauth.last_failure_reason = Some(reason.as_str().to_string());
             oauth.next_refresh_time = None;
@@ -561,7 +578,7 @@ mod tests {
             reason,
             class,
             invalid_grant: false,
-            stored_token_differs: false,
+            stored_token_changed: false,
             retried_unknown: false,
             previous_attempt_unknown: false,
         }
@@ -617,7 +634,7 @@ mod tests {
             vc: &v,
             now: t("2026-01-01T00:00:00Z"),
         };
-        let dec = d.terminal(Reason::InvalidClient);
+        let dec = d.terminal(Reason::InvalidClient, false);
         assert_eq!(dec.outcome.reason, Reason::InvalidClient);
         assert_eq!(dec.requeue, Requeue::After(Duration::from_secs(3600)));
         // Remembered under the current inputs, so a restart does not retry it either.
@@ -702,7 +719,7 @@ mod tests {
     #[test]
     fn row_11_invalid_grant_after_a_sibling_rotated_adopts() {
         let f = FailedCall {
-            stored_token_differs: true,
+            stored_token_changed: true,
             ..invalid_grant()
         };
         assert_eq!(after_failure(&f), AfterFailure::Adopt);
@@ -897,6 +914,48 @@ mod tests {
     }
 
     #[test]
+    fn row_38_rejected_reseed_is_terminal_and_keeps_the_chain() {
+        // The stored token is the one the refresh started from: nobody rotated anything.
+        let f = FailedCall {
+            stored_token_changed: false,
+            ..invalid_grant()
+        };
+        assert_eq!(
+            after_failure(&f),
+            AfterFailure::Terminal(Reason::RefreshTokenRejected)
+        );
+        let mut chain_state = chain("chain");
+        chain_state.seed_fingerprint = Some("original-seed".into());
+        let reseed = Fingerprints {
+            seed: "new-seed",
+            ..FPS
+        };
+        let st = terminal_state(
+            &chain_state,
+            Reason::RefreshTokenRejected,
+            reseed,
+            t("2026-01-01T00:00:00Z"),
+        );
+        assert_eq!(st.refresh_token, Some(rt("chain")));
+        assert_eq!(st.seed_fingerprint.as_deref(), Some("original-seed"));
+        assert_eq!(
+            st.failed_fingerprint,
+            Some(chain_state.failure_key("cfg", "new-seed", None))
+        );
+        let v = vc();
+        let d = Decider {
+            vc: &v,
+            now: t("2026-01-01T00:00:00Z"),
+        };
+        let dec = d.terminal(Reason::RefreshTokenRejected, true);
+        assert!(dec
+            .outcome
+            .message
+            .contains("current refresh token is kept"));
+        assert_eq!(dec.requeue, Requeue::After(Duration::from_secs(3600)));
+    }
+
+    #[test]
     fn row_43_seeded_access_token_is_used_until_due() {
         let mut st = TokenState::default();
         let settings = crate::oauth::state::settings(&{
@@ -911,12 +970,26 @@ mod tests {
             .0
             .insert("expires_at".into(), rt("2026-01-01T01:00:00Z"));
         let now = t("2026-01-01T00:00:00Z");
-        seed_from_inputs(&mut st, &settings, &inputs, now);
+        seed_from_inputs(&mut st, &settings, &inputs, "cfg", now);
         assert_eq!(st.refresh_token, Some(rt("seed-rt")));
-        let access = st.access.unwrap();
+        let access = st.access.clone().unwrap();
         assert_eq!(
             (access.issued_at, access.expires_at),
             (now, t("2026-01-01T01:00:00Z"))
+        );
+        // Valid for the current configuration: the plan waits instead of refreshing.
+        let plan = crate::oauth::state::plan(&crate::oauth::state::DecisionInput {
+            now,
+            state: &st,
+            config_fp: "cfg",
+            seed_fp: &crate::oauth::state::seed_fingerprint(&inputs),
+            refresh_request: None,
+            renew: &RenewBefore::Percentage(33),
+            jitter_key: "ns/conn",
+        });
+        assert!(
+            matches!(plan, crate::oauth::state::Plan::Wait { .. }),
+            "{plan:?}"
         );
     }
 

@@ -192,8 +192,14 @@ impl OAuthEngine {
             token_state = TokenState::from_data(&SecretData::from_secret(live));
         }
         let settings = state::settings(vc);
-        decide::seed_from_inputs(&mut token_state, &settings, &inputs, decider.now);
         let config_fp = state::config_fingerprint(&settings, &inputs);
+        decide::seed_from_inputs(
+            &mut token_state,
+            &settings,
+            &inputs,
+            &config_fp,
+            decider.now,
+        );
         let seed_fp = state::seed_fingerprint(&inputs);
         let refresh_request = vc.annotations().get(REFRESH_REQUESTED_ANNOTATION).cloned();
         let fps = Fingerprints {
@@ -347,16 +353,13 @@ impl OAuthEngine {
                 self.store_success(w, &r, st, guard).await
             }
             Err(e) => {
-                let failed = self
-                    .failed_call(
-                        w,
-                        &r,
-                        &e,
-                        rt_sent.as_ref(),
-                        retried_unknown,
-                        previous_attempt_unknown,
-                    )
-                    .await?;
+                let sent = Sent {
+                    token: rt_sent.as_ref(),
+                    guard: guard.as_ref(),
+                    retried_unknown,
+                    previous_attempt_unknown,
+                };
+                let failed = self.failed_call(w, &r, &e, sent).await?;
                 self.on_failure(w, r, failed, &e, guard).await
             }
         }
@@ -395,32 +398,30 @@ impl OAuthEngine {
     }
 
     /// The facts `decide::after_failure` needs; after an `invalid_grant` this re-reads the
-    /// state Secret to see whether another writer rotated the token meanwhile.
+    /// state Secret to see whether another writer stored a different token meanwhile.
     async fn failed_call(
         &self,
         w: &SecretWriter,
         r: &Refresh<'_>,
         e: &TokenError,
-        rt_sent: Option<&SecretBytes>,
-        retried_unknown: bool,
-        previous_attempt_unknown: bool,
+        sent: Sent<'_>,
     ) -> Result<decide::FailedCall> {
-        let invalid_grant = matches!(e, TokenError::InvalidGrant { .. }) && rt_sent.is_some();
-        let mut stored_token_differs = false;
-        if let (true, Some(sent)) = (invalid_grant, rt_sent) {
+        let invalid_grant = matches!(e, TokenError::InvalidGrant { .. }) && sent.token.is_some();
+        let mut stored_token_changed = false;
+        if invalid_grant {
             let live = w.get(&r.key.0, &state_secret_name(&r.key.1)).await?;
             let stored = live
                 .map(|s| TokenState::from_data(&SecretData::from_secret(&s)))
                 .and_then(|s| s.refresh_token);
-            stored_token_differs = stored.as_ref().is_some_and(|st| st != sent);
+            stored_token_changed = stored.is_some() && stored.as_ref() != sent.guard;
         }
         Ok(decide::FailedCall {
             reason: token_error_reason(e),
             class: e.class(),
             invalid_grant,
-            stored_token_differs,
-            retried_unknown,
-            previous_attempt_unknown,
+            stored_token_changed,
+            retried_unknown: sent.retried_unknown,
+            previous_attempt_unknown: sent.previous_attempt_unknown,
         })
     }
 
@@ -442,7 +443,8 @@ impl OAuthEngine {
                 let st = decide::terminal_state(&r.state, reason, r.fps, r.decider.now);
                 persist_state(w, r.vc, &st, guard.as_ref()).await?;
                 self.set_failures(&r.key, 0);
-                Ok(r.decider.terminal(reason))
+                Ok(r.decider
+                    .terminal(reason, r.cause == RefreshCause::Reseeded))
             }
             AfterFailure::Transient {
                 reason,
@@ -525,6 +527,17 @@ impl OAuthEngine {
         }
         r
     }
+}
+
+/// What was sent in a refresh that failed.
+#[derive(Clone, Copy)]
+struct Sent<'a> {
+    /// The refresh token spent, if the grant uses one.
+    token: Option<&'a SecretBytes>,
+    /// The refresh token the state Secret held when the refresh started.
+    guard: Option<&'a SecretBytes>,
+    retried_unknown: bool,
+    previous_attempt_unknown: bool,
 }
 
 /// The status vocabulary's name for a token error.

@@ -347,6 +347,48 @@ mod tests {
     }
 
     #[test]
+    fn same_schedule_as_earlier_versions() {
+        // Refresh points the previous implementation computed for these inputs: after an
+        // upgrade, tokens in existing state Secrets keep their schedule.
+        let issued: Timestamp = "2026-11-28T23:57:50Z".parse().unwrap();
+        for (lifetime, renew, key, want) in [
+            (
+                secs(3600),
+                RenewBefore::default(),
+                "ns/conn",
+                "2026-11-29T00:36:06.794Z",
+            ),
+            (
+                secs(3600),
+                RenewBefore::default(),
+                "ns/other",
+                "2026-11-29T00:36:29.084Z",
+            ),
+            (
+                secs(86_400),
+                RenewBefore::Duration(Duration::from_secs(600)),
+                "ns/conn",
+                "2026-11-29T23:01:45.055Z",
+            ),
+            (
+                secs(2),
+                RenewBefore::default(),
+                "ns/conn",
+                "2026-11-28T23:57:51.276Z",
+            ),
+            (
+                secs(300),
+                RenewBefore::Percentage(50),
+                "team-a/api",
+                "2026-11-29T00:00:14.713Z",
+            ),
+        ] {
+            let at = next_refresh_at(issued, issued + lifetime, &renew, key);
+            assert_eq!(at, want.parse().unwrap(), "{key} {renew:?}");
+        }
+    }
+
+    #[test]
     fn default_expires_in_is_conservative() {
         assert_eq!(default_expires_in(), Duration::from_secs(300));
     }
