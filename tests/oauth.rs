@@ -883,3 +883,64 @@ async fn seeded_access_token_is_used_until_due() {
     )
     .await;
 }
+
+/// Rotation issue, scenario 6 (fault matrix row 42): a provider whose every 200 lacks
+/// `access_token` but carries a rotated refresh token. Each token is kept (never replayed), and
+/// the attempts count and back off instead of rotating at ~1 Hz.
+#[tokio::test]
+async fn broken_200s_carrying_refresh_tokens_back_off() {
+    ensure_operator().await;
+    let ns = test_namespace("salvage").await;
+    let ts = server(TokenServerConfig::default().with_rotation(true)).await;
+    ts.set_sticky_fault(Some(Fault::StripAccessToken));
+    let seed = ts.mint_refresh_token(CLIENT);
+    put_secret(
+        &ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", &seed),
+        ],
+    )
+    .await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    wait_for(Duration::from_secs(40), "four token requests", || async {
+        ts.call_count() >= 4
+    })
+    .await;
+    let calls = ts.calls();
+    // Backoff of 1 s doubling (less up to 20 % jitter): at least 0.8 + 1.6 + 3.2 s between the
+    // first and the fourth request. A fixed 1 s requeue takes about 3 s.
+    let span = calls[3].at.duration_since(calls[0].at).unwrap();
+    assert!(
+        span >= Duration::from_millis(5600),
+        "4 requests in {span:?}"
+    );
+    for pair in calls.windows(2) {
+        assert_eq!(
+            pair[1].refresh_token,
+            pair[0]
+                .outcome
+                .as_ref()
+                .and_then(|o| o.refresh_token.clone()),
+            "each request spends the token the previous one issued"
+        );
+    }
+    let vc = vc_where(&ns, "crm", "the failures counted", |v| {
+        v.status
+            .as_ref()
+            .and_then(|s| s.failed_refresh_attempts)
+            .is_some_and(|n| n >= 2)
+    })
+    .await;
+    assert_eq!(
+        vc.status.unwrap().last_failure_reason.as_deref(),
+        Some("UnparseableTokenResponse")
+    );
+    ts.set_sticky_fault(None);
+    valid_token(&ns, &ts, "crm", None).await;
+    let rt = stored_refresh_token(&ns, "crm").await.unwrap();
+    assert!(ts.is_refresh_token_live(&rt));
+    assert_invariants(&ns, &ts, "crm", &[seed, rt], false).await;
+}

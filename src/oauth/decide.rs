@@ -495,11 +495,54 @@ impl Decider<'_> {
         }
     }
 
-    /// A broken 200 carried a refresh token, now stored; a new access token comes next.
-    pub fn salvaged(&self) -> Decision {
+    /// A broken 200 carried a refresh token, now stored; a new access token comes next. It
+    /// counts as the `failures`-th failure in a row and backs off like one, so a provider that
+    /// always answers this way is not asked (and rotated) once a second.
+    pub fn salvaged(&self, failures: u32) -> Decision {
+        let delay = schedule::backoff(failures, None, &self.jitter_key());
+        let mut o = self.keep(Reason::UnparseableTokenResponse, format!("The token endpoint returned an unparseable response carrying a new refresh token; it was stored and a new access token will be requested in {}s (attempt {failures})", delay.as_secs().max(1)));
+        let oauth = o.oauth.get_or_insert_with(Default::default);
+        oauth.state_secret_name = Some(state_secret_name(self.name()));
+        oauth.failed_refresh_attempts = failures;
+        oauth.last_failure_reason = Some(Reason::UnparseableTokenResponse.as_str().to_string());
         Decision {
-            outcome: self.keep(Reason::UnparseableTokenResponse, "The token endpoint returned an unparseable response carrying a new refresh token; it was stored and a new access token will be requested"),
-            requeue: Requeue::After(ADOPT_RETRY),
+            outcome: o,
+            requeue: Requeue::After(delay),
+        }
+    }
+
+    /// Whether a wake-up (a watch event, a resync) may spend a token now, before the backoff
+    /// of the last failure `until` has passed. Only a change the user made (configuration,
+    /// re-seed, a refresh request) cuts a backoff short; anything else waits it out.
+    pub fn backoff_holds(&self, cause: RefreshCause, until: Option<Timestamp>) -> bool {
+        let user_change = matches!(
+            cause,
+            RefreshCause::ConfigChanged | RefreshCause::Reseeded | RefreshCause::Requested
+        );
+        !user_change && until.is_some_and(|t| self.now < t)
+    }
+
+    /// When a decision's backoff ends: only a counted, retried failure sets one (terminal
+    /// failures are remembered in the state under their inputs instead, and end as soon as
+    /// those change).
+    pub fn backoff_end(&self, d: &Decision) -> Option<Timestamp> {
+        let counted = matches!(
+            d.outcome.reason,
+            Reason::RefreshRetrying
+                | Reason::TokenEndpointUnavailable
+                | Reason::RateLimited
+                | Reason::TokenEndpointUnreachable
+                | Reason::TokenResponseLost
+                | Reason::TlsError
+                | Reason::UnparseableTokenResponse
+                | Reason::SecretNotWritable
+        );
+        match d.requeue {
+            Requeue::After(delay) if counted => self
+                .now
+                .checked_add(SignedDuration::try_from(delay).ok()?)
+                .ok(),
+            _ => None,
         }
     }
 
@@ -953,6 +996,41 @@ mod tests {
             .message
             .contains("current refresh token is kept"));
         assert_eq!(dec.requeue, Requeue::After(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn row_42_salvaged_tokens_count_and_back_off_and_wakes_wait_for_it() {
+        let v = vc();
+        let d = Decider {
+            vc: &v,
+            now: t("2026-01-01T00:00:00Z"),
+        };
+        let (first, fourth) = (d.salvaged(1), d.salvaged(4));
+        let (Requeue::After(a), Requeue::After(b)) = (first.requeue, fourth.requeue) else {
+            panic!()
+        };
+        assert!(b >= a * 6, "{a:?} then {b:?}");
+        assert_eq!(
+            fourth
+                .outcome
+                .oauth
+                .as_ref()
+                .unwrap()
+                .failed_refresh_attempts,
+            4
+        );
+        let until = d.backoff_end(&fourth);
+        assert!(until.is_some());
+        // A watch event during the backoff does not spend a token; a user's change does.
+        assert!(d.backoff_holds(RefreshCause::Scheduled, until));
+        assert!(d.backoff_holds(RefreshCause::Initial, until));
+        assert!(!d.backoff_holds(RefreshCause::ConfigChanged, until));
+        assert!(!d.backoff_holds(RefreshCause::Requested, until));
+        let later = Decider {
+            vc: &v,
+            now: until.unwrap(),
+        };
+        assert!(!later.backoff_holds(RefreshCause::Scheduled, until));
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub struct OAuthEngine {
     /// Connections whose last refresh stored everything: their next refresh skips the dry
     /// runs (nothing about RBAC or admission changed as far as we know; a failure clears it).
     writes_proven: Mutex<HashSet<Key>>,
+    /// The last failure's decision and when its backoff ends: a wake-up before then (a watch
+    /// event of our own write, a touched Secret) repeats it instead of calling the provider.
+    backoff: Mutex<HashMap<Key, (Timestamp, Decision)>>,
     metrics: Arc<Metrics>,
 }
 
@@ -111,6 +114,7 @@ impl OAuthEngine {
             pending: Mutex::default(),
             failures: Mutex::default(),
             writes_proven: Mutex::default(),
+            backoff: Mutex::default(),
             metrics,
         })
     }
@@ -228,6 +232,12 @@ impl OAuthEngine {
                 Ok(carry_out(decider.remembered_failure(reason, retry_at)))
             }
             Plan::Refresh(cause) => {
+                let held = lock(&self.backoff).get(&key).cloned();
+                if let Some((until, last)) = held {
+                    if decider.backoff_holds(cause, Some(until)) {
+                        return Ok((last.outcome, action(decider.requeue_at(until))));
+                    }
+                }
                 let r = Refresh {
                     vc,
                     key,
@@ -238,7 +248,15 @@ impl OAuthEngine {
                     cause,
                     decider,
                 };
-                self.refresh(w, r).await.map(carry_out)
+                let key = r.key.clone();
+                let now = r.decider.now;
+                let d = self.refresh(w, r).await?;
+                let until = Decider { vc, now }.backoff_end(&d);
+                match until {
+                    Some(until) => lock(&self.backoff).insert(key, (until, d.clone())),
+                    None => lock(&self.backoff).remove(&key),
+                };
+                Ok(carry_out(d))
             }
         }
     }
@@ -332,7 +350,8 @@ impl OAuthEngine {
                     salvaged.refresh_token = Some(new_rt);
                     let st = decide::settled_state(&salvaged, r.fps.without_request());
                     if persist_state(w, r.vc, &st, guard.as_ref()).await.is_ok() {
-                        return Ok(r.decider.salvaged());
+                        let failures = self.count_failure(&r);
+                        return Ok(r.decider.salvaged(failures));
                     }
                     // The token in hand may be the only live one: hold it and retry only the
                     // write. Retrying the grant with the old token would revoke it on a
@@ -388,6 +407,14 @@ impl OAuthEngine {
             }
         }
         Ok(None)
+    }
+
+    /// One more failure in a row for this connection (continuing the status's count).
+    fn count_failure(&self, r: &Refresh<'_>) -> u32 {
+        let status_count = r.vc.status.as_ref().and_then(|s| s.failed_refresh_attempts);
+        let failures = decide::failure_count(self.failures(&r.key), status_count);
+        self.set_failures(&r.key, failures);
+        failures
     }
 
     fn not_writable(&self, r: &Refresh<'_>, msg: &str) -> Decision {
@@ -459,9 +486,7 @@ impl OAuthEngine {
                         warn!(namespace = %r.key.0, name = %r.key.1, error = %err, "could not clear the in-flight mark");
                     }
                 }
-                let status_count = r.vc.status.as_ref().and_then(|s| s.failed_refresh_attempts);
-                let failures = decide::failure_count(self.failures(&r.key), status_count);
-                self.set_failures(&r.key, failures);
+                let failures = self.count_failure(&r);
                 let current = r.state.access.as_ref();
                 Ok(r.decider
                     .transient(failures, current, reason, retry_after, &e.to_string()))

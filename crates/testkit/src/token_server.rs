@@ -173,6 +173,9 @@ pub enum Fault {
     SlowReply { delay: Duration, after_commit: bool },
     /// Process normally, then drop `refresh_token` from a successful response.
     StripRefreshToken,
+    /// Process normally (rotation included), then drop `access_token` from a successful
+    /// response: a broken 200 that still carries the new refresh token.
+    StripAccessToken,
     /// Process normally, then drop `expires_in` from a successful response.
     StripExpiresIn,
     /// Process normally, then send `expires_in` as a JSON string (`"3600"`).
@@ -1141,6 +1144,9 @@ async fn run_request(
         }
         Some(Fault::StripRefreshToken) if ok => {
             p.body.remove("refresh_token");
+        }
+        Some(Fault::StripAccessToken) if ok => {
+            p.body.remove("access_token");
         }
         Some(Fault::StripExpiresIn) if ok => {
             p.body.remove("expires_in");

@@ -890,6 +890,17 @@ async fn fault_strip_fields_and_string_expires_in() {
     server.push_fault(Fault::StringExpiresIn);
     let body = refresh_ok(&http, &server, &rt2).await;
     assert_eq!(body["expires_in"], Value::String("3600".into()));
+    let rt3 = str_field(&body, "refresh_token").to_owned();
+
+    server.push_fault(Fault::StripAccessToken);
+    let body = refresh_ok(&http, &server, &rt3).await;
+    assert!(body.get("access_token").is_none());
+    let rt4 = str_field(&body, "refresh_token").to_owned();
+    assert!(
+        server.is_refresh_token_live(&rt4),
+        "the rotation was committed"
+    );
+    assert!(!server.is_refresh_token_live(&rt3));
 
     // Field faults leave error responses alone (and are consumed by them).
     server.push_fault(Fault::StripExpiresIn);
