@@ -77,7 +77,7 @@ impl Context {
                 metrics.events_dropped.clone(),
             ),
             oauth: crate::oauth::refresh::OAuthEngine::new(
-                crate::oauth::client::TokenClientConfig {
+                crate::oauth::token::TokenClientConfig {
                     allow_http_loopback: config.allow_http_loopback,
                     request_timeout: config.token_request_timeout,
                     ..Default::default()

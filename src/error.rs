@@ -1,6 +1,6 @@
 //! The controller's error type. Each variant has a fixed category used for logs and metrics.
 
-use crate::oauth::client::TokenError;
+use crate::oauth::token::TokenError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -29,12 +29,12 @@ use crate::controller::{ensure_secret, keep_known_fields, pending, Context, Secr
 use crate::error::Result;
 use crate::metrics::{ConnectionLabel, Metrics};
 use crate::names::*;
-use crate::oauth::client::{
-    self, ErrorClass, Grant, TokenClient, TokenClientConfig, TokenError, TokenRequest,
-};
 use crate::oauth::schedule;
 use crate::oauth::state::{
     self, format_time, AccessToken, OAuthSettings, Plan, RefreshCause, TokenState,
+};
+use crate::oauth::token::{
+    self as client, ErrorClass, Grant, TokenClient, TokenClientConfig, TokenError, TokenRequest,
 };
 use crate::secret::{self, Inputs, Ownership, SecretBytes, SecretData};
 use crate::status::{OAuthStatus, Outcome};
