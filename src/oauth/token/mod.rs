@@ -50,6 +50,13 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use url::{Host, Url};
 
+mod error;
+#[cfg(test)]
+mod test_support;
+
+use error::sanitize_text;
+pub use error::{ErrorClass, TokenError};
+
 /// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ClientAuthMethod {
@@ -183,149 +190,6 @@ impl Default for TokenClientConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(15),
             max_response_bytes: 64 * 1024,
-        }
-    }
-}
-
-/// How the caller should react to a [`TokenError`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Retrying the same request will not help: needs a human (credentials, configuration,
-    /// re-authorization). Requeue slowly and wake on CR/Secret changes.
-    Terminal,
-    /// The request was not processed (or the server asked us to come back later): safe to retry
-    /// with backoff, never sooner than `retry_after`.
-    Transient { retry_after: Option<Duration> },
-    /// The request may have been processed and the response lost: a refresh token may already
-    /// be rotated. For a refresh grant, retry at most once with the same refresh token.
-    UnknownOutcome,
-}
-
-/// A failed token request. `Display` never contains secrets, tokens, URL queries or bodies.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    /// The token URL violates the URL rules (see [`validate_token_url`]).
-    #[error("invalid token URL: {0}")]
-    InvalidUrl(String),
-    /// The token host is, or only resolves to, a forbidden address (metadata, link-local, …).
-    #[error("token endpoint refused: {0}")]
-    ForbiddenAddress(String),
-    /// The CA bundle could not be parsed or contains no usable certificate.
-    #[error("invalid CA bundle: {0}")]
-    InvalidCaBundle(String),
-    /// The HTTP client could not be built (e.g. no system CA certificates).
-    #[error("cannot set up the HTTP client: {0}")]
-    ClientSetup(String),
-    /// `invalid_grant` on a refresh grant: the refresh token is expired, revoked or already used.
-    #[error("the token endpoint rejected the refresh token (invalid_grant){}", desc_suffix(.description))]
-    InvalidGrant { description: Option<String> },
-    /// `invalid_client` or HTTP 401: wrong client id/secret or auth method.
-    #[error("the token endpoint rejected the client credentials (invalid_client){}", desc_suffix(.description))]
-    InvalidClient { description: Option<String> },
-    /// Any other OAuth error (`invalid_scope`, `unauthorized_client`, `unsupported_grant_type`,
-    /// `invalid_request`, `invalid_grant` on a client-credentials grant, …) or another 4xx.
-    /// `error` is the sanitized OAuth error code, or `http_<status>` when there was none.
-    #[error("the token endpoint rejected the request (HTTP {status}, {error}){}", desc_suffix(.description))]
-    Rejected {
-        status: u16,
-        error: String,
-        description: Option<String>,
-    },
-    /// HTTP 429 (or OAuth `slow_down`).
-    #[error("the token endpoint is rate limiting requests (HTTP 429){}", retry_suffix(.retry_after))]
-    RateLimited { retry_after: Option<Duration> },
-    /// HTTP 5xx, 408, or OAuth `server_error` / `temporarily_unavailable`.
-    #[error("the token endpoint failed (HTTP {status}){}", retry_suffix(.retry_after))]
-    ServerError {
-        status: u16,
-        retry_after: Option<Duration>,
-    },
-    /// The token endpoint answered with a redirect, which is never followed.
-    #[error("the token endpoint answered with a redirect (HTTP {status}); redirects are not followed, configure the final token URL")]
-    Redirected { status: u16 },
-    /// The request was never sent: DNS, TCP connect or connect timeout failed.
-    #[error("cannot reach the token endpoint: {0}")]
-    Connect(String),
-    /// The TLS handshake failed (untrusted or mismatched certificate, protocol error). Not sent.
-    #[error("TLS handshake with the token endpoint failed: {0}")]
-    Tls(String),
-    /// The request may have been processed but no complete response arrived (timeout, reset).
-    #[error("the token request was sent but no complete response arrived: {0}")]
-    UnknownOutcome(String),
-    /// A success status with a body that is not a usable token response (invalid JSON, no
-    /// `access_token`, oversized). The server may have rotated the refresh token: any
-    /// `refresh_token` that could be extracted is carried so the caller can persist it.
-    #[error("the token endpoint returned a success status with an unusable body (refresh token recovered: {})", if .refresh_token.is_some() { "yes" } else { "no" })]
-    Unparseable { refresh_token: Option<SecretString> },
-}
-
-fn desc_suffix(d: &Option<String>) -> String {
-    match d {
-        Some(d) if !d.is_empty() => format!(": {d}"),
-        _ => String::new(),
-    }
-}
-
-fn retry_suffix(r: &Option<Duration>) -> String {
-    match r {
-        Some(r) => format!("; retry after {}s", r.as_secs()),
-        None => String::new(),
-    }
-}
-
-impl TokenError {
-    /// Fixed CamelCase category, for a condition reason or a metric label.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            TokenError::InvalidUrl(_) => "InvalidTokenUrl",
-            TokenError::ForbiddenAddress(_) => "ForbiddenTokenEndpoint",
-            TokenError::InvalidCaBundle(_) => "InvalidCaBundle",
-            TokenError::ClientSetup(_) => "TokenClientSetupFailed",
-            TokenError::InvalidGrant { .. } => "RefreshTokenRejected",
-            TokenError::InvalidClient { .. } => "InvalidClient",
-            TokenError::Rejected { .. } => "TokenRequestRejected",
-            TokenError::RateLimited { .. } => "RateLimited",
-            TokenError::ServerError { .. } => "TokenEndpointUnavailable",
-            TokenError::Redirected { .. } => "TokenEndpointRedirected",
-            TokenError::Connect(_) => "TokenEndpointUnreachable",
-            TokenError::Tls(_) => "TLSError",
-            TokenError::UnknownOutcome(_) => "TokenResponseLost",
-            TokenError::Unparseable { .. } => "UnparseableTokenResponse",
-        }
-    }
-
-    /// How to react; see [`ErrorClass`].
-    pub fn class(&self) -> ErrorClass {
-        match self {
-            TokenError::InvalidUrl(_)
-            | TokenError::ForbiddenAddress(_)
-            | TokenError::InvalidCaBundle(_)
-            | TokenError::ClientSetup(_)
-            | TokenError::InvalidGrant { .. }
-            | TokenError::InvalidClient { .. }
-            | TokenError::Rejected { .. }
-            | TokenError::Redirected { .. } => ErrorClass::Terminal,
-            TokenError::RateLimited { retry_after }
-            | TokenError::ServerError { retry_after, .. } => ErrorClass::Transient {
-                retry_after: *retry_after,
-            },
-            // Not sent: safe to retry. TLS failures are usually configuration, but also
-            // certificate rotations on the server side; exponential backoff (capped at
-            // minutes) recovers from those without a human.
-            TokenError::Connect(_) | TokenError::Tls(_) => {
-                ErrorClass::Transient { retry_after: None }
-            }
-            TokenError::UnknownOutcome(_) | TokenError::Unparseable { .. } => {
-                ErrorClass::UnknownOutcome
-            }
-        }
-    }
-
-    /// The refresh token recovered from an unusable success response, if any.
-    pub fn recovered_refresh_token(&self) -> Option<&SecretString> {
-        match self {
-            TokenError::Unparseable { refresh_token } => refresh_token.as_ref(),
-            _ => None,
         }
     }
 }
@@ -920,39 +784,6 @@ impl Scanner<'_> {
     }
 }
 
-/// Sanitize server text: drop control characters, collapse whitespace, blank out secrets,
-/// cap the length.
-fn sanitize_text(s: &str, max_chars: usize, secrets: &[&str]) -> String {
-    let mut text = s.to_string();
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        if text.contains(secret) {
-            text = text.replace(secret, "[REDACTED]");
-        }
-    }
-    let mut out = String::new();
-    let mut count = 0usize;
-    let mut last_space = true;
-    for ch in text.chars() {
-        let ch = if ch.is_whitespace() { ' ' } else { ch };
-        if ch.is_control() || (ch == ' ' && last_space) {
-            continue;
-        }
-        // Bidi overrides and zero-width characters could disguise the text.
-        if matches!(ch, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
-        {
-            continue;
-        }
-        if count == max_chars {
-            out.push('…');
-            break;
-        }
-        last_space = ch == ' ';
-        out.push(ch);
-        count += 1;
-    }
-    out.trim_end().to_string()
-}
-
 /// RFC 6749 §5.2 restricts `error` to %x20-21 / %x23-5B / %x5D-7E; keep a conservative subset.
 fn sanitize_error_code(code: &str) -> String {
     let c: String = code
@@ -1374,66 +1205,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    // Values that must never appear in any error Display/Debug.
-    const CLIENT_ID: &str = "m2m special/1";
-    const CLIENT_SECRET: &str = "s3cr:et+%&";
-    const RT: &str = "rt-SENSITIVE-old-4711";
-    const NEW_RT: &str = "rt-SENSITIVE-new-0815";
-    const AT: &str = "at-SENSITIVE-9f8e7d";
-    const SECRETS: &[&str] = &[CLIENT_SECRET, RT, NEW_RT, AT];
-
-    fn assert_clean(err: &TokenError) {
-        let shown = format!("{err} || {err:?}");
-        for s in SECRETS {
-            assert!(!shown.contains(s), "secret {s:?} leaked in {shown}");
-        }
-        let b64 = basic_authorization(CLIENT_ID, CLIENT_SECRET);
-        let b64 = b64.expose_secret().trim_start_matches("Basic ");
-        assert!(!shown.contains(b64), "basic credentials leaked in {shown}");
-        assert!(!err.to_string().contains('<'), "markup in {err}");
-        for tag in ["<html", "<body", "<h1", "<pre", "<b>"] {
-            assert!(!shown.contains(tag), "markup in {shown}");
-        }
-    }
-
-    fn req(url: &str, grant: Grant, method: ClientAuthMethod) -> TokenRequest {
-        TokenRequest {
-            token_url: url.to_string(),
-            grant,
-            client_id: SecretString::from(CLIENT_ID),
-            client_secret: SecretString::from(CLIENT_SECRET),
-            auth_method: method,
-            scopes: vec![],
-            audience: None,
-            extra_params: BTreeMap::new(),
-        }
-    }
-
-    fn cc(url: &str) -> TokenRequest {
-        req(url, Grant::ClientCredentials, ClientAuthMethod::Basic)
-    }
-
-    fn refresh(url: &str) -> TokenRequest {
-        req(
-            url,
-            Grant::RefreshToken(SecretString::from(RT)),
-            ClientAuthMethod::Basic,
-        )
-    }
-
-    fn form_pairs(body: &str) -> Vec<(String, String)> {
-        url::form_urlencoded::parse(body.as_bytes())
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect()
-    }
-
-    fn get<'a>(pairs: &'a [(String, String)], k: &str) -> Vec<&'a str> {
-        pairs
-            .iter()
-            .filter(|(kk, _)| kk == k)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
+    use super::test_support::*;
 
     // ----------------------------------------------------------------------------------------
     // Encoding
@@ -2673,50 +2445,6 @@ vbQar8d+mNsCEpR0z7DwowDXD4RrbRA88LjAplDMurMw9eYVdPmHN5le
             let e = c.request_token(&cc(url), Some(pem)).await.unwrap_err();
             assert_eq!(e.reason(), "InvalidCaBundle", "{e:?}");
             assert_eq!(e.class(), ErrorClass::Terminal);
-        }
-    }
-
-    #[test]
-    fn every_error_display_is_clean() {
-        let all = vec![
-            TokenError::InvalidUrl("x".into()),
-            TokenError::ForbiddenAddress("x".into()),
-            TokenError::InvalidCaBundle("x".into()),
-            TokenError::ClientSetup("x".into()),
-            TokenError::InvalidGrant { description: None },
-            TokenError::InvalidClient {
-                description: Some("d".into()),
-            },
-            TokenError::Rejected {
-                status: 400,
-                error: "invalid_scope".into(),
-                description: None,
-            },
-            TokenError::RateLimited {
-                retry_after: Some(Duration::from_secs(3)),
-            },
-            TokenError::ServerError {
-                status: 502,
-                retry_after: None,
-            },
-            TokenError::Redirected { status: 301 },
-            TokenError::Connect("x".into()),
-            TokenError::Tls("x".into()),
-            TokenError::UnknownOutcome("x".into()),
-            TokenError::Unparseable {
-                refresh_token: Some(SecretString::from(NEW_RT)),
-            },
-        ];
-        let mut reasons = std::collections::BTreeSet::new();
-        for e in &all {
-            assert_clean(e);
-            assert!(
-                reasons.insert(e.reason()),
-                "duplicate reason {}",
-                e.reason()
-            );
-            assert!(e.reason().chars().all(|c| c.is_ascii_alphanumeric()));
-            assert!(e.reason().starts_with(|c: char| c.is_ascii_uppercase()));
         }
     }
 }
