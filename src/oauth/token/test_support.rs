@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{basic_authorization, ClientAuthMethod, Grant, TokenError, TokenRequest};
+use super::request::basic_authorization;
+use super::{ClientAuthMethod, Grant, TokenError, TokenRequest};
 
 // Values that must never appear in any error Display/Debug.
 pub(super) const CLIENT_ID: &str = "m2m special/1";
