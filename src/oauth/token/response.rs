@@ -110,38 +110,49 @@ fn strip_bom(body: &[u8]) -> &[u8] {
 /// Parse a 2xx body. Never fails on `expires_in`, `token_type`, `scope` or unknown members;
 /// the refresh token is extracted first, so it survives any later failure.
 fn parse_success(body: &[u8], content_type: Option<&str>, secrets: &[&str]) -> SuccessParse {
-    let body = strip_bom(body);
-    let map = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(map)) => map,
-        Ok(_) => {
-            return SuccessParse::Unusable {
-                refresh_token: None,
-            }
-        }
-        Err(_) => {
-            let is_form = content_type.is_some_and(|ct| {
-                ct.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("application/x-www-form-urlencoded")
-            });
-            if is_form {
-                // Legacy form-encoded token response (e.g. GitHub without Accept: json).
-                let map: serde_json::Map<String, serde_json::Value> =
-                    url::form_urlencoded::parse(body)
-                        .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
-                        .collect();
-                map
-            } else {
-                return SuccessParse::Unusable {
-                    refresh_token: scan_refresh_token(body).map(SecretString::from),
-                };
-            }
-        }
-    };
+    match success_members(strip_bom(body), content_type) {
+        Ok(map) => token_from_members(&map, secrets),
+        Err(refresh_token) => SuccessParse::Unusable { refresh_token },
+    }
+}
 
+/// The members of a 2xx body: a JSON object, or form fields when the body is labelled as a
+/// form. `Err` means no usable object, carrying whatever refresh token a scan salvages.
+fn success_members(
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<serde_json::Map<String, serde_json::Value>, Option<SecretString>> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(None),
+        Err(_) if is_form(content_type) => {
+            // Legacy form-encoded token response (e.g. GitHub without Accept: json).
+            Ok(url::form_urlencoded::parse(body)
+                .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
+                .collect())
+        }
+        Err(_) => Err(scan_refresh_token(body).map(SecretString::from)),
+    }
+}
+
+fn is_form(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| {
+        ct.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/x-www-form-urlencoded")
+    })
+}
+
+/// A token response from the members of a 2xx body; without `access_token` it is an OAuth
+/// error object (some servers send those with 2xx) or unusable.
+fn token_from_members(
+    map: &serde_json::Map<String, serde_json::Value>,
+    secrets: &[&str],
+) -> SuccessParse {
     let refresh_token = non_empty_str(map.get("refresh_token")).map(SecretString::from);
     let Some(access_token) = non_empty_str(map.get("access_token")) else {
         if let Some(code) = non_empty_str(map.get("error")) {
+            // A refresh token next to an error is still kept: never drop a rotated one.
             if refresh_token.is_none() {
                 return SuccessParse::OAuthError(sanitize_oauth_error(
                     code,
@@ -155,8 +166,18 @@ fn parse_success(body: &[u8], content_type: Option<&str>, secrets: &[&str]) -> S
     let token_type = non_empty_str(map.get("token_type"))
         .unwrap_or("Bearer")
         .to_string();
-    let expires_in = map.get("expires_in").and_then(parse_expires_in);
-    let scope = match map.get("scope") {
+    SuccessParse::Token(TokenResponse {
+        access_token: SecretString::from(access_token),
+        token_type,
+        expires_in: map.get("expires_in").and_then(parse_expires_in),
+        refresh_token,
+        scope: parse_scope(map.get("scope")),
+    })
+}
+
+/// `scope` as a space-delimited string (RFC 6749) or, as some servers send it, an array.
+fn parse_scope(v: Option<&serde_json::Value>) -> Option<String> {
+    match v {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(serde_json::Value::Array(a)) => Some(
             a.iter()
@@ -165,14 +186,7 @@ fn parse_success(body: &[u8], content_type: Option<&str>, secrets: &[&str]) -> S
                 .join(" "),
         ),
         _ => None,
-    };
-    SuccessParse::Token(TokenResponse {
-        access_token: SecretString::from(access_token),
-        token_type,
-        expires_in,
-        refresh_token,
-        scope,
-    })
+    }
 }
 
 /// Extract `refresh_token` from a top-level JSON object that may be truncated or otherwise
@@ -234,34 +248,7 @@ impl Scanner<'_> {
             match c {
                 b'"' => return String::from_utf8(out).ok(),
                 b'\\' => {
-                    let e = self.peek()?;
-                    self.i += 1;
-                    let ch = match e {
-                        b'"' => '"',
-                        b'\\' => '\\',
-                        b'/' => '/',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'n' => '\n',
-                        b'r' => '\r',
-                        b't' => '\t',
-                        b'u' => {
-                            let hi = self.hex4()?;
-                            let cp = if (0xD800..0xDC00).contains(&hi) {
-                                self.eat(b'\\')?;
-                                self.eat(b'u')?;
-                                let lo = self.hex4()?;
-                                if !(0xDC00..0xE000).contains(&lo) {
-                                    return None;
-                                }
-                                0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
-                            } else {
-                                hi
-                            };
-                            char::from_u32(cp)?
-                        }
-                        _ => return None,
-                    };
+                    let ch = self.escape()?;
                     let mut tmp = [0u8; 4];
                     out.extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
                 }
@@ -269,6 +256,41 @@ impl Scanner<'_> {
                 c => out.push(c),
             }
         }
+    }
+
+    /// The character an escape sequence stands for; the backslash is already consumed.
+    fn escape(&mut self) -> Option<char> {
+        let e = self.peek()?;
+        self.i += 1;
+        Some(match e {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => self.unicode_escape()?,
+            _ => return None,
+        })
+    }
+
+    /// `\uXXXX`, or a UTF-16 surrogate pair `\uXXXX\uXXXX`; the first `\u` is already consumed.
+    fn unicode_escape(&mut self) -> Option<char> {
+        let hi = self.hex4()?;
+        let cp = if (0xD800..0xDC00).contains(&hi) {
+            self.eat(b'\\')?;
+            self.eat(b'u')?;
+            let lo = self.hex4()?;
+            if !(0xDC00..0xE000).contains(&lo) {
+                return None;
+            }
+            0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+        } else {
+            hi
+        };
+        char::from_u32(cp)
     }
 
     /// Skip one complete value; `None` if truncated.
@@ -426,10 +448,32 @@ pub(super) fn interpret_response(
     secrets: &[&str],
     now: SystemTime,
 ) -> Result<TokenResponse, TokenError> {
-    let content_type = headers.content_type.as_deref();
     if (200..300).contains(&status) {
-        return match body {
-            BodyRead::Complete(b) => match parse_success(&b, content_type, secrets) {
+        return interpret_success(status, headers, body, is_refresh, secrets, now);
+    }
+    let oauth = match &body {
+        BodyRead::Complete(b) => parse_oauth_error(b, secrets),
+        // Error statuses: classify by status when the body is unusable.
+        BodyRead::TooLarge(_) | BodyRead::Failed(..) => None,
+    };
+    Err(error_status_to_token_error(
+        status, oauth, is_refresh, headers, now,
+    ))
+}
+
+/// A 2xx: a token, an OAuth error object, or an unusable body that may still carry a rotated
+/// refresh token.
+fn interpret_success(
+    status: u16,
+    headers: &ResponseHeaders,
+    body: BodyRead,
+    is_refresh: bool,
+    secrets: &[&str],
+    now: SystemTime,
+) -> Result<TokenResponse, TokenError> {
+    match body {
+        BodyRead::Complete(b) => {
+            match parse_success(&b, headers.content_type.as_deref(), secrets) {
                 SuccessParse::Token(t) => Ok(t),
                 SuccessParse::OAuthError(e) => Err(oauth_error_to_token_error(
                     status, e, is_refresh, headers, now,
@@ -437,63 +481,65 @@ pub(super) fn interpret_response(
                 SuccessParse::Unusable { refresh_token } => {
                     Err(TokenError::Unparseable { refresh_token })
                 }
-            },
-            // The exchange happened (a rotation may have too): keep whatever refresh token the
-            // prefix yields.
-            BodyRead::TooLarge(prefix) => {
-                tracing::warn!(
-                    status,
-                    "token response exceeded the size cap; treating it as unparseable"
-                );
-                Err(TokenError::Unparseable {
-                    refresh_token: scan_refresh_token(strip_bom(&prefix)).map(SecretString::from),
-                })
             }
-            BodyRead::Failed(prefix, msg) => match scan_refresh_token(strip_bom(&prefix)) {
-                Some(rt) => Err(TokenError::Unparseable {
-                    refresh_token: Some(SecretString::from(rt)),
-                }),
-                None => Err(TokenError::UnknownOutcome(format!(
-                    "the success response body was interrupted: {msg}"
-                ))),
-            },
-        };
+        }
+        // The exchange happened (a rotation may have too): keep whatever refresh token the
+        // prefix yields.
+        BodyRead::TooLarge(prefix) => {
+            tracing::warn!(
+                status,
+                "token response exceeded the size cap; treating it as unparseable"
+            );
+            Err(TokenError::Unparseable {
+                refresh_token: scan_refresh_token(strip_bom(&prefix)).map(SecretString::from),
+            })
+        }
+        BodyRead::Failed(prefix, msg) => match scan_refresh_token(strip_bom(&prefix)) {
+            Some(rt) => Err(TokenError::Unparseable {
+                refresh_token: Some(SecretString::from(rt)),
+            }),
+            None => Err(TokenError::UnknownOutcome(format!(
+                "the success response body was interrupted: {msg}"
+            ))),
+        },
     }
+}
 
-    let oauth = match &body {
-        BodyRead::Complete(b) => parse_oauth_error(b, secrets),
-        // Error statuses: classify by status when the body is unusable.
-        BodyRead::TooLarge(_) | BodyRead::Failed(..) => None,
-    };
+/// A non-2xx status, with the OAuth error object if the body was one.
+fn error_status_to_token_error(
+    status: u16,
+    oauth: Option<OAuthError>,
+    is_refresh: bool,
+    headers: &ResponseHeaders,
+    now: SystemTime,
+) -> TokenError {
     match status {
-        300..=399 => Err(TokenError::Redirected { status }),
-        401 => Err(TokenError::InvalidClient {
+        300..=399 => TokenError::Redirected { status },
+        401 => TokenError::InvalidClient {
             description: oauth.and_then(|e| e.description),
-        }),
-        429 => Err(TokenError::RateLimited {
+        },
+        429 => TokenError::RateLimited {
             retry_after: retry_after_from(headers, now),
-        }),
+        },
         408 | 500..=599 => {
             if let Some(e) = &oauth {
                 tracing::debug!(status, error = %e.error, "token endpoint server error");
             }
-            Err(TokenError::ServerError {
+            TokenError::ServerError {
                 status,
                 retry_after: retry_after_from(headers, now),
-            })
+            }
         }
-        400..=499 => Err(match oauth {
+        400..=499 => match oauth {
             Some(e) => oauth_error_to_token_error(status, e, is_refresh, headers, now),
             None => TokenError::Rejected {
                 status,
                 error: format!("http_{status}"),
                 description: None,
             },
-        }),
+        },
         // 1xx leftovers or nonstandard codes: nothing reliable to say about the outcome.
-        _ => Err(TokenError::UnknownOutcome(format!(
-            "unexpected HTTP status {status}"
-        ))),
+        _ => TokenError::UnknownOutcome(format!("unexpected HTTP status {status}")),
     }
 }
 

@@ -98,6 +98,27 @@ fn forbidden_v4(v4: Ipv4Addr, allow_loopback: bool) -> Option<&'static str> {
 /// The message never echoes the URL (it may contain secrets).
 pub fn validate_token_url(url: &str, allow_http_loopback: bool) -> Result<Url, String> {
     let parsed = Url::parse(url).map_err(|e| format!("not a valid absolute URL ({e})"))?;
+    check_url_parts(&parsed)?;
+    let host = parsed.host().ok_or_else(|| "has no host".to_string())?;
+    let is_loopback_host = check_url_host(host, allow_http_loopback)?;
+    if parsed.scheme() == "http" {
+        if !allow_http_loopback {
+            return Err("must use https".to_string());
+        }
+        if !is_loopback_host {
+            return Err(
+                "plain http is only allowed for loopback hosts (127.0.0.1, [::1], localhost); \
+                 use https"
+                    .to_string(),
+            );
+        }
+    }
+    Ok(parsed)
+}
+
+/// Scheme (`https` or `http`; which one is allowed depends on the host), no userinfo, no
+/// fragment.
+fn check_url_parts(parsed: &Url) -> Result<(), String> {
     match parsed.scheme() {
         "https" | "http" => {}
         other => {
@@ -115,11 +136,12 @@ pub fn validate_token_url(url: &str, allow_http_loopback: bool) -> Result<Url, S
     if parsed.fragment().is_some() {
         return Err("must not contain a fragment (#...)".to_string());
     }
-    let host = parsed
-        .host()
-        .ok_or_else(|| "has no host".to_string())?
-        .to_owned();
-    let is_loopback_host = match &host {
+    Ok(())
+}
+
+/// Refuse metadata names and forbidden IP literals; `Ok(true)` for an allowed loopback host.
+fn check_url_host(host: Host<&str>, allow_http_loopback: bool) -> Result<bool, String> {
+    match host {
         Host::Domain(d) => {
             if forbidden_hostname(d) {
                 return Err(format!(
@@ -127,41 +149,27 @@ pub fn validate_token_url(url: &str, allow_http_loopback: bool) -> Result<Url, S
                     normalize_host(d)
                 ));
             }
-            if is_localhost_name(d) {
-                if !allow_http_loopback {
-                    return Err("loopback hosts (localhost) are not allowed".to_string());
-                }
-                true
-            } else {
-                false
+            if !is_localhost_name(d) {
+                return Ok(false);
             }
+            if !allow_http_loopback {
+                return Err("loopback hosts (localhost) are not allowed".to_string());
+            }
+            Ok(true)
         }
         Host::Ipv4(v4) => {
-            if let Some(why) = forbidden_ip(IpAddr::V4(*v4), allow_http_loopback) {
+            if let Some(why) = forbidden_ip(IpAddr::V4(v4), allow_http_loopback) {
                 return Err(format!("host {v4} is a forbidden {why}"));
             }
-            v4.is_loopback()
+            Ok(v4.is_loopback())
         }
         Host::Ipv6(v6) => {
-            if let Some(why) = forbidden_ip(IpAddr::V6(*v6), allow_http_loopback) {
+            if let Some(why) = forbidden_ip(IpAddr::V6(v6), allow_http_loopback) {
                 return Err(format!("host [{v6}] is a forbidden {why}"));
             }
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
-    };
-    if parsed.scheme() == "http" {
-        if !allow_http_loopback {
-            return Err("must use https".to_string());
-        }
-        if !is_loopback_host {
-            return Err(
-                "plain http is only allowed for loopback hosts (127.0.0.1, [::1], localhost); \
-                 use https"
-                    .to_string(),
-            );
+            Ok(v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
         }
     }
-    Ok(parsed)
 }
 
 /// Marker error of the connect-time checks (returned through the HTTP client's resolver and
