@@ -101,11 +101,10 @@ impl reqwest::dns::Resolve for GuardedResolver {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Response interpretation
+// Reading the response (its meaning is decided in `response`)
 // ---------------------------------------------------------------------------------------------
 
-/// The headers the interpretation reads. `to_str` fails on values that are not visible ASCII;
-/// those count as absent, as they always did.
+/// The headers `interpret_response` reads; see [`ResponseHeaders`] for the rules.
 fn response_headers(headers: &HeaderMap) -> ResponseHeaders {
     let text = |name: &str| {
         headers
