@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::oauth::client::TokenError;
+use crate::oauth::token::TokenError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

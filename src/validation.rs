@@ -3,7 +3,7 @@
 //! everything a user can get wrong in `spec` is checked here and reported as `InvalidSpec`.
 
 use crate::api::{ConnectionType, GrantType, VaultConnection, VaultConnectionSpec};
-use crate::oauth::client::validate_token_url;
+use crate::oauth::token::url_policy::validate_token_url;
 
 /// Settings that change what is valid.
 #[derive(Debug, Clone, Copy, Default)]

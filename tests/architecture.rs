@@ -37,8 +37,9 @@ const LAYERS: &[(&str, &[&str])] = &[
             "http",
             "oauth",
             "oauth::token",
-            "oauth::client",
+            "oauth::token",
             "oauth::token::transport",
+            "oauth::token::test_support",
             "oauth::refresh",
         ],
     ),
@@ -90,6 +91,17 @@ fn code_of(text: &str) -> String {
         .join("\n")
 }
 
+/// Every path written after `crate::` or `super::` (grouped imports `crate::{a, b::c}`
+/// expanded), as a path from the crate root. `module` is the module `code` belongs to.
+fn crate_paths_of(module: &str, code: &str) -> Vec<String> {
+    let parent = match module.rfind("::") {
+        Some(i) => format!("{}::", &module[..i]),
+        None => String::new(),
+    };
+    let relative = code.replace("super::", &format!("crate::{parent}"));
+    crate_paths(&relative)
+}
+
 /// Every path written after `crate::` (grouped imports `crate::{a, b::c}` expanded).
 fn crate_paths(code: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -130,7 +142,7 @@ fn dependency_graph() -> BTreeMap<String, BTreeSet<String>> {
     for file in &files {
         let module = module_path(&src, file);
         let code = code_of(&std::fs::read_to_string(file).expect("readable source"));
-        let deps: BTreeSet<String> = crate_paths(&code)
+        let deps: BTreeSet<String> = crate_paths_of(&module, &code)
             .iter()
             .filter_map(|p| target_module(p, &modules))
             .filter(|m| *m != module)
@@ -216,4 +228,9 @@ fn the_checker_sees_imports() {
     assert!(graph["controller"].contains("writer"), "{graph:#?}");
     assert!(graph["oauth::refresh"].contains("writer"));
     assert!(crate_paths("use crate::{api::Phase, names};") == ["api::Phase", "names"]);
+    assert!(graph["oauth::token::transport"].contains("oauth::token::url_policy"));
+    assert_eq!(
+        crate_paths_of("oauth::decide", "use super::state::X;"),
+        ["oauth::state::X"]
+    );
 }

@@ -11,12 +11,13 @@ use secrecy::ExposeSecret;
 
 use crate::api::{GrantType, VaultConnection};
 use crate::names::state_secret_name;
-use crate::oauth::client::{ErrorClass, TokenError, TokenResponse};
 use crate::oauth::schedule;
 use crate::oauth::state::{
     format_time, parse_time, seed_fingerprint, whole_seconds, AccessToken, OAuthSettings,
     RefreshCause, TokenState,
 };
+use crate::oauth::token::error::{ErrorClass, TokenError};
+use crate::oauth::token::response::TokenResponse;
 use crate::reason::Reason;
 use crate::secret::{SecretBytes, SecretData};
 use crate::status::{keep_known_fields, OAuthStatus, Outcome};

@@ -26,9 +26,9 @@ use crate::api::{GrantType, VaultConnection};
 use crate::error::{Error, Result};
 use crate::metrics::{ConnectionLabel, Metrics};
 use crate::names::*;
-use crate::oauth::client::{self, TokenClient, TokenClientConfig, TokenError, TokenRequest};
 use crate::oauth::decide::{self, AfterFailure, AfterFirstCall, Decider, Decision, Fingerprints};
 use crate::oauth::state::{self, format_time, OAuthSettings, Plan, RefreshCause, TokenState};
+use crate::oauth::token::{self, TokenClient, TokenClientConfig, TokenError, TokenRequest};
 use crate::reason::Reason;
 use crate::secret::{self, Inputs, SecretBytes, SecretData};
 use crate::status::Outcome;
@@ -443,7 +443,7 @@ impl OAuthEngine {
             stored_token_changed = stored.is_some() && stored.as_ref() != sent.guard;
         }
         Ok(decide::FailedCall {
-            reason: token_error_reason(e),
+            reason: e.reason(),
             class: e.class(),
             invalid_grant,
             stored_token_changed,
@@ -540,7 +540,7 @@ impl OAuthEngine {
         &self,
         req: &TokenRequest,
         ca: Option<&[u8]>,
-    ) -> std::result::Result<client::TokenResponse, TokenError> {
+    ) -> std::result::Result<token::TokenResponse, TokenError> {
         self.metrics.refresh_attempts.inc();
         let started = Instant::now();
         let r = self.client.request_token(req, ca).await;
@@ -565,14 +565,6 @@ struct Sent<'a> {
     previous_attempt_unknown: bool,
 }
 
-/// The status vocabulary's name for a token error.
-fn token_error_reason(e: &TokenError) -> Reason {
-    match e.reason() {
-        "InvalidCaBundle" => Reason::InvalidCaBundle,
-        other => Reason::parse(other).unwrap_or(Reason::TokenClientSetupFailed),
-    }
-}
-
 fn token_request(s: &OAuthSettings, inputs: &SecretData, rt: Option<&SecretBytes>) -> TokenRequest {
     let secret = |k: &str| {
         SecretString::from(
@@ -585,14 +577,14 @@ fn token_request(s: &OAuthSettings, inputs: &SecretData, rt: Option<&SecretBytes
     TokenRequest {
         token_url: s.token_url.clone(),
         grant: match rt {
-            Some(rt) => client::Grant::RefreshToken(SecretString::from(rt.expose_str())),
-            None => client::Grant::ClientCredentials,
+            Some(rt) => token::Grant::RefreshToken(SecretString::from(rt.expose_str())),
+            None => token::Grant::ClientCredentials,
         },
         client_id: secret("client_id"),
         client_secret: secret("client_secret"),
         auth_method: match s.auth_method {
-            crate::api::ClientAuthMethod::Basic => client::ClientAuthMethod::Basic,
-            crate::api::ClientAuthMethod::Post => client::ClientAuthMethod::Post,
+            crate::api::ClientAuthMethod::Basic => token::ClientAuthMethod::Basic,
+            crate::api::ClientAuthMethod::Post => token::ClientAuthMethod::Post,
         },
         scopes: s.scopes.clone(),
         audience: s.audience.clone(),
