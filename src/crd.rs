@@ -19,51 +19,43 @@ pub fn crd() -> CustomResourceDefinition {
             .as_mut()
             .and_then(|s| s.open_api_v3_schema.as_mut())
         {
-            enums_to_patterns(schema);
+            drop_null_from_enums(schema);
         }
     }
     crd
 }
 
-/// Replace string `enum`s with an equivalent anchored `pattern`.
+/// Remove `null` from every `enum` list, marking the field `nullable` instead.
 ///
-/// Why: kube-apiserver releases up to at least 1.20 reject a single-version CRD whose schema has
-/// an `enum` ("per-version schemas may not all be set to identical values"): the equality check
-/// that hoists the schema fails on enum values. A pattern validates the same strings everywhere.
-fn enums_to_patterns(schema: &mut JSONSchemaProps) {
-    if let Some(values) = schema.enum_.take() {
-        let alternatives: Vec<String> = values
-            .iter()
-            .filter_map(|v| v.0.as_str().map(regex_escape))
-            .collect();
-        schema.pattern = Some(format!("^({})$", alternatives.join("|")));
+/// Why: schemars lists `null` among the values of an optional enum (`Option<GrantType>`), and
+/// kube-apiserver 1.20 then rejects the whole CRD with "per-version schemas may not all be set
+/// to identical values (top-level validation should be used instead)". `nullable: true` says
+/// the same and every version accepts it.
+fn drop_null_from_enums(schema: &mut JSONSchemaProps) {
+    if let Some(values) = schema.enum_.as_mut() {
+        let before = values.len();
+        values.retain(|v| !v.0.is_null());
+        if values.len() != before {
+            schema.nullable = Some(true);
+        }
     }
     for p in schema.properties.iter_mut().flat_map(|m| m.values_mut()) {
-        enums_to_patterns(p);
+        drop_null_from_enums(p);
     }
     if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
-        enums_to_patterns(items);
+        drop_null_from_enums(items);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schemas(items)) = schema.items.as_mut() {
+        items.iter_mut().for_each(drop_null_from_enums);
     }
     if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
-        enums_to_patterns(extra);
+        drop_null_from_enums(extra);
     }
     for list in [&mut schema.any_of, &mut schema.one_of, &mut schema.all_of] {
         for s in list.iter_mut().flatten() {
-            enums_to_patterns(s);
+            drop_null_from_enums(s);
         }
     }
-}
-
-fn regex_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let special = "\\.+*?()|[]{}^$".contains(c);
-            special
-                .then_some('\\')
-                .into_iter()
-                .chain(std::iter::once(c))
-        })
-        .collect()
 }
 
 /// The CRD as YAML, exactly as committed in `crds/`.
@@ -120,14 +112,89 @@ mod tests {
         }
     }
 
+    /// The version's schema.
+    fn schema() -> JSONSchemaProps {
+        crd().spec.versions[0]
+            .schema
+            .clone()
+            .and_then(|s| s.open_api_v3_schema)
+            .expect("the version has a schema")
+    }
+
+    /// The property at the dotted `path` below `root`.
+    fn prop<'a>(root: &'a JSONSchemaProps, path: &str) -> &'a JSONSchemaProps {
+        path.split('.').fold(root, |s, key| {
+            s.properties
+                .as_ref()
+                .and_then(|p| p.get(key))
+                .unwrap_or_else(|| panic!("no property {key} in {path}"))
+        })
+    }
+
+    fn enum_values(s: &JSONSchemaProps) -> Vec<serde_json::Value> {
+        s.enum_.iter().flatten().map(|v| v.0.clone()).collect()
+    }
+
+    /// Every schema below `s` (itself included).
+    fn all_schemas(s: &JSONSchemaProps) -> Vec<&JSONSchemaProps> {
+        let mut out = vec![s];
+        for p in s.properties.iter().flat_map(|m| m.values()) {
+            out.extend(all_schemas(p));
+        }
+        if let Some(JSONSchemaPropsOrArray::Schema(items)) = &s.items {
+            out.extend(all_schemas(items));
+        }
+        if let Some(JSONSchemaPropsOrBool::Schema(extra)) = &s.additional_properties {
+            out.extend(all_schemas(extra));
+        }
+        out
+    }
+
     #[test]
-    fn enums_become_anchored_patterns() {
-        let yaml = crd_yaml();
-        assert!(!yaml.contains("enum:"));
-        assert!(
-            yaml.contains("pattern: ^(apiKey|bearerToken|basicAuth|twilio|stripe|oauth2|auth0)$"),
-            "{yaml}"
+    fn enums_are_real_and_null_free() {
+        let root = schema();
+        let types: Vec<serde_json::Value> = crate::api::ConnectionType::ALL
+            .iter()
+            .map(|t| serde_json::json!(t.as_str()))
+            .collect();
+        assert_eq!(enum_values(prop(&root, "spec.type")), types);
+        assert_eq!(
+            prop(&root, "spec.type").nullable,
+            None,
+            "spec.type is required"
         );
+        for (path, values) in [
+            (
+                "spec.oauth2.grantType",
+                &["clientCredentials", "refreshToken"][..],
+            ),
+            (
+                "spec.auth0.grantType",
+                &["clientCredentials", "refreshToken"],
+            ),
+            ("spec.oauth2.clientAuthMethod", &["basic", "post"]),
+            ("spec.target.deletionPolicy", &["Delete", "Retain"]),
+            ("status.phase", &["Pending", "Ready", "Failed", "Suspended"]),
+        ] {
+            let s = prop(&root, path);
+            assert_eq!(enum_values(s), values.to_vec(), "{path}");
+            assert_eq!(s.nullable, Some(true), "{path} is optional");
+        }
+        let enums: Vec<_> = all_schemas(&root)
+            .into_iter()
+            .filter(|s| s.enum_.is_some())
+            .collect();
+        assert_eq!(enums.len(), 6);
+        for s in enums {
+            assert!(
+                enum_values(s).iter().all(|v| v.is_string()),
+                "{:?}",
+                s.enum_
+            );
+            assert!(s.pattern.is_none(), "no pattern standing in for an enum");
+        }
+        let yaml = crd_yaml();
+        assert!(!yaml.contains("- null"), "{yaml}");
         assert!(
             !yaml.contains("default: ''"),
             "empty-string defaults are dropped to null by old API servers"
