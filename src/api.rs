@@ -27,14 +27,38 @@ pub const API_GROUP: &str = "vaultconn.dev";
     status = "VaultConnectionStatus",
     derive = "PartialEq",
     doc = "A VaultConnection holds one external service's credentials (API key, bearer token, basic auth, Twilio, Stripe, OAuth2 or Auth0): the operator copies them from a Secret in the same namespace into a generated Secret for workloads to mount, and keeps OAuth2/Auth0 access tokens fresh.",
+    // The columns cert-manager and External Secrets users read: the Ready condition's status and
+    // reason; `-o wide` adds the next token refresh and the condition's message.
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
     printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    printcolumn(
+        name = "Next Refresh",
+        type_ = "date",
+        json_path = ".status.nextRefreshTime",
+        priority = 1
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]

@@ -237,6 +237,56 @@ mod tests {
         assert!(item.required.iter().flatten().any(|r| r == "type"));
     }
 
+    #[test]
+    fn printer_columns_follow_cert_manager_and_external_secrets() {
+        let crd = crd();
+        let columns = crd.spec.versions[0]
+            .additional_printer_columns
+            .clone()
+            .unwrap_or_default();
+        let shown: Vec<(&str, Option<i32>)> = columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.priority))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("Type", None),
+                ("Phase", None),
+                ("Ready", None),
+                ("Reason", None),
+                ("Secret", None),
+                ("Expires", None),
+                ("Next Refresh", Some(1)),
+                ("Age", None),
+                ("Message", Some(1)),
+            ]
+        );
+        let path = |name: &str| {
+            columns
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.json_path.clone())
+        };
+        assert_eq!(
+            path("Ready").as_deref(),
+            Some(r#".status.conditions[?(@.type=="Ready")].status"#)
+        );
+        assert_eq!(
+            path("Reason").as_deref(),
+            Some(r#".status.conditions[?(@.type=="Ready")].reason"#)
+        );
+        assert_eq!(
+            path("Next Refresh").as_deref(),
+            Some(".status.nextRefreshTime")
+        );
+        assert_eq!(crd.spec.names.short_names, Some(vec!["vconn".to_string()]));
+        assert_eq!(
+            crd.spec.names.categories,
+            Some(vec!["vaultconn".to_string()])
+        );
+    }
+
     /// What the operator's validation says about `renewBefore: d` (nothing else in the spec is
     /// wrong), so the test follows validation rather than restating its rules.
     fn validation_accepts(d: &str) -> bool {
