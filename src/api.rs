@@ -26,14 +26,39 @@ pub const API_GROUP: &str = "vaultconn.dev";
     namespaced,
     status = "VaultConnectionStatus",
     derive = "PartialEq",
+    doc = "A VaultConnection holds one external service's credentials (API key, bearer token, basic auth, Twilio, Stripe, OAuth2 or Auth0): the operator copies them from a Secret in the same namespace into a generated Secret for workloads to mount, and keeps OAuth2/Auth0 access tokens fresh.",
+    // The columns cert-manager and External Secrets users read: the Ready condition's status and
+    // reason; `-o wide` adds the next token refresh and the condition's message.
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
     printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    printcolumn(
+        name = "Next Refresh",
+        type_ = "date",
+        json_path = ".status.nextRefreshTime",
+        priority = 1
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -181,9 +206,11 @@ pub struct OAuth2Settings {
     pub extra_params: BTreeMap<String, String>,
     /// Refresh this long before expiry, e.g. `5m`. Exclusive with `renewBeforePercentage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = renew_before_pattern()))]
     pub renew_before: Option<String>,
     /// Refresh when this percentage of the lifetime is left (1–99, default 33).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 99))]
     pub renew_before_percentage: Option<u8>,
     /// CA bundle (PEM) for the token endpoint, from a Secret in the same namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -202,10 +229,35 @@ pub struct Auth0Settings {
     pub grant_type: Option<GrantType>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
+    /// Refresh this long before expiry, e.g. `5m`. Exclusive with `renewBeforePercentage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = renew_before_pattern()))]
     pub renew_before: Option<String>,
+    /// Refresh when this percentage of the lifetime is left (1–99, default 33).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 99))]
     pub renew_before_percentage: Option<u8>,
+}
+
+/// The schema pattern of `renewBefore`: the grammar `humantime::parse_duration` (which validation
+/// uses) accepts, e.g. `5m`, `1h30m`, `90s`, `2h 37min`, `1.5h`. The server rejects what can
+/// never parse; validation still decides the rest (at least 1s, overflow), so this must accept
+/// every string that parses.
+pub fn renew_before_pattern() -> String {
+    // Exactly the chars `char::is_whitespace` holds for (humantime skips them between and
+    // inside numbers): the Unicode separators `\pZ` plus \t..\r and U+0085. Go's `\s` is
+    // ASCII-only and lacks \v.
+    const WS: &str = r"\pZ\x{9}-\x{D}\x{85}";
+    // humantime's unit names (`\x{B5}` is the micro sign of `µs`).
+    const UNITS: [&str; 40] = [
+        "nanos", "nsec", "ns", "usec", "us", r"\x{B5}s", "millis", "msec", "ms", "seconds",
+        "second", "secs", "sec", "s", "minutes", "minute", "mins", "min", "m", "hours", "hour",
+        "hrs", "hr", "h", "days", "day", "d", "weeks", "week", "wks", "wk", "w", "months", "month",
+        "M", "years", "year", "yrs", "yr", "y",
+    ];
+    let number = format!(r"[0-9][0-9{WS}]*(\.[0-9{WS}]*[0-9][0-9{WS}]*)?");
+    let units = UNITS.join("|");
+    format!("^[{WS}]*({number}({units})[{WS}]*)+$")
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
@@ -249,7 +301,11 @@ pub enum Phase {
 pub struct VaultConnectionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
+    /// `Ready` with a reason and message; at most one condition of each `type`.
+    // A list-map keyed by type: clients find the Ready one by key, and server-side apply merges
+    // per type instead of replacing the whole list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

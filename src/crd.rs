@@ -19,51 +19,43 @@ pub fn crd() -> CustomResourceDefinition {
             .as_mut()
             .and_then(|s| s.open_api_v3_schema.as_mut())
         {
-            enums_to_patterns(schema);
+            drop_null_from_enums(schema);
         }
     }
     crd
 }
 
-/// Replace string `enum`s with an equivalent anchored `pattern`.
+/// Remove `null` from every `enum` list, marking the field `nullable` instead.
 ///
-/// Why: kube-apiserver releases up to at least 1.20 reject a single-version CRD whose schema has
-/// an `enum` ("per-version schemas may not all be set to identical values"): the equality check
-/// that hoists the schema fails on enum values. A pattern validates the same strings everywhere.
-fn enums_to_patterns(schema: &mut JSONSchemaProps) {
-    if let Some(values) = schema.enum_.take() {
-        let alternatives: Vec<String> = values
-            .iter()
-            .filter_map(|v| v.0.as_str().map(regex_escape))
-            .collect();
-        schema.pattern = Some(format!("^({})$", alternatives.join("|")));
+/// Why: schemars lists `null` among the values of an optional enum (`Option<GrantType>`), and
+/// kube-apiserver 1.20 then rejects the whole CRD with "per-version schemas may not all be set
+/// to identical values (top-level validation should be used instead)". `nullable: true` says
+/// the same and every version accepts it.
+fn drop_null_from_enums(schema: &mut JSONSchemaProps) {
+    if let Some(values) = schema.enum_.as_mut() {
+        let before = values.len();
+        values.retain(|v| !v.0.is_null());
+        if values.len() != before {
+            schema.nullable = Some(true);
+        }
     }
     for p in schema.properties.iter_mut().flat_map(|m| m.values_mut()) {
-        enums_to_patterns(p);
+        drop_null_from_enums(p);
     }
     if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
-        enums_to_patterns(items);
+        drop_null_from_enums(items);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schemas(items)) = schema.items.as_mut() {
+        items.iter_mut().for_each(drop_null_from_enums);
     }
     if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
-        enums_to_patterns(extra);
+        drop_null_from_enums(extra);
     }
     for list in [&mut schema.any_of, &mut schema.one_of, &mut schema.all_of] {
         for s in list.iter_mut().flatten() {
-            enums_to_patterns(s);
+            drop_null_from_enums(s);
         }
     }
-}
-
-fn regex_escape(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let special = "\\.+*?()|[]{}^$".contains(c);
-            special
-                .then_some('\\')
-                .into_iter()
-                .chain(std::iter::once(c))
-        })
-        .collect()
 }
 
 /// The CRD as YAML, exactly as committed in `crds/`.
@@ -120,17 +112,475 @@ mod tests {
         }
     }
 
+    /// The version's schema.
+    fn schema() -> JSONSchemaProps {
+        crd().spec.versions[0]
+            .schema
+            .clone()
+            .and_then(|s| s.open_api_v3_schema)
+            .expect("the version has a schema")
+    }
+
+    /// The property at the dotted `path` below `root`.
+    fn prop<'a>(root: &'a JSONSchemaProps, path: &str) -> &'a JSONSchemaProps {
+        path.split('.').fold(root, |s, key| {
+            s.properties
+                .as_ref()
+                .and_then(|p| p.get(key))
+                .unwrap_or_else(|| panic!("no property {key} in {path}"))
+        })
+    }
+
+    fn enum_values(s: &JSONSchemaProps) -> Vec<serde_json::Value> {
+        s.enum_.iter().flatten().map(|v| v.0.clone()).collect()
+    }
+
+    /// Every schema below `s` (itself included).
+    fn all_schemas(s: &JSONSchemaProps) -> Vec<&JSONSchemaProps> {
+        let mut out = vec![s];
+        for p in s.properties.iter().flat_map(|m| m.values()) {
+            out.extend(all_schemas(p));
+        }
+        if let Some(JSONSchemaPropsOrArray::Schema(items)) = &s.items {
+            out.extend(all_schemas(items));
+        }
+        if let Some(JSONSchemaPropsOrBool::Schema(extra)) = &s.additional_properties {
+            out.extend(all_schemas(extra));
+        }
+        out
+    }
+
     #[test]
-    fn enums_become_anchored_patterns() {
-        let yaml = crd_yaml();
-        assert!(!yaml.contains("enum:"));
-        assert!(
-            yaml.contains("pattern: ^(apiKey|bearerToken|basicAuth|twilio|stripe|oauth2|auth0)$"),
-            "{yaml}"
+    fn enums_are_real_and_null_free() {
+        let root = schema();
+        let types: Vec<serde_json::Value> = crate::api::ConnectionType::ALL
+            .iter()
+            .map(|t| serde_json::json!(t.as_str()))
+            .collect();
+        assert_eq!(enum_values(prop(&root, "spec.type")), types);
+        assert_eq!(
+            prop(&root, "spec.type").nullable,
+            None,
+            "spec.type is required"
         );
+        for (path, values) in [
+            (
+                "spec.oauth2.grantType",
+                &["clientCredentials", "refreshToken"][..],
+            ),
+            (
+                "spec.auth0.grantType",
+                &["clientCredentials", "refreshToken"],
+            ),
+            ("spec.oauth2.clientAuthMethod", &["basic", "post"]),
+            ("spec.target.deletionPolicy", &["Delete", "Retain"]),
+            ("status.phase", &["Pending", "Ready", "Failed", "Suspended"]),
+        ] {
+            let s = prop(&root, path);
+            assert_eq!(enum_values(s), values.to_vec(), "{path}");
+            assert_eq!(s.nullable, Some(true), "{path} is optional");
+        }
+        let enums: Vec<_> = all_schemas(&root)
+            .into_iter()
+            .filter(|s| s.enum_.is_some())
+            .collect();
+        assert_eq!(enums.len(), 6);
+        for s in enums {
+            assert!(
+                enum_values(s).iter().all(|v| v.is_string()),
+                "{:?}",
+                s.enum_
+            );
+            assert!(s.pattern.is_none(), "no pattern standing in for an enum");
+        }
+        let yaml = crd_yaml();
+        assert!(!yaml.contains("- null"), "{yaml}");
         assert!(
             !yaml.contains("default: ''"),
             "empty-string defaults are dropped to null by old API servers"
         );
+    }
+
+    #[test]
+    fn bounds_descriptions_and_list_map_match_the_docs() {
+        let root = schema();
+        let description = root.description.clone().unwrap_or_default();
+        assert!(
+            description.starts_with("A VaultConnection "),
+            "{description}"
+        );
+        assert!(!description.contains("Auto-generated"), "{description}");
+        for block in ["oauth2", "auth0"] {
+            let pct = prop(&root, &format!("spec.{block}.renewBeforePercentage"));
+            assert_eq!(
+                (pct.minimum, pct.maximum),
+                (Some(1.0), Some(99.0)),
+                "{block}"
+            );
+            let before = prop(&root, &format!("spec.{block}.renewBefore"));
+            assert_eq!(
+                before.pattern.as_deref(),
+                Some(crate::api::renew_before_pattern().as_str()),
+                "{block}"
+            );
+        }
+        let conditions = prop(&root, "status.conditions");
+        assert_eq!(conditions.x_kubernetes_list_type.as_deref(), Some("map"));
+        assert_eq!(
+            conditions.x_kubernetes_list_map_keys,
+            Some(vec!["type".to_string()])
+        );
+        let Some(JSONSchemaPropsOrArray::Schema(item)) = &conditions.items else {
+            panic!("conditions has an item schema");
+        };
+        // A list-map key must be required (or defaulted), or the API server refuses the CRD.
+        assert!(item.required.iter().flatten().any(|r| r == "type"));
+    }
+
+    #[test]
+    fn printer_columns_follow_cert_manager_and_external_secrets() {
+        let crd = crd();
+        let columns = crd.spec.versions[0]
+            .additional_printer_columns
+            .clone()
+            .unwrap_or_default();
+        let shown: Vec<(&str, Option<i32>)> = columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.priority))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("Type", None),
+                ("Phase", None),
+                ("Ready", None),
+                ("Reason", None),
+                ("Secret", None),
+                ("Expires", None),
+                ("Next Refresh", Some(1)),
+                ("Age", None),
+                ("Message", Some(1)),
+            ]
+        );
+        let path = |name: &str| {
+            columns
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.json_path.clone())
+        };
+        assert_eq!(
+            path("Ready").as_deref(),
+            Some(r#".status.conditions[?(@.type=="Ready")].status"#)
+        );
+        assert_eq!(
+            path("Reason").as_deref(),
+            Some(r#".status.conditions[?(@.type=="Ready")].reason"#)
+        );
+        assert_eq!(
+            path("Next Refresh").as_deref(),
+            Some(".status.nextRefreshTime")
+        );
+        assert_eq!(crd.spec.names.short_names, Some(vec!["vconn".to_string()]));
+        assert_eq!(
+            crd.spec.names.categories,
+            Some(vec!["vaultconn".to_string()])
+        );
+    }
+
+    /// What the operator's validation says about `renewBefore: d` (nothing else in the spec is
+    /// wrong), so the test follows validation rather than restating its rules.
+    fn validation_accepts(d: &str) -> bool {
+        let vc: VaultConnection = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vaultconn.dev/v1alpha1", "kind": "VaultConnection",
+            "metadata": {"name": "conn", "namespace": "ns"},
+            "spec": {"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/t", "renewBefore": d}}
+        }))
+        .expect("test manifest parses");
+        crate::validation::validate(&vc, Default::default()).is_empty()
+    }
+
+    #[test]
+    fn renew_before_pattern_accepts_everything_validation_accepts() {
+        let pattern = crate::api::renew_before_pattern();
+        let matches = |d: &str| mini_regex::is_match(&pattern, d);
+        // validation's own examples and the field's docs, then humantime's.
+        for d in [
+            "5m",
+            "90s",
+            "1h30m",
+            "2h 37min",
+            "4.2s",
+            "1.5h",
+            "1h 30m",
+            "1s 500ms",
+            " 5m ",
+            "5 m",
+            "1500ms",
+            "1day",
+            "2 weeks",
+            "12M",
+            "1y",
+            "1000000\u{b5}s",
+            "1\u{a0}h",
+            "20 min 17 nsec ",
+            "1.234s0.345ms0.678us0ns",
+            "1 0m",
+        ] {
+            assert!(
+                validation_accepts(d),
+                "{d:?}: validation changed; update the examples"
+            );
+            assert!(
+                matches(d),
+                "{d:?} is valid but the schema pattern rejects it"
+            );
+        }
+        // Beyond examples: every unit, number shape and separator, alone and after another span.
+        let units = [
+            "nanos", "nsec", "ns", "usec", "us", "\u{b5}s", "millis", "msec", "ms", "seconds",
+            "second", "secs", "sec", "s", "minutes", "minute", "mins", "min", "m", "hours", "hour",
+            "hrs", "hr", "h", "days", "day", "d", "weeks", "week", "wks", "wk", "w", "months",
+            "month", "M", "years", "year", "yrs", "yr", "y",
+        ];
+        let mut checked = 0;
+        for unit in units {
+            for number in ["1", "90", "1.5", "2 0", "1000000000", "0.5 "] {
+                for sep in ["", " ", "\t", "\u{3000}"] {
+                    for first in ["", "1h", "2.5 d", "0s"] {
+                        let d = format!("{first}{sep}{number}{sep}{unit}{sep}");
+                        if validation_accepts(&d) {
+                            assert!(matches(&d), "{d:?} is valid but the pattern rejects it");
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 2000, "only {checked} valid durations generated");
+        // Whitespace, exhaustively: humantime skips whatever `char::is_whitespace` holds for.
+        let spaces: Vec<char> = (0..=0x10FFFF)
+            .filter_map(char::from_u32)
+            .filter(|c| c.is_whitespace())
+            .collect();
+        assert_eq!(spaces.len(), 25);
+        for c in spaces {
+            for d in [
+                format!("{c}1{c}0{c}.{c}5{c}h{c}1m{c}"),
+                format!("1h{c}{c}30m"),
+            ] {
+                assert!(validation_accepts(&d), "{d:?}");
+                assert!(matches(&d), "{d:?} is valid but the pattern rejects it");
+            }
+        }
+        // What can never parse is rejected by the API server already.
+        for d in [
+            "soon",
+            "",
+            " ",
+            "5",
+            "m5",
+            "-5m",
+            "5m,",
+            "5 mins later",
+            "1.h",
+            ".5h",
+            "5m 3",
+            "P1D",
+            "1hm",
+            "5\u{3bc}s",
+        ] {
+            assert!(!validation_accepts(d), "{d:?}");
+            assert!(
+                !matches(d),
+                "{d:?} can never parse but the pattern accepts it"
+            );
+        }
+    }
+
+    /// A backtracking matcher for the regex subset `renew_before_pattern` uses (`^ $ ( ) | * + ?`,
+    /// classes with ranges, `\pZ`, `\x{..}` and `\.`): the crate has no regex dependency. The cluster
+    /// test sends the same kind of strings through the API server's Go regexp.
+    mod mini_regex {
+        enum Node {
+            Start,
+            End,
+            Class(Vec<(char, char)>),
+            Group(Vec<Vec<Node>>),
+            /// Node, minimum count, unbounded (else at most one).
+            Repeat(Box<Node>, usize, bool),
+        }
+
+        /// Unicode's category Z (`\pZ`: Zs, Zl, Zp), as in Go's and Rust's tables.
+        const SEPARATORS: [(char, char); 8] = [
+            (' ', ' '),
+            ('\u{a0}', '\u{a0}'),
+            ('\u{1680}', '\u{1680}'),
+            ('\u{2000}', '\u{200a}'),
+            ('\u{2028}', '\u{2029}'),
+            ('\u{202f}', '\u{202f}'),
+            ('\u{205f}', '\u{205f}'),
+            ('\u{3000}', '\u{3000}'),
+        ];
+
+        pub fn is_match(pattern: &str, s: &str) -> bool {
+            let p: Vec<char> = pattern.chars().collect();
+            let mut i = 0;
+            let root = Node::Group(alternatives(&p, &mut i));
+            assert_eq!(i, p.len(), "unsupported syntax at {i} in {pattern}");
+            let s: Vec<char> = s.chars().collect();
+            (0..=s.len()).any(|start| node(&root, &s, start, &mut |_| true))
+        }
+
+        fn alternatives(p: &[char], i: &mut usize) -> Vec<Vec<Node>> {
+            let mut alts = vec![Vec::new()];
+            while let Some(&c) = p.get(*i) {
+                match c {
+                    ')' => break,
+                    '|' => {
+                        *i += 1;
+                        alts.push(Vec::new());
+                    }
+                    _ => {
+                        let atom = atom(p, i);
+                        let (min, unbounded) = match p.get(*i) {
+                            Some('*') => (0, true),
+                            Some('+') => (1, true),
+                            Some('?') => (0, false),
+                            _ => {
+                                alts.last_mut().expect("one alternative").push(atom);
+                                continue;
+                            }
+                        };
+                        *i += 1;
+                        alts.last_mut().expect("one alternative").push(Node::Repeat(
+                            Box::new(atom),
+                            min,
+                            unbounded,
+                        ));
+                    }
+                }
+            }
+            alts
+        }
+
+        fn atom(p: &[char], i: &mut usize) -> Node {
+            match p[*i] {
+                '^' | '$' => {
+                    *i += 1;
+                    if p[*i - 1] == '^' {
+                        Node::Start
+                    } else {
+                        Node::End
+                    }
+                }
+                '(' => {
+                    *i += 1;
+                    let group = Node::Group(alternatives(p, i));
+                    assert_eq!(p.get(*i), Some(&')'));
+                    *i += 1;
+                    group
+                }
+                '[' => {
+                    *i += 1;
+                    let mut ranges = Vec::new();
+                    while p[*i] != ']' {
+                        if p[*i..].starts_with(&['\\', 'p', 'Z']) {
+                            *i += 3;
+                            ranges.extend(SEPARATORS);
+                            continue;
+                        }
+                        let lo = literal(p, i);
+                        let hi = if p[*i] == '-' && p[*i + 1] != ']' {
+                            *i += 1;
+                            literal(p, i)
+                        } else {
+                            lo
+                        };
+                        ranges.push((lo, hi));
+                    }
+                    *i += 1;
+                    Node::Class(ranges)
+                }
+                '.' | '*' | '+' | '?' | '{' | ']' => panic!("unsupported {:?} at {i}", p[*i]),
+                _ => {
+                    let c = literal(p, i);
+                    Node::Class(vec![(c, c)])
+                }
+            }
+        }
+
+        fn literal(p: &[char], i: &mut usize) -> char {
+            let c = p[*i];
+            *i += 1;
+            if c != '\\' {
+                return c;
+            }
+            let e = p[*i];
+            *i += 1;
+            if e != 'x' {
+                assert!(e.is_ascii_punctuation(), "unsupported escape \\{e}");
+                return e;
+            }
+            assert_eq!(p[*i], '{');
+            let len = p[*i..].iter().position(|&c| c == '}').expect("closing }");
+            let hex: String = p[*i + 1..*i + len].iter().collect();
+            *i += len + 1;
+            u32::from_str_radix(&hex, 16)
+                .ok()
+                .and_then(char::from_u32)
+                .expect("a valid \\x{..}")
+        }
+
+        fn seq(nodes: &[Node], s: &[char], pos: usize, k: &mut dyn FnMut(usize) -> bool) -> bool {
+            match nodes.split_first() {
+                None => k(pos),
+                Some((first, rest)) => node(first, s, pos, &mut |p| seq(rest, s, p, &mut *k)),
+            }
+        }
+
+        fn node(n: &Node, s: &[char], pos: usize, k: &mut dyn FnMut(usize) -> bool) -> bool {
+            match n {
+                Node::Start => pos == 0 && k(pos),
+                Node::End => pos == s.len() && k(pos),
+                Node::Class(ranges) => {
+                    s.get(pos)
+                        .is_some_and(|c| ranges.iter().any(|(lo, hi)| (lo..=hi).contains(&c)))
+                        && k(pos + 1)
+                }
+                Node::Group(alts) => alts.iter().any(|a| seq(a, s, pos, &mut *k)),
+                Node::Repeat(inner, min, unbounded) => {
+                    repeat(inner, *min, *unbounded, 0, s, pos, k)
+                }
+            }
+        }
+
+        /// Greedy: one more iteration (never an empty one) first, then stop if enough were seen.
+        fn repeat(
+            inner: &Node,
+            min: usize,
+            unbounded: bool,
+            count: usize,
+            s: &[char],
+            pos: usize,
+            k: &mut dyn FnMut(usize) -> bool,
+        ) -> bool {
+            let more = (unbounded || count == 0)
+                && node(inner, s, pos, &mut |p| {
+                    p > pos && repeat(inner, min, unbounded, count + 1, s, p, &mut *k)
+                });
+            more || (count >= min && k(pos))
+        }
+
+        #[test]
+        fn the_matcher_itself() {
+            assert!(is_match(r"^a(b|cd)*\.?[x-z\x{B5}]+$", "abcdb.y\u{b5}"));
+            assert!(is_match(r"^a(b|cd)*\.?[x-z\x{B5}]+$", "az"));
+            assert!(!is_match(r"^a(b|cd)*\.?[x-z\x{B5}]+$", "acx"));
+            assert!(!is_match(r"^a(b|cd)*\.?[x-z\x{B5}]+$", "ab..x"));
+            assert!(is_match("b+", "abbc"));
+            assert!(is_match(r"^[\pZ]$", "\u{3000}"));
+            assert!(!is_match(r"^[\pZ]$", "\t"));
+            assert!(!is_match("^b+", "abbc"));
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::ResourceExt;
 use serde_json::json;
@@ -401,15 +402,13 @@ async fn invalid_specs_are_reported_with_the_field() {
             json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/t", "renewBefore": "5m", "renewBeforePercentage": 10}}),
             "mutually exclusive",
         ),
-        (
-            "renew-pct",
-            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/t", "renewBeforePercentage": 100}}),
-            "between 1 and 99",
-        ),
+        // The schema rejects a percentage out of 1–99 and what is no duration at all (see
+        // `the_schema_rejects_what_can_never_be_valid_and_serves_the_columns`); a duration the
+        // pattern lets through can still be too short.
         (
             "renew-dur",
-            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/t", "renewBefore": "soon"}}),
-            "not a duration",
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/t", "renewBefore": "500ms"}}),
+            "at least 1s",
         ),
         (
             "auth0-aud",
@@ -607,4 +606,180 @@ async fn credentials_ref_cannot_reach_another_namespace() {
     .await;
     let vc = with_reason(&ns, "y", "CredentialsMissing").await;
     assert!(message(&vc).contains(&format!("{}/shared-creds not found", ns.name)));
+}
+
+#[tokio::test]
+async fn the_schema_rejects_what_can_never_be_valid_and_serves_the_columns() {
+    ensure_operator().await;
+    let ns = test_namespace("schema").await;
+    let api: Api<VaultConnection> = ns.api();
+    // Server-side dry run: the API server validates against the schema and stores nothing.
+    let try_spec = |spec: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            let vc = json!({"apiVersion": "vaultconn.dev/v1alpha1", "kind": "VaultConnection", "metadata": {"name": "probe"}, "spec": spec});
+            let pp = PatchParams::apply("test").force().dry_run();
+            match api.patch("probe", &pp, &Patch::Apply(&vc)).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(status)) => Err((status.code, status.message)),
+                Err(e) => panic!("dry run failed without an API status: {e}"),
+            }
+        }
+    };
+
+    let (code, msg) = try_spec(json!({"type": "vault"})).await.unwrap_err();
+    assert_eq!(code, 422, "{msg}");
+    assert!(
+        msg.contains(r#"spec.type: Unsupported value: "vault""#),
+        "{msg}"
+    );
+    for t in [
+        "apiKey",
+        "bearerToken",
+        "basicAuth",
+        "twilio",
+        "stripe",
+        "oauth2",
+        "auth0",
+    ] {
+        assert!(msg.contains(&format!("\"{t}\"")), "{msg} lacks {t}");
+    }
+
+    // `type: block` with the block's required fields plus `extra`.
+    let spec = |block: &str, extra: serde_json::Value| {
+        let mut settings = match block {
+            "oauth2" => json!({"tokenUrl": "https://idp.example/t"}),
+            _ => json!({"domain": "t.eu.auth0.com", "audience": "https://api"}),
+        };
+        settings
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let mut spec = json!({"type": block});
+        spec.as_object_mut()
+            .unwrap()
+            .insert(block.to_string(), settings);
+        spec
+    };
+    for block in ["oauth2", "auth0"] {
+        let field = format!("spec.{block}.renewBeforePercentage");
+        for (pct, bound) in [
+            (0, "greater than or equal to 1"),
+            (100, "less than or equal to 99"),
+        ] {
+            let (code, msg) = try_spec(spec(block, json!({"renewBeforePercentage": pct})))
+                .await
+                .unwrap_err();
+            assert_eq!(code, 422, "{msg}");
+            assert!(msg.contains(&field) && msg.contains(bound), "{pct}: {msg}");
+        }
+        for pct in [1, 33, 99] {
+            try_spec(spec(block, json!({"renewBeforePercentage": pct})))
+                .await
+                .unwrap_or_else(|e| panic!("{block} {pct}: {e:?}"));
+        }
+        // The API server's Go regexp agrees with the unit test's reading of the pattern.
+        for d in [
+            "5m",
+            "90s",
+            "1h30m",
+            "2h 37min",
+            "1.5h",
+            "1s 500ms",
+            "1\u{a0}h",
+            "\t1\u{3000}h\u{2028}",
+            "5m\u{85}",
+            "2 weeks",
+        ] {
+            try_spec(spec(block, json!({"renewBefore": d})))
+                .await
+                .unwrap_or_else(|e| panic!("{block} {d:?}: {e:?}"));
+        }
+        for d in ["soon", "5", "-5m", "1.h"] {
+            let (code, msg) = try_spec(spec(block, json!({"renewBefore": d})))
+                .await
+                .unwrap_err();
+            assert_eq!(code, 422, "{msg}");
+            assert!(
+                msg.contains(&format!("spec.{block}.renewBefore")),
+                "{d:?}: {msg}"
+            );
+        }
+    }
+    // Every shipped example passes the served schema.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut examples = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for doc in docs.into_iter().filter(|d| d["kind"] == "VaultConnection") {
+            try_spec(doc["spec"].clone())
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+            examples += 1;
+        }
+    }
+    assert!(examples >= 8, "only {examples} examples found");
+    let (_, msg) = try_spec(json!({"type": "apiKey", "target": {"deletionPolicy": "Orphan"}}))
+        .await
+        .unwrap_err();
+    assert!(
+        msg.contains(r#"supported values: "Delete", "Retain""#),
+        "{msg}"
+    );
+
+    // The CRD as served lists the columns.
+    let crd = Api::<CustomResourceDefinition>::all(ns.client.clone())
+        .get("vaultconnections.vaultconn.dev")
+        .await
+        .unwrap();
+    let columns: Vec<String> = crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.clone())
+        .collect();
+    for name in [
+        "Type", "Phase", "Ready", "Reason", "Secret", "Expires", "Age",
+    ] {
+        assert!(
+            columns.iter().any(|c| c == name),
+            "{name} not in {columns:?}"
+        );
+    }
+
+    // And fills them from the Ready condition: the table `kubectl get` prints.
+    put_secret(&ns, "c", &[("token", "t")]).await;
+    apply_vc(
+        &ns,
+        "shown",
+        json!({"type": "bearerToken", "credentialsRef": {"name": "c"}}),
+    )
+    .await;
+    ready(&ns, "shown").await;
+    let request = http::Request::get(format!(
+        "/apis/vaultconn.dev/v1alpha1/namespaces/{}/vaultconnections/shown",
+        ns.name
+    ))
+    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())
+    .unwrap();
+    let table: serde_json::Value = ns.client.request(request).await.unwrap();
+    let headers: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    let cells = table["rows"][0]["cells"].as_array().unwrap();
+    let cell = |name: &str| {
+        let i = headers.iter().position(|h| *h == name).unwrap();
+        cells[i].clone()
+    };
+    assert_eq!(cell("Type"), json!("bearerToken"), "{table}");
+    assert_eq!(cell("Phase"), json!("Ready"), "{table}");
+    assert_eq!(cell("Ready"), json!("True"), "{table}");
+    assert_eq!(cell("Reason"), json!("Reconciled"), "{table}");
+    assert_eq!(cell("Secret"), json!("shown"), "{table}");
 }
