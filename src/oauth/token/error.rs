@@ -229,8 +229,15 @@ mod tests {
                 "duplicate reason {}",
                 e.reason().as_str()
             );
-            assert!(e.reason().as_str().chars().all(|c| c.is_ascii_alphanumeric()));
-            assert!(e.reason().as_str().starts_with(|c: char| c.is_ascii_uppercase()));
+            assert!(e
+                .reason()
+                .as_str()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric()));
+            assert!(e
+                .reason()
+                .as_str()
+                .starts_with(|c: char| c.is_ascii_uppercase()));
         }
     }
 }
