@@ -67,6 +67,10 @@ pub struct Context {
 
 type Key = (String, String);
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Context {
     pub fn new(
         client: Client,
@@ -107,6 +111,17 @@ impl Context {
     fn client(&self) -> Client {
         self.writer.client()
     }
+
+    /// Drop what this process holds for a deleted connection (index entries, held tokens,
+    /// backoff, the last status written, its metric series).
+    fn forget(&self, vc: &VaultConnection) {
+        let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
+        self.writer.index.forget_connection(&ns, &name);
+        self.oauth.forget(&ns, &name);
+        let key = (ns, name);
+        lock(&self.last_status).remove(&key);
+        lock(&self.errors).remove(&key);
+    }
 }
 
 /// Only spec changes, the force-refresh annotation and re-creation wake a connection; our own
@@ -144,6 +159,15 @@ pub async fn run(
         // managedFields are the largest part of a stored object and never read here.
         .modify(|vc| vc.managed_fields_mut().clear())
         .reflect(writer)
+        .inspect({
+            // Without a finalizer a deleted connection is never reconciled: forget it here.
+            let ctx = ctx.clone();
+            move |ev| {
+                if let Ok(watcher::Event::Delete(vc)) = ev {
+                    ctx.forget(vc);
+                }
+            }
+        })
         .applied_objects()
         .predicate_filter(trigger_hash, Default::default());
 
@@ -202,7 +226,7 @@ pub async fn reconcile(vc: Arc<VaultConnection>, ctx: Arc<Context>) -> Result<Ac
     let name = vc.name_any();
     ctx.writer.metrics.reconciles.inc();
     if vc.metadata.deletion_timestamp.is_some() {
-        ctx.writer.index.forget_connection(&ns, &name);
+        ctx.forget(&vc);
         return Ok(Action::await_change());
     }
 

@@ -944,3 +944,47 @@ async fn broken_200s_carrying_refresh_tokens_back_off() {
     assert!(ts.is_refresh_token_live(&rt));
     assert_invariants(&ns, &ts, "crm", &[seed, rt], false).await;
 }
+
+/// Rotation issue, scenario 8 (part): what the operator holds for a connection goes with it. A
+/// deleted connection's expiry series leaves `/metrics` (an expiry alert would otherwise fire
+/// for it forever), and a connection re-created under the same name starts afresh.
+#[tokio::test]
+async fn deleting_a_connection_forgets_its_series() {
+    ensure_operator().await;
+    let ns = test_namespace("forget").await;
+    let ts = server(TokenServerConfig::default()).await;
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
+    ready(&ns, "api").await;
+    let series = format!(
+        "vaultconn_token_expiry_timestamp_seconds{{namespace=\"{}\",name=\"api\"}}",
+        ns.name
+    );
+    wait_for(WAIT, "the expiry series", || async {
+        support::operator::operator_metrics_text()
+            .await
+            .contains(&series)
+    })
+    .await;
+    ns.api::<VaultConnection>()
+        .delete("api", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(WAIT, "the expiry series to go", || async {
+        !support::operator::operator_metrics_text()
+            .await
+            .contains(&series)
+    })
+    .await;
+    // Re-created under the same name, it gets its own token.
+    let calls_before = ts.call_count();
+    apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
+    ready(&ns, "api").await;
+    assert!(ts.call_count() > calls_before);
+    assert_invariants(&ns, &ts, "api", &[], false).await;
+}

@@ -145,6 +145,20 @@ impl OAuthEngine {
         }
     }
 
+    /// Drop everything held for a deleted connection: a connection re-created under the same
+    /// name must not inherit its tokens, failures or backoff, and its expiry series goes.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let key: Key = (namespace.to_string(), name.to_string());
+        lock(&self.pending).remove(&key);
+        lock(&self.failures).remove(&key);
+        lock(&self.writes_proven).remove(&key);
+        lock(&self.backoff).remove(&key);
+        self.metrics.token_expiry.remove(&ConnectionLabel {
+            namespace: key.0,
+            name: key.1,
+        });
+    }
+
     /// Write every pending state, retrying with backoff for up to `PERSIST_RETRY_BUDGET` each.
     /// Called on shutdown so a SIGTERM does not drop a rotated refresh token.
     pub async fn flush_pending(&self, w: &SecretWriter) {
@@ -185,8 +199,8 @@ impl OAuthEngine {
                 return Ok((o, Action::await_change()));
             }
         };
-        let state_name = state_secret_name(&key.1);
-        let live_state = w.get(&key.0, &state_name).await?;
+        // The state is read live: a cached refresh token would be a replay.
+        let live_state = w.get(&key.0, &state_secret_name(&key.1)).await?;
         let mut token_state = TokenState::default();
         if let Some(live) = &live_state {
             let probe = secret::desired_state_secret(vc, SecretData::default());
@@ -197,13 +211,8 @@ impl OAuthEngine {
         }
         let settings = state::settings(vc);
         let config_fp = state::config_fingerprint(&settings, &inputs);
-        decide::seed_from_inputs(
-            &mut token_state,
-            &settings,
-            &inputs,
-            &config_fp,
-            decider.now,
-        );
+        let now = decider.now;
+        decide::seed_from_inputs(&mut token_state, &settings, &inputs, &config_fp, now);
         let seed_fp = state::seed_fingerprint(&inputs);
         let refresh_request = vc.annotations().get(REFRESH_REQUESTED_ANNOTATION).cloned();
         let fps = Fingerprints {
@@ -212,7 +221,7 @@ impl OAuthEngine {
             refresh_request: refresh_request.as_deref(),
         };
         let plan = state::plan(&state::DecisionInput {
-            now: decider.now,
+            now,
             state: &token_state,
             config_fp: &config_fp,
             seed_fp: &seed_fp,
@@ -220,45 +229,55 @@ impl OAuthEngine {
             renew: &settings.renew,
             jitter_key: &decider.jitter_key(),
         });
-        match plan {
+        let cause = match plan {
             Plan::Wait { next_refresh } => {
                 let o = self
                     .publish_access(w, &decider, &token_state, Some(next_refresh))
                     .await?;
-                Ok((o, action(decider.requeue_at(next_refresh))))
+                return Ok((o, action(decider.requeue_at(next_refresh))));
             }
             Plan::Failed { reason, retry_at } => {
                 let reason = Reason::parse(&reason).unwrap_or(Reason::TokenRequestRejected);
-                Ok(carry_out(decider.remembered_failure(reason, retry_at)))
+                return Ok(carry_out(decider.remembered_failure(reason, retry_at)));
             }
-            Plan::Refresh(cause) => {
-                let held = lock(&self.backoff).get(&key).cloned();
-                if let Some((until, last)) = held {
-                    if decider.backoff_holds(cause, Some(until)) {
-                        return Ok((last.outcome, action(decider.requeue_at(until))));
-                    }
-                }
-                let r = Refresh {
-                    vc,
-                    key,
-                    settings,
-                    inputs: &inputs,
-                    state: token_state,
-                    fps,
-                    cause,
-                    decider,
-                };
-                let key = r.key.clone();
-                let now = r.decider.now;
-                let d = self.refresh(w, r).await?;
-                let until = Decider { vc, now }.backoff_end(&d);
-                match until {
-                    Some(until) => lock(&self.backoff).insert(key, (until, d.clone())),
-                    None => lock(&self.backoff).remove(&key),
-                };
-                Ok(carry_out(d))
+            Plan::Refresh(cause) => cause,
+        };
+        let r = Refresh {
+            vc,
+            key,
+            settings,
+            inputs: &inputs,
+            state: token_state,
+            fps,
+            cause,
+            decider,
+        };
+        self.refresh_unless_backing_off(w, r).await.map(carry_out)
+    }
+
+    /// Refresh now, unless the last counted failure's backoff still holds: then its decision
+    /// stands (a wake-up is not a reason to call the provider again).
+    async fn refresh_unless_backing_off(
+        &self,
+        w: &SecretWriter,
+        r: Refresh<'_>,
+    ) -> Result<Decision> {
+        let held = lock(&self.backoff).get(&r.key).cloned();
+        if let Some((until, last)) = held {
+            if r.decider.backoff_holds(r.cause, Some(until)) {
+                return Ok(Decision {
+                    outcome: last.outcome,
+                    requeue: r.decider.requeue_at(until),
+                });
             }
         }
+        let (key, vc, now) = (r.key.clone(), r.vc, r.decider.now);
+        let d = self.refresh(w, r).await?;
+        match (Decider { vc, now }).backoff_end(&d) {
+            Some(until) => lock(&self.backoff).insert(key, (until, d.clone())),
+            None => lock(&self.backoff).remove(&key),
+        };
+        Ok(d)
     }
 
     /// Write a held-back state for `key`, if there is one. False while it still cannot be

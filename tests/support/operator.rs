@@ -58,3 +58,12 @@ pub async fn operator_metric(name: &str) -> f64 {
         .unwrap_or_default();
     vaultconn_testkit::operator::parse_metric(&text, name).unwrap_or(0.0)
 }
+
+/// The operator's whole `/metrics` text.
+#[allow(dead_code)]
+pub async fn operator_metrics_text() -> String {
+    let url = operator().await.metrics_url();
+    vaultconn_testkit::operator::fetch_metrics(&url)
+        .await
+        .unwrap_or_default()
+}
