@@ -13,6 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/provision-control-plane.sh >/dev/null
-cargo build --release -p vaultconn --bin vaultconn -p vaultconn-bench >&2
+cargo build --release -p vaultconn -p vaultconn-bench --bins >&2
 target_dir="${CARGO_TARGET_DIR:-target}"
 exec "$target_dir/release/vaultconn-bench" --operator-binary "$target_dir/release/vaultconn" "$@"

@@ -836,7 +836,43 @@ async fn rejected_reseed_is_sent_once_and_keeps_the_chain_token() {
         "the chain token is kept"
     );
     assert!(ts.is_refresh_token_live(&chain));
-    assert_invariants(&ns, &ts, "crm", &[seed, chain, bad], false).await;
+    // Restoring the original (long spent) seed continues the chain; the seed is not replayed.
+    put(seed.clone()).await;
+    ready(&ns, "crm").await;
+    let annotate =
+        json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": "1"}}});
+    ns.api::<VaultConnection>()
+        .patch("crm", &PatchParams::default(), &Patch::Merge(&annotate))
+        .await
+        .unwrap();
+    wait_for(
+        WAIT,
+        "the forced refresh to spend the chain token",
+        || async {
+            ts.calls()
+                .iter()
+                .any(|c| c.refresh_token.as_deref() == Some(chain.as_str()))
+        },
+    )
+    .await;
+    ready(&ns, "crm").await;
+    let last = ts.calls().last().cloned().unwrap();
+    assert_eq!(
+        last.refresh_token.as_deref(),
+        Some(chain.as_str()),
+        "the chain token is spent"
+    );
+    let seed_sends = ts
+        .calls()
+        .iter()
+        .filter(|c| c.refresh_token.as_deref() == Some(seed.as_str()))
+        .count();
+    assert_eq!(
+        seed_sends, 1,
+        "the original seed was sent once, at the start"
+    );
+    let new_chain = stored_refresh_token(&ns, "crm").await.unwrap();
+    assert_invariants(&ns, &ts, "crm", &[seed, chain, bad, new_chain], false).await;
 }
 
 /// Rotation issue, scenario 7 (fault matrix row 43): a credentials Secret that carries a current
