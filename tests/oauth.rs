@@ -1024,3 +1024,63 @@ async fn deleting_a_connection_forgets_its_series() {
     assert!(ts.call_count() > calls_before);
     assert_invariants(&ns, &ts, "api", &[], false).await;
 }
+
+/// Rotation issue, scenario 5 (fault matrix row 41): the response to a rotation is lost, the
+/// one retry meets a 503 (and, in the second connection, a gateway's 502). The in-flight
+/// evidence survives the transient answer, so the eventual refusal of the spent token is
+/// reported as `RefreshResponseLost` (never retried), not `RefreshTokenRejected` (retried
+/// hourly). The provider's record: exactly one family revoked per connection, after which no
+/// request arrives.
+#[tokio::test]
+async fn unknown_outcome_then_503_still_ends_response_lost() {
+    ensure_operator().await;
+    let ns = test_namespace("lost503").await;
+    for (name, second) in [
+        ("svc503", Fault::service_unavailable(None)),
+        (
+            "svc502",
+            Fault::Status {
+                code: 502,
+                retry_after: None,
+                body: FaultBody::Html,
+            },
+        ),
+    ] {
+        let ts = server(TokenServerConfig::default().with_rotation(true)).await;
+        let seed = ts.mint_refresh_token(CLIENT);
+        ts.push_fault(Fault::ResetAfterCommit);
+        ts.push_fault(second);
+        put_secret(
+            &ns,
+            &format!("{name}-creds"),
+            &[
+                ("client_id", CLIENT),
+                ("client_secret", CLIENT_SECRET),
+                ("refresh_token", &seed),
+            ],
+        )
+        .await;
+        let mut spec = rt_spec(&ts);
+        spec["credentialsRef"]["name"] = json!(format!("{name}-creds"));
+        apply_vc(&ns, name, spec).await;
+        let vc = with_reason(&ns, name, "RefreshResponseLost").await;
+        assert!(message(&vc).contains("overlap"), "{}", message(&vc));
+        let calls = ts.call_count();
+        assert_eq!(
+            calls, 3,
+            "{name}: the reset, its retry, then the refused replay"
+        );
+        assert!(ts
+            .calls()
+            .iter()
+            .all(|c| c.refresh_token.as_deref() == Some(seed.as_str())));
+        assert_eq!(ts.revocations(), 1);
+        force_reconcile(&ns, &format!("{name}-creds"), name).await;
+        assert_eq!(
+            ts.call_count(),
+            calls,
+            "{name}: no request after the report"
+        );
+        assert_invariants(&ns, &ts, name, &[seed], true).await;
+    }
+}

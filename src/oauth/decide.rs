@@ -153,8 +153,19 @@ pub enum AfterFirstCall {
     RetryOnce,
 }
 
+/// How to read a token error. For a request that spent a refresh token, a 502 or 504 comes
+/// from a gateway that may have passed the request on: its outcome is unknown, like a reset.
+pub fn classify(error: &TokenError, rt_sent: bool) -> ErrorClass {
+    match error {
+        TokenError::ServerError {
+            status: 502 | 504, ..
+        } if rt_sent => ErrorClass::UnknownOutcome,
+        _ => error.class(),
+    }
+}
+
 pub fn after_first_call(rt_sent: bool, error: &TokenError) -> AfterFirstCall {
-    if !rt_sent || error.class() != ErrorClass::UnknownOutcome {
+    if !rt_sent || classify(error, rt_sent) != ErrorClass::UnknownOutcome {
         return AfterFirstCall::Settle;
     }
     match error.recovered_refresh_token() {
@@ -248,10 +259,12 @@ pub fn after_failure(f: &FailedCall) -> AfterFailure {
     }
     match f.class {
         ErrorClass::Terminal => AfterFailure::Terminal(f.reason),
+        // The mark stays while any attempt with this token ended unknown (this reconcile's
+        // first call, or one before a crash): a 503 on the retry says nothing about those.
         ErrorClass::Transient { retry_after } => AfterFailure::Transient {
             reason: f.reason,
             retry_after,
-            clear_inflight: true,
+            clear_inflight: !(f.retried_unknown || f.previous_attempt_unknown),
         },
         ErrorClass::UnknownOutcome => AfterFailure::Transient {
             reason: f.reason,
@@ -997,6 +1010,57 @@ mod tests {
             .message
             .contains("current refresh token is kept"));
         assert_eq!(dec.requeue, Requeue::After(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn row_41_a_503_after_an_unknown_outcome_keeps_the_evidence() {
+        let retry_503 = FailedCall {
+            retried_unknown: true,
+            ..failed(
+                Reason::TokenEndpointUnavailable,
+                ErrorClass::Transient { retry_after: None },
+            )
+        };
+        assert!(matches!(
+            after_failure(&retry_503),
+            AfterFailure::Transient {
+                clear_inflight: false,
+                ..
+            }
+        ));
+        let after_crash = FailedCall {
+            previous_attempt_unknown: true,
+            ..failed(
+                Reason::RateLimited,
+                ErrorClass::Transient { retry_after: None },
+            )
+        };
+        assert!(matches!(
+            after_failure(&after_crash),
+            AfterFailure::Transient {
+                clear_inflight: false,
+                ..
+            }
+        ));
+        // A gateway's 502/504 on a refresh is an unknown outcome: retried once, like a reset.
+        let gateway = TokenError::ServerError {
+            status: 502,
+            retry_after: None,
+        };
+        assert_eq!(classify(&gateway, true), ErrorClass::UnknownOutcome);
+        assert_eq!(after_first_call(true, &gateway), AfterFirstCall::RetryOnce);
+        assert!(matches!(
+            classify(&gateway, false),
+            ErrorClass::Transient { .. }
+        ));
+        let plain_503 = TokenError::ServerError {
+            status: 503,
+            retry_after: None,
+        };
+        assert!(matches!(
+            classify(&plain_503, true),
+            ErrorClass::Transient { .. }
+        ));
     }
 
     #[test]

@@ -463,7 +463,7 @@ impl OAuthEngine {
         }
         Ok(decide::FailedCall {
             reason: e.reason(),
-            class: e.class(),
+            class: decide::classify(e, sent.token.is_some()),
             invalid_grant,
             stored_token_changed,
             retried_unknown: sent.retried_unknown,
