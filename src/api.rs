@@ -329,6 +329,11 @@ pub struct VaultConnectionStatus {
     pub failed_refresh_attempts: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_reason: Option<String>,
+    /// refreshToken grant, once the provider has rotated the seed away: a short fingerprint
+    /// (SHA-256 prefix, never the token) of the `refresh_token` the chain grew from. If the
+    /// state Secret is lost, the operator recognises that seed as spent and does not replay it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spent_seed_fingerprint: Option<String>,
 }
 
 impl VaultConnection {

@@ -66,6 +66,9 @@ pub enum Reason {
     TokenEndpointRedirected,
     /// The HTTP client for the token endpoint could not be built.
     TokenClientSetupFailed,
+    /// The state Secret is gone and the credentials Secret only holds the seed the chain has
+    /// already spent: sending it again would be a replay.
+    StateLost,
 }
 
 impl Reason {
@@ -99,6 +102,7 @@ impl Reason {
         Reason::ForbiddenTokenEndpoint,
         Reason::TokenEndpointRedirected,
         Reason::TokenClientSetupFailed,
+        Reason::StateLost,
     ];
 
     /// The name in the `Ready` condition's `reason` and in `status.lastFailureReason`.
@@ -132,6 +136,7 @@ impl Reason {
             Reason::ForbiddenTokenEndpoint => "ForbiddenTokenEndpoint",
             Reason::TokenEndpointRedirected => "TokenEndpointRedirected",
             Reason::TokenClientSetupFailed => "TokenClientSetupFailed",
+            Reason::StateLost => "StateLost",
         }
     }
 
@@ -164,7 +169,8 @@ impl Reason {
             | Reason::InvalidTokenUrl
             | Reason::ForbiddenTokenEndpoint
             | Reason::TokenEndpointRedirected
-            | Reason::TokenClientSetupFailed => Phase::Failed,
+            | Reason::TokenClientSetupFailed
+            | Reason::StateLost => Phase::Failed,
         }
     }
 

@@ -31,6 +31,8 @@ pub struct OAuthStatus {
     pub next_refresh_time: Option<String>,
     pub failed_refresh_attempts: u32,
     pub last_failure_reason: Option<String>,
+    /// See `VaultConnectionStatus::spent_seed_fingerprint`.
+    pub spent_seed_fingerprint: Option<String>,
 }
 
 impl Outcome {
@@ -96,6 +98,7 @@ pub fn desired_status(vc: &VaultConnection, outcome: &Outcome, now: Time) -> Vau
         failed_refresh_attempts: (oauth.failed_refresh_attempts > 0)
             .then_some(oauth.failed_refresh_attempts),
         last_failure_reason: oauth.last_failure_reason,
+        spent_seed_fingerprint: oauth.spent_seed_fingerprint,
     }
 }
 
@@ -112,6 +115,7 @@ pub fn keep_known_fields(vc: &VaultConnection, mut o: Outcome) -> Outcome {
                 next_refresh_time: s.next_refresh_time.clone(),
                 failed_refresh_attempts: s.failed_refresh_attempts.unwrap_or(0),
                 last_failure_reason: s.last_failure_reason.clone(),
+                spent_seed_fingerprint: s.spent_seed_fingerprint.clone(),
             });
         }
     }

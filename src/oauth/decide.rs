@@ -13,8 +13,8 @@ use crate::api::{GrantType, VaultConnection};
 use crate::names::state_secret_name;
 use crate::oauth::schedule;
 use crate::oauth::state::{
-    format_time, parse_time, seed_fingerprint, whole_seconds, AccessToken, OAuthSettings,
-    RefreshCause, TokenState,
+    format_time, parse_time, seed_fingerprint, token_fingerprint, whole_seconds, AccessToken,
+    OAuthSettings, RefreshCause, TokenState,
 };
 use crate::oauth::token::error::{ErrorClass, TokenError};
 use crate::oauth::token::response::TokenResponse;
@@ -97,6 +97,26 @@ pub fn seed_from_inputs(
         });
         st.config_fingerprint = Some(config_fp.to_string());
     }
+}
+
+/// The status's fingerprint of a seed the provider rotated away (see
+/// `VaultConnectionStatus::spent_seed_fingerprint`): set once the chain's token is no longer
+/// the seed it grew from. A prefix is enough to recognise it and reveals nothing.
+pub fn spent_seed(state: &TokenState) -> Option<String> {
+    let seed = state
+        .seed_fingerprint
+        .as_deref()
+        .filter(|s| !s.is_empty())?;
+    let current = state.refresh_token.as_ref().map(token_fingerprint)?;
+    (current != seed).then(|| seed.chars().take(16).collect())
+}
+
+/// With no state Secret, whether the credentials Secret's seed (`seed_fp`) is one the status
+/// says the provider already rotated away: sending it would be a replay.
+pub fn seed_already_spent(grant: GrantType, status_spent: Option<&str>, seed_fp: &str) -> bool {
+    grant == GrantType::RefreshToken
+        && !seed_fp.is_empty()
+        && status_spent.is_some_and(|spent| seed_fp.starts_with(spent) && spent.len() == 16)
 }
 
 /// The refresh token to spend, if the grant uses one: the credentials Secret's seed when the
@@ -368,14 +388,15 @@ impl Decider<'_> {
         Requeue::After(d.max(MIN_REQUEUE))
     }
 
-    /// The status while the generated Secret `secret` holds `access` (Ready while it is valid).
+    /// The status while the generated Secret `secret` holds the access token of `st` (Ready
+    /// while it is valid).
     pub fn access_outcome(
         &self,
-        access: Option<&AccessToken>,
+        st: &TokenState,
         secret: &str,
         next_refresh: Option<Timestamp>,
     ) -> Outcome {
-        let Some(access) = access else {
+        let Some(access) = st.access.as_ref() else {
             return Outcome::new(Reason::TokenPending, "No access token has been issued yet");
         };
         let ns = self.ns();
@@ -399,8 +420,19 @@ impl Decider<'_> {
             next_refresh_time: next_refresh.map(format_time),
             failed_refresh_attempts: 0,
             last_failure_reason: None,
+            spent_seed_fingerprint: spent_seed(st),
         });
         o
+    }
+
+    /// The state Secret is gone and only a spent seed is left: nothing is sent.
+    pub fn state_lost(&self) -> Decision {
+        let (ns, name) = (self.ns(), self.name());
+        let state = state_secret_name(name);
+        Decision {
+            outcome: self.keep(Reason::StateLost, format!("Secret {ns}/{state} (the token state) is gone and the refresh_token in the credentials Secret of {ns}/{name} was already spent (the provider rotated it); it is not sent again, because replaying a spent refresh token makes a rotating provider revoke the grant. Re-authorize and put a new refresh_token in the credentials Secret")),
+            requeue: Requeue::OnChange,
+        }
     }
 
     /// The plan found a terminal failure remembered under the same inputs.
@@ -674,7 +706,7 @@ mod tests {
             next <= t("2026-01-01T00:40:12Z") && next >= t("2026-01-01T00:37:12Z"),
             "{next}"
         );
-        let o = d.access_outcome(Some(access), "conn", Some(next));
+        let o = d.access_outcome(&st, "conn", Some(next));
         assert_eq!(o.reason, Reason::Reconciled);
         assert!(o.ready);
     }
@@ -1013,6 +1045,51 @@ mod tests {
     }
 
     #[test]
+    fn row_39_a_lost_state_never_replays_a_spent_seed() {
+        let seed = rt("the-seed");
+        let seed_fp = token_fingerprint(&seed);
+        // Not rotated yet (or a provider that never rotates): the seed is live, nothing spent.
+        let mut st = TokenState {
+            refresh_token: Some(seed.clone()),
+            seed_fingerprint: Some(seed_fp.clone()),
+            ..Default::default()
+        };
+        assert_eq!(spent_seed(&st), None);
+        // Rotated: the status learns the seed's short fingerprint.
+        st.refresh_token = Some(rt("rotated"));
+        let spent = spent_seed(&st).unwrap();
+        assert_eq!(spent.len(), 16);
+        assert!(seed_fp.starts_with(&spent));
+        assert!(seed_already_spent(
+            GrantType::RefreshToken,
+            Some(&spent),
+            &seed_fp
+        ));
+        // A new seed from the user is not the spent one; client credentials spend no seed.
+        let other = token_fingerprint(&rt("a-new-seed"));
+        assert!(!seed_already_spent(
+            GrantType::RefreshToken,
+            Some(&spent),
+            &other
+        ));
+        assert!(!seed_already_spent(
+            GrantType::ClientCredentials,
+            Some(&spent),
+            &seed_fp
+        ));
+        assert!(!seed_already_spent(GrantType::RefreshToken, None, &seed_fp));
+        let v = vc();
+        let d = Decider {
+            vc: &v,
+            now: t("2026-01-01T00:00:00Z"),
+        };
+        let lost = d.state_lost();
+        assert_eq!(lost.outcome.reason, Reason::StateLost);
+        assert_eq!(lost.requeue, Requeue::OnChange);
+        assert!(lost.outcome.message.contains("new refresh_token"));
+    }
+
+    #[test]
     fn row_41_a_503_after_an_unknown_outcome_keeps_the_evidence() {
         let retry_503 = FailedCall {
             retried_unknown: true,
@@ -1176,12 +1253,17 @@ mod tests {
             issued_at: t("2026-01-01T00:00:00Z"),
             expires_at: t("2026-01-01T01:00:00Z"),
         };
+        let with = TokenState {
+            access: Some(access),
+            ..Default::default()
+        };
         assert_eq!(
-            d.access_outcome(Some(&access), "conn", None).reason,
+            d.access_outcome(&with, "conn", None).reason,
             Reason::TokenExpired
         );
         assert_eq!(
-            d.access_outcome(None, "conn", None).reason,
+            d.access_outcome(&TokenState::default(), "conn", None)
+                .reason,
             Reason::TokenPending
         );
         assert_eq!(

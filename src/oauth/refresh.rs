@@ -81,6 +81,9 @@ pub struct OAuthEngine {
     /// Connections whose last refresh stored everything: their next refresh skips the dry
     /// runs (nothing about RBAC or admission changed as far as we know; a failure clears it).
     writes_proven: Mutex<HashSet<Key>>,
+    /// The state this process last stored per connection (with the connection's UID): a state
+    /// Secret deleted by hand or lost in a restore is rewritten from it, with no provider call.
+    last_stored: Mutex<HashMap<Key, (String, TokenState)>>,
     /// The last failure's decision and when its backoff ends: a wake-up before then (a watch
     /// event of our own write, a touched Secret) repeats it instead of calling the provider.
     backoff: Mutex<HashMap<Key, (Timestamp, Decision)>>,
@@ -115,6 +118,7 @@ impl OAuthEngine {
             failures: Mutex::default(),
             writes_proven: Mutex::default(),
             backoff: Mutex::default(),
+            last_stored: Mutex::default(),
             metrics,
         })
     }
@@ -153,6 +157,7 @@ impl OAuthEngine {
         lock(&self.failures).remove(&key);
         lock(&self.writes_proven).remove(&key);
         lock(&self.backoff).remove(&key);
+        lock(&self.last_stored).remove(&key);
         self.metrics.token_expiry.remove(&ConnectionLabel {
             namespace: key.0,
             name: key.1,
@@ -164,7 +169,7 @@ impl OAuthEngine {
     pub async fn flush_pending(&self, w: &SecretWriter) {
         let items: Vec<(Key, PendingPersist)> = lock(&self.pending).drain().collect();
         for ((ns, name), p) in items {
-            match persist_state(w, &p.vc, &p.state, p.guard.as_ref()).await {
+            match self.persist(w, &p.vc, &p.state, p.guard.as_ref()).await {
                 Ok(()) => info!(namespace = %ns, name = %name, "flushed pending token state"),
                 Err(e) => {
                     warn!(namespace = %ns, name = %name, error = %e, "could not flush pending token state before exit")
@@ -201,19 +206,33 @@ impl OAuthEngine {
         };
         // The state is read live: a cached refresh token would be a replay.
         let live_state = w.get(&key.0, &state_secret_name(&key.1)).await?;
-        let mut token_state = TokenState::default();
-        if let Some(live) = &live_state {
-            let probe = secret::desired_state_secret(vc, SecretData::default());
-            if let Some(msg) = secret::write_conflict(vc, &probe, &live.metadata) {
-                return Ok(carry_out(decider.conflict(msg)));
-            }
-            token_state = TokenState::from_data(&SecretData::from_secret(live));
-        }
         let settings = state::settings(vc);
         let config_fp = state::config_fingerprint(&settings, &inputs);
-        let now = decider.now;
-        decide::seed_from_inputs(&mut token_state, &settings, &inputs, &config_fp, now);
         let seed_fp = state::seed_fingerprint(&inputs);
+        let now = decider.now;
+        let mut token_state = match &live_state {
+            Some(live) => {
+                let probe = secret::desired_state_secret(vc, SecretData::default());
+                if let Some(msg) = secret::write_conflict(vc, &probe, &live.metadata) {
+                    return Ok(carry_out(decider.conflict(msg)));
+                }
+                TokenState::from_data(&SecretData::from_secret(live))
+            }
+            None => match self.recover_lost_state(w, vc, &key).await? {
+                Some(st) => st,
+                None => {
+                    let spent = vc
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.spent_seed_fingerprint.as_deref());
+                    if decide::seed_already_spent(settings.grant, spent, &seed_fp) {
+                        return Ok(carry_out(decider.state_lost()));
+                    }
+                    TokenState::default()
+                }
+            },
+        };
+        decide::seed_from_inputs(&mut token_state, &settings, &inputs, &config_fp, now);
         let refresh_request = vc.annotations().get(REFRESH_REQUESTED_ANNOTATION).cloned();
         let fps = Fingerprints {
             config: &config_fp,
@@ -286,7 +305,7 @@ impl OAuthEngine {
         let Some(p) = lock(&self.pending).remove(key) else {
             return true;
         };
-        if let Err(e) = persist_state(w, &p.vc, &p.state, p.guard.as_ref()).await {
+        if let Err(e) = self.persist(w, &p.vc, &p.state, p.guard.as_ref()).await {
             warn!(namespace = %key.0, name = %key.1, error = %e, "token state still not persisted");
             lock(&self.pending).insert(key.clone(), p);
             return false;
@@ -303,7 +322,7 @@ impl OAuthEngine {
         next_refresh: Option<Timestamp>,
     ) -> Result<Outcome> {
         let Some(access) = &st.access else {
-            return Ok(d.access_outcome(None, "", None));
+            return Ok(d.access_outcome(st, "", None));
         };
         let data = secret::oauth_outputs(
             &access.token.expose_str(),
@@ -323,7 +342,7 @@ impl OAuthEngine {
             .token_expiry
             .get_or_create(&label)
             .set(access.expires_at.as_second());
-        Ok(d.access_outcome(Some(access), &desired.name, next_refresh))
+        Ok(d.access_outcome(st, &desired.name, next_refresh))
     }
 
     /// Steps 2–5 of the module docs for one connection whose plan says "refresh now".
@@ -349,7 +368,7 @@ impl OAuthEngine {
             previous_attempt_unknown = r.state.inflight.as_deref() == Some(fp.as_str());
             let mut intent = r.state.clone();
             intent.inflight = Some(fp);
-            match persist_state_once(w, r.vc, &intent, guard.as_ref()).await {
+            match self.persist_once(w, r.vc, &intent, guard.as_ref()).await {
                 Ok(()) => r.state.inflight = intent.inflight,
                 Err(GuardedWriteError::NotWritable(msg)) => return Ok(self.not_writable(&r, &msg)),
                 Err(GuardedWriteError::Concurrent) => return Ok(r.decider.adopted()),
@@ -368,7 +387,7 @@ impl OAuthEngine {
                     let mut salvaged = r.state.clone();
                     salvaged.refresh_token = Some(new_rt);
                     let st = decide::settled_state(&salvaged, r.fps.without_request());
-                    if persist_state(w, r.vc, &st, guard.as_ref()).await.is_ok() {
+                    if self.persist(w, r.vc, &st, guard.as_ref()).await.is_ok() {
                         let failures = self.count_failure(&r);
                         return Ok(r.decider.salvaged(failures));
                     }
@@ -487,7 +506,7 @@ impl OAuthEngine {
             }
             AfterFailure::Terminal(reason) => {
                 let st = decide::terminal_state(&r.state, reason, r.fps, r.decider.now);
-                persist_state(w, r.vc, &st, guard.as_ref()).await?;
+                self.persist(w, r.vc, &st, guard.as_ref()).await?;
                 self.set_failures(&r.key, 0);
                 Ok(r.decider
                     .terminal(reason, r.cause == RefreshCause::Reseeded))
@@ -501,7 +520,7 @@ impl OAuthEngine {
                     let mut st = decide::settled_state(&r.state, r.fps.without_request());
                     st.config_fingerprint = r.state.config_fingerprint.clone();
                     st.seed_fingerprint = r.state.seed_fingerprint.clone();
-                    if let Err(err) = persist_state(w, r.vc, &st, guard.as_ref()).await {
+                    if let Err(err) = self.persist(w, r.vc, &st, guard.as_ref()).await {
                         warn!(namespace = %r.key.0, name = %r.key.1, error = %err, "could not clear the in-flight mark");
                     }
                 }
@@ -522,7 +541,7 @@ impl OAuthEngine {
         guard: Option<SecretBytes>,
     ) -> Result<Decision> {
         self.set_failures(&r.key, 0);
-        if let Err(e) = persist_state(w, r.vc, &st, guard.as_ref()).await {
+        if let Err(e) = self.persist(w, r.vc, &st, guard.as_ref()).await {
             warn!(namespace = %r.key.0, name = %r.key.1, error = %e, "could not persist new tokens; keeping them in memory and retrying the write");
             return Ok(self.hold(r, st, guard));
         }
@@ -541,6 +560,57 @@ impl OAuthEngine {
         self.set_writes_proven(&r.key, outcome.ready);
         let requeue = next.map_or(decide::Requeue::OnChange, |t| r.decider.requeue_at(t));
         Ok(Decision { outcome, requeue })
+    }
+
+    /// Write the state Secret (write-only retries, see `persist_state`) and remember what it
+    /// holds now.
+    async fn persist(
+        &self,
+        w: &SecretWriter,
+        vc: &VaultConnection,
+        st: &TokenState,
+        guard: Option<&SecretBytes>,
+    ) -> Result<()> {
+        persist_state(w, vc, st, guard).await?;
+        self.remember(vc, st);
+        Ok(())
+    }
+
+    /// One guarded write of the state Secret (see `persist_state_once`), remembered on success.
+    async fn persist_once(
+        &self,
+        w: &SecretWriter,
+        vc: &VaultConnection,
+        st: &TokenState,
+        guard: Option<&SecretBytes>,
+    ) -> std::result::Result<(), GuardedWriteError> {
+        persist_state_once(w, vc, st, guard).await?;
+        self.remember(vc, st);
+        Ok(())
+    }
+
+    fn remember(&self, vc: &VaultConnection, st: &TokenState) {
+        let key: Key = (vc.namespace().unwrap_or_default(), vc.name_any());
+        let uid = vc.metadata.uid.clone().unwrap_or_default();
+        lock(&self.last_stored).insert(key, (uid, st.clone()));
+    }
+
+    /// The state Secret is missing: rewrite what this process last stored for this very
+    /// connection (same UID), if anything. No provider call either way.
+    async fn recover_lost_state(
+        &self,
+        w: &SecretWriter,
+        vc: &VaultConnection,
+        key: &Key,
+    ) -> Result<Option<TokenState>> {
+        let uid = vc.metadata.uid.clone().unwrap_or_default();
+        let known = lock(&self.last_stored).get(key).cloned();
+        let Some((_, st)) = known.filter(|(u, _)| *u == uid) else {
+            return Ok(None);
+        };
+        self.persist(w, vc, &st, None).await?;
+        info!(namespace = %key.0, name = %key.1, "the state Secret was missing; rewrote it from this process's copy");
+        Ok(Some(st))
     }
 
     /// Keep `st` in memory until the state Secret accepts it (`TokenPersistPending`).

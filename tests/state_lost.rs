@@ -1,0 +1,138 @@
+//! Rotation issue, scenario 2 (fault matrix row 39): the state Secret is deleted (by a person,
+//! or lost in a restore) after the provider rotated the seed away. The spent seed must never be
+//! sent again: a rotating provider treats that as token theft and revokes the grant.
+//!
+//! One test, in its own binary, because it restarts the operator: while the operator still holds
+//! the state it rewrites the Secret without a provider call; after a restart it knows nothing
+//! and reports `StateLost` instead of replaying the seed. Everything is checked against the
+//! token server's own record.
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::DeleteParams;
+use support::objects::*;
+use support::operator::operator;
+use support::{test_namespace, wait_for, wait_for_some, TestNs};
+use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
+
+const CLIENT: &str = "app";
+const CLIENT_SECRET: &str = "client-SECRET-value";
+
+async fn stored_refresh_token(ns: &TestNs, name: &str) -> Option<String> {
+    let s = ns
+        .api::<Secret>()
+        .get_opt(&format!("{name}-vaultconn-state"))
+        .await
+        .unwrap()?;
+    data_of(&s).get("refresh_token").cloned()
+}
+
+async fn put_creds(ns: &TestNs, refresh_token: &str) {
+    put_secret(
+        ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", refresh_token),
+        ],
+    )
+    .await;
+}
+
+async fn delete_state(ns: &TestNs) {
+    ns.api::<Secret>()
+        .delete("crm-vaultconn-state", &DeleteParams::default())
+        .await
+        .unwrap();
+}
+
+fn sends_of(ts: &TokenServer, token: &str) -> usize {
+    ts.calls()
+        .iter()
+        .filter(|c| c.refresh_token.as_deref() == Some(token))
+        .count()
+}
+
+#[tokio::test]
+// The guard is held across the restart on purpose: nothing else in this binary uses the
+// operator meanwhile, and holding it keeps anyone from seeing it half started.
+#[allow(clippy::await_holding_lock)]
+async fn a_lost_state_secret_never_replays_the_spent_seed() {
+    drop(operator().await);
+    let ns = test_namespace("statelost").await;
+    let ts = TokenServer::start(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_client(CLIENT, CLIENT_SECRET),
+    )
+    .await
+    .unwrap();
+    let seed = ts.mint_refresh_token(CLIENT);
+    put_creds(&ns, &seed).await;
+    let spec = serde_json::json!({
+        "type": "oauth2",
+        "credentialsRef": {"name": "creds"},
+        "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"},
+    });
+    apply_vc(&ns, "crm", spec).await;
+    ready(&ns, "crm").await;
+    let chain = wait_for_some(WAIT, "the rotated token stored", || async {
+        stored_refresh_token(&ns, "crm")
+            .await
+            .filter(|t| *t != seed)
+    })
+    .await;
+    wait_for(WAIT, "the status to know the seed is spent", || async {
+        let vc = ns
+            .api::<vaultconn::api::VaultConnection>()
+            .get("crm")
+            .await
+            .unwrap();
+        vc.status.and_then(|s| s.spent_seed_fingerprint).is_some()
+    })
+    .await;
+    let calls = ts.call_count();
+
+    // 1. Deleted while the operator runs: rewritten from its own copy, nothing sent.
+    delete_state(&ns).await;
+    wait_for(WAIT, "the state Secret rewritten", || async {
+        stored_refresh_token(&ns, "crm").await.as_deref() == Some(chain.as_str())
+    })
+    .await;
+    force_reconcile(&ns, "creds", "crm").await;
+    assert_eq!(ts.call_count(), calls, "no token request for the rewrite");
+
+    // 2. Deleted while the operator is down: after the restart it knows nothing but the status.
+    assert!(operator().await.stop(Duration::from_secs(20)), "clean stop");
+    delete_state(&ns).await;
+    operator().await.start_again().await.unwrap();
+    let vc = with_reason(&ns, "crm", "StateLost").await;
+    assert!(
+        message(&vc).contains("new refresh_token"),
+        "{}",
+        message(&vc)
+    );
+    force_reconcile(&ns, "creds", "crm").await;
+    assert_eq!(
+        sends_of(&ts, &seed),
+        1,
+        "the spent seed was sent once, at the start"
+    );
+    assert_eq!(ts.call_count(), calls, "nothing was sent at all");
+    assert_eq!(ts.revocations(), 0, "the provider revoked nothing");
+    assert!(ts.is_refresh_token_live(&chain));
+
+    // 3. A new seed from the user starts a new chain.
+    let fresh = ts.mint_refresh_token(CLIENT);
+    put_creds(&ns, &fresh).await;
+    ready(&ns, "crm").await;
+    assert_eq!(sends_of(&ts, &fresh), 1);
+    assert_eq!(ts.revocations(), 0);
+    let text = visible_text(&ns).await;
+    for secret in [&seed, &chain, &fresh, &CLIENT_SECRET.to_string()] {
+        assert!(!text.contains(secret.as_str()), "a token leaked");
+    }
+}
