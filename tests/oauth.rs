@@ -928,7 +928,9 @@ async fn broken_200s_carrying_refresh_tokens_back_off() {
     ensure_operator().await;
     let ns = test_namespace("salvage").await;
     let ts = server(TokenServerConfig::default().with_rotation(true)).await;
-    ts.set_sticky_fault(Some(Fault::StripAccessToken));
+    ts.set_sticky_fault(Some(Fault::StripAccessToken {
+        hold: Duration::ZERO,
+    }));
     let seed = ts.mint_refresh_token(CLIENT);
     put_secret(
         &ns,

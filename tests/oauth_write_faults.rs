@@ -675,3 +675,56 @@ async fn sigterm_while_tokens_are_unwritten_persists_them_before_exit() {
 
     assert_invariants(&ts, &issued_rt(&call), &operator_logs(&h.log_path));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rotation issue, scenario 3 (row 40): a broken 200 that carries the rotated refresh token, then
+// a state write that fails for longer than the write budget
+// ---------------------------------------------------------------------------------------------
+
+/// The provider rotates and answers 200 without `access_token` but with the new refresh token
+/// N; every state write then fails for longer than the 20 s budget. N is the only live token:
+/// it must be held and written when the API server recovers, never traded for a new grant
+/// with the old token (which, without an overlap window, makes the provider revoke N).
+#[tokio::test]
+async fn salvaged_token_is_held_not_traded_for_a_new_grant() {
+    let h = harness().await;
+    let _running = OPERATOR_USE.read().await;
+    let (ns, ts, seed) = setup("wf-salvage").await;
+    let name = "salvage";
+    let path = state_path(&ns, name);
+    ts.push_fault(Fault::StripAccessToken { hold: HOLD });
+    apply_vc(&ns, name, spec(&ts)).await;
+    let call = committed_call(&ts, 0).await;
+    assert_eq!(call.refresh_token.as_deref(), Some(seed.as_str()));
+    let salvaged = issued_rt(&call);
+    let rule = h.proxy.fail_until_cleared(FaultRule::writes(&path, 500));
+    first_injection(&h.proxy, rule).await;
+    let api = ns.api::<VaultConnection>();
+    wait_for_some(LONG, &format!("{name} reason TokenPersistPending"), || {
+        let api = api.clone();
+        async move {
+            api.get(name)
+                .await
+                .ok()
+                .filter(|vc| reason(vc) == "TokenPersistPending")
+        }
+    })
+    .await;
+    assert_eq!(calls_with(&ts, &seed), 1, "the spent seed was sent again");
+    assert_eq!(
+        ts.call_count(),
+        1,
+        "a new grant was requested while N was held"
+    );
+    assert!(ts.is_refresh_token_live(&salvaged));
+    assert!(
+        h.proxy.clear(rule),
+        "the outage rule was gone before it was cleared"
+    );
+    // Written once the API server accepts it; then the next refresh spends N itself.
+    let next = committed_call(&ts, 1).await;
+    assert_eq!(next.refresh_token.as_deref(), Some(salvaged.as_str()));
+    ready_on(&ns, &ts, name, &next).await;
+    assert_eq!(calls_with(&ts, &seed), 1);
+    assert_invariants(&ts, &issued_rt(&next), &operator_logs(&h.log_path));
+}

@@ -174,8 +174,9 @@ pub enum Fault {
     /// Process normally, then drop `refresh_token` from a successful response.
     StripRefreshToken,
     /// Process normally (rotation included), then drop `access_token` from a successful
-    /// response: a broken 200 that still carries the new refresh token.
-    StripAccessToken,
+    /// response: a broken 200 that still carries the new refresh token. The reply is held back
+    /// for `hold` after the commit (so a test can arm an API fault in between).
+    StripAccessToken { hold: Duration },
     /// Process normally, then drop `expires_in` from a successful response.
     StripExpiresIn,
     /// Process normally, then send `expires_in` as a JSON string (`"3600"`).
@@ -1145,7 +1146,7 @@ async fn run_request(
         Some(Fault::StripRefreshToken) if ok => {
             p.body.remove("refresh_token");
         }
-        Some(Fault::StripAccessToken) if ok => {
+        Some(Fault::StripAccessToken { .. }) if ok => {
             p.body.remove("access_token");
         }
         Some(Fault::StripExpiresIn) if ok => {
@@ -1162,7 +1163,8 @@ async fn run_request(
     if let Some(Fault::SlowReply {
         delay,
         after_commit: true,
-    }) = &fault
+    })
+    | Some(Fault::StripAccessToken { hold: delay }) = &fault
     {
         tokio::time::sleep(*delay).await;
     }

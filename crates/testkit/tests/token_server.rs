@@ -892,7 +892,9 @@ async fn fault_strip_fields_and_string_expires_in() {
     assert_eq!(body["expires_in"], Value::String("3600".into()));
     let rt3 = str_field(&body, "refresh_token").to_owned();
 
-    server.push_fault(Fault::StripAccessToken);
+    server.push_fault(Fault::StripAccessToken {
+        hold: Duration::ZERO,
+    });
     let body = refresh_ok(&http, &server, &rt3).await;
     assert!(body.get("access_token").is_none());
     let rt4 = str_field(&body, "refresh_token").to_owned();
