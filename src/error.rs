@@ -12,6 +12,10 @@ pub enum Error {
     CrdNotInstalled(String),
     #[error("will retry: {0}")]
     Retry(String),
+    /// The state Secret holds a refresh token other than the one a write was guarded by:
+    /// someone else wrote it. Never overwritten blindly.
+    #[error("the stored refresh token changed concurrently")]
+    StateChanged,
     #[error("token client setup failed: {0}")]
     TokenClient(#[from] TokenError),
 }
@@ -50,7 +54,7 @@ impl Error {
         match self {
             Error::Kube(kube::Error::Api(e)) if e.code == 401 || e.code == 403 => secs(30, 600),
             Error::TokenClient(_) | Error::CrdNotInstalled(_) => secs(30, 600),
-            Error::Retry(_) => secs(1, 60),
+            Error::Retry(_) | Error::StateChanged => secs(1, 60),
             Error::Kube(_) => secs(2, 300),
         }
     }
@@ -62,6 +66,7 @@ impl Error {
             Error::Kube(_) => "KubeApi",
             Error::CrdNotInstalled(_) => "CrdNotInstalled",
             Error::Retry(_) => "Retry",
+            Error::StateChanged => "StateChanged",
             Error::TokenClient(_) => "TokenClient",
         }
     }

@@ -728,3 +728,67 @@ async fn salvaged_token_is_held_not_traded_for_a_new_grant() {
     assert_eq!(calls_with(&ts, &seed), 1);
     assert_invariants(&ts, &issued_rt(&next), &operator_logs(&h.log_path));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rotation issue, scenario 4: tokens held for writing meet a state Secret someone else wrote
+// ---------------------------------------------------------------------------------------------
+
+/// New tokens wait for an API outage to end (`TokenPersistPending`); meanwhile a person edits
+/// the state Secret's refresh token. The held write's guard no longer matches: instead of
+/// failing "changed concurrently" every 2 s forever, the operator re-reads, takes the stored
+/// token (saying so) and goes on with it — here a token the provider never issued, which ends
+/// in an explained terminal reason after exactly one request with it.
+#[tokio::test]
+async fn held_tokens_superseded_by_a_hand_edit_do_not_loop() {
+    let h = harness().await;
+    let _running = OPERATOR_USE.read().await;
+    let (ns, ts, seed) = setup("wf-superseded").await;
+    let name = "superseded";
+    let path = state_path(&ns, name);
+    hold_next_reply(&ts);
+    apply_vc(&ns, name, spec(&ts)).await;
+    committed_call(&ts, 0).await;
+    let rule = h.proxy.fail_until_cleared(FaultRule::writes(&path, 500));
+    first_injection(&h.proxy, rule).await;
+    let api = ns.api::<VaultConnection>();
+    let reason_is = |want: &'static str| {
+        let api = api.clone();
+        move || {
+            let api = api.clone();
+            async move { api.get(name).await.ok().filter(|vc| reason(vc) == want) }
+        }
+    };
+    wait_for_some(
+        LONG,
+        "TokenPersistPending",
+        reason_is("TokenPersistPending"),
+    )
+    .await;
+    // The hand edit goes to the API server directly, not through the failing proxy.
+    let edited = "hand-edited-SECRET-token";
+    let patch = json!({"stringData": {"refresh_token": edited}});
+    ns.api::<Secret>()
+        .patch(
+            &format!("{name}-vaultconn-state"),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .expect("editing the state Secret");
+    assert!(h.proxy.clear(rule));
+    let vc = wait_for_some(
+        LONG,
+        "RefreshTokenRejected",
+        reason_is("RefreshTokenRejected"),
+    )
+    .await;
+    assert_eq!(phase(&vc), Some(Phase::Failed));
+    assert_eq!(calls_with(&ts, &seed), 1, "the seed was sent again");
+    assert_eq!(
+        calls_with(&ts, edited),
+        1,
+        "the stored token was tried once"
+    );
+    assert_eq!(ts.call_count(), 2);
+    assert_eq!(ts.revocations(), 0);
+}

@@ -541,6 +541,15 @@ impl Decider<'_> {
         }
     }
 
+    /// Tokens held for writing met a state Secret someone else had written meanwhile: the
+    /// stored refresh token is used from now on (see `refresh::flush_one`).
+    pub fn held_tokens_superseded(&self) -> Decision {
+        Decision {
+            outcome: self.keep(Reason::RefreshTokenAdopted, "The state Secret was changed by another writer while new tokens waited to be written; its refresh token is used from now on and the held tokens were discarded"),
+            requeue: Requeue::After(ADOPT_RETRY),
+        }
+    }
+
     /// A broken 200 carried a refresh token, now stored; a new access token comes next. It
     /// counts as the `failures`-th failure in a row and backs off like one, so a provider that
     /// always answers this way is not asked (and rotated) once a second.

@@ -190,8 +190,10 @@ impl OAuthEngine {
             now: Timestamp::now(),
         };
         // Tokens already obtained but not yet stored come first: they are the only copy.
-        if !self.flush_one(w, &key).await {
-            return Ok(carry_out(decider.persist_pending()));
+        match self.flush_one(w, &key).await {
+            Flush::Done => {}
+            Flush::StillPending => return Ok(carry_out(decider.persist_pending())),
+            Flush::Superseded => return Ok(carry_out(decider.held_tokens_superseded())),
         }
         let inputs = match inputs {
             Inputs::Complete(d) => d,
@@ -301,16 +303,25 @@ impl OAuthEngine {
 
     /// Write a held-back state for `key`, if there is one. False while it still cannot be
     /// written (it stays held).
-    async fn flush_one(&self, w: &SecretWriter, key: &Key) -> bool {
+    async fn flush_one(&self, w: &SecretWriter, key: &Key) -> Flush {
         let Some(p) = lock(&self.pending).remove(key) else {
-            return true;
+            return Flush::Done;
         };
-        if let Err(e) = self.persist(w, &p.vc, &p.state, p.guard.as_ref()).await {
-            warn!(namespace = %key.0, name = %key.1, error = %e, "token state still not persisted");
-            lock(&self.pending).insert(key.clone(), p);
-            return false;
+        match self.persist(w, &p.vc, &p.state, p.guard.as_ref()).await {
+            Ok(()) => Flush::Done,
+            // Someone else wrote the state Secret meanwhile (the guard no longer matches and
+            // it does not hold our tokens): retrying would fail the same way forever. Their
+            // token is what the state says now; ours are dropped, and the status says so.
+            Err(Error::StateChanged) => {
+                warn!(namespace = %key.0, name = %key.1, "the state Secret was changed by another writer while new tokens waited to be written; using the stored refresh token and discarding the held one");
+                Flush::Superseded
+            }
+            Err(e) => {
+                warn!(namespace = %key.0, name = %key.1, error = %e, "token state still not persisted");
+                lock(&self.pending).insert(key.clone(), p);
+                Flush::StillPending
+            }
         }
-        true
     }
 
     /// Make the generated Secret hold the current access token; Ready while it is valid.
@@ -643,6 +654,16 @@ impl OAuthEngine {
     }
 }
 
+/// What became of tokens held for writing.
+enum Flush {
+    /// Written (or there were none).
+    Done,
+    /// Still not accepted; held for the next attempt.
+    StillPending,
+    /// Another writer stored a different token meanwhile; the held tokens were dropped.
+    Superseded,
+}
+
 /// What was sent in a refresh that failed.
 #[derive(Clone, Copy)]
 struct Sent<'a> {
@@ -752,11 +773,7 @@ async fn persist_state(
                 ))
             }
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(GuardedWriteError::Concurrent)) => {
-                return Err(Error::Retry(
-                    "the stored refresh token changed concurrently".into(),
-                ))
-            }
+            Ok(Err(GuardedWriteError::Concurrent)) => return Err(Error::StateChanged),
             Ok(Err(GuardedWriteError::NotWritable(msg))) => return Err(Error::Retry(msg)),
             Ok(Err(GuardedWriteError::Kube(e))) => e,
         };
