@@ -792,3 +792,60 @@ async fn held_tokens_superseded_by_a_hand_edit_do_not_loop() {
     assert_eq!(ts.call_count(), 2);
     assert_eq!(ts.revocations(), 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rotation issue, scenario 6 (client credentials): the state write is refused after a success
+// ---------------------------------------------------------------------------------------------
+
+/// A clientCredentials connection whose state writes start being refused (403) after it was
+/// Ready. The forced refresh's token is held; the write is retried with backoff (not every 2 s,
+/// and never by asking the provider again), and stored once the API server accepts it.
+#[tokio::test]
+async fn refused_state_write_after_success_backs_off_without_provider_calls() {
+    let h = harness().await;
+    let _running = OPERATOR_USE.read().await;
+    let ns = test_namespace("wf-ccrefused").await;
+    let ts = TokenServer::start(TokenServerConfig::default().with_client(CLIENT, CLIENT_SECRET))
+        .await
+        .expect("token server starts");
+    put_secret(
+        &ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    let name = "ccrefused";
+    let path = state_path(&ns, name);
+    let spec = json!({"type": "oauth2", "credentialsRef": {"name": "creds"},
+        "oauth2": {"tokenUrl": ts.token_url()}});
+    apply_vc(&ns, name, spec).await;
+    let first = committed_call(&ts, 0).await;
+    wait_for(LONG, "the first token published", || async {
+        access_token(&ns, name).await == first.outcome.as_ref().and_then(|o| o.access_token.clone())
+    })
+    .await;
+    let rule = h.proxy.fail_until_cleared(FaultRule::writes(&path, 403));
+    request_refresh(&ns, name, "1").await;
+    let second = committed_call(&ts, 1).await;
+    wait_for(LONG, "five refused state writes", || async {
+        h.proxy.injected(rule) >= 5
+    })
+    .await;
+    assert_eq!(
+        ts.call_count(),
+        2,
+        "the provider was asked again while the write was refused"
+    );
+    // Retries every 2 s would put the fifth attempt at ~8 s; backoff (2, 2, ~4, ~8 s) at ≥ 13 s.
+    let times = injection_times(&h.proxy, rule);
+    assert!(times[4] >= 12, "refused writes retried at {times:?} s");
+    assert!(h.proxy.clear(rule));
+    let issued = second.outcome.as_ref().and_then(|o| o.access_token.clone());
+    wait_for(
+        Duration::from_secs(120),
+        "the held token published",
+        || async { access_token(&ns, name).await == issued },
+    )
+    .await;
+    assert_eq!(ts.call_count(), 2);
+}

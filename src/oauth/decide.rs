@@ -520,13 +520,16 @@ impl Decider<'_> {
         }
     }
 
-    /// New tokens are held in memory until the state Secret write succeeds.
-    pub fn persist_pending(&self) -> Decision {
+    /// New tokens are held in memory until the state Secret write succeeds; `attempts` writes
+    /// have failed so far, and the retries back off from [`PERSIST_RETRY`] (capped like any
+    /// backoff) so a refused write is not repeated every 2 s forever.
+    pub fn persist_pending(&self, attempts: u32) -> Decision {
         let ns = self.ns();
         let state = state_secret_name(self.name());
+        let delay = schedule::backoff(attempts, None, &self.jitter_key()).max(PERSIST_RETRY);
         Decision {
             outcome: self.keep(Reason::TokenPersistPending, format!("New tokens were issued but Secret {ns}/{state} could not be written yet; retrying the write (the token endpoint is not called again)")),
-            requeue: Requeue::After(PERSIST_RETRY),
+            requeue: Requeue::After(delay),
         }
     }
 
@@ -973,13 +976,21 @@ mod tests {
             vc: &v,
             now: t("2026-01-01T00:00:00Z"),
         };
-        let dec = d.persist_pending();
+        let dec = d.persist_pending(1);
         assert_eq!(dec.outcome.reason, Reason::TokenPersistPending);
         assert!(dec
             .outcome
             .message
             .contains("the token endpoint is not called again"));
         assert_eq!(dec.requeue, Requeue::After(PERSIST_RETRY));
+        // A write refused again and again backs off (row 42's "every failure path backs off").
+        let (Requeue::After(fifth), Requeue::After(ninth)) =
+            (d.persist_pending(5).requeue, d.persist_pending(9).requeue)
+        else {
+            panic!()
+        };
+        assert!(fifth >= Duration::from_secs(12) && ninth >= Duration::from_secs(200));
+        assert!(ninth <= Duration::from_secs(300));
     }
 
     #[test]

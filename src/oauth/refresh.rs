@@ -42,6 +42,9 @@ struct PendingPersist {
     state: TokenState,
     /// The refresh token the state Secret held when this refresh started (see `persist_state`).
     guard: Option<SecretBytes>,
+    /// Failed write attempts so far: the retries back off (a refused write must not become a
+    /// write every 2 s forever).
+    attempts: u32,
 }
 
 /// Decides whether this process may spend refresh tokens right now. Today one process runs
@@ -192,7 +195,9 @@ impl OAuthEngine {
         // Tokens already obtained but not yet stored come first: they are the only copy.
         match self.flush_one(w, &key).await {
             Flush::Done => {}
-            Flush::StillPending => return Ok(carry_out(decider.persist_pending())),
+            Flush::StillPending(attempts) => {
+                return Ok(carry_out(decider.persist_pending(attempts)))
+            }
             Flush::Superseded => return Ok(carry_out(decider.held_tokens_superseded())),
         }
         let inputs = match inputs {
@@ -318,8 +323,9 @@ impl OAuthEngine {
             }
             Err(e) => {
                 warn!(namespace = %key.0, name = %key.1, error = %e, "token state still not persisted");
-                lock(&self.pending).insert(key.clone(), p);
-                Flush::StillPending
+                let attempts = p.attempts.saturating_add(1);
+                lock(&self.pending).insert(key.clone(), PendingPersist { attempts, ..p });
+                Flush::StillPending(attempts)
             }
         }
     }
@@ -517,10 +523,21 @@ impl OAuthEngine {
             }
             AfterFailure::Terminal(reason) => {
                 let st = decide::terminal_state(&r.state, reason, r.fps, r.decider.now);
-                self.persist(w, r.vc, &st, guard.as_ref()).await?;
                 self.set_failures(&r.key, 0);
-                Ok(r.decider
-                    .terminal(reason, r.cause == RefreshCause::Reseeded))
+                let terminal = r
+                    .decider
+                    .terminal(reason, r.cause == RefreshCause::Reseeded);
+                if let Err(e) = self.persist(w, r.vc, &st, guard.as_ref()).await {
+                    // Until the failure is stored, a requeue or wake-up would re-run the
+                    // refused request: hold it like tokens, for write-only retries.
+                    warn!(namespace = %r.key.0, name = %r.key.1, error = %e, "could not store the failure; holding it and retrying the write");
+                    let held = self.hold(&r, st, guard);
+                    return Ok(Decision {
+                        outcome: terminal.outcome,
+                        requeue: held.requeue,
+                    });
+                }
+                Ok(terminal)
             }
             AfterFailure::Transient {
                 reason,
@@ -631,9 +648,10 @@ impl OAuthEngine {
             vc: r.vc.clone(),
             state: st,
             guard,
+            attempts: 1,
         };
         lock(&self.pending).insert(r.key.clone(), held);
-        r.decider.persist_pending()
+        r.decider.persist_pending(1)
     }
 
     async fn call(
@@ -658,8 +676,8 @@ impl OAuthEngine {
 enum Flush {
     /// Written (or there were none).
     Done,
-    /// Still not accepted; held for the next attempt.
-    StillPending,
+    /// Still not accepted after this many attempts; held for the next one.
+    StillPending(u32),
     /// Another writer stored a different token meanwhile; the held tokens were dropped.
     Superseded,
 }
