@@ -849,3 +849,51 @@ async fn refused_state_write_after_success_backs_off_without_provider_calls() {
     .await;
     assert_eq!(ts.call_count(), 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rotation issue, scenario 8 (part): an API error while re-reading after `invalid_grant`
+// ---------------------------------------------------------------------------------------------
+
+/// The provider refuses the refresh token, and the re-read of the state Secret that follows
+/// (to see whether another writer rotated it) fails. The refusal is reported as what it is,
+/// `RefreshTokenRejected`; the token is not sent a second time, which would have made the
+/// in-flight mark read as a lost response (`RefreshResponseLost`).
+#[tokio::test]
+async fn failed_reread_after_invalid_grant_is_still_a_plain_rejection() {
+    let h = harness().await;
+    let _running = OPERATOR_USE.read().await;
+    let (ns, ts, seed) = setup("wf-reread").await;
+    let name = "reread";
+    let path = state_path(&ns, name);
+    ts.revoke_family_of(&seed);
+    ts.push_fault(Fault::SlowReply {
+        delay: HOLD,
+        after_commit: false,
+    });
+    apply_vc(&ns, name, spec(&ts)).await;
+    wait_for(LONG, "the token request to arrive", || async {
+        !ts.calls().is_empty()
+    })
+    .await;
+    let rule = h
+        .proxy
+        .fail(FaultRule::requests(http::Method::GET, &path, 500));
+    let api = ns.api::<VaultConnection>();
+    let vc = wait_for_some(LONG, "a terminal reason", || {
+        let api = api.clone();
+        async move {
+            api.get(name)
+                .await
+                .ok()
+                .filter(|vc| phase(vc) == Some(Phase::Failed))
+        }
+    })
+    .await;
+    assert_eq!(h.proxy.injected(rule), 1, "the re-read was not failed");
+    assert_eq!(reason(&vc), "RefreshTokenRejected", "{}", message(&vc));
+    assert_eq!(
+        calls_with(&ts, &seed),
+        1,
+        "the refused token was sent again"
+    );
+}

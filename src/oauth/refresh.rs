@@ -491,11 +491,21 @@ impl OAuthEngine {
         let invalid_grant = matches!(e, TokenError::InvalidGrant { .. }) && sent.token.is_some();
         let mut stored_token_changed = false;
         if invalid_grant {
-            let live = w.get(&r.key.0, &state_secret_name(&r.key.1)).await?;
-            let stored = live
-                .map(|s| TokenState::from_data(&SecretData::from_secret(&s)))
-                .and_then(|s| s.refresh_token);
-            stored_token_changed = stored.is_some() && stored.as_ref() != sent.guard;
+            // If the read fails, the refusal still stands: treat the store as unchanged. The
+            // terminal state is written guarded, so another writer's token is not overwritten.
+            // Failing the reconcile instead would resend the refused token on the retry (the
+            // in-flight mark would make it look like a lost response).
+            match w.get(&r.key.0, &state_secret_name(&r.key.1)).await {
+                Ok(live) => {
+                    let stored = live
+                        .map(|s| TokenState::from_data(&SecretData::from_secret(&s)))
+                        .and_then(|s| s.refresh_token);
+                    stored_token_changed = stored.is_some() && stored.as_ref() != sent.guard;
+                }
+                Err(err) => {
+                    warn!(namespace = %r.key.0, name = %r.key.1, error = %err, "could not re-read the state Secret after invalid_grant; taking the refusal as it is");
+                }
+            }
         }
         Ok(decide::FailedCall {
             reason: e.reason(),
