@@ -26,6 +26,7 @@ use crate::oauth::token::TokenClientConfig;
 use crate::reason::Reason;
 use crate::secret::{self, Inputs};
 use crate::status::{self, Outcome};
+use crate::sync::lock;
 use crate::validation::{self, ValidationOptions};
 use crate::writer::{SecretWrite, SecretWriter};
 
@@ -66,10 +67,6 @@ pub struct Context {
 }
 
 type Key = (String, String);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 impl Context {
     pub fn new(
@@ -232,10 +229,7 @@ pub async fn reconcile(vc: Arc<VaultConnection>, ctx: Arc<Context>) -> Result<Ac
 
     let (outcome, action) = decide(&vc, &ctx, &ns).await?;
     write_status(&vc, &ctx, &outcome).await?;
-    ctx.errors
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&(ns.clone(), name.clone()));
+    lock(&ctx.errors).remove(&(ns.clone(), name.clone()));
     debug!("reconcile finished: {ns}/{name} ({})", outcome.reason);
     Ok(action)
 }
@@ -320,12 +314,7 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
     let desired = status::desired_status(vc, outcome, now);
     let key = (ns.clone(), name.clone());
     let live = vc.status.clone().unwrap_or_default();
-    let last_written = ctx
-        .last_status
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-        .cloned();
+    let last_written = lock(&ctx.last_status).get(&key).cloned();
     if desired == live || last_written.as_ref() == Some(&desired) {
         return Ok(());
     }
@@ -342,10 +331,7 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
         &Patch::Apply(&patch),
     )
     .await?;
-    ctx.last_status
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, desired);
+    lock(&ctx.last_status).insert(key, desired);
     let first_ready = previous_reason.is_none() && outcome.ready;
     if previous_reason.as_deref() != Some(outcome.reason.as_str()) && !first_ready {
         let type_ = if outcome.ready
@@ -380,7 +366,7 @@ pub fn error_policy(vc: Arc<VaultConnection>, error: &Error, ctx: Arc<Context>) 
         .inc();
     let key = (vc.namespace().unwrap_or_default(), vc.name_any());
     let attempt = {
-        let mut errors = ctx.errors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut errors = lock(&ctx.errors);
         let n = errors.entry(key).or_insert(0);
         *n = n.saturating_add(1);
         *n

@@ -18,6 +18,7 @@ pub mod reason;
 pub mod secret;
 pub mod secret_index;
 pub mod status;
+pub mod sync;
 pub mod validation;
 pub mod writer;
 

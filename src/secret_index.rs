@@ -76,9 +76,7 @@ fn managed_meta(meta: &PartialObjectMeta<Secret>) -> Option<ManagedMeta> {
 
 impl SecretIndex {
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding this lock cannot leave the maps inconsistent in a way that
-        // matters (they are caches), so recover from poisoning instead of propagating it.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.inner)
     }
 
     /// Record that `connection` reads `secrets` (replacing what it read before).

@@ -40,19 +40,6 @@ fn rt_spec(ts: &TokenServer) -> serde_json::Value {
     cc_spec(ts, json!({"grantType": "refreshToken"}))
 }
 
-async fn state(ns: &TestNs, name: &str) -> Option<Secret> {
-    ns.api::<Secret>()
-        .get_opt(&format!("{name}-vaultconn-state"))
-        .await
-        .unwrap()
-}
-
-async fn stored_refresh_token(ns: &TestNs, name: &str) -> Option<String> {
-    state(ns, name)
-        .await
-        .and_then(|s| data_of(&s).get("refresh_token").cloned())
-}
-
 async fn access_token(ns: &TestNs, name: &str) -> Option<String> {
     let s = ns.api::<Secret>().get_opt(name).await.unwrap()?;
     data_of(&s).get("access_token").cloned()

@@ -67,15 +67,6 @@ async fn create(ns: &TestNs, ts: &TokenServer, prefix: &str) {
     }
 }
 
-async fn stored_rt(ns: &TestNs, name: &str) -> Option<String> {
-    let s = ns
-        .api::<Secret>()
-        .get_opt(&format!("{name}-vaultconn-state"))
-        .await
-        .unwrap()?;
-    data_of(&s).get("refresh_token").cloned()
-}
-
 /// Wait until `name` is settled: Ready with a valid access token and a live stored refresh
 /// token, or Failed with a terminal reason. Returns the reason.
 async fn settled(ns: &TestNs, ts: &TokenServer, name: &str) -> String {
@@ -88,7 +79,7 @@ async fn settled(ns: &TestNs, ts: &TokenServer, name: &str) -> String {
                 Some(Phase::Ready) => {
                     let out = ns.api::<Secret>().get_opt(name).await.ok()??;
                     let at = data_of(&out).get("access_token").cloned()?;
-                    let rt = stored_rt(ns, name).await?;
+                    let rt = stored_refresh_token(ns, name).await?;
                     (ts.is_access_token_valid(&at) && ts.is_refresh_token_live(&rt))
                         .then(|| reason(&vc))
                 }

@@ -137,15 +137,6 @@ fn state_path(ns: &TestNs, name: &str) -> String {
     )
 }
 
-async fn stored_rt(ns: &TestNs, name: &str) -> Option<String> {
-    let s = ns
-        .api::<Secret>()
-        .get_opt(&format!("{name}-vaultconn-state"))
-        .await
-        .ok()??;
-    data_of(&s).get("refresh_token").cloned()
-}
-
 async fn access_token(ns: &TestNs, name: &str) -> Option<String> {
     let s = ns.api::<Secret>().get_opt(name).await.ok()??;
     data_of(&s).get("access_token").cloned()
@@ -223,7 +214,7 @@ async fn ready_on(ns: &TestNs, ts: &TokenServer, name: &str, call: &RecordedCall
             };
             phase(&vc) == Some(Phase::Ready)
                 && reason(&vc) == "Reconciled"
-                && stored_rt(ns, name).await.as_ref() == Some(rt)
+                && stored_refresh_token(ns, name).await.as_ref() == Some(rt)
                 && access_token(ns, name).await.as_ref() == Some(at)
         }
     })
@@ -419,7 +410,7 @@ async fn server_errors_on_state_write_retry_the_write_never_the_grant() {
         message(&vc)
     );
     assert_eq!(
-        stored_rt(&ns, name).await.as_deref(),
+        stored_refresh_token(&ns, name).await.as_deref(),
         Some(sent.as_str()),
         "the state Secret changed during the outage"
     );
@@ -603,7 +594,7 @@ async fn sigterm_while_tokens_are_unwritten_persists_them_before_exit() {
     });
     assert!(clean, "the operator did not exit cleanly after SIGTERM");
     assert_eq!(
-        stored_rt(&ns, name).await.as_deref(),
+        stored_refresh_token(&ns, name).await.as_deref(),
         Some(rotated.as_str()),
         "the rotated refresh token was not stored before exit"
     );
@@ -652,7 +643,7 @@ async fn sigterm_while_tokens_are_unwritten_persists_them_before_exit() {
         "the exit flush did not report writing the tokens"
     );
     assert_eq!(
-        stored_rt(&ns, name).await.as_deref(),
+        stored_refresh_token(&ns, name).await.as_deref(),
         Some(rotated.as_str()),
         "the rotated refresh token was not stored before exit"
     );

@@ -20,15 +20,6 @@ use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 const CLIENT: &str = "app";
 const CLIENT_SECRET: &str = "client-SECRET-value";
 
-async fn stored_refresh_token(ns: &TestNs, name: &str) -> Option<String> {
-    let s = ns
-        .api::<Secret>()
-        .get_opt(&format!("{name}-vaultconn-state"))
-        .await
-        .unwrap()?;
-    data_of(&s).get("refresh_token").cloned()
-}
-
 async fn put_creds(ns: &TestNs, refresh_token: &str) {
     put_secret(
         ns,

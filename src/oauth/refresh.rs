@@ -32,6 +32,7 @@ use crate::oauth::token::{self, TokenClient, TokenClientConfig, TokenError, Toke
 use crate::reason::Reason;
 use crate::secret::{self, Inputs, SecretBytes, SecretData};
 use crate::status::Outcome;
+use crate::sync::lock;
 use crate::writer::{DryRun, GuardedWriteError, SecretWrite, SecretWriter};
 
 type Key = (String, String);
@@ -103,10 +104,6 @@ struct Refresh<'a> {
     fps: Fingerprints<'a>,
     cause: RefreshCause,
     decider: Decider<'a>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl OAuthEngine {

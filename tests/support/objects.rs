@@ -204,3 +204,14 @@ pub async fn force_reconcile(ns: &TestNs, creds: &str, vc: &str) {
     })
     .await;
 }
+
+/// The refresh token in `name`'s state Secret, read live (None if the Secret or key is absent).
+#[allow(dead_code)]
+pub async fn stored_refresh_token(ns: &TestNs, name: &str) -> Option<String> {
+    let s = ns
+        .api::<Secret>()
+        .get_opt(&format!("{name}-vaultconn-state"))
+        .await
+        .ok()??;
+    data_of(&s).get("refresh_token").cloned()
+}
