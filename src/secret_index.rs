@@ -41,6 +41,8 @@ struct Inner {
     reads: HashMap<Key, Vec<String>>,
     /// Managed Secrets seen during a watch re-list, swapped in at InitDone.
     relist: Option<HashMap<Key, ManagedMeta>>,
+    /// The first list has completed: from then on, "not in `managed`" means "not ours".
+    synced: bool,
 }
 
 #[derive(Default)]
@@ -113,6 +115,12 @@ impl SecretIndex {
         self.set_reads(namespace, connection, vec![]);
     }
 
+    /// Whether the watch's first list has completed. Before that, a Secret missing from the
+    /// index may simply not have been listed yet.
+    pub fn is_synced(&self) -> bool {
+        self.lock().synced
+    }
+
     pub fn managed(&self, namespace: &str, name: &str) -> Option<ManagedMeta> {
         self.lock()
             .managed
@@ -183,6 +191,7 @@ impl SecretIndex {
                 vec![]
             }
             Event::InitDone => {
+                inner.synced = true;
                 if let Some(fresh) = inner.relist.take() {
                     // Managed Secrets that vanished while the watch was down: their
                     // connections must recreate them.
@@ -327,6 +336,17 @@ mod tests {
         let refs = idx.apply_event(Event::Delete(meta("ns", "out", "6", Some("conn"))));
         assert_eq!(refs[0].name, "conn");
         assert!(idx.managed("ns", "out").is_none());
+    }
+
+    #[test]
+    fn synced_only_after_the_first_list() {
+        let idx = SecretIndex::default();
+        assert!(!idx.is_synced());
+        idx.apply_event(Event::Init);
+        idx.apply_event(Event::InitApply(meta("ns", "out", "1", Some("conn"))));
+        assert!(!idx.is_synced(), "still listing");
+        idx.apply_event(Event::InitDone);
+        assert!(idx.is_synced());
     }
 
     #[test]

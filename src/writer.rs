@@ -127,30 +127,63 @@ impl SecretWriter {
             return Ok(SecretWrite::Unchanged);
         }
         // A target the watch has never seen as ours is most likely new: create it straight
-        // away (one request instead of a read and a create); 409 means it exists.
-        if self.index.managed(ns, &desired.name).is_none() {
-            match self
-                .api(ns)
-                .create(&Self::params(false), &desired.to_new_secret())
-                .await
-            {
-                Ok(created) => {
-                    self.written(desired, created.metadata.resource_version);
-                    let note = format!("Created Secret {ns}/{}", desired.name);
-                    self.publish(vc, EventType::Normal, "SecretCreated", note);
-                    return Ok(SecretWrite::Created);
-                }
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(e.into()),
+        // away (one request instead of a read and a create); 409 means it exists. Only once
+        // the watch has listed everything: right after a start, every existing Secret is
+        // still "unseen", and a create-first would be a write (answered 409) per connection;
+        // then read first and create only what is really missing.
+        let create_first =
+            self.index.is_synced() && self.index.managed(ns, &desired.name).is_none();
+        if create_first {
+            if let Some(created) = self.create(vc, desired).await? {
+                return Ok(created);
             }
         }
         let Some(live) = self.get(ns, &desired.name).await? else {
-            // Deleted between the create attempt (or the index) and this read.
-            return Err(Error::Retry(format!(
-                "Secret {ns}/{} changed while writing it",
-                desired.name
-            )));
+            return match self.create(vc, desired).await? {
+                Some(created) => Ok(created),
+                // Created and deleted by someone else around our requests: look again soon.
+                None => Err(Error::Retry(format!(
+                    "Secret {ns}/{} changed while writing it",
+                    desired.name
+                ))),
+            };
         };
+        self.update_if_needed(vc, desired, live, announce_updates)
+            .await
+    }
+
+    /// Create `desired`; `None` when it already exists (409).
+    async fn create(
+        &self,
+        vc: &VaultConnection,
+        desired: &DesiredSecret,
+    ) -> Result<Option<SecretWrite>> {
+        let ns = &desired.namespace;
+        match self
+            .api(ns)
+            .create(&Self::params(false), &desired.to_new_secret())
+            .await
+        {
+            Ok(created) => {
+                self.written(desired, created.metadata.resource_version);
+                let note = format!("Created Secret {ns}/{}", desired.name);
+                self.publish(vc, EventType::Normal, "SecretCreated", note);
+                Ok(Some(SecretWrite::Created))
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Make `live` equal `desired` unless another object controls it.
+    async fn update_if_needed(
+        &self,
+        vc: &VaultConnection,
+        desired: &DesiredSecret,
+        live: Secret,
+        announce_updates: bool,
+    ) -> Result<SecretWrite> {
+        let ns = &desired.namespace;
         if let Some(msg) = secret::write_conflict(vc, desired, &live.metadata) {
             return Ok(SecretWrite::Conflict(msg));
         }
