@@ -31,7 +31,10 @@ async fn operator(instance: &str, kubeconfig: PathBuf, args: &[&str]) -> Operato
     OperatorProcess::start(OperatorOptions {
         binary: env!("CARGO_BIN_EXE_vaultconn").into(),
         kubeconfig,
-        log_path: cp.dir().join(format!("operator-{instance}.log")),
+        // VAULTCONN_TEST_LOG_DIR keeps the logs after the run (the control plane's dir goes).
+        log_path: std::env::var_os("VAULTCONN_TEST_LOG_DIR")
+            .map_or_else(|| cp.dir().to_path_buf(), PathBuf::from)
+            .join(format!("operator-{instance}.log")),
         extra_args: extra,
         log_filter: "info,vaultconn=debug".into(),
     })
@@ -54,8 +57,12 @@ async fn proxied_kubeconfig(name: &str) -> (ApiFaultProxy, PathBuf) {
     (proxy, path)
 }
 
+/// Tests in this binary run in parallel, each with its own operators: each watches only its
+/// test's namespace, or two elections would reconcile the same connections.
 fn election_args<'a>(ns: &'a TestNs, lease: &'a str, duration: &'a str) -> Vec<&'a str> {
     vec![
+        "--namespaces",
+        ns.name.as_str(),
         "--leader-elect",
         "--lease-name",
         lease,
