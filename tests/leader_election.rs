@@ -115,7 +115,10 @@ async fn oauth_connections(ns: &TestNs, ts: &TokenServer, prefix: &str) -> Vec<S
 fn assert_no_replay(ts: &TokenServer) {
     let calls = ts.calls();
     let mut presented = std::collections::HashSet::new();
-    for c in calls.iter().filter(|c| c.grant_type.as_deref() == Some("refresh_token")) {
+    for c in calls
+        .iter()
+        .filter(|c| c.grant_type.as_deref() == Some("refresh_token"))
+    {
         let rt = c.refresh_token.clone().unwrap_or_default();
         assert!(
             presented.insert(rt),
@@ -136,7 +139,11 @@ fn refreshes_since(ts: &TokenServer, since: SystemTime) -> Vec<usize> {
             calls
                 .iter()
                 .filter(|c| c.at > since)
-                .filter(|c| c.client_id.as_deref().is_some_and(|id| id.ends_with(&format!("-client-{i}"))))
+                .filter(|c| {
+                    c.client_id
+                        .as_deref()
+                        .is_some_and(|id| id.ends_with(&format!("-client-{i}")))
+                })
                 .filter(|c| c.outcome.as_ref().and_then(|o| o.status) == Some(200))
                 .count()
         })
@@ -159,7 +166,9 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
     let (proxy_b, kubeconfig_b) = proxied_kubeconfig("ha-kill-b").await;
     let mut a = operator("a", direct_kubeconfig().await, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease).await.is_some_and(|h| h.starts_with("a_"))
+        holder(&ns, lease)
+            .await
+            .is_some_and(|h| h.starts_with("a_"))
     })
     .await;
     let mut b = operator("b", kubeconfig_b, &args).await;
@@ -168,9 +177,11 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
         ready(&ns, name).await;
     }
     // Both are ready: the leader with synced caches, the standby standing by.
-    wait_for(Duration::from_secs(30), "both replicas report ready", || async {
-        a.probe("/readyz").await == Some(200) && b.probe("/readyz").await == Some(200)
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "both replicas report ready",
+        || async { a.probe("/readyz").await == Some(200) && b.probe("/readyz").await == Some(200) },
+    )
     .await;
     // The standby wrote nothing but the Lease (the API server saw no other write from it).
     let b_writes: Vec<String> = proxy_b
@@ -183,9 +194,15 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
 
     a.kill();
     let killed_at = SystemTime::now();
-    wait_for(Duration::from_secs(40), "b takes over the Lease", || async {
-        holder(&ns, lease).await.is_some_and(|h| h.starts_with("b_"))
-    })
+    wait_for(
+        Duration::from_secs(40),
+        "b takes over the Lease",
+        || async {
+            holder(&ns, lease)
+                .await
+                .is_some_and(|h| h.starts_with("b_"))
+        },
+    )
     .await;
     // The new leader keeps refreshing (4 s tokens: a refresh every few seconds).
     wait_for(
@@ -232,7 +249,9 @@ async fn a_leader_that_cannot_renew_stops_writing_before_the_standby_starts() {
     let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-fence-a").await;
     let mut a = operator("fence-a", kubeconfig_a, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease).await.is_some_and(|h| h.starts_with("fence-a_"))
+        holder(&ns, lease)
+            .await
+            .is_some_and(|h| h.starts_with("fence-a_"))
     })
     .await;
     let mut b = operator("fence-b", direct_kubeconfig().await, &args).await;
@@ -269,10 +288,14 @@ async fn a_leader_that_cannot_renew_stops_writing_before_the_standby_starts() {
         late_writes.is_empty(),
         "a wrote after b acquired the Lease: {late_writes:?}"
     );
-    wait_for(Duration::from_secs(30), "a exits after losing the Lease", || {
-        let exited = a.exit_status().is_some_and(|s| !s.success());
-        async move { exited }
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "a exits after losing the Lease",
+        || {
+            let exited = a.exit_status().is_some_and(|s| !s.success());
+            async move { exited }
+        },
+    )
     .await;
     proxy_a.clear(cut);
     assert_no_replay(&ts);
@@ -294,16 +317,21 @@ async fn with_namespaces_the_operator_watches_and_touches_only_those() {
     let list = watched.name.clone();
     let mut op = operator("scoped", kubeconfig, &["--namespaces", &list]).await;
     ready(&watched, "inside").await;
-    wait_for(Duration::from_secs(30), "the scoped operator is ready", || async {
-        op.probe("/readyz").await == Some(200)
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the scoped operator is ready",
+        || async { op.probe("/readyz").await == Some(200) },
+    )
     .await;
     let vc = other
         .api::<vaultconn::api::VaultConnection>()
         .get("outside")
         .await
         .expect("outside exists");
-    assert!(vc.status.is_none(), "a connection outside --namespaces got a status");
+    assert!(
+        vc.status.is_none(),
+        "a connection outside --namespaces got a status"
+    );
     // The API server saw no request outside the namespace, and no cluster-wide list/watch.
     let outside: Vec<String> = proxy
         .requests()
@@ -317,6 +345,96 @@ async fn with_namespaces_the_operator_watches_and_touches_only_those() {
         })
         .map(|r| format!("{} {}", r.method, r.path))
         .collect();
-    assert!(outside.is_empty(), "requests outside the namespace: {outside:?}");
+    assert!(
+        outside.is_empty(),
+        "requests outside the namespace: {outside:?}"
+    );
     op.stop(Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replaying_its_token() {
+    use kube::api::{Patch, PatchParams};
+    use vaultconn_testkit::token_server::Fault;
+    let ns = test_namespace("ha-mark").await;
+    // Rotation without an overlap window, reuse detection on: a second use of a refresh
+    // token revokes the whole family.
+    let ts = TokenServer::start(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_ttl(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("token server starts");
+    let lease = "vaultconn-ha-mark";
+    let args = election_args(&ns, lease, "6s");
+    let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-mark-a").await;
+    let mut a = operator("mark-a", kubeconfig_a, &args).await;
+    wait_for(Duration::from_secs(30), "a holds the Lease", || async {
+        holder(&ns, lease)
+            .await
+            .is_some_and(|h| h.starts_with("mark-a_"))
+    })
+    .await;
+    let mut b = operator("mark-b", direct_kubeconfig().await, &args).await;
+    let names = oauth_connections(&ns, &ts, "mark").await;
+    let name = &names[0];
+    ready(&ns, name).await;
+    let sent = stored_refresh_token(&ns, name)
+        .await
+        .expect("a stored refresh token");
+
+    // a's next call commits the rotation at the provider, then the reply takes 10 s.
+    ts.push_fault(Fault::SlowReply {
+        delay: Duration::from_secs(10),
+        after_commit: true,
+    });
+    let annotate =
+        json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": "1"}}});
+    ns.api::<vaultconn::api::VaultConnection>()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&annotate))
+        .await
+        .expect("annotate");
+    wait_for(
+        Duration::from_secs(30),
+        "a's token call is in flight",
+        || async { ts.in_flight() == 1 },
+    )
+    .await;
+    // Now a loses its Lease mid-call; b takes over while a's call is still running.
+    let cut = proxy_a.fail_until_cleared(FaultRule::requests(MethodMatch::Any, "/leases", 503));
+    wait_for(Duration::from_secs(30), "b takes over", || async {
+        holder(&ns, lease)
+            .await
+            .is_some_and(|h| h.starts_with("mark-b_"))
+    })
+    .await;
+    // The rotated token a received is stored (a's write is guarded by the token it sent, so
+    // it cannot overwrite anything newer), and b carries on from it.
+    wait_for(
+        Duration::from_secs(60),
+        "the rotated refresh token is stored",
+        || async {
+            stored_refresh_token(&ns, name)
+                .await
+                .is_some_and(|rt| rt != sent && ts.is_refresh_token_live(&rt))
+        },
+    )
+    .await;
+    ready(&ns, name).await;
+    let presented: Vec<_> = ts
+        .calls()
+        .into_iter()
+        .filter(|c| c.refresh_token.as_deref() == Some(sent.as_str()))
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(
+        presented.len(),
+        1,
+        "the in-flight token was sent again: calls {presented:?}"
+    );
+    proxy_a.clear(cut);
+    assert_no_replay(&ts);
+    let _ = a.exit_status();
+    b.stop(Duration::from_secs(30));
 }
