@@ -161,6 +161,18 @@ pub fn settled_state(state: &TokenState, fps: Fingerprints<'_>) -> TokenState {
     }
 }
 
+/// The state to store when a broken 200 carried a new refresh token: the token is kept (it may
+/// be the only live one), but the access token is still the one issued under the *stored*
+/// configuration, so that configuration's fingerprint stays too. Recording the new one would
+/// make a config change (new scopes, audience) look applied while the old token is served.
+pub fn salvaged_state(state: &TokenState, new_rt: SecretBytes, fps: Fingerprints<'_>) -> TokenState {
+    let mut salvaged = state.clone();
+    salvaged.refresh_token = Some(new_rt);
+    let mut st = settled_state(&salvaged, fps.without_request());
+    st.config_fingerprint = state.config_fingerprint.clone();
+    st
+}
+
 /// How long to wait before sending the refresh token with fingerprint `fp`, because another
 /// process marked it in flight and its call may still be running (it lost the Lease mid-call,
 /// or is being replaced): sending the same token now would be a replay once that call rotates
@@ -844,6 +856,27 @@ mod tests {
             None,
             "a mark from before holders were recorded"
         );
+    }
+
+    #[test]
+    fn scenario_8_a_broken_200_after_a_config_change_keeps_the_old_config_with_the_old_token() {
+        let mut stored = chain("old");
+        stored.config_fingerprint = Some("config-before".into());
+        let changed = Fingerprints {
+            config: "config-after",
+            seed: "seed",
+            refresh_request: Some("r1"),
+        };
+        let st = salvaged_state(&stored, rt("rotated"), changed);
+        assert_eq!(st.refresh_token, Some(rt("rotated")), "the token in hand is kept");
+        assert_eq!(st.access, stored.access, "no new access token came");
+        assert_eq!(
+            st.config_fingerprint.as_deref(),
+            Some("config-before"),
+            "the config change is not recorded as applied"
+        );
+        assert_eq!(st.refresh_request, None, "the refresh request is not honoured yet");
+        assert_eq!(st.inflight, None);
     }
 
     #[test]

@@ -433,9 +433,7 @@ impl OAuthEngine {
             match decide::after_first_call(rt_sent.is_some(), e) {
                 AfterFirstCall::Settle => {}
                 AfterFirstCall::KeepSalvaged(new_rt) => {
-                    let mut salvaged = r.state.clone();
-                    salvaged.refresh_token = Some(new_rt);
-                    let st = decide::settled_state(&salvaged, r.fps.without_request());
+                    let st = decide::salvaged_state(&r.state, new_rt, r.fps);
                     if self.persist(w, r.vc, &st, guard.as_ref()).await.is_ok() {
                         let failures = self.count_failure(&r);
                         return Ok(r.decider.salvaged(failures));
