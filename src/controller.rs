@@ -179,9 +179,14 @@ pub async fn run(
     }
     // One shutdown signal fanned out to every scope's controller.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopper = tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
+    let stopping_since: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
+    let stopper = tokio::spawn({
+        let stopping_since = stopping_since.clone();
+        async move {
+            shutdown.await;
+            *lock(&stopping_since) = Some(std::time::Instant::now());
+            let _ = stop_tx.send(true);
+        }
     });
     let synced: Vec<Arc<std::sync::atomic::AtomicBool>> =
         scopes.iter().map(|_| Arc::default()).collect();
@@ -212,11 +217,13 @@ pub async fn run(
     readiness.abort();
     stopper.abort();
     health.set_ready(false);
-    // Token writes that were still retrying get one last chance before the process exits.
-    let flushes = contexts.iter().map(|ctx| {
-        ctx.oauth
-            .flush_pending(&ctx.writer, config.shutdown_timeout)
-    });
+    // Token writes that were still retrying get one last chance before the process exits,
+    // within what is left of the shutdown timeout (reconciles finishing took some of it).
+    let spent = lock(&stopping_since).map_or(Duration::ZERO, |t| t.elapsed());
+    let left = config.shutdown_timeout.saturating_sub(spent);
+    let flushes = contexts
+        .iter()
+        .map(|ctx| ctx.oauth.flush_pending(&ctx.writer, left));
     futures::future::join_all(flushes).await;
     info!("controller stopped");
     Ok(())

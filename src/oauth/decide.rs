@@ -165,7 +165,11 @@ pub fn settled_state(state: &TokenState, fps: Fingerprints<'_>) -> TokenState {
 /// be the only live one), but the access token is still the one issued under the *stored*
 /// configuration, so that configuration's fingerprint stays too. Recording the new one would
 /// make a config change (new scopes, audience) look applied while the old token is served.
-pub fn salvaged_state(state: &TokenState, new_rt: SecretBytes, fps: Fingerprints<'_>) -> TokenState {
+pub fn salvaged_state(
+    state: &TokenState,
+    new_rt: SecretBytes,
+    fps: Fingerprints<'_>,
+) -> TokenState {
     let mut salvaged = state.clone();
     salvaged.refresh_token = Some(new_rt);
     let mut st = settled_state(&salvaged, fps.without_request());
@@ -868,14 +872,21 @@ mod tests {
             refresh_request: Some("r1"),
         };
         let st = salvaged_state(&stored, rt("rotated"), changed);
-        assert_eq!(st.refresh_token, Some(rt("rotated")), "the token in hand is kept");
+        assert_eq!(
+            st.refresh_token,
+            Some(rt("rotated")),
+            "the token in hand is kept"
+        );
         assert_eq!(st.access, stored.access, "no new access token came");
         assert_eq!(
             st.config_fingerprint.as_deref(),
             Some("config-before"),
             "the config change is not recorded as applied"
         );
-        assert_eq!(st.refresh_request, None, "the refresh request is not honoured yet");
+        assert_eq!(
+            st.refresh_request, None,
+            "the refresh request is not honoured yet"
+        );
         assert_eq!(st.inflight, None);
     }
 
