@@ -49,7 +49,8 @@ fn helm_bin() -> PathBuf {
 
 /// Run helm with its own config/cache/data dirs (never the user's repositories or plugins).
 fn helm(args: &[&str], kubeconfig: Option<&Path>) -> std::process::Output {
-    let home = std::env::temp_dir().join(format!("vaultconn-chart-test-helm-{}", std::process::id()));
+    let home =
+        std::env::temp_dir().join(format!("vaultconn-chart-test-helm-{}", std::process::id()));
     let mut cmd = Command::new(helm_bin());
     cmd.args(args)
         .env("HELM_CONFIG_HOME", home.join("config"))
@@ -117,13 +118,24 @@ fn one<'a>(objs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .into_iter()
         .filter(|o| o["metadata"]["name"] == name)
         .collect();
-    assert_eq!(found.len(), 1, "exactly one {kind} {name} in {:#?}", kinds(objs));
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one {kind} {name} in {:#?}",
+        kinds(objs)
+    );
     found[0]
 }
 
 fn kinds(objs: &[Value]) -> Vec<String> {
     objs.iter()
-        .map(|o| format!("{}/{}", o["kind"].as_str().unwrap_or("?"), o["metadata"]["name"].as_str().unwrap_or("?")))
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap_or("?"),
+                o["metadata"]["name"].as_str().unwrap_or("?")
+            )
+        })
         .collect()
 }
 
@@ -173,7 +185,10 @@ fn helm_lint_is_clean() {
         args.extend(sets.iter().map(String::as_str));
         let out = helm_ok(&args, None);
         assert!(out.contains("0 chart(s) failed"), "{out}");
-        assert!(!out.contains("[WARNING]") && !out.contains("[ERROR]"), "{out}");
+        assert!(
+            !out.contains("[WARNING]") && !out.contains("[ERROR]"),
+            "{out}"
+        );
     }
 }
 
@@ -181,16 +196,30 @@ fn helm_lint_is_clean() {
 fn chart_versions_follow_the_crate() {
     let chart = chart_yaml();
     assert_eq!(chart["apiVersion"], "v2");
-    assert_eq!(chart["appVersion"], env!("CARGO_PKG_VERSION"), "Chart.yaml appVersion");
-    assert_eq!(chart["version"], env!("CARGO_PKG_VERSION"), "Chart.yaml version");
+    assert_eq!(
+        chart["appVersion"],
+        env!("CARGO_PKG_VERSION"),
+        "Chart.yaml appVersion"
+    );
+    assert_eq!(
+        chart["version"],
+        env!("CARGO_PKG_VERSION"),
+        "Chart.yaml version"
+    );
     // The image tag defaults to it.
     let objs = render(&[]);
     assert_eq!(
         container(&objs)["image"],
         format!("vaultconn:{}", env!("CARGO_PKG_VERSION"))
     );
-    let pinned = render(&["image.repository=registry.example/vaultconn", "image.digest=sha256:abc"]);
-    assert_eq!(container(&pinned)["image"], "registry.example/vaultconn@sha256:abc");
+    let pinned = render(&[
+        "image.repository=registry.example/vaultconn",
+        "image.digest=sha256:abc",
+    ]);
+    assert_eq!(
+        container(&pinned)["image"],
+        "registry.example/vaultconn@sha256:abc"
+    );
 }
 
 #[test]
@@ -208,30 +237,66 @@ fn default_values_render_a_cluster_wide_elected_operator() {
     let args = args_of(&objs);
     assert_eq!(args[0], "run", "{args:?}");
     assert!(args.contains(&"--leader-elect".to_string()), "{args:?}");
-    assert_eq!(arg_value(&args, "--lease-namespace").as_deref(), Some(RELEASE_NS));
-    assert_eq!(arg_value(&args, "--lease-name").as_deref(), Some("rel-vaultconn"));
-    assert_eq!(arg_value(&args, "--namespaces"), None, "all namespaces by default");
+    assert_eq!(
+        arg_value(&args, "--lease-namespace").as_deref(),
+        Some(RELEASE_NS)
+    );
+    assert_eq!(
+        arg_value(&args, "--lease-name").as_deref(),
+        Some("rel-vaultconn")
+    );
+    assert_eq!(
+        arg_value(&args, "--namespaces"),
+        None,
+        "all namespaces by default"
+    );
     assert_eq!(arg_value(&args, "--token-url-allow"), None);
     // The grace period covers the SIGTERM flush with a margin.
     let shutdown = arg_value(&args, "--shutdown-timeout").expect("--shutdown-timeout");
     let shutdown = humantime::parse_duration(&shutdown).expect("a duration");
-    let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("grace period");
-    assert!(grace >= shutdown.as_secs() + 5 && grace >= 30, "grace {grace}s, flush {shutdown:?}");
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace period");
+    assert!(
+        grace >= shutdown.as_secs() + 5 && grace >= 30,
+        "grace {grace}s, flush {shutdown:?}"
+    );
     // Downward API.
     let env = container(&objs)["env"].as_array().expect("env");
-    for (name, path) in [("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")] {
-        let var = env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{name}"));
+    for (name, path) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let var = env
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name}"));
         assert_eq!(var["valueFrom"]["fieldRef"]["fieldPath"], path);
     }
     // Probes and metrics on one named port, which the flag binds.
     let c = container(&objs);
-    assert_eq!(c["ports"], json!([{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]));
-    assert_eq!(arg_value(&args, "--metrics-bind-address").as_deref(), Some("0.0.0.0:8080"));
-    assert_eq!(c["livenessProbe"]["httpGet"], json!({"path": "/healthz", "port": "metrics"}));
-    assert_eq!(c["readinessProbe"]["httpGet"], json!({"path": "/readyz", "port": "metrics"}));
+    assert_eq!(
+        c["ports"],
+        json!([{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        arg_value(&args, "--metrics-bind-address").as_deref(),
+        Some("0.0.0.0:8080")
+    );
+    assert_eq!(
+        c["livenessProbe"]["httpGet"],
+        json!({"path": "/healthz", "port": "metrics"})
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": "metrics"})
+    );
     // Pod Security Standard "restricted", plus a read-only root filesystem.
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
-    assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
     let sc = &c["securityContext"];
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
@@ -249,7 +314,10 @@ fn default_values_render_a_cluster_wide_elected_operator() {
     one(&objs, "ClusterRole", "rel-vaultconn");
     let svc = one(&objs, "Service", "rel-vaultconn-metrics");
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], "metrics");
-    assert_eq!(svc["spec"]["selector"], deploy["spec"]["selector"]["matchLabels"]);
+    assert_eq!(
+        svc["spec"]["selector"],
+        deploy["spec"]["selector"]["matchLabels"]
+    );
     // Nothing optional by default; no Role outside the release namespace.
     for kind in [
         "CustomResourceDefinition",
@@ -259,7 +327,11 @@ fn default_values_render_a_cluster_wide_elected_operator() {
         "ConfigMap",
         "NetworkPolicy",
     ] {
-        assert!(of_kind(&objs, kind).is_empty(), "{kind} in {:?}", kinds(&objs));
+        assert!(
+            of_kind(&objs, kind).is_empty(),
+            "{kind} in {:?}",
+            kinds(&objs)
+        );
     }
     for role in of_kind(&objs, "Role") {
         assert_eq!(role["metadata"]["namespace"], RELEASE_NS);
@@ -270,29 +342,55 @@ fn default_values_render_a_cluster_wide_elected_operator() {
 fn namespaced_mode_grants_roles_in_the_watched_namespaces_only() {
     let objs = render(&["watchNamespaces={team-a,team-b,team-a}"]);
     let args = args_of(&objs);
-    assert_eq!(arg_value(&args, "--namespaces").as_deref(), Some("team-a,team-b"));
+    assert_eq!(
+        arg_value(&args, "--namespaces").as_deref(),
+        Some("team-a,team-b")
+    );
     // No cluster-wide rights for the operator: only the aggregated user roles remain.
-    assert!(of_kind(&objs, "ClusterRoleBinding").is_empty(), "{:?}", kinds(&objs));
+    assert!(
+        of_kind(&objs, "ClusterRoleBinding").is_empty(),
+        "{:?}",
+        kinds(&objs)
+    );
     let cluster_roles: BTreeSet<_> = of_kind(&objs, "ClusterRole")
         .iter()
-        .map(|r| r["metadata"]["name"].as_str().unwrap_or_default().to_string())
+        .map(|r| {
+            r["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect();
     assert_eq!(
         cluster_roles,
-        BTreeSet::from(["rel-vaultconn-edit".to_string(), "rel-vaultconn-view".to_string()])
+        BTreeSet::from([
+            "rel-vaultconn-edit".to_string(),
+            "rel-vaultconn-view".to_string()
+        ])
     );
     let operator_roles: BTreeSet<_> = of_kind(&objs, "Role")
         .into_iter()
         .filter(|r| r["metadata"]["name"] == "rel-vaultconn")
-        .map(|r| r["metadata"]["namespace"].as_str().unwrap_or_default().to_string())
+        .map(|r| {
+            r["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect();
-    assert_eq!(operator_roles, BTreeSet::from(["team-a".into(), "team-b".into()]));
+    assert_eq!(
+        operator_roles,
+        BTreeSet::from(["team-a".into(), "team-b".into()])
+    );
     for ns in ["team-a", "team-b"] {
         let b = of_kind(&objs, "RoleBinding")
             .into_iter()
             .find(|b| b["metadata"]["namespace"] == ns && b["metadata"]["name"] == "rel-vaultconn")
             .unwrap_or_else(|| panic!("RoleBinding in {ns}"));
-        assert_eq!(b["roleRef"], json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "rel-vaultconn"}));
+        assert_eq!(
+            b["roleRef"],
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "rel-vaultconn"})
+        );
         assert_eq!(
             b["subjects"],
             json!([{"kind": "ServiceAccount", "name": "rel-vaultconn", "namespace": RELEASE_NS}])
@@ -303,7 +401,10 @@ fn namespaced_mode_grants_roles_in_the_watched_namespaces_only() {
     assert_eq!(lease_role["metadata"]["namespace"], RELEASE_NS);
     // A values file may give the list as one comma-separated string.
     let from_string = render(&["watchNamespaces=team-b"]);
-    assert_eq!(arg_value(&args_of(&from_string), "--namespaces").as_deref(), Some("team-b"));
+    assert_eq!(
+        arg_value(&args_of(&from_string), "--namespaces").as_deref(),
+        Some("team-b")
+    );
     let bad = render_chart(&chart_dir(), &["watchNamespaces={Team_A}"]).expect_err("refused");
     assert!(bad.contains("\"Team_A\" is not a namespace name"), "{bad}");
 }
@@ -319,15 +420,26 @@ fn replicas_above_one_get_a_pdb_and_need_leader_election() {
         pdb["spec"]["selector"]["matchLabels"],
         one(&objs, "Deployment", "rel-vaultconn")["spec"]["selector"]["matchLabels"]
     );
-    let err = render_chart(&chart_dir(), &["replicaCount=2", "leaderElection.enabled=false"])
-        .expect_err("two replicas without a lease are refused");
-    assert!(err.contains("replicaCount > 1 needs leaderElection.enabled=true"), "{err}");
+    let err = render_chart(
+        &chart_dir(),
+        &["replicaCount=2", "leaderElection.enabled=false"],
+    )
+    .expect_err("two replicas without a lease are refused");
+    assert!(
+        err.contains("replicaCount > 1 needs leaderElection.enabled=true"),
+        "{err}"
+    );
     // Without election a rollout must never overlap two operators.
     let single = render(&["leaderElection.enabled=false"]);
     let deploy = one(&single, "Deployment", "rel-vaultconn");
     assert_eq!(deploy["spec"]["strategy"], json!({"type": "Recreate"}));
-    assert!(!args_of(&single).iter().any(|a| a.starts_with("--lease") || a == "--leader-elect"));
-    assert!(of_kind(&single, "Role").is_empty(), "no Lease rights without election");
+    assert!(!args_of(&single)
+        .iter()
+        .any(|a| a.starts_with("--lease") || a == "--leader-elect"));
+    assert!(
+        of_kind(&single, "Role").is_empty(),
+        "no Lease rights without election"
+    );
 }
 
 #[test]
@@ -348,43 +460,75 @@ fn all_optional_parts_render_from_their_files() {
     let rules_file = std::fs::read_to_string(chart_dir().join("files/prometheus-rules.yaml"))
         .expect("files/prometheus-rules.yaml");
     let rules: Value = serde_saphyr::from_str(&rules_file).expect("rules file is YAML");
-    assert_eq!(one(&objs, "PrometheusRule", "rel-vaultconn")["spec"]["groups"], rules["groups"]);
+    assert_eq!(
+        one(&objs, "PrometheusRule", "rel-vaultconn")["spec"]["groups"],
+        rules["groups"]
+    );
     // The dashboard ConfigMap is labelled for the Grafana sidecar and holds the file verbatim.
     let dashboard = one(&objs, "ConfigMap", "rel-vaultconn-dashboard");
     assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
     let json_file = std::fs::read_to_string(chart_dir().join("files/grafana-dashboard.json"))
         .expect("files/grafana-dashboard.json");
     let shipped: Value = serde_json::from_str(
-        dashboard["data"]["vaultconn.json"].as_str().expect("dashboard data"),
+        dashboard["data"]["vaultconn.json"]
+            .as_str()
+            .expect("dashboard data"),
     )
     .expect("the dashboard is JSON");
-    assert_eq!(shipped, serde_json::from_str::<Value>(&json_file).expect("file is JSON"));
+    assert_eq!(
+        shipped,
+        serde_json::from_str::<Value>(&json_file).expect("file is JSON")
+    );
     let np = one(&objs, "NetworkPolicy", "rel-vaultconn");
     assert_eq!(np["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
     assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], "metrics");
     one(&objs, "PodDisruptionBudget", "rel-vaultconn");
     // The templated CRD is the generated one (the drift test's third copy), kept on uninstall.
-    let crd = one(&objs, "CustomResourceDefinition", "vaultconnections.vaultconn.dev");
+    let crd = one(
+        &objs,
+        "CustomResourceDefinition",
+        "vaultconnections.vaultconn.dev",
+    );
     let templated: CustomResourceDefinition =
         serde_json::from_value(crd.clone()).expect("the templated CRD is a CRD");
     assert!(
         templated.spec == vaultconn::crd::crd().spec,
         "templated CRD is stale: run `make crd`"
     );
-    assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    assert_eq!(
+        crd["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
     let not_kept = render(&["crds.enabled=true", "crds.keep=false"]);
-    let crd = one(&not_kept, "CustomResourceDefinition", "vaultconnections.vaultconn.dev");
-    assert!(crd["metadata"]["annotations"].get("helm.sh/resource-policy").is_none(), "{crd:#}");
+    let crd = one(
+        &not_kept,
+        "CustomResourceDefinition",
+        "vaultconnections.vaultconn.dev",
+    );
+    assert!(
+        crd["metadata"]["annotations"]
+            .get("helm.sh/resource-policy")
+            .is_none(),
+        "{crd:#}"
+    );
 }
 
 /// Every rule of every Role and ClusterRole the chart can render.
 fn all_rules() -> Vec<(String, Value)> {
     let mut out = Vec::new();
-    for sets in [&[][..], ALL_ON, &["watchNamespaces={a}"], &["leaderElection.enabled=false"]] {
+    for sets in [
+        &[][..],
+        ALL_ON,
+        &["watchNamespaces={a}"],
+        &["leaderElection.enabled=false"],
+    ] {
         for o in render(sets) {
             if o["kind"] == "Role" || o["kind"] == "ClusterRole" {
                 for rule in o["rules"].as_array().into_iter().flatten() {
-                    out.push((format!("{}/{}", o["kind"], o["metadata"]["name"]), rule.clone()));
+                    out.push((
+                        format!("{}/{}", o["kind"], o["metadata"]["name"]),
+                        rule.clone(),
+                    ));
                 }
             }
         }
@@ -397,7 +541,13 @@ fn rendered_rbac_is_least_privilege() {
     let rules = all_rules();
     assert!(rules.len() > 10, "{rules:?}");
     for (role, rule) in &rules {
-        for field in ["apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"] {
+        for field in [
+            "apiGroups",
+            "resources",
+            "verbs",
+            "resourceNames",
+            "nonResourceURLs",
+        ] {
             for v in rule[field].as_array().into_iter().flatten() {
                 let v = v.as_str().unwrap_or_default();
                 assert!(!v.contains('*'), "{role}: wildcard {field} {v:?} in {rule}");
@@ -413,7 +563,10 @@ fn rendered_rbac_is_least_privilege() {
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     ]);
     let cluster_wide = render(&[]);
-    assert_eq!(one(&cluster_wide, "ClusterRole", "rel-vaultconn")["rules"], expected);
+    assert_eq!(
+        one(&cluster_wide, "ClusterRole", "rel-vaultconn")["rules"],
+        expected
+    );
     let namespaced = render(&["watchNamespaces={a}"]);
     let role = of_kind(&namespaced, "Role")
         .into_iter()
@@ -430,10 +583,19 @@ fn rendered_rbac_is_least_privilege() {
     );
     // Users' roles: admin/edit manage, view reads.
     let edit = one(&cluster_wide, "ClusterRole", "rel-vaultconn-edit");
-    assert_eq!(edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"], "true");
-    assert_eq!(edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"], "true");
+    assert_eq!(
+        edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"],
+        "true"
+    );
+    assert_eq!(
+        edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"],
+        "true"
+    );
     let view = one(&cluster_wide, "ClusterRole", "rel-vaultconn-view");
-    assert_eq!(view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"], "true");
+    assert_eq!(
+        view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"],
+        "true"
+    );
     assert_eq!(view["rules"][0]["verbs"], json!(["get", "list", "watch"]));
 }
 
@@ -446,7 +608,9 @@ fn dockerfile_builds(dockerfile: &str) -> Vec<Vec<String>> {
         .flat_map(|l| l.split("&&"))
         .filter_map(|cmd| {
             let words: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
-            let at = words.windows(2).position(|w| w[0] == "cargo" && w[1] == "build")?;
+            let at = words
+                .windows(2)
+                .position(|w| w[0] == "cargo" && w[1] == "build")?;
             Some(words[at + 2..].to_vec())
         })
         .collect()
@@ -456,9 +620,21 @@ fn dockerfile_builds(dockerfile: &str) -> Vec<Vec<String>> {
 fn dockerfile_builds_what_ci_compiles() {
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
     let builds = dockerfile_builds(&dockerfile);
-    assert_eq!(builds.len(), 2, "a dependency layer and the product: {builds:?}");
-    let want: BTreeSet<&str> =
-        ["--release", "--locked", "--no-default-features", "-p", "vaultconn", "--bin", "vaultconn"].into();
+    assert_eq!(
+        builds.len(),
+        2,
+        "a dependency layer and the product: {builds:?}"
+    );
+    let want: BTreeSet<&str> = [
+        "--release",
+        "--locked",
+        "--no-default-features",
+        "-p",
+        "vaultconn",
+        "--bin",
+        "vaultconn",
+    ]
+    .into();
     for flags in &builds {
         let got: BTreeSet<&str> = flags.iter().map(String::as_str).collect();
         assert_eq!(got, want, "Dockerfile: cargo build {flags:?}");
@@ -472,23 +648,39 @@ fn dockerfile_builds_what_ci_compiles() {
             w.starts_with(&["cargo", "clippy"])
                 && w.windows(2).any(|p| p == ["-p", "vaultconn"])
                 && w.contains(&"--no-default-features")
-                && !w.iter().any(|x| x.starts_with("--features") || *x == "--all-features")
+                && !w
+                    .iter()
+                    .any(|x| x.starts_with("--features") || *x == "--all-features")
         }),
         ".ci/run no longer compiles `-p vaultconn --no-default-features`"
     );
     // The final stage: distroless (no shell), numeric non-root user, exec-form entrypoint.
     let last_stage = dockerfile.rsplit("\nFROM ").next().expect("a final stage");
     assert!(last_stage.starts_with("gcr.io/distroless/"), "{last_stage}");
-    assert!(!last_stage.contains("\nRUN "), "no RUN in a shell-less image");
+    assert!(
+        !last_stage.contains("\nRUN "),
+        "no RUN in a shell-less image"
+    );
     assert!(last_stage.contains("\nUSER 65532:65532\n"), "{last_stage}");
-    assert!(last_stage.contains("\nENTRYPOINT [\"/usr/local/bin/vaultconn\"]\n"), "{last_stage}");
+    assert!(
+        last_stage.contains("\nENTRYPOINT [\"/usr/local/bin/vaultconn\"]\n"),
+        "{last_stage}"
+    );
     // The chart passes the subcommand itself (args replace CMD), on the port the image exposes.
     let objs = render(&[]);
     assert_eq!(args_of(&objs)[0], "run");
-    let port = container(&objs)["ports"][0]["containerPort"].as_u64().expect("port");
-    assert!(last_stage.contains(&format!("\nEXPOSE {port}\n")), "{last_stage}");
+    let port = container(&objs)["ports"][0]["containerPort"]
+        .as_u64()
+        .expect("port");
+    assert!(
+        last_stage.contains(&format!("\nEXPOSE {port}\n")),
+        "{last_stage}"
+    );
     let ignore = std::fs::read_to_string(repo().join(".dockerignore")).expect(".dockerignore");
-    assert!(ignore.lines().any(|l| l.trim() == "target/"), "target/ stays out of the context");
+    assert!(
+        ignore.lines().any(|l| l.trim() == "target/"),
+        "target/ stays out of the context"
+    );
 }
 
 #[test]
@@ -502,7 +694,9 @@ fn the_binary_accepts_every_flag_the_chart_passes() {
     for arg in args_of(&objs).iter().skip(1) {
         let flag = arg.split('=').next().unwrap_or_default();
         assert!(
-            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")) || help.contains(&format!("{flag} <")),
+            help.contains(&format!("{flag} "))
+                || help.contains(&format!("{flag}\n"))
+                || help.contains(&format!("{flag} <")),
             "the chart passes {flag}, which `vaultconn run` does not know:\n{help}"
         );
     }
@@ -522,27 +716,61 @@ async fn helm_install_stores_the_operator_objects() {
     let release = ns.name.clone();
     let chart = chart_dir().display().to_string();
     helm_ok(
-        &["install", &release, &chart, "--namespace", &ns.name, "--set", "replicaCount=2"],
+        &[
+            "install",
+            &release,
+            &chart,
+            "--namespace",
+            &ns.name,
+            "--set",
+            "replicaCount=2",
+        ],
         Some(&kubeconfig),
     );
     let full = format!("{release}-vaultconn");
-    let deploy = ns.api::<Deployment>().get(&full).await.expect("the Deployment is stored");
+    let deploy = ns
+        .api::<Deployment>()
+        .get(&full)
+        .await
+        .expect("the Deployment is stored");
     let spec = deploy.spec.expect("spec");
     assert_eq!(spec.replicas, Some(2));
     let pod = spec.template.spec.expect("pod spec");
     assert_eq!(pod.service_account_name.as_deref(), Some(full.as_str()));
-    ns.api::<ServiceAccount>().get(&full).await.expect("the ServiceAccount is stored");
-    ns.api::<Service>().get(&format!("{full}-metrics")).await.expect("the Service is stored");
-    ns.api::<Role>().get(&format!("{full}-leader-election")).await.expect("the Lease Role");
-    ns.api::<RoleBinding>().get(&format!("{full}-leader-election")).await.expect("its binding");
-    let cr = Api::<ClusterRole>::all(ns.client.clone()).get(&full).await.expect("the ClusterRole");
-    assert!(cr.rules.unwrap_or_default().iter().all(|r| !r.verbs.contains(&"*".to_string())));
+    ns.api::<ServiceAccount>()
+        .get(&full)
+        .await
+        .expect("the ServiceAccount is stored");
+    ns.api::<Service>()
+        .get(&format!("{full}-metrics"))
+        .await
+        .expect("the Service is stored");
+    ns.api::<Role>()
+        .get(&format!("{full}-leader-election"))
+        .await
+        .expect("the Lease Role");
+    ns.api::<RoleBinding>()
+        .get(&format!("{full}-leader-election"))
+        .await
+        .expect("its binding");
+    let cr = Api::<ClusterRole>::all(ns.client.clone())
+        .get(&full)
+        .await
+        .expect("the ClusterRole");
+    assert!(cr
+        .rules
+        .unwrap_or_default()
+        .iter()
+        .all(|r| !r.verbs.contains(&"*".to_string())));
     let crb = Api::<ClusterRoleBinding>::all(ns.client.clone())
         .get(&full)
         .await
         .expect("the ClusterRoleBinding");
     let subject = &crb.subjects.unwrap_or_default()[0];
-    assert_eq!((subject.name.as_str(), subject.namespace.as_deref()), (full.as_str(), Some(ns.name.as_str())));
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        (full.as_str(), Some(ns.name.as_str()))
+    );
     // policy/v1beta1 on this 1.20 API server, policy/v1 on current ones: helm picks one served.
     let mut pdb_found = false;
     for version in ["v1", "v1beta1"] {
@@ -552,12 +780,19 @@ async fn helm_install_stores_the_operator_objects() {
         pdb_found |= api.get_opt(&full).await.is_ok_and(|p| p.is_some());
     }
     assert!(pdb_found, "the PodDisruptionBudget is stored");
-    helm_ok(&["uninstall", &release, "--namespace", &ns.name], Some(&kubeconfig));
-    wait_for(Duration::from_secs(20), "the ClusterRole to go with the release", || {
-        let api = Api::<ClusterRole>::all(ns.client.clone());
-        let full = full.clone();
-        async move { api.get_opt(&full).await.is_ok_and(|r| r.is_none()) }
-    })
+    helm_ok(
+        &["uninstall", &release, "--namespace", &ns.name],
+        Some(&kubeconfig),
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the ClusterRole to go with the release",
+        || {
+            let api = Api::<ClusterRole>::all(ns.client.clone());
+            let full = full.clone();
+            async move { api.get_opt(&full).await.is_ok_and(|r| r.is_none()) }
+        },
+    )
     .await;
 }
 
@@ -565,7 +800,11 @@ async fn helm_install_stores_the_operator_objects() {
 fn chart_with_changed_crd(dir: &Path, column: &str) -> PathBuf {
     let copy = dir.join("vaultconn");
     let status = Command::new("cp")
-        .args(["-r", &chart_dir().display().to_string(), &copy.display().to_string()])
+        .args([
+            "-r",
+            &chart_dir().display().to_string(),
+            &copy.display().to_string(),
+        ])
         .status()
         .expect("cp");
     assert!(status.success());
@@ -600,7 +839,10 @@ async fn helm_upgrade_with_crds_enabled_updates_the_crd() {
     let release = ns.name.clone();
     let chart = chart_dir().display().to_string();
     // Version 1, as most users install it: the CRD from crds/.
-    helm_ok(&["install", &release, &chart, "--namespace", &ns.name], Some(&kubeconfig));
+    helm_ok(
+        &["install", &release, &chart, "--namespace", &ns.name],
+        Some(&kubeconfig),
+    );
     // Version 2 changes the CRD. crds/ alone would never apply that; the template does.
     let column = format!("Col{}", &ns.name[ns.name.len() - 8..]);
     let work = cluster().await.dir().join(format!("chart-{}", ns.name));
@@ -612,31 +854,65 @@ async fn helm_upgrade_with_crds_enabled_updates_the_crd() {
     // --server-side` would); docs/install.md says so.
     helm_ok(
         &[
-            "upgrade", &release, &v2, "--namespace", &ns.name, "--set", "crds.enabled=true",
-            "--take-ownership", "--force-conflicts",
+            "upgrade",
+            &release,
+            &v2,
+            "--namespace",
+            &ns.name,
+            "--set",
+            "crds.enabled=true",
+            "--take-ownership",
+            "--force-conflicts",
         ],
         Some(&kubeconfig),
     );
-    assert!(printer_columns(&ns.client).await.contains(&column), "the upgrade updated the CRD");
+    assert!(
+        printer_columns(&ns.client).await.contains(&column),
+        "the upgrade updated the CRD"
+    );
     // From then on a plain upgrade updates it.
     let column3 = format!("{column}v3");
     let work3 = work.join("v3");
     std::fs::create_dir_all(&work3).expect("work dir");
-    let v3 = chart_with_changed_crd(&work3, &column3).display().to_string();
+    let v3 = chart_with_changed_crd(&work3, &column3)
+        .display()
+        .to_string();
     helm_ok(
-        &["upgrade", &release, &v3, "--namespace", &ns.name, "--set", "crds.enabled=true"],
+        &[
+            "upgrade",
+            &release,
+            &v3,
+            "--namespace",
+            &ns.name,
+            "--set",
+            "crds.enabled=true",
+        ],
         Some(&kubeconfig),
     );
     let columns = printer_columns(&ns.client).await;
-    assert!(columns.contains(&column3) && !columns.contains(&column), "{columns:?}");
+    assert!(
+        columns.contains(&column3) && !columns.contains(&column),
+        "{columns:?}"
+    );
     let crd = Api::<CustomResourceDefinition>::all(ns.client.clone())
         .get("vaultconnections.vaultconn.dev")
         .await
         .expect("the CRD");
     let annotations = crd.metadata.annotations.unwrap_or_default();
-    assert_eq!(annotations.get("helm.sh/resource-policy").map(String::as_str), Some("keep"));
+    assert_eq!(
+        annotations
+            .get("helm.sh/resource-policy")
+            .map(String::as_str),
+        Some("keep")
+    );
     assert_eq!(annotations.get("meta.helm.sh/release-name"), Some(&release));
     // Uninstalling keeps the CRD (and with it every VaultConnection and their Secrets).
-    helm_ok(&["uninstall", &release, "--namespace", &ns.name], Some(&kubeconfig));
-    assert!(printer_columns(&ns.client).await.contains(&column3), "the CRD was kept");
+    helm_ok(
+        &["uninstall", &release, "--namespace", &ns.name],
+        Some(&kubeconfig),
+    );
+    assert!(
+        printer_columns(&ns.client).await.contains(&column3),
+        "the CRD was kept"
+    );
 }
