@@ -20,6 +20,8 @@ use tracing::{debug, info, warn};
 use crate::api::{Phase, VaultConnection, VaultConnectionStatus};
 use crate::error::{Error, Result};
 use crate::events::EventSink;
+use crate::http::Health;
+use crate::leader::LeaderGate;
 use crate::names::*;
 use crate::oauth::refresh::OAuthEngine;
 use crate::oauth::token::TokenClientConfig;
@@ -40,6 +42,10 @@ pub struct ControllerConfig {
     pub concurrency: u16,
     /// Total time limit of one token request.
     pub token_request_timeout: Duration,
+    /// Namespaces to watch; `None` = all (one cluster-wide watch per kind).
+    pub namespaces: Option<Vec<String>>,
+    /// Bound of the shutdown flush of pending token writes.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -49,6 +55,8 @@ impl Default for ControllerConfig {
             instance: None,
             concurrency: 32,
             token_request_timeout: Duration::from_secs(15),
+            namespaces: None,
+            shutdown_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -73,6 +81,7 @@ impl Context {
         client: Client,
         config: ControllerConfig,
         metrics: Arc<crate::metrics::Metrics>,
+        gate: Arc<LeaderGate>,
     ) -> Result<Arc<Self>> {
         let reporter = Reporter {
             controller: CONTROLLER_NAME.into(),
@@ -91,7 +100,7 @@ impl Context {
             metrics.clone(),
         )?;
         Ok(Arc::new(Context {
-            writer: SecretWriter::new(client, events, metrics),
+            writer: SecretWriter::new(client, events, metrics, gate),
             oauth,
             config,
             last_status: Mutex::default(),
@@ -134,22 +143,117 @@ fn trigger_hash(vc: &VaultConnection) -> Option<u64> {
     Some(h.finish())
 }
 
-/// Run the controller until `shutdown` resolves (or SIGTERM/SIGINT).
+/// Run the controller until `shutdown` resolves: one watch scope for the whole cluster, or
+/// one per namespace in `config.namespaces` (so that Roles in those namespaces are enough).
+/// Every scope has its own caches and in-memory state; they share the client, the metrics and
+/// the leader gate. `health` turns ready once every scope's caches are synced.
 pub async fn run(
     client: Client,
     config: ControllerConfig,
     metrics: Arc<crate::metrics::Metrics>,
+    gate: Arc<LeaderGate>,
+    health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<()> {
-    let connections: Api<VaultConnection> = Api::all(client.clone());
-    if let Err(e) = connections
-        .list(&kube::api::ListParams::default().limit(1))
-        .await
-    {
+    let scopes: Vec<Option<String>> = match &config.namespaces {
+        None => vec![None],
+        Some(list) => list.iter().cloned().map(Some).collect(),
+    };
+    // Probe the CRD once, in a namespace we may list: a missing CRD is a clear start-up error.
+    let probe: Api<VaultConnection> = scoped_api(client.clone(), scopes[0].as_deref());
+    if let Err(e) = probe.list(&kube::api::ListParams::default().limit(1)).await {
         return Err(Error::CrdNotInstalled(e.to_string()));
     }
-    let ctx = Context::new(client.clone(), config.clone(), metrics)?;
+    let mut contexts = Vec::with_capacity(scopes.len());
+    for _ in &scopes {
+        contexts.push(Context::new(
+            client.clone(),
+            config.clone(),
+            metrics.clone(),
+            gate.clone(),
+        )?);
+    }
+    // One shutdown signal fanned out to every scope's controller.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopper = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let synced: Vec<Arc<std::sync::atomic::AtomicBool>> =
+        scopes.iter().map(|_| Arc::default()).collect();
+    let readiness = tokio::spawn(track_readiness(
+        contexts.clone(),
+        synced.clone(),
+        health.clone(),
+    ));
+    let runs = scopes
+        .iter()
+        .zip(&contexts)
+        .zip(&synced)
+        .map(|((scope, ctx), synced)| {
+            let mut stop = stop_rx.clone();
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            run_scope(
+                client.clone(),
+                scope.as_deref(),
+                ctx.clone(),
+                synced.clone(),
+                stopped,
+            )
+        });
+    info!(scopes = scopes.len(), "controller started");
+    futures::future::join_all(runs).await;
+    readiness.abort();
+    stopper.abort();
+    health.set_ready(false);
+    // Token writes that were still retrying get one last chance before the process exits.
+    let flushes = contexts.iter().map(|ctx| {
+        ctx.oauth
+            .flush_pending(&ctx.writer, config.shutdown_timeout)
+    });
+    futures::future::join_all(flushes).await;
+    info!("controller stopped");
+    Ok(())
+}
 
+fn scoped_api<K>(client: Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    }
+}
+
+/// Ready once every scope has listed its connections and Secrets.
+async fn track_readiness(
+    contexts: Vec<Arc<Context>>,
+    synced: Vec<Arc<std::sync::atomic::AtomicBool>>,
+    health: Arc<Health>,
+) {
+    loop {
+        let ready = synced
+            .iter()
+            .all(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+            && contexts.iter().all(|c| c.writer.index.is_synced());
+        health.set_ready(ready);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The controller of one watch scope (a namespace, or the whole cluster).
+async fn run_scope(
+    client: Client,
+    namespace: Option<&str>,
+    ctx: Arc<Context>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let connections: Api<VaultConnection> = scoped_api(client.clone(), namespace);
     let (reader, writer) = reflector::store();
     let vc_stream = watcher(connections, watcher::Config::default())
         .default_backoff()
@@ -157,49 +261,45 @@ pub async fn run(
         .modify(|vc| vc.managed_fields_mut().clear())
         .reflect(writer)
         .inspect({
-            // Without a finalizer a deleted connection is never reconciled: forget it here.
             let ctx = ctx.clone();
-            move |ev| {
-                if let Ok(watcher::Event::Delete(vc)) = ev {
-                    ctx.forget(vc);
+            move |ev| match ev {
+                // Without a finalizer a deleted connection is never reconciled: forget it here.
+                Ok(watcher::Event::Delete(vc)) => ctx.forget(vc),
+                Ok(watcher::Event::InitDone) => {
+                    synced.store(true, std::sync::atomic::Ordering::Relaxed)
                 }
+                _ => {}
             }
         })
         .applied_objects()
         .predicate_filter(trigger_hash, Default::default());
 
-    let secret_triggers = secret_triggers(client.clone(), ctx.clone());
+    let secret_triggers = secret_triggers(scoped_api(client, namespace), ctx.clone());
 
     let mut controller = Controller::for_stream(vc_stream, reader)
         .reconcile_on(secret_triggers)
         .graceful_shutdown_on(shutdown);
-    if config.concurrency > 0 {
+    if ctx.config.concurrency > 0 {
         controller = controller.with_config(
-            kube::runtime::controller::Config::default().concurrency(config.concurrency),
+            kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
         );
     }
-    info!("controller started");
     controller
-        .run(reconcile, error_policy, ctx.clone())
+        .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 debug!(error = %e, "reconcile failed");
             }
         })
         .await;
-    // Token writes that were still retrying get one last chance before the process exits.
-    ctx.oauth.flush_pending(&ctx.writer).await;
-    info!("controller stopped");
-    Ok(())
 }
 
-/// One metadata-only watch of all Secrets, turned into reconcile requests for the connections
-/// they concern (see `secret_index`).
+/// One metadata-only watch of the scope's Secrets, turned into reconcile requests for the
+/// connections they concern (see `secret_index`).
 fn secret_triggers(
-    client: Client,
+    api: Api<PartialObjectMeta<Secret>>,
     ctx: Arc<Context>,
 ) -> impl Stream<Item = ObjectRef<VaultConnection>> + Send + 'static {
-    let api: Api<PartialObjectMeta<Secret>> = Api::all(client);
     watcher(api, watcher::Config::default())
         .default_backoff()
         .filter_map(move |ev| {
@@ -317,6 +417,11 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
     let last_written = lock(&ctx.last_status).get(&key).cloned();
     if desired == live || last_written.as_ref() == Some(&desired) {
         return Ok(());
+    }
+    // A replica without the lease never writes status: its view (e.g. NotLeader) would
+    // overwrite the leader's.
+    if !ctx.writer.gate.may_write() {
+        return Err(Error::NotLeader);
     }
     let previous_reason = status::current_reason(vc).map(str::to_string);
     let api: Api<VaultConnection> = Api::namespaced(ctx.client(), &ns);

@@ -18,6 +18,11 @@ pub enum Error {
     StateChanged,
     #[error("token client setup failed: {0}")]
     TokenClient(#[from] TokenError),
+    /// This process does not hold the leader lease (any more): it writes nothing.
+    #[error("not the leader: writes are fenced")]
+    NotLeader,
+    #[error(transparent)]
+    Leader(#[from] crate::leader::LeaderError),
 }
 
 /// How quickly a failed reconcile is retried: exponential with jitter from `min` to `max`.
@@ -55,7 +60,7 @@ impl Error {
             Error::Kube(kube::Error::Api(e)) if e.code == 401 || e.code == 403 => secs(30, 600),
             Error::TokenClient(_) | Error::CrdNotInstalled(_) => secs(30, 600),
             Error::Retry(_) | Error::StateChanged => secs(1, 60),
-            Error::Kube(_) => secs(2, 300),
+            Error::Kube(_) | Error::NotLeader | Error::Leader(_) => secs(2, 300),
         }
     }
 
@@ -68,6 +73,8 @@ impl Error {
             Error::Retry(_) => "Retry",
             Error::StateChanged => "StateChanged",
             Error::TokenClient(_) => "TokenClient",
+            Error::NotLeader => "NotLeader",
+            Error::Leader(_) => "LeaderElection",
         }
     }
 }

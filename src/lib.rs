@@ -6,14 +6,17 @@
 #![forbid(unsafe_code)]
 pub mod api;
 pub mod catalog;
+pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod oauth;
+pub mod operator;
 pub mod reason;
 pub mod secret;
 pub mod secret_index;

@@ -1,55 +1,26 @@
 //! The `vaultconn` binary: the operator (`run`, the default) and small helper commands.
 
 use clap::{Parser, Subcommand};
-use vaultconn::controller::{self, ControllerConfig};
+use vaultconn::config::{LogFormat, RunConfig};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "vaultconn",
     version,
-    about = "Keeps service credentials as Kubernetes Secrets"
+    about = "Keeps service credentials as Kubernetes Secrets",
+    arg_required_else_help = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
-    #[command(flatten)]
-    run: RunArgs,
-}
-
-#[derive(clap::Args, Debug, Clone)]
-struct RunArgs {
-    /// Allow plain-http token URLs on loopback addresses (tests and local demos only).
-    #[arg(long, env = "VAULTCONN_ALLOW_HTTP_LOOPBACK", global = true)]
-    allow_http_loopback: bool,
-    /// Maximum reconciles in flight.
-    #[arg(
-        long,
-        env = "VAULTCONN_CONCURRENCY",
-        default_value_t = 32,
-        global = true
-    )]
-    concurrency: u16,
-    /// Total time limit of one token request (e.g. 15s).
-    #[arg(long, env = "VAULTCONN_TOKEN_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration, global = true)]
-    token_request_timeout: std::time::Duration,
-    /// Address of the /metrics, /healthz and /readyz endpoints.
-    #[arg(
-        long,
-        env = "VAULTCONN_METRICS_ADDR",
-        default_value = "0.0.0.0:8080",
-        global = true
-    )]
-    metrics_addr: std::net::SocketAddr,
-    /// Events' reportingInstance (defaults to $POD_NAME).
-    #[arg(long, env = "POD_NAME", global = true)]
-    instance: Option<String>,
+    command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the controller (the default). Without KUBECONFIG and outside a cluster, it starts a
+    /// Run the operator. The cluster is chosen as kubectl does: $KUBECONFIG, else
+    /// ~/.kube/config, else the in-cluster service account; with none of them it starts a
     /// local control plane (etcd + kube-apiserver + kube-controller-manager) first.
-    Run,
+    Run(Box<RunConfig>),
     /// Print the VaultConnection CustomResourceDefinition.
     Crd,
     /// List the connection types with their input and output keys.
@@ -63,12 +34,12 @@ fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
     vaultconn::install_crypto_provider();
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Crd) => {
+    let run_config = match cli.command {
+        Command::Crd => {
             print!("{}", vaultconn::crd::crd_yaml());
             return std::process::ExitCode::SUCCESS;
         }
-        Some(Command::Types) => {
+        Command::Types => {
             for t in vaultconn::catalog::CATALOG {
                 println!(
                     "{:<12} inputs: {} (optional: {})\n{:<12} outputs: {}\n{:<12} {}\n",
@@ -83,9 +54,15 @@ fn main() -> std::process::ExitCode {
             }
             return std::process::ExitCode::SUCCESS;
         }
-        _ => {}
-    }
-    init_tracing();
+        #[cfg(feature = "local-cluster")]
+        Command::LocalCluster => None,
+        Command::Run(config) => Some(config),
+    };
+    init_tracing(
+        run_config
+            .as_ref()
+            .map_or(LogFormat::Text, |c| c.log_format),
+    );
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -94,10 +71,12 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = rt.block_on(async move {
-        match cli.command {
+        match run_config {
+            Some(config) => run(*config).await,
             #[cfg(feature = "local-cluster")]
-            Some(Command::LocalCluster) => local::local_cluster().await,
-            _ => run(cli.run).await,
+            None => local::local_cluster().await,
+            #[cfg(not(feature = "local-cluster"))]
+            None => Ok(()),
         }
     });
     match result {
@@ -120,15 +99,17 @@ fn limit_malloc_arenas() {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour only for a terminal: log files and collectors get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        // Colour only for a terminal: log files and collectors get plain text.
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+    }
 }
 
 async fn shutdown_signal() {
@@ -152,9 +133,14 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// A cluster is "configured" when KUBECONFIG is set or we run inside a Pod.
+/// A cluster is "configured" as kubectl sees it: KUBECONFIG is set, ~/.kube/config exists,
+/// or we run inside a Pod. `kube::Config::infer` then picks it in that order.
 fn cluster_configured() -> bool {
+    let home_config = std::env::var_os("HOME")
+        .map(|h| std::path::Path::new(&h).join(".kube").join("config"))
+        .is_some_and(|p| p.is_file());
     std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+        || home_config
         || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
 }
 
@@ -167,7 +153,7 @@ fn operator_client(mut config: kube::Config) -> anyhow::Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+async fn run(config: RunConfig) -> anyhow::Result<()> {
     #[cfg(feature = "local-cluster")]
     let (local, client) = if cluster_configured() {
         (None, operator_client(kube::Config::infer().await?)?)
@@ -184,28 +170,43 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
              (this build has no local control plane: it was built without the local-cluster feature)"
         );
     };
-    let config = ControllerConfig {
-        allow_http_loopback: args.allow_http_loopback,
-        instance: args.instance,
-        concurrency: args.concurrency,
-        token_request_timeout: args.token_request_timeout,
-    };
     let metrics = std::sync::Arc::new(vaultconn::metrics::Metrics::default());
+    let health = std::sync::Arc::new(vaultconn::http::Health::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let http = tokio::spawn(vaultconn::http::serve(
-        args.metrics_addr,
-        metrics.clone(),
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
         async move {
-            let mut rx = stop_rx;
             let _ = rx.wait_for(|stop| *stop).await;
-        },
-    ));
-    let result = controller::run(client, config, metrics, shutdown_signal()).await;
+        }
+    };
+    let mut servers = Vec::new();
+    let probes_apart = config.health_probe_bind_address;
+    let main_router = vaultconn::http::router(
+        metrics.clone(),
+        probes_apart.is_none().then(|| health.clone()),
+    );
+    servers.push(tokio::spawn(vaultconn::http::serve(
+        config.metrics_bind_address,
+        main_router,
+        stopped(),
+    )));
+    if let Some(addr) = probes_apart {
+        let router = vaultconn::http::probe_router(health.clone());
+        servers.push(tokio::spawn(vaultconn::http::serve(
+            addr,
+            router,
+            stopped(),
+        )));
+    }
+    let result =
+        vaultconn::operator::run(client, &config, metrics, health, shutdown_signal()).await;
     let _ = stop_tx.send(true);
-    match http.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "metrics endpoint failed"),
-        Err(e) => tracing::warn!(error = %e, "metrics endpoint task failed"),
-        Ok(Ok(())) => {}
+    for server in servers {
+        match server.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP endpoint failed"),
+            Err(e) => tracing::warn!(error = %e, "HTTP endpoint task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     #[cfg(feature = "local-cluster")]
     if let Some(mut cp) = local {

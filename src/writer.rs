@@ -14,6 +14,7 @@ use kube::{Client, Resource};
 use crate::api::VaultConnection;
 use crate::error::{Error, Result};
 use crate::events::EventSink;
+use crate::leader::LeaderGate;
 use crate::metrics::Metrics;
 use crate::names::FIELD_MANAGER;
 use crate::secret::{self, DesiredSecret};
@@ -48,6 +49,9 @@ pub enum GuardedWriteError {
     /// The live Secret no longer satisfies the caller's precondition: someone else wrote it.
     #[error("the Secret changed concurrently")]
     Concurrent,
+    /// This process does not hold the leader lease and the write was not guarded.
+    #[error("not the leader: writes are fenced")]
+    NotLeader,
     #[error(transparent)]
     Kube(#[from] kube::Error),
 }
@@ -63,15 +67,23 @@ pub struct SecretWriter {
     pub index: SecretIndex,
     events: EventSink,
     pub metrics: Arc<Metrics>,
+    /// Asked before every write: only the leader writes (see `leader`).
+    pub gate: Arc<LeaderGate>,
 }
 
 impl SecretWriter {
-    pub fn new(client: Client, events: EventSink, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        events: EventSink,
+        metrics: Arc<Metrics>,
+        gate: Arc<LeaderGate>,
+    ) -> Self {
         SecretWriter {
             client,
             index: SecretIndex::default(),
             events,
             metrics,
+            gate,
         }
     }
 
@@ -99,6 +111,9 @@ impl SecretWriter {
 
     /// Queue an Event about `vc` (published in the background; best-effort, see `events`).
     pub fn publish(&self, vc: &VaultConnection, type_: EventType, reason: &str, note: String) {
+        if !self.gate.may_write() {
+            return;
+        }
         self.events.publish(vc.object_ref(&()), type_, reason, note);
     }
 
@@ -120,6 +135,9 @@ impl SecretWriter {
     ) -> Result<SecretWrite> {
         let ns = &desired.namespace;
         let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+        if !self.gate.may_write() {
+            return Err(Error::NotLeader);
+        }
         if self
             .index
             .is_verified(ns, &desired.name, uid, desired.content_hash())

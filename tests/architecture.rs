@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// Bottom to top. Pure decisions sit on the API types; I/O sits on the pure decisions; the
 /// controller sits on the I/O; `main.rs` (not a library module) on top.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("types", &["api", "names", "reason", "sync"]),
+    ("types", &["api", "config", "names", "reason", "sync"]),
     (
         "pure decisions",
         &[
@@ -35,6 +35,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "writer",
             "crd",
             "http",
+            "leader",
             "oauth",
             "oauth::token",
             "oauth::token",
@@ -43,7 +44,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "oauth::refresh",
         ],
     ),
-    ("controller", &["controller"]),
+    ("controller", &["controller", "operator"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::ResourceExt;
@@ -48,18 +49,8 @@ struct PendingPersist {
     attempts: u32,
 }
 
-/// Decides whether this process may spend refresh tokens right now. Today one process runs
-/// the controller; leader election plugs in here so only the Lease holder refreshes.
-pub trait WriteGate: Send + Sync {
-    fn may_write(&self) -> bool;
-}
-
-struct AlwaysWrite;
-impl WriteGate for AlwaysWrite {
-    fn may_write(&self) -> bool {
-        true
-    }
-}
+/// Pending state writes flushed at once on shutdown.
+const FLUSH_CONCURRENCY: usize = 16;
 
 /// How long one reconcile keeps retrying a failed state write before handing it to `pending`.
 const PERSIST_RETRY_BUDGET: Duration = Duration::from_secs(20);
@@ -79,7 +70,6 @@ fn carry_out(d: Decision) -> (Outcome, Action) {
 
 pub struct OAuthEngine {
     client: TokenClient,
-    gate: Box<dyn WriteGate>,
     pending: Mutex<HashMap<Key, PendingPersist>>,
     failures: Mutex<HashMap<Key, u32>>,
     /// Connections whose last refresh stored everything: their next refresh skips the dry
@@ -113,7 +103,6 @@ impl OAuthEngine {
     ) -> std::result::Result<Self, TokenError> {
         Ok(OAuthEngine {
             client: TokenClient::new(client_config)?,
-            gate: Box::new(AlwaysWrite),
             pending: Mutex::default(),
             failures: Mutex::default(),
             writes_proven: Mutex::default(),
@@ -121,10 +110,6 @@ impl OAuthEngine {
             last_stored: Mutex::default(),
             metrics,
         })
-    }
-
-    pub fn set_gate(&mut self, gate: Box<dyn WriteGate>) {
-        self.gate = gate;
     }
 
     fn failures(&self, key: &Key) -> u32 {
@@ -164,17 +149,40 @@ impl OAuthEngine {
         });
     }
 
-    /// Write every pending state, retrying with backoff for up to `PERSIST_RETRY_BUDGET` each.
-    /// Called on shutdown so a SIGTERM does not drop a rotated refresh token.
-    pub async fn flush_pending(&self, w: &SecretWriter) {
+    /// Write every pending state, all at once (each retrying within `PERSIST_RETRY_BUDGET`),
+    /// and give up on what is still unwritten after `within`. Called on shutdown so a SIGTERM
+    /// does not drop a rotated refresh token; concurrent so that many pending writes fit in
+    /// the pod's termination grace period together, not one after another.
+    pub async fn flush_pending(&self, w: &SecretWriter, within: Duration) {
         let items: Vec<(Key, PendingPersist)> = lock(&self.pending).drain().collect();
-        for ((ns, name), p) in items {
-            match self.persist(w, &p.vc, &p.state, p.guard.as_ref()).await {
-                Ok(()) => info!(namespace = %ns, name = %name, "flushed pending token state"),
-                Err(e) => {
-                    warn!(namespace = %ns, name = %name, error = %e, "could not flush pending token state before exit")
+        if items.is_empty() {
+            return;
+        }
+        let total = items.len();
+        let flushed = std::sync::atomic::AtomicUsize::new(0);
+        let flushes = futures::stream::iter(items)
+            .map(|((ns, name), p)| {
+                let flushed = &flushed;
+                async move {
+                    match self.persist(w, &p.vc, &p.state, p.guard.as_ref()).await {
+                        Ok(()) => {
+                            flushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            info!(namespace = %ns, name = %name, "flushed pending token state");
+                        }
+                        Err(e) => {
+                            warn!(namespace = %ns, name = %name, error = %e, "could not flush pending token state before exit")
+                        }
+                    }
                 }
-            }
+            })
+            .buffer_unordered(FLUSH_CONCURRENCY)
+            .collect::<Vec<()>>();
+        if tokio::time::timeout(within, flushes).await.is_err() {
+            let done = flushed.load(std::sync::atomic::Ordering::Relaxed);
+            warn!(
+                unwritten = total - done,
+                "shutdown timeout: pending token states were not all written"
+            );
         }
     }
 
@@ -361,7 +369,8 @@ impl OAuthEngine {
 
     /// Steps 2–5 of the module docs for one connection whose plan says "refresh now".
     async fn refresh(&self, w: &SecretWriter, mut r: Refresh<'_>) -> Result<Decision> {
-        if !self.gate.may_write() {
+        // Fenced: only the Lease holder spends a refresh token.
+        if !w.gate.may_write() {
             return Ok(r.decider.not_leader());
         }
         let guard = r.state.refresh_token.clone();
@@ -387,6 +396,7 @@ impl OAuthEngine {
                 Err(GuardedWriteError::NotWritable(msg)) => return Ok(self.not_writable(&r, &msg)),
                 Err(GuardedWriteError::Concurrent) => return Ok(r.decider.adopted()),
                 Err(GuardedWriteError::Kube(e)) => return Err(e.into()),
+                Err(GuardedWriteError::NotLeader) => return Err(Error::NotLeader),
             }
         }
         let req = token_request(&r.settings, r.inputs, rt_sent.as_ref());
@@ -765,6 +775,13 @@ async fn persist_state_once(
     st: &TokenState,
     guard: Option<&SecretBytes>,
 ) -> std::result::Result<(), GuardedWriteError> {
+    // Fencing: a write guarded by the refresh token it started from still lands after the
+    // lease was lost mid-refresh. It cannot overwrite a newer leader's token (the guard fails
+    // then), and dropping the token in hand would strand a rotated chain. Unguarded writes (a
+    // rewrite from memory) are the leader's alone.
+    if guard.is_none() && !w.gate.may_write() {
+        return Err(GuardedWriteError::NotLeader);
+    }
     let desired = secret::desired_state_secret(vc, st.to_data());
     w.write_guarded(vc, &desired, |live| {
         let live_rt = TokenState::from_data(&SecretData::from_secret(live)).refresh_token;
@@ -800,6 +817,7 @@ async fn persist_state(
             Ok(Ok(())) => return Ok(()),
             Ok(Err(GuardedWriteError::Concurrent)) => return Err(Error::StateChanged),
             Ok(Err(GuardedWriteError::NotWritable(msg))) => return Err(Error::Retry(msg)),
+            Ok(Err(GuardedWriteError::NotLeader)) => return Err(Error::NotLeader),
             Ok(Err(GuardedWriteError::Kube(e))) => e,
         };
         let retryable = match &err {

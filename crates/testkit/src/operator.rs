@@ -91,6 +91,18 @@ impl OperatorProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The exit status if the process has exited by itself (None while it runs).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// GET one of the operator's own endpoints (`/readyz`, `/healthz`): its HTTP status.
+    pub async fn probe(&self, path: &str) -> Option<u16> {
+        let client = reqwest::Client::builder().no_proxy().build().ok()?;
+        let url = format!("http://127.0.0.1:{}{path}", self.metrics_port);
+        Some(client.get(url).send().await.ok()?.status().as_u16())
+    }
+
     pub fn starts(&self) -> u32 {
         self.starts
     }

@@ -1,0 +1,94 @@
+//! The operator process: optional leader election around the controller, in the order a
+//! rolling update needs. A standby runs no controller and writes nothing; the leader runs the
+//! controller until SIGTERM (then flushes pending token writes and releases the Lease, so a
+//! standby takes over at once) or until it loses the Lease (then it exits non-zero and its pod
+//! restarts as a standby: a process that lost the lease never resumes writing by itself).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use kube::Client;
+use tracing::{error, info};
+
+use crate::config::RunConfig;
+use crate::controller::{self, ControllerConfig};
+use crate::error::{Error, Result};
+use crate::http::Health;
+use crate::leader::{Election, ElectionConfig, LeaderGate};
+use crate::metrics::Metrics;
+
+/// How long releasing the Lease may take on shutdown.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl From<&RunConfig> for ControllerConfig {
+    fn from(c: &RunConfig) -> Self {
+        ControllerConfig {
+            allow_http_loopback: c.allow_http_loopback,
+            instance: c.instance.clone(),
+            concurrency: c.concurrency,
+            token_request_timeout: c.token_request_timeout,
+            namespaces: c.watched_namespaces(),
+            shutdown_timeout: c.shutdown_timeout,
+        }
+    }
+}
+
+pub async fn run(
+    client: Client,
+    config: &RunConfig,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<()> {
+    let controller_config = ControllerConfig::from(config);
+    if let Some(ns) = &controller_config.namespaces {
+        info!(namespaces = %ns.join(","), "watching only these namespaces");
+    }
+    if !config.leader_elect {
+        let gate = LeaderGate::unelected();
+        return controller::run(client, controller_config, metrics, gate, health, shutdown).await;
+    }
+    let election = Election::start(
+        client.clone(),
+        ElectionConfig {
+            lease_name: config.lease_name.clone(),
+            lease_namespace: config.lease_namespace_or(client.default_namespace()),
+            identity: config.identity(),
+            lease_duration: config.lease_duration,
+        },
+    )
+    .await?;
+    let shutdown = shutdown.shared();
+    // Standing by is a correct, ready state: a rolling update may proceed.
+    health.set_ready(true);
+    tokio::select! {
+        _ = election.gate.opened() => {}
+        _ = shutdown.clone() => {
+            health.set_ready(false);
+            election.release(RELEASE_TIMEOUT).await;
+            return Ok(());
+        }
+    }
+    info!("leading: starting the controller");
+    health.set_ready(false);
+    let gate = election.gate.clone();
+    let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = {
+        let gate = gate.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = gate.closed() => { let _ = lost_tx.send(()); }
+            }
+        }
+    };
+    let result = controller::run(client, controller_config, metrics, gate, health, stop).await;
+    if let Ok(()) = lost_rx.await {
+        error!("lost the leader lease: stopped writing; exiting so that this replica restarts as a standby");
+        return Err(Error::NotLeader);
+    }
+    election.release(RELEASE_TIMEOUT).await;
+    result
+}

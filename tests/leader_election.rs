@@ -1,0 +1,315 @@
+//! Leader election and namespace scoping, with two (or one) real operator processes against the
+//! test control plane. Every claim is checked on the other side: the Lease as the API server
+//! stores it, the requests the API fault proxy forwarded, and the token server's own call log.
+//! This binary runs its own operators (the shared one would take part in the election).
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use http::Method;
+use k8s_openapi::api::coordination::v1::Lease;
+use serde_json::json;
+use support::objects::*;
+use support::{test_namespace, wait_for, wait_for_some, TestNs};
+use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule, MethodMatch};
+use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
+
+const CONNECTIONS: usize = 2;
+
+/// Start an operator named `instance`, talking to `kubeconfig` (direct or via a proxy).
+async fn operator(instance: &str, kubeconfig: PathBuf, args: &[&str]) -> OperatorProcess {
+    support::ensure_crds().await;
+    let cp = support::cluster().await;
+    let mut extra: Vec<String> = vec![
+        "--allow-http-loopback".into(),
+        "--instance".into(),
+        instance.into(),
+    ];
+    extra.extend(args.iter().map(|a| a.to_string()));
+    OperatorProcess::start(OperatorOptions {
+        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
+        kubeconfig,
+        log_path: cp.dir().join(format!("operator-{instance}.log")),
+        extra_args: extra,
+        log_filter: "info,vaultconn=debug".into(),
+    })
+    .await
+    .expect("operator starts")
+}
+
+async fn direct_kubeconfig() -> PathBuf {
+    support::cluster().await.kubeconfig_path().to_path_buf()
+}
+
+/// A kubeconfig through a fresh API fault proxy (to count and fail that process's requests).
+async fn proxied_kubeconfig(name: &str) -> (ApiFaultProxy, PathBuf) {
+    let cp = support::cluster().await;
+    let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
+    let path = cp.dir().join(format!("kubeconfig-{name}"));
+    proxy
+        .write_kubeconfig(&path, cp.admin_token())
+        .expect("writing the proxy kubeconfig");
+    (proxy, path)
+}
+
+fn election_args<'a>(ns: &'a TestNs, lease: &'a str, duration: &'a str) -> Vec<&'a str> {
+    vec![
+        "--leader-elect",
+        "--lease-name",
+        lease,
+        "--lease-namespace",
+        ns.name.as_str(),
+        "--lease-duration",
+        duration,
+    ]
+}
+
+/// The Lease's holder as the API server stores it (`None` while unheld or missing).
+async fn holder(ns: &TestNs, lease: &str) -> Option<String> {
+    let l = ns.api::<Lease>().get_opt(lease).await.ok()??;
+    l.spec?.holder_identity.filter(|h| !h.is_empty())
+}
+
+/// Connections against `ts` with the refresh-token grant, one client each.
+async fn oauth_connections(ns: &TestNs, ts: &TokenServer, prefix: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in 0..CONNECTIONS {
+        let client = format!("{prefix}-client-{i}");
+        ts.add_client(&client, "s3cret-value");
+        let rt = ts.mint_refresh_token(&client);
+        let creds = format!("{prefix}-{i}-creds");
+        put_secret(
+            ns,
+            &creds,
+            &[
+                ("client_id", &client),
+                ("client_secret", "s3cret-value"),
+                ("refresh_token", &rt),
+            ],
+        )
+        .await;
+        let name = format!("{prefix}-{i}");
+        apply_vc(
+            ns,
+            &name,
+            json!({"type": "oauth2", "credentialsRef": {"name": creds},
+                "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}}),
+        )
+        .await;
+        names.push(name);
+    }
+    names
+}
+
+/// The provider's record: no refresh token was refused or presented twice, and no family was
+/// revoked. With rotation and reuse detection on, any replay by either replica shows here.
+fn assert_no_replay(ts: &TokenServer) {
+    let calls = ts.calls();
+    let mut presented = std::collections::HashSet::new();
+    for c in calls.iter().filter(|c| c.grant_type.as_deref() == Some("refresh_token")) {
+        let rt = c.refresh_token.clone().unwrap_or_default();
+        assert!(
+            presented.insert(rt),
+            "refresh token presented twice (call #{})",
+            c.seq
+        );
+        let error = c.outcome.as_ref().and_then(|o| o.error.clone());
+        assert_eq!(error, None, "call #{} was refused by the provider", c.seq);
+    }
+    assert_eq!(ts.revocations(), 0, "the provider revoked a grant");
+}
+
+/// Successful refresh calls per client after `since`, from the token server's log.
+fn refreshes_since(ts: &TokenServer, since: SystemTime) -> Vec<usize> {
+    let calls = ts.calls();
+    (0..CONNECTIONS)
+        .map(|i| {
+            calls
+                .iter()
+                .filter(|c| c.at > since)
+                .filter(|c| c.client_id.as_deref().is_some_and(|id| id.ends_with(&format!("-client-{i}"))))
+                .filter(|c| c.outcome.as_ref().and_then(|o| o.status) == Some(200))
+                .count()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_without_replay() {
+    let ns = test_namespace("ha-kill").await;
+    let ts = TokenServer::start(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_ttl(Duration::from_secs(4)),
+    )
+    .await
+    .expect("token server starts");
+    let lease = "vaultconn-ha-kill";
+    let args = election_args(&ns, lease, "6s");
+    // The standby-to-be runs through a proxy, so that what it sends can be counted.
+    let (proxy_b, kubeconfig_b) = proxied_kubeconfig("ha-kill-b").await;
+    let mut a = operator("a", direct_kubeconfig().await, &args).await;
+    wait_for(Duration::from_secs(30), "a holds the Lease", || async {
+        holder(&ns, lease).await.is_some_and(|h| h.starts_with("a_"))
+    })
+    .await;
+    let mut b = operator("b", kubeconfig_b, &args).await;
+    let names = oauth_connections(&ns, &ts, "ha").await;
+    for name in &names {
+        ready(&ns, name).await;
+    }
+    // Both are ready: the leader with synced caches, the standby standing by.
+    wait_for(Duration::from_secs(30), "both replicas report ready", || async {
+        a.probe("/readyz").await == Some(200) && b.probe("/readyz").await == Some(200)
+    })
+    .await;
+    // The standby wrote nothing but the Lease (the API server saw no other write from it).
+    let b_writes: Vec<String> = proxy_b
+        .requests()
+        .into_iter()
+        .filter(|r| MethodMatch::AnyWrite.matches(&r.method) && !r.path.contains("/leases"))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(b_writes.is_empty(), "the standby wrote: {b_writes:?}");
+
+    a.kill();
+    let killed_at = SystemTime::now();
+    wait_for(Duration::from_secs(40), "b takes over the Lease", || async {
+        holder(&ns, lease).await.is_some_and(|h| h.starts_with("b_"))
+    })
+    .await;
+    // The new leader keeps refreshing (4 s tokens: a refresh every few seconds).
+    wait_for(
+        Duration::from_secs(60),
+        "every connection refreshed twice after the kill",
+        || async { refreshes_since(&ts, killed_at).iter().all(|n| *n >= 2) },
+    )
+    .await;
+    for name in &names {
+        ready(&ns, name).await;
+    }
+    assert_no_replay(&ts);
+    b.stop(Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn sigterm_flushes_and_releases_the_lease() {
+    let ns = test_namespace("ha-term").await;
+    let lease = "vaultconn-ha-term";
+    let args = election_args(&ns, lease, "30s");
+    let mut a = operator("term-a", direct_kubeconfig().await, &args).await;
+    let h = wait_for_some(Duration::from_secs(30), "a holds the Lease", || async {
+        holder(&ns, lease).await
+    })
+    .await;
+    assert!(h.starts_with("term-a_"), "holder {h}");
+    assert!(a.stop(Duration::from_secs(30)), "clean exit on SIGTERM");
+    // Released, not left to expire: the stored Lease has no holder right after the exit.
+    assert_eq!(holder(&ns, lease).await, None, "the Lease was not released");
+}
+
+#[tokio::test]
+async fn a_leader_that_cannot_renew_stops_writing_before_the_standby_starts() {
+    let ns = test_namespace("ha-fence").await;
+    let ts = TokenServer::start(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_ttl(Duration::from_secs(3)),
+    )
+    .await
+    .expect("token server starts");
+    let lease = "vaultconn-ha-fence";
+    let args = election_args(&ns, lease, "6s");
+    let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-fence-a").await;
+    let mut a = operator("fence-a", kubeconfig_a, &args).await;
+    wait_for(Duration::from_secs(30), "a holds the Lease", || async {
+        holder(&ns, lease).await.is_some_and(|h| h.starts_with("fence-a_"))
+    })
+    .await;
+    let mut b = operator("fence-b", direct_kubeconfig().await, &args).await;
+    let names = oauth_connections(&ns, &ts, "fence").await;
+    for name in &names {
+        ready(&ns, name).await;
+    }
+    // Cut a off from the Lease only: it can still write Secrets and status, which is exactly
+    // what it must stop doing before its Lease can expire.
+    let cut = proxy_a.fail_until_cleared(FaultRule::requests(MethodMatch::Any, "/leases", 503));
+    let acquired_by_b = wait_for_some(Duration::from_secs(60), "b takes over", || async {
+        let l = ns.api::<Lease>().get_opt(lease).await.ok()??;
+        let spec = l.spec?;
+        let holder = spec.holder_identity?;
+        holder
+            .starts_with("fence-b_")
+            .then(|| spec.acquire_time.map(|t| SystemTime::from(t.0)))
+            .flatten()
+    })
+    .await;
+    // b refreshes from now on; a must have gone quiet before b acquired.
+    wait_for(Duration::from_secs(60), "b refreshes", || async {
+        refreshes_since(&ts, acquired_by_b).iter().all(|n| *n >= 1)
+    })
+    .await;
+    let late_writes: Vec<String> = proxy_a
+        .requests()
+        .into_iter()
+        .filter(|r| MethodMatch::AnyWrite.matches(&r.method) && !r.path.contains("/leases"))
+        .filter(|r| r.succeeded() && r.at >= acquired_by_b)
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(
+        late_writes.is_empty(),
+        "a wrote after b acquired the Lease: {late_writes:?}"
+    );
+    wait_for(Duration::from_secs(30), "a exits after losing the Lease", || {
+        let exited = a.exit_status().is_some_and(|s| !s.success());
+        async move { exited }
+    })
+    .await;
+    proxy_a.clear(cut);
+    assert_no_replay(&ts);
+    b.stop(Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn with_namespaces_the_operator_watches_and_touches_only_those() {
+    let watched = test_namespace("scope-in").await;
+    let other = test_namespace("scope-out").await;
+    let spec = json!({"type": "apiKey", "credentialsRef": {"name": "creds"}});
+    // The connection outside the list exists first, so it would be handled first if seen.
+    put_secret(&other, "creds", &[("api_key", "k-out")]).await;
+    apply_vc(&other, "outside", spec.clone()).await;
+    put_secret(&watched, "creds", &[("api_key", "k-in")]).await;
+    apply_vc(&watched, "inside", spec).await;
+
+    let (proxy, kubeconfig) = proxied_kubeconfig("scope").await;
+    let list = watched.name.clone();
+    let mut op = operator("scoped", kubeconfig, &["--namespaces", &list]).await;
+    ready(&watched, "inside").await;
+    wait_for(Duration::from_secs(30), "the scoped operator is ready", || async {
+        op.probe("/readyz").await == Some(200)
+    })
+    .await;
+    let vc = other
+        .api::<vaultconn::api::VaultConnection>()
+        .get("outside")
+        .await
+        .expect("outside exists");
+    assert!(vc.status.is_none(), "a connection outside --namespaces got a status");
+    // The API server saw no request outside the namespace, and no cluster-wide list/watch.
+    let outside: Vec<String> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            let namespaced = r.path.contains(&format!("/namespaces/{}/", watched.name));
+            let discovery = r.method == Method::GET
+                && !r.path.contains("/secrets")
+                && !r.path.contains("/vaultconnections");
+            !namespaced && !discovery
+        })
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(outside.is_empty(), "requests outside the namespace: {outside:?}");
+    op.stop(Duration::from_secs(30));
+}
