@@ -573,12 +573,12 @@ fn rendered_rbac_is_least_privilege() {
         .find(|r| r["metadata"]["namespace"] == "a")
         .expect("a Role in namespace a");
     assert_eq!(role["rules"], expected);
-    // Lease rights: create, and get/update of the one Lease only.
+    // Lease rights: create, and the rest on the one Lease only.
     assert_eq!(
         one(&cluster_wide, "Role", "rel-vaultconn-leader-election")["rules"],
         json!([
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["rel-vaultconn"], "verbs": ["get", "update"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["rel-vaultconn"], "verbs": ["get", "list", "watch", "patch"]},
         ])
     );
     // Users' roles: admin/edit manage, view reads.
