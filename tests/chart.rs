@@ -8,13 +8,21 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use base64::Engine;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use serde_json::{json, Value};
-use support::{cluster, test_namespace, wait_for};
+use support::objects::{apply_vc, map, put_secret, ready, secret_data_eq, secret_obj, WAIT};
+use support::{cluster, test_namespace, wait_for, wait_for_some};
+use vaultconn::api::VaultConnection;
+use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
 
 const RELEASE: &str = "rel";
 const RELEASE_NS: &str = "ops";
@@ -914,5 +922,305 @@ async fn helm_upgrade_with_crds_enabled_updates_the_crd() {
     assert!(
         printer_columns(&ns.client).await.contains(&column3),
         "the CRD was kept"
+    );
+}
+
+// ---- "RBAC proven": the operator runs as the chart's ServiceAccount ---------------------------
+
+/// The RBAC tests run one at a time: a cluster-wide operator would also serve the namespaces of
+/// the namespaced test.
+static AS_CHART: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A client and a kubeconfig file that authenticate as `ns/sa` with its token Secret, created
+/// the portable way (kube-controller-manager's token controller fills it in; Kubernetes ≥ 1.24
+/// no longer creates one by itself) and trusting the CA the token Secret carries.
+async fn service_account_login(ns: &support::TestNs, sa: &str) -> (kube::Client, PathBuf) {
+    let secret_name = format!("{sa}-test-token");
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": secret_name, "annotations": {"kubernetes.io/service-account.name": sa}},
+        "type": "kubernetes.io/service-account-token",
+    }))
+    .expect("a Secret");
+    ns.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("creating the token Secret");
+    let data = wait_for_some(
+        Duration::from_secs(30),
+        "the token controller to fill the token Secret",
+        || {
+            let api = ns.api::<Secret>();
+            let name = secret_name.clone();
+            async move {
+                let data = api.get(&name).await.ok()?.data?;
+                (data.contains_key("token") && data.contains_key("ca.crt")).then_some(data)
+            }
+        },
+    )
+    .await;
+    let token = String::from_utf8(data["token"].0.clone()).expect("a UTF-8 token");
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {
+            "server": cluster().await.server_url(),
+            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(&data["ca.crt"].0),
+        }}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": sa, "context": {"cluster": "test", "user": sa, "namespace": ns.name}}],
+        "current-context": sa,
+    });
+    let path = cluster()
+        .await
+        .dir()
+        .join(format!("kubeconfig-{}-{sa}", ns.name));
+    std::fs::write(&path, serde_json::to_vec(&kubeconfig).expect("JSON")).expect("kubeconfig");
+    let parsed = kube::config::Kubeconfig::read_from(&path).expect("the kubeconfig parses");
+    let config = kube::Config::from_custom_kubeconfig(parsed, &Default::default())
+        .await
+        .expect("a client config");
+    (kube::Client::try_from(config).expect("a client"), path)
+}
+
+/// Install the chart into `release_ns` with `sets` and run the operator binary out of cluster
+/// with the installed Deployment's arguments, as its ServiceAccount.
+async fn operator_as_chart(
+    release_ns: &support::TestNs,
+    sets: &[&str],
+) -> (OperatorProcess, kube::Client) {
+    let kubeconfig = cluster().await.kubeconfig_path().to_path_buf();
+    let release = release_ns.name.clone();
+    let chart = chart_dir().display().to_string();
+    let mut args = vec![
+        "install",
+        release.as_str(),
+        chart.as_str(),
+        "--namespace",
+        release_ns.name.as_str(),
+    ];
+    let sets = set_args(sets);
+    args.extend(sets.iter().map(String::as_str));
+    helm_ok(&args, Some(&kubeconfig));
+    let full = format!("{release}-vaultconn");
+    let deploy = release_ns
+        .api::<Deployment>()
+        .get(&full)
+        .await
+        .expect("the Deployment");
+    let container = deploy
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("a pod spec")
+        .containers[0]
+        .clone();
+    let chart_args = container.args.unwrap_or_default();
+    assert_eq!(chart_args.first().map(String::as_str), Some("run"));
+    // The harness binds metrics to a free loopback port itself.
+    let extra: Vec<String> = chart_args[1..]
+        .iter()
+        .filter(|a| !a.starts_with("--metrics-bind-address"))
+        .cloned()
+        .collect();
+    let sa = deploy_service_account(release_ns, &full).await;
+    let (sa_client, sa_kubeconfig) = service_account_login(release_ns, &sa).await;
+    let op = OperatorProcess::start(OperatorOptions {
+        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
+        kubeconfig: sa_kubeconfig,
+        log_path: cluster()
+            .await
+            .dir()
+            .join(format!("operator-{release}.log")),
+        extra_args: extra,
+        log_filter: "info,vaultconn=debug".into(),
+    })
+    .await
+    .expect("the operator starts as the chart's ServiceAccount");
+    (op, sa_client)
+}
+
+async fn deploy_service_account(ns: &support::TestNs, deployment: &str) -> String {
+    ns.api::<Deployment>()
+        .get(deployment)
+        .await
+        .expect("the Deployment")
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.service_account_name)
+        .expect("the Deployment names its ServiceAccount")
+}
+
+/// What the operator logged about refused requests (nothing, if the chart's RBAC is enough).
+fn forbidden_lines(op: &OperatorProcess) -> Vec<String> {
+    op.logs()
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().contains("forbidden") || l.contains(" 403"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A connection whose Secret exists, whose credentials then change twice to the same kind of
+/// update (the second "SecretUpdated" Event is a PATCH of the first's series).
+async fn exercise_every_verb(ns: &support::TestNs) {
+    put_secret(ns, "creds", &[("api_key", "k-one")]).await;
+    apply_vc(
+        ns,
+        "conn",
+        json!({"type": "apiKey", "credentialsRef": {"name": "creds"}}),
+    )
+    .await;
+    ready(ns, "conn").await;
+    secret_data_eq(ns, "conn", map(&[("api_key", "k-one")])).await;
+    for value in ["k-two", "k-three"] {
+        put_secret(ns, "creds", &[("api_key", value)]).await;
+        secret_data_eq(ns, "conn", map(&[("api_key", value)])).await;
+    }
+    wait_for(
+        WAIT,
+        "a SecretUpdated Event with a series of 2 (create, then patch)",
+        || async {
+            ns.api::<Event>()
+                .list(&Default::default())
+                .await
+                .is_ok_and(|evs| {
+                    evs.items.iter().any(|e| {
+                        e.reason.as_deref() == Some("SecretUpdated")
+                            && e.series.as_ref().is_some_and(|s| s.count >= 2)
+                    })
+                })
+        },
+    )
+    .await;
+}
+
+/// The status code of a refused request, or 0 if it went through.
+fn refused<T>(r: Result<T, kube::Error>) -> u16 {
+    match r {
+        Ok(_) => 0,
+        Err(kube::Error::Api(e)) => e.code,
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+/// The lease is held by the operator, and released (patched) when it stops.
+async fn lease_held_then_released(release_ns: &support::TestNs, op: &mut OperatorProcess) {
+    let lease = format!("{}-vaultconn", release_ns.name);
+    let api = release_ns.api::<Lease>();
+    let holder = || async {
+        api.get_opt(&lease)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+            .filter(|h| !h.is_empty())
+    };
+    assert!(holder().await.is_some(), "the operator holds Lease {lease}");
+    assert!(
+        op.stop(Duration::from_secs(25)),
+        "a clean exit on SIGTERM:\n{}",
+        op.logs()
+    );
+    assert_eq!(holder().await, None, "the Lease was released on exit");
+}
+
+#[tokio::test]
+async fn cluster_wide_chart_rbac_is_enough_and_no_more() {
+    let _one_at_a_time = AS_CHART.lock().await;
+    let release_ns = test_namespace("chart-rbac").await;
+    let app = test_namespace("chart-app").await;
+    let (mut op, sa) = operator_as_chart(&release_ns, &[]).await;
+    exercise_every_verb(&app).await;
+    assert_eq!(
+        forbidden_lines(&op),
+        Vec::<String>::new(),
+        "refused requests"
+    );
+    // No more than that: no deleting or patching Secrets, no CRDs, no Leases outside the
+    // release namespace, nothing else.
+    let secrets: Api<Secret> = Api::namespaced(sa.clone(), &app.name);
+    assert_eq!(
+        refused(secrets.delete("creds", &Default::default()).await),
+        403
+    );
+    let patch = json!({"metadata": {"labels": {"x": "y"}}});
+    assert_eq!(
+        refused(
+            secrets
+                .patch("creds", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        ),
+        403
+    );
+    let crds: Api<CustomResourceDefinition> = Api::all(sa.clone());
+    assert_eq!(
+        refused(crds.get("vaultconnections.vaultconn.dev").await),
+        403
+    );
+    let leases: Api<Lease> = Api::namespaced(sa.clone(), &app.name);
+    assert_eq!(refused(leases.list(&Default::default()).await), 403);
+    let vcs: Api<VaultConnection> = Api::namespaced(sa.clone(), &app.name);
+    assert_eq!(refused(vcs.delete("conn", &Default::default()).await), 403);
+    let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::all(sa.clone());
+    assert_eq!(refused(config_maps.list(&Default::default()).await), 403);
+    lease_held_then_released(&release_ns, &mut op).await;
+    assert_eq!(
+        forbidden_lines(&op),
+        Vec::<String>::new(),
+        "refused requests on shutdown"
+    );
+}
+
+#[tokio::test]
+async fn namespaced_chart_rbac_keeps_the_operator_in_its_namespaces() {
+    let _one_at_a_time = AS_CHART.lock().await;
+    let release_ns = test_namespace("chart-rbac-ns").await;
+    let app = test_namespace("chart-app-ns").await;
+    let other = test_namespace("chart-other").await;
+    // A connection the operator must not serve, in place before it starts.
+    put_secret(&other, "creds", &[("api_key", "k-other")]).await;
+    apply_vc(
+        &other,
+        "conn",
+        json!({"type": "apiKey", "credentialsRef": {"name": "creds"}}),
+    )
+    .await;
+    let watch = format!("watchNamespaces={{{}}}", app.name);
+    let (mut op, sa) = operator_as_chart(&release_ns, &[&watch]).await;
+    exercise_every_verb(&app).await;
+    assert_eq!(
+        forbidden_lines(&op),
+        Vec::<String>::new(),
+        "refused requests"
+    );
+    // Outside its namespaces it can neither read nor write Secrets, nor list them cluster-wide.
+    let elsewhere: Api<Secret> = Api::namespaced(sa.clone(), &other.name);
+    assert_eq!(refused(elsewhere.get("creds").await), 403);
+    assert_eq!(refused(elsewhere.list(&Default::default()).await), 403);
+    let stolen = secret_obj("stolen", &[("k", "v")]);
+    assert_eq!(
+        refused(elsewhere.create(&PostParams::default(), &stolen).await),
+        403
+    );
+    let everywhere: Api<Secret> = Api::all(sa.clone());
+    assert_eq!(refused(everywhere.list(&Default::default()).await), 403);
+    let all_vcs: Api<VaultConnection> = Api::all(sa.clone());
+    assert_eq!(refused(all_vcs.list(&Default::default()).await), 403);
+    // The connection elsewhere was never served (the one in `app` was, long since).
+    let untouched = other
+        .api::<VaultConnection>()
+        .get("conn")
+        .await
+        .expect("the connection");
+    assert!(untouched.status.is_none(), "{:?}", untouched.status);
+    assert!(other
+        .api::<Secret>()
+        .get_opt("conn")
+        .await
+        .expect("a read")
+        .is_none());
+    lease_held_then_released(&release_ns, &mut op).await;
+    assert_eq!(
+        forbidden_lines(&op),
+        Vec::<String>::new(),
+        "refused requests on shutdown"
     );
 }

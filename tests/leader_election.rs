@@ -108,7 +108,10 @@ async fn oauth_connections(ns: &TestNs, ts: &TokenServer, prefix: &str) -> Vec<S
 fn assert_no_replay(ts: &TokenServer) {
     let calls = ts.calls();
     let mut presented = std::collections::HashSet::new();
-    for c in calls.iter().filter(|c| c.grant_type.as_deref() == Some("refresh_token")) {
+    for c in calls
+        .iter()
+        .filter(|c| c.grant_type.as_deref() == Some("refresh_token"))
+    {
         let rt = c.refresh_token.clone().unwrap_or_default();
         assert!(
             presented.insert(rt),
@@ -129,7 +132,11 @@ fn refreshes_since(ts: &TokenServer, since: SystemTime) -> Vec<usize> {
             calls
                 .iter()
                 .filter(|c| c.at > since)
-                .filter(|c| c.client_id.as_deref().is_some_and(|id| id.ends_with(&format!("-client-{i}"))))
+                .filter(|c| {
+                    c.client_id
+                        .as_deref()
+                        .is_some_and(|id| id.ends_with(&format!("-client-{i}")))
+                })
                 .filter(|c| c.outcome.as_ref().and_then(|o| o.status) == Some(200))
                 .count()
         })
@@ -152,7 +159,9 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
     let (proxy_b, kubeconfig_b) = proxied_kubeconfig("ha-kill-b").await;
     let mut a = operator("a", direct_kubeconfig().await, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease).await.is_some_and(|h| h.starts_with("a_"))
+        holder(&ns, lease)
+            .await
+            .is_some_and(|h| h.starts_with("a_"))
     })
     .await;
     let mut b = operator("b", kubeconfig_b, &args).await;
@@ -161,9 +170,11 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
         ready(&ns, name).await;
     }
     // Both are ready: the leader with synced caches, the standby standing by.
-    wait_for(Duration::from_secs(30), "both replicas report ready", || async {
-        a.probe("/readyz").await == Some(200) && b.probe("/readyz").await == Some(200)
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "both replicas report ready",
+        || async { a.probe("/readyz").await == Some(200) && b.probe("/readyz").await == Some(200) },
+    )
     .await;
     // The standby wrote nothing but the Lease (the API server saw no other write from it).
     let b_writes: Vec<String> = proxy_b
@@ -176,9 +187,15 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
 
     a.kill();
     let killed_at = SystemTime::now();
-    wait_for(Duration::from_secs(40), "b takes over the Lease", || async {
-        holder(&ns, lease).await.is_some_and(|h| h.starts_with("b_"))
-    })
+    wait_for(
+        Duration::from_secs(40),
+        "b takes over the Lease",
+        || async {
+            holder(&ns, lease)
+                .await
+                .is_some_and(|h| h.starts_with("b_"))
+        },
+    )
     .await;
     // The new leader keeps refreshing (4 s tokens: a refresh every few seconds).
     wait_for(
@@ -225,7 +242,9 @@ async fn a_leader_that_cannot_renew_stops_writing_before_the_standby_starts() {
     let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-fence-a").await;
     let mut a = operator("fence-a", kubeconfig_a, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease).await.is_some_and(|h| h.starts_with("fence-a_"))
+        holder(&ns, lease)
+            .await
+            .is_some_and(|h| h.starts_with("fence-a_"))
     })
     .await;
     let mut b = operator("fence-b", direct_kubeconfig().await, &args).await;
@@ -262,10 +281,14 @@ async fn a_leader_that_cannot_renew_stops_writing_before_the_standby_starts() {
         late_writes.is_empty(),
         "a wrote after b acquired the Lease: {late_writes:?}"
     );
-    wait_for(Duration::from_secs(30), "a exits after losing the Lease", || {
-        let exited = a.exit_status().is_some_and(|s| !s.success());
-        async move { exited }
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "a exits after losing the Lease",
+        || {
+            let exited = a.exit_status().is_some_and(|s| !s.success());
+            async move { exited }
+        },
+    )
     .await;
     proxy_a.clear(cut);
     assert_no_replay(&ts);
@@ -287,16 +310,21 @@ async fn with_namespaces_the_operator_watches_and_touches_only_those() {
     let list = watched.name.clone();
     let mut op = operator("scoped", kubeconfig, &["--namespaces", &list]).await;
     ready(&watched, "inside").await;
-    wait_for(Duration::from_secs(30), "the scoped operator is ready", || async {
-        op.probe("/readyz").await == Some(200)
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the scoped operator is ready",
+        || async { op.probe("/readyz").await == Some(200) },
+    )
     .await;
     let vc = other
         .api::<vaultconn::api::VaultConnection>()
         .get("outside")
         .await
         .expect("outside exists");
-    assert!(vc.status.is_none(), "a connection outside --namespaces got a status");
+    assert!(
+        vc.status.is_none(),
+        "a connection outside --namespaces got a status"
+    );
     // The API server saw no request outside the namespace, and no cluster-wide list/watch.
     let outside: Vec<String> = proxy
         .requests()
@@ -310,6 +338,9 @@ async fn with_namespaces_the_operator_watches_and_touches_only_those() {
         })
         .map(|r| format!("{} {}", r.method, r.path))
         .collect();
-    assert!(outside.is_empty(), "requests outside the namespace: {outside:?}");
+    assert!(
+        outside.is_empty(),
+        "requests outside the namespace: {outside:?}"
+    );
     op.stop(Duration::from_secs(30));
 }

@@ -93,7 +93,9 @@ impl OperatorProcess {
 
     /// The exit status if the process has exited by itself (None while it runs).
     pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// GET one of the operator's own endpoints (`/readyz`, `/healthz`): its HTTP status.
