@@ -46,6 +46,8 @@ pub struct ControllerConfig {
     pub namespaces: Option<Vec<String>>,
     /// Bound of the shutdown flush of pending token writes.
     pub shutdown_timeout: Duration,
+    /// This process's name in the Lease and in in-flight marks (unique per process).
+    pub identity: String,
 }
 
 impl Default for ControllerConfig {
@@ -57,6 +59,7 @@ impl Default for ControllerConfig {
             token_request_timeout: Duration::from_secs(15),
             namespaces: None,
             shutdown_timeout: Duration::from_secs(20),
+            identity: format!("vaultconn_{}", std::process::id()),
         }
     }
 }
@@ -98,6 +101,7 @@ impl Context {
                 ..Default::default()
             },
             metrics.clone(),
+            config.identity.clone(),
         )?;
         Ok(Arc::new(Context {
             writer: SecretWriter::new(client, events, metrics, gate),

@@ -30,6 +30,7 @@ impl From<&RunConfig> for ControllerConfig {
             token_request_timeout: c.token_request_timeout,
             namespaces: c.watched_namespaces(),
             shutdown_timeout: c.shutdown_timeout,
+            identity: c.identity(),
         }
     }
 }
@@ -54,7 +55,7 @@ pub async fn run(
         ElectionConfig {
             lease_name: config.lease_name.clone(),
             lease_namespace: config.lease_namespace_or(client.default_namespace()),
-            identity: config.identity(),
+            identity: controller_config.identity.clone(),
             lease_duration: config.lease_duration,
         },
     )

@@ -31,7 +31,10 @@ async fn operator(instance: &str, kubeconfig: PathBuf, args: &[&str]) -> Operato
     OperatorProcess::start(OperatorOptions {
         binary: env!("CARGO_BIN_EXE_vaultconn").into(),
         kubeconfig,
-        log_path: cp.dir().join(format!("operator-{instance}.log")),
+        // VAULTCONN_TEST_LOG_DIR keeps the logs after the run (the control plane's dir goes).
+        log_path: std::env::var_os("VAULTCONN_TEST_LOG_DIR")
+            .map_or_else(|| cp.dir().to_path_buf(), PathBuf::from)
+            .join(format!("operator-{instance}.log")),
         extra_args: extra,
         log_filter: "info,vaultconn=debug".into(),
     })
@@ -54,8 +57,12 @@ async fn proxied_kubeconfig(name: &str) -> (ApiFaultProxy, PathBuf) {
     (proxy, path)
 }
 
+/// Tests in this binary run in parallel, each with its own operators: each watches only its
+/// test's namespace, or two elections would reconcile the same connections.
 fn election_args<'a>(ns: &'a TestNs, lease: &'a str, duration: &'a str) -> Vec<&'a str> {
     vec![
+        "--namespaces",
+        ns.name.as_str(),
         "--leader-elect",
         "--lease-name",
         lease,
@@ -343,4 +350,91 @@ async fn with_namespaces_the_operator_watches_and_touches_only_those() {
         "requests outside the namespace: {outside:?}"
     );
     op.stop(Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replaying_its_token() {
+    use kube::api::{Patch, PatchParams};
+    use vaultconn_testkit::token_server::Fault;
+    let ns = test_namespace("ha-mark").await;
+    // Rotation without an overlap window, reuse detection on: a second use of a refresh
+    // token revokes the whole family.
+    let ts = TokenServer::start(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_ttl(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("token server starts");
+    let lease = "vaultconn-ha-mark";
+    let args = election_args(&ns, lease, "6s");
+    let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-mark-a").await;
+    let mut a = operator("mark-a", kubeconfig_a, &args).await;
+    wait_for(Duration::from_secs(30), "a holds the Lease", || async {
+        holder(&ns, lease)
+            .await
+            .is_some_and(|h| h.starts_with("mark-a_"))
+    })
+    .await;
+    let mut b = operator("mark-b", direct_kubeconfig().await, &args).await;
+    let names = oauth_connections(&ns, &ts, "mark").await;
+    let name = &names[0];
+    ready(&ns, name).await;
+    let sent = stored_refresh_token(&ns, name)
+        .await
+        .expect("a stored refresh token");
+
+    // a's next call commits the rotation at the provider, then the reply takes 10 s.
+    ts.push_fault(Fault::SlowReply {
+        delay: Duration::from_secs(10),
+        after_commit: true,
+    });
+    let annotate =
+        json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": "1"}}});
+    ns.api::<vaultconn::api::VaultConnection>()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&annotate))
+        .await
+        .expect("annotate");
+    wait_for(
+        Duration::from_secs(30),
+        "a's token call is in flight",
+        || async { ts.in_flight() == 1 },
+    )
+    .await;
+    // Now a loses its Lease mid-call; b takes over while a's call is still running.
+    let cut = proxy_a.fail_until_cleared(FaultRule::requests(MethodMatch::Any, "/leases", 503));
+    wait_for(Duration::from_secs(30), "b takes over", || async {
+        holder(&ns, lease)
+            .await
+            .is_some_and(|h| h.starts_with("mark-b_"))
+    })
+    .await;
+    // The rotated token a received is stored (a's write is guarded by the token it sent, so
+    // it cannot overwrite anything newer), and b carries on from it.
+    wait_for(
+        Duration::from_secs(60),
+        "the rotated refresh token is stored",
+        || async {
+            stored_refresh_token(&ns, name)
+                .await
+                .is_some_and(|rt| rt != sent && ts.is_refresh_token_live(&rt))
+        },
+    )
+    .await;
+    ready(&ns, name).await;
+    let presented: Vec<_> = ts
+        .calls()
+        .into_iter()
+        .filter(|c| c.refresh_token.as_deref() == Some(sent.as_str()))
+        .map(|c| c.seq)
+        .collect();
+    assert_eq!(
+        presented.len(),
+        1,
+        "the in-flight token was sent again: calls {presented:?}"
+    );
+    proxy_a.clear(cut);
+    assert_no_replay(&ts);
+    let _ = a.exit_status();
+    b.stop(Duration::from_secs(30));
 }

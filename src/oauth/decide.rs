@@ -157,7 +157,32 @@ pub fn settled_state(state: &TokenState, fps: Fingerprints<'_>) -> TokenState {
         failed_fingerprint: None,
         failed_at: None,
         inflight: None,
+        inflight_by: None,
     }
+}
+
+/// How long to wait before sending the refresh token with fingerprint `fp`, because another
+/// process marked it in flight and its call may still be running (it lost the Lease mid-call,
+/// or is being replaced): sending the same token now would be a replay once that call rotates
+/// it. `None` when the mark is ours, absent, for another token, or older than the longest a
+/// call can take (`max_call`); then the mark means an unknown outcome, as after a crash.
+pub fn wait_for_foreign_call(
+    state: &TokenState,
+    fp: &str,
+    me: &str,
+    now: Timestamp,
+    max_call: Duration,
+) -> Option<Duration> {
+    if state.inflight.as_deref() != Some(fp) {
+        return None;
+    }
+    let (holder, at) = state.inflight_holder()?;
+    if holder == me {
+        return None;
+    }
+    let ends = at.checked_add(max_call).ok()?;
+    let left = Duration::try_from(ends.duration_since(now)).ok()?;
+    (!left.is_zero()).then_some(left)
 }
 
 /// What to do when the first token call did not give a usable answer.
@@ -611,6 +636,28 @@ impl Decider<'_> {
         }
     }
 
+    /// Another process's call with the same refresh token may still be running: wait for
+    /// its result (it lands in the state Secret and wakes us) and leave the status as it is.
+    pub fn wait_for_other_call(&self, wait: Duration) -> Decision {
+        let vc_status = self.vc.status.as_ref();
+        let live = vc_status.and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == crate::status::READY)
+        });
+        let (reason, message) = match live.and_then(|c| Reason::parse(&c.reason).map(|r| (r, c))) {
+            Some((r, c)) => (r, c.message.clone()),
+            None => (
+                Reason::TokenPending,
+                "Waiting for another replica's token request to finish".to_string(),
+            ),
+        };
+        Decision {
+            outcome: self.keep(reason, message),
+            requeue: Requeue::After(wait.max(MIN_REQUEUE)),
+        }
+    }
+
     /// This replica may not spend refresh tokens (another holds the lease).
     pub fn not_leader(&self) -> Decision {
         Decision {
@@ -762,6 +809,54 @@ mod tests {
             st.inflight, None,
             "the in-flight mark is cleared with the result"
         );
+    }
+
+    #[test]
+    fn scenario_10_another_holders_fresh_mark_is_waited_for_not_taken_for_a_crash() {
+        let now = t("2026-01-01T00:00:10Z");
+        let max_call = Duration::from_secs(35);
+        let mut st = chain("old");
+        st.mark_inflight("fp".into(), "pod-a_7", t("2026-01-01T00:00:00Z"));
+        assert_eq!(
+            wait_for_foreign_call(&st, "fp", "pod-b_9", now, max_call),
+            Some(Duration::from_secs(25)),
+            "another holder's call may still be running"
+        );
+        assert_eq!(
+            wait_for_foreign_call(&st, "fp", "pod-a_7", now, max_call),
+            None,
+            "our own mark"
+        );
+        assert_eq!(
+            wait_for_foreign_call(&st, "other-fp", "pod-b_9", now, max_call),
+            None,
+            "a mark for another token"
+        );
+        let late = t("2026-01-01T00:00:36Z");
+        assert_eq!(
+            wait_for_foreign_call(&st, "fp", "pod-b_9", late, max_call),
+            None,
+            "older than any call can take: an unknown outcome, as after a crash"
+        );
+        st.inflight_by = None;
+        assert_eq!(
+            wait_for_foreign_call(&st, "fp", "pod-b_9", now, max_call),
+            None,
+            "a mark from before holders were recorded"
+        );
+    }
+
+    #[test]
+    fn the_inflight_holder_round_trips_through_the_state_secret() {
+        let mut st = chain("old");
+        st.mark_inflight("fp".into(), "vaultconn-5d8c_1", t("2026-01-01T00:00:00Z"));
+        let back = TokenState::from_data(&st.to_data());
+        assert_eq!(
+            back.inflight_holder(),
+            Some(("vaultconn-5d8c_1", t("2026-01-01T00:00:00Z")))
+        );
+        let settled = settled_state(&back, FPS);
+        assert_eq!((settled.inflight, settled.inflight_by), (None, None));
     }
 
     #[test]

@@ -49,6 +49,13 @@ struct PendingPersist {
     attempts: u32,
 }
 
+/// The longest one refresh's token calls can take: the call, the one retry after an unknown
+/// outcome, and slack for the state write in between. Another process's in-flight mark younger
+/// than this may belong to a call still running.
+fn max_call_time(request_timeout: Duration) -> Duration {
+    request_timeout * 2 + Duration::from_secs(5)
+}
+
 /// Pending state writes flushed at once on shutdown.
 const FLUSH_CONCURRENCY: usize = 16;
 
@@ -70,6 +77,9 @@ fn carry_out(d: Decision) -> (Outcome, Action) {
 
 pub struct OAuthEngine {
     client: TokenClient,
+    identity: String,
+    /// The longest one refresh's token calls can take (see `max_call_time`).
+    max_call: Duration,
     pending: Mutex<HashMap<Key, PendingPersist>>,
     failures: Mutex<HashMap<Key, u32>>,
     /// Connections whose last refresh stored everything: their next refresh skips the dry
@@ -97,11 +107,16 @@ struct Refresh<'a> {
 }
 
 impl OAuthEngine {
+    /// `identity`: this process's name in in-flight marks (unique per process).
     pub fn new(
         client_config: TokenClientConfig,
         metrics: Arc<Metrics>,
+        identity: String,
     ) -> std::result::Result<Self, TokenError> {
+        let max_call = max_call_time(client_config.request_timeout);
         Ok(OAuthEngine {
+            identity,
+            max_call,
             client: TokenClient::new(client_config)?,
             pending: Mutex::default(),
             failures: Mutex::default(),
@@ -388,11 +403,21 @@ impl OAuthEngine {
         let mut previous_attempt_unknown = false;
         if let Some(rt) = &rt_sent {
             let fp = state::token_fingerprint(rt);
+            let now = r.decider.now;
+            if let Some(wait) =
+                decide::wait_for_foreign_call(&r.state, &fp, &self.identity, now, self.max_call)
+            {
+                info!(namespace = %r.key.0, name = %r.key.1, wait = ?wait, "another process's token request with this refresh token may still be running; waiting for its result");
+                return Ok(r.decider.wait_for_other_call(wait));
+            }
             previous_attempt_unknown = r.state.inflight.as_deref() == Some(fp.as_str());
             let mut intent = r.state.clone();
-            intent.inflight = Some(fp);
+            intent.mark_inflight(fp, &self.identity, now);
             match self.persist_once(w, r.vc, &intent, guard.as_ref()).await {
-                Ok(()) => r.state.inflight = intent.inflight,
+                Ok(()) => {
+                    r.state.inflight = intent.inflight;
+                    r.state.inflight_by = intent.inflight_by;
+                }
                 Err(GuardedWriteError::NotWritable(msg)) => return Ok(self.not_writable(&r, &msg)),
                 Err(GuardedWriteError::Concurrent) => return Ok(r.decider.adopted()),
                 Err(GuardedWriteError::Kube(e)) => return Err(e.into()),

@@ -35,6 +35,9 @@ pub mod keys {
     /// request, cleared with its result). Found on start-up, it means the previous attempt's
     /// outcome is unknown (the process died mid-refresh).
     pub const INFLIGHT: &str = "inflight_refresh_token";
+    /// Who wrote the in-flight mark and when (`<identity> <RFC 3339>`): a process never
+    /// mistakes another's call that may still be running for its own crash.
+    pub const INFLIGHT_BY: &str = "inflight_by";
 }
 
 /// RFC 3339 in UTC with whole seconds (fraction truncated) and a `Z`: `2026-11-28T23:57:50Z`.
@@ -103,6 +106,7 @@ pub struct TokenState {
     pub failed_fingerprint: Option<String>,
     pub failed_at: Option<Timestamp>,
     pub inflight: Option<String>,
+    pub inflight_by: Option<String>,
 }
 
 /// Fingerprint of a refresh token (never the token itself outside the state Secret's data).
@@ -147,6 +151,7 @@ impl TokenState {
             failed_fingerprint: text(data, keys::FAILED_FINGERPRINT),
             failed_at: text(data, keys::FAILED_AT).and_then(|s| parse_time(&s)),
             inflight: text(data, keys::INFLIGHT),
+            inflight_by: text(data, keys::INFLIGHT_BY),
         }
     }
 
@@ -165,6 +170,7 @@ impl TokenState {
             (keys::FAILED_REASON, &self.failed_reason),
             (keys::FAILED_FINGERPRINT, &self.failed_fingerprint),
             (keys::INFLIGHT, &self.inflight),
+            (keys::INFLIGHT_BY, &self.inflight_by),
         ] {
             if let Some(v) = v {
                 put(k, v.as_bytes().to_vec());
@@ -183,6 +189,18 @@ impl TokenState {
             }
         }
         SecretData(d)
+    }
+
+    /// Mark `fingerprint` as being spent now by `holder`.
+    pub fn mark_inflight(&mut self, fingerprint: String, holder: &str, now: Timestamp) {
+        self.inflight = Some(fingerprint);
+        self.inflight_by = Some(format!("{holder} {}", format_time(now)));
+    }
+
+    /// The holder and time of the in-flight mark, if it has them (older marks do not).
+    pub fn inflight_holder(&self) -> Option<(&str, Timestamp)> {
+        let (holder, at) = self.inflight_by.as_deref()?.rsplit_once(' ')?;
+        Some((holder, parse_time(at)?))
     }
 
     /// The fingerprint a terminal failure is remembered under.
