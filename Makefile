@@ -10,6 +10,7 @@ run:
 test:
 	bash scripts/provision-control-plane.sh >/dev/null
 	bash scripts/install-oidc-provider.sh
+	bash scripts/install-helm.sh >/dev/null
 	cargo test --workspace --all-targets
 
 # Regenerate the committed CRD from the Rust types.
