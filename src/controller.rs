@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::events::EventSink;
 use crate::names::*;
 use crate::oauth::refresh::OAuthEngine;
-use crate::oauth::token::TokenClientConfig;
+use crate::oauth::token::{TokenClientConfig, TokenUrlPolicy};
 use crate::reason::Reason;
 use crate::secret::{self, Inputs};
 use crate::status::{self, Outcome};
@@ -40,6 +40,8 @@ pub struct ControllerConfig {
     pub concurrency: u16,
     /// Total time limit of one token request.
     pub token_request_timeout: Duration,
+    /// Private-network token hosts that may be contacted (`--token-url-allow`).
+    pub token_url_policy: TokenUrlPolicy,
 }
 
 impl Default for ControllerConfig {
@@ -49,6 +51,7 @@ impl Default for ControllerConfig {
             instance: None,
             concurrency: 32,
             token_request_timeout: Duration::from_secs(15),
+            token_url_policy: TokenUrlPolicy::default(),
         }
     }
 }
@@ -86,6 +89,7 @@ impl Context {
             TokenClientConfig {
                 allow_http_loopback: config.allow_http_loopback,
                 request_timeout: config.token_request_timeout,
+                token_url_policy: config.token_url_policy.clone(),
                 ..Default::default()
             },
             metrics.clone(),
@@ -102,6 +106,7 @@ impl Context {
     pub fn validation_options(&self) -> ValidationOptions {
         ValidationOptions {
             allow_http_loopback: self.config.allow_http_loopback,
+            token_url_policy: self.config.token_url_policy.clone(),
         }
     }
 
@@ -245,9 +250,15 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
         return Ok((o, Action::await_change()));
     }
 
-    let problems = validation::validate(vc, ctx.validation_options());
+    let opts = ctx.validation_options();
+    let problems = validation::validate(vc, opts.clone());
     if !problems.is_empty() {
         let o = Outcome::new(Reason::InvalidSpec, problems.join("; "));
+        return Ok((status::keep_known_fields(vc, o), Action::await_change()));
+    }
+    // Refused before anything is read or sent; a changed allow-list restarts the operator.
+    if let Some(msg) = validation::token_url_not_allowed(vc, &opts) {
+        let o = Outcome::new(Reason::TokenUrlNotAllowed, msg);
         return Ok((status::keep_known_fields(vc, o), Action::await_change()));
     }
 

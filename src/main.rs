@@ -40,6 +40,10 @@ struct RunArgs {
         global = true
     )]
     metrics_addr: std::net::SocketAddr,
+    /// Hosts and CIDRs allowed as token URLs despite the private-range rule, comma-separated
+    /// (e.g. `keycloak.auth.svc.cluster.local,*.corp.internal,10.20.0.0/16`).
+    #[arg(long, env = "VAULTCONN_TOKEN_URL_ALLOW", default_value = "", hide_default_value = true, global = true)]
+    token_url_allow: vaultconn::oauth::token::TokenUrlPolicy,
     /// Events' reportingInstance (defaults to $POD_NAME).
     #[arg(long, env = "POD_NAME", global = true)]
     instance: Option<String>,
@@ -189,6 +193,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         instance: args.instance,
         concurrency: args.concurrency,
         token_request_timeout: args.token_request_timeout,
+        token_url_policy: args.token_url_allow,
     };
     let metrics = std::sync::Arc::new(vaultconn::metrics::Metrics::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
