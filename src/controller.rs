@@ -183,7 +183,7 @@ pub async fn run(
             kube::runtime::controller::Config::default().concurrency(config.concurrency),
         );
     }
-    info!("controller started");
+    info!(token_url_allow = %config.token_url_policy, "controller started");
     controller
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| async move {

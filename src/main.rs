@@ -42,7 +42,13 @@ struct RunArgs {
     metrics_addr: std::net::SocketAddr,
     /// Hosts and CIDRs allowed as token URLs despite the private-range rule, comma-separated
     /// (e.g. `keycloak.auth.svc.cluster.local,*.corp.internal,10.20.0.0/16`).
-    #[arg(long, env = "VAULTCONN_TOKEN_URL_ALLOW", default_value = "", hide_default_value = true, global = true)]
+    #[arg(
+        long,
+        env = "VAULTCONN_TOKEN_URL_ALLOW",
+        default_value = "",
+        hide_default_value = true,
+        global = true
+    )]
     token_url_allow: vaultconn::oauth::token::TokenUrlPolicy,
     /// Events' reportingInstance (defaults to $POD_NAME).
     #[arg(long, env = "POD_NAME", global = true)]

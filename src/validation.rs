@@ -224,7 +224,10 @@ fn check_token_url(url: &str, opts: &ValidationOptions) -> Result<(), UrlError> 
 pub fn token_url_not_allowed(vc: &VaultConnection, opts: &ValidationOptions) -> Option<String> {
     let spec = &vc.spec;
     let (field, url) = match spec.type_ {
-        ConnectionType::OAuth2 => ("spec.oauth2.tokenUrl", spec.oauth2.as_ref()?.token_url.clone()),
+        ConnectionType::OAuth2 => (
+            "spec.oauth2.tokenUrl",
+            spec.oauth2.as_ref()?.token_url.clone(),
+        ),
         ConnectionType::Auth0 => (
             "spec.auth0.domain",
             crate::names::auth0_token_url(&spec.auth0.as_ref()?.domain),
@@ -399,7 +402,9 @@ mod tests {
             vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://10.1.2.3/token"}})),
             vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://0x0a010203/token"}})),
             vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://[fd00::1]/token"}})),
-            vc(json!({"type": "auth0", "auth0": {"domain": "192.168.0.10", "audience": "https://api"}})),
+            vc(
+                json!({"type": "auth0", "auth0": {"domain": "192.168.0.10", "audience": "https://api"}}),
+            ),
         ];
         let strict = ValidationOptions::default();
         let allowing = ValidationOptions {
@@ -409,8 +414,15 @@ mod tests {
         for v in &private {
             assert!(validate(v, strict.clone()).is_empty());
             let msg = token_url_not_allowed(v, &strict).expect("refused");
-            assert!(msg.starts_with("spec.oauth2.tokenUrl: host ") || msg.starts_with("spec.auth0.domain: host "), "{msg}");
-            assert!(msg.contains("--token-url-allow") && msg.contains("tokenUrlAllow"), "{msg}");
+            assert!(
+                msg.starts_with("spec.oauth2.tokenUrl: host ")
+                    || msg.starts_with("spec.auth0.domain: host "),
+                "{msg}"
+            );
+            assert!(
+                msg.contains("--token-url-allow") && msg.contains("tokenUrlAllow"),
+                "{msg}"
+            );
             assert!(!msg.contains("/token"), "{msg}");
             assert_eq!(token_url_not_allowed(v, &allowing), None);
         }

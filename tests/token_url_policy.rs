@@ -131,7 +131,12 @@ async fn private_literal_token_host_is_refused_without_a_request() {
     let before = attempts().await;
 
     apply_vc(&ns, "literal", oauth2("https://10.1.2.3/token", "creds")).await;
-    apply_vc(&ns, "mapped", oauth2("https://[::ffff:10.1.2.3]/t?x=1", "creds")).await;
+    apply_vc(
+        &ns,
+        "mapped",
+        oauth2("https://[::ffff:10.1.2.3]/t?x=1", "creds"),
+    )
+    .await;
     // Admitted by the allow-list (10.99.0.0/16), so not refused; it has no credentials, so no
     // request can be built for it and it waits for them.
     apply_vc(&ns, "allowed", oauth2("https://10.99.0.1/token", "absent")).await;
@@ -154,7 +159,11 @@ async fn private_literal_token_host_is_refused_without_a_request() {
     assert_eq!(phase(&allowed), Some(Phase::Pending));
 
     // Nothing was requested and nothing was written for the refused connections.
-    assert_eq!(attempts().await, before, "the operator made a token request");
+    assert_eq!(
+        attempts().await,
+        before,
+        "the operator made a token request"
+    );
     let secrets: Vec<String> = ns
         .api::<Secret>()
         .list(&ListParams::default())
@@ -216,7 +225,11 @@ async fn transport_failures_show_only_their_class() {
         assert!(note.contains(class), "{name}: {note}");
         assert_no_transport_text(&format!("the Event of {name}"), &note);
     }
-    assert_eq!(ts.call_count(), 0, "no HTTP request reached the token server");
+    assert_eq!(
+        ts.call_count(),
+        0,
+        "no HTTP request reached the token server"
+    );
 
     // The detail is in the operator's log, with the connection it belongs to.
     let logs = operator_logs().await;
@@ -236,7 +249,10 @@ async fn transport_failures_show_only_their_class() {
             .any(|l| l.contains("name=\"tls\"") && l.contains("TLSError")),
         "{lines:#?}"
     );
-    assert!(!logs.contains(CLIENT_SECRET), "the client secret was logged");
+    assert!(
+        !logs.contains(CLIENT_SECRET),
+        "the client secret was logged"
+    );
 }
 
 /// A bad allow-list entry stops the operator at start-up with an error naming the entry.
@@ -244,7 +260,11 @@ async fn transport_failures_show_only_their_class() {
 fn bad_allow_list_entries_stop_the_operator_at_start() {
     for (how, entry, why) in [
         ("flag", "10.0.0.0/33", "is not a valid CIDR"),
-        ("env", "idp.corp.test:8443", "a port is not part of an entry"),
+        (
+            "env",
+            "idp.corp.test:8443",
+            "a port is not part of an entry",
+        ),
         ("flag", "https://idp.corp.test/token", "is a URL"),
         ("env", "169.254.169.254", "never contacted"),
     ] {

@@ -379,8 +379,14 @@ mod tests {
                 },
                 "HTTP status 101",
             ),
-            (TokenError::NotAllowed { detail: d() }, "not allowed by the operator's policy"),
-            (TokenError::ForbiddenAddress { detail: d() }, "never contacts"),
+            (
+                TokenError::NotAllowed { detail: d() },
+                "not allowed by the operator's policy",
+            ),
+            (
+                TokenError::ForbiddenAddress { detail: d() },
+                "never contacts",
+            ),
         ];
         for (e, class) in cases {
             let shown = e.to_string();

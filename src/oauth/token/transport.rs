@@ -89,7 +89,8 @@ impl Default for TokenClientConfig {
 
 /// Turns a host name into addresses: the system resolver, or a fixed table in tests (which is
 /// how the resolver's policy is tested with names that resolve to loopback).
-type Lookup = Arc<dyn Fn(String) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
+type Lookup =
+    Arc<dyn Fn(String) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
 
 fn system_lookup() -> Lookup {
     Arc::new(|host: String| {
@@ -131,9 +132,7 @@ impl reqwest::dns::Resolve for GuardedResolver {
             let kept = match check? {
                 NameCheck::Local(addrs) => addrs,
                 NameCheck::Lookup { host, allow_listed } => {
-                    let resolved = lookup(host)
-                        .await
-                        .map_err(|e| DnsFailure(e.to_string()))?;
+                    let resolved = lookup(host).await.map_err(|e| DnsFailure(e.to_string()))?;
                     if resolved.is_empty() {
                         return Err(DnsFailure("no addresses".to_string()).into());
                     }
@@ -949,7 +948,10 @@ mod tests {
             assert_eq!(e.reason().as_str(), "TokenURLNotAllowed");
             assert_eq!(e.class(), ErrorClass::Terminal);
             assert!(!e.to_string().contains("127.0.0.1"), "{e}");
-            assert!(e.detail().is_some_and(|d| d.contains("does not allow")), "{e:?}");
+            assert!(
+                e.detail().is_some_and(|d| d.contains("does not allow")),
+                "{e:?}"
+            );
         }
         assert!(
             seen.lock().unwrap().is_empty(),
@@ -970,9 +972,17 @@ mod tests {
     #[tokio::test]
     async fn resolver_hook_drops_denied_addresses_from_a_mixed_answer() {
         let (url, seen) = fixed(200, &[], token_json()).await;
-        let port: u16 = url.split(':').nth(2).unwrap().trim_end_matches("/token").parse().unwrap();
+        let port: u16 = url
+            .split(':')
+            .nth(2)
+            .unwrap()
+            .trim_end_matches("/token")
+            .parse()
+            .unwrap();
         // A trap on the denied address, same port: it must never see a connection.
-        let trap = tokio::net::TcpListener::bind(("127.0.0.2", port)).await.unwrap();
+        let trap = tokio::net::TcpListener::bind(("127.0.0.2", port))
+            .await
+            .unwrap();
         let trapped = Arc::new(AtomicUsize::new(0));
         let t2 = trapped.clone();
         tokio::spawn(async move {
@@ -987,7 +997,11 @@ mod tests {
         let c = hook_client(policy, lookup);
         assert_eq!(send_raw(&c, &url).await.unwrap(), 200);
         assert_eq!(seen.lock().unwrap().len(), 1);
-        assert_eq!(trapped.load(Ordering::SeqCst), 0, "the denied address was connected");
+        assert_eq!(
+            trapped.load(Ordering::SeqCst),
+            0,
+            "the denied address was connected"
+        );
     }
 
     #[tokio::test]
@@ -997,7 +1011,9 @@ mod tests {
             table_lookup(&[("empty.internal.test", &[])]),
         );
         for host in ["nxdomain.internal.test", "empty.internal.test"] {
-            let e = send_raw(&c, &format!("http://{host}:1/token")).await.unwrap_err();
+            let e = send_raw(&c, &format!("http://{host}:1/token"))
+                .await
+                .unwrap_err();
             assert!(
                 matches!(
                     e,
@@ -1008,7 +1024,10 @@ mod tests {
                 ),
                 "{host}: {e:?}"
             );
-            assert_eq!(e.to_string(), "cannot reach the token endpoint: DNS lookup failed");
+            assert_eq!(
+                e.to_string(),
+                "cannot reach the token endpoint: DNS lookup failed"
+            );
             assert_eq!(e.reason().as_str(), "TokenEndpointUnreachable");
         }
     }
@@ -1044,7 +1063,10 @@ mod tests {
                 .await
                 .map_err(classify_send_error)
                 .unwrap_err();
-            assert!(matches!(e, TokenError::ForbiddenAddress { .. }), "{u}: {e:?}");
+            assert!(
+                matches!(e, TokenError::ForbiddenAddress { .. }),
+                "{u}: {e:?}"
+            );
             assert_eq!(e.class(), ErrorClass::Terminal);
             assert_eq!(e.reason().as_str(), "ForbiddenTokenEndpoint");
         }

@@ -324,9 +324,9 @@ impl TokenUrlPolicy {
             ));
         }
         if entry.contains('/') {
-            let net: IpNet = entry.parse().map_err(|_| {
-                err("is not a valid CIDR (like 10.20.0.0/16 or fd00::/8)")
-            })?;
+            let net: IpNet = entry
+                .parse()
+                .map_err(|_| err("is not a valid CIDR (like 10.20.0.0/16 or fd00::/8)"))?;
             return self.push_net(canonical_net(net.trunc()), &err);
         }
         let bare = entry
@@ -382,7 +382,8 @@ impl TokenUrlPolicy {
     ) -> Result<(), AllowEntryError> {
         // An entry lying wholly inside a range that is never contacted (or that only the
         // loopback setting governs) would do nothing: say so instead of accepting it.
-        let never = |class: &AddrClass| matches!(class, AddrClass::Forbidden(_) | AddrClass::Loopback);
+        let never =
+            |class: &AddrClass| matches!(class, AddrClass::Forbidden(_) | AddrClass::Loopback);
         let blocked = match net {
             IpNet::V4(n) => V4_RANGES.iter().any(|(r, c)| never(c) && r.contains(&n)),
             IpNet::V6(n) => {
@@ -494,8 +495,8 @@ pub fn validate_token_url(
     policy: &TokenUrlPolicy,
 ) -> Result<Url, UrlError> {
     let invalid = |m: &str| UrlError::Invalid(m.to_string());
-    let parsed =
-        Url::parse(url).map_err(|e| UrlError::Invalid(format!("not a valid absolute URL ({e})")))?;
+    let parsed = Url::parse(url)
+        .map_err(|e| UrlError::Invalid(format!("not a valid absolute URL ({e})")))?;
     check_url_parts(&parsed).map_err(UrlError::Invalid)?;
     let host = parsed.host().ok_or_else(|| invalid("has no host"))?;
     let is_loopback_host = check_url_host(host, allow_http_loopback, policy)?;
@@ -570,9 +571,9 @@ fn check_url_host(
     };
     match check_ip(ip, false, policy, allow_http_loopback) {
         Ok(()) => Ok(classify(ip) == AddrClass::Loopback),
-        Err(Refusal::Forbidden(why)) => {
-            Err(UrlError::Invalid(format!("host {shown} is a forbidden {why}")))
-        }
+        Err(Refusal::Forbidden(why)) => Err(UrlError::Invalid(format!(
+            "host {shown} is a forbidden {why}"
+        ))),
         Err(Refusal::NotAllowed(why)) => Err(UrlError::NotAllowed(format!(
             "host {shown} is a {why}, which the operator does not contact unless allowed. \
              {NOT_ALLOWED_ADVICE}"
@@ -853,7 +854,10 @@ mod tests {
         let p = policy("10.20.0.0/16, 192.168.7.7, [fd00::1], fd12::/16, ::ffff:172.16.0.0/112");
         let ok = |u: &str| validate_token_url(u, false, &p).is_ok();
         assert!(ok("https://10.20.1.2/token"));
-        assert!(ok("https://0x0a140102/token"), "numeric spelling of 10.20.1.2");
+        assert!(
+            ok("https://0x0a140102/token"),
+            "numeric spelling of 10.20.1.2"
+        );
         assert!(ok("https://[::ffff:10.20.1.2]/token"), "mapped spelling");
         assert!(!ok("https://10.21.0.1/token"));
         assert!(ok("https://192.168.7.7/token"));
@@ -867,8 +871,7 @@ mod tests {
         // The same entries decide on resolved addresses.
         let sa = |s: &str| -> SocketAddr { s.parse().unwrap() };
         assert_eq!(
-            filter_resolved([sa("10.20.0.9:443"), sa("10.30.0.9:443")], false, &p, false)
-                .unwrap(),
+            filter_resolved([sa("10.20.0.9:443"), sa("10.30.0.9:443")], false, &p, false).unwrap(),
             vec![sa("10.20.0.9:443")]
         );
         let e = filter_resolved([sa("10.30.0.9:443")], false, &p, false).unwrap_err();
@@ -904,8 +907,13 @@ mod tests {
         let e = filter_resolved([sa("169.254.169.254:443")], true, &p, true).unwrap_err();
         assert!(!e.not_allowed);
         // A name that is not allow-listed may not use them.
-        let e = filter_resolved([sa("10.96.0.10:443"), sa("[fd00::5]:443")], false, &p, false)
-            .unwrap_err();
+        let e = filter_resolved(
+            [sa("10.96.0.10:443"), sa("[fd00::5]:443")],
+            false,
+            &p,
+            false,
+        )
+        .unwrap_err();
         assert!(e.not_allowed);
         assert!(e.to_string().contains("does not allow"), "{e}");
         // A literal is never allowed by a host entry.
@@ -917,7 +925,9 @@ mod tests {
 
     #[test]
     fn allow_list_entries_parse_and_normalize() {
-        let p = policy(" idp.internal , 10.1.2.3/8 ,, fd00::/8, 0x0a000001, [fd00::1], *.Svc.Cluster.Local ");
+        let p = policy(
+            " idp.internal , 10.1.2.3/8 ,, fd00::/8, 0x0a000001, [fd00::1], *.Svc.Cluster.Local ",
+        );
         assert_eq!(
             p.to_string(),
             "idp.internal,*.svc.cluster.local,10.0.0.0/8,fd00::/8,10.0.0.1/32,fd00::1/128"
@@ -963,7 +973,9 @@ mod tests {
             assert!(e.contains(why), "{entry}: {e}");
         }
         // Broad ranges that merely overlap forbidden ones are fine: those stay forbidden.
-        assert!("0.0.0.0/0,::/0,100.64.0.0/10".parse::<TokenUrlPolicy>().is_ok());
+        assert!("0.0.0.0/0,::/0,100.64.0.0/10"
+            .parse::<TokenUrlPolicy>()
+            .is_ok());
     }
 
     #[test]
@@ -973,7 +985,11 @@ mod tests {
             filter_resolved(addrs.iter().map(|a| sa(a)), false, &none(), loopback)
         };
         // Rebinding-style answer mixing public and metadata: only the public one is used.
-        let kept = f(&["169.254.169.254:0", "93.184.216.34:0", "[fe80::1]:0"], false).unwrap();
+        let kept = f(
+            &["169.254.169.254:0", "93.184.216.34:0", "[fe80::1]:0"],
+            false,
+        )
+        .unwrap();
         assert_eq!(kept, vec![sa("93.184.216.34:0")]);
         // Only forbidden addresses: error.
         assert!(f(&["169.254.169.254:0"], true).is_err());
@@ -985,7 +1001,12 @@ mod tests {
         assert!(f(&["127.0.0.1:0", "[::1]:0"], false).is_err());
         assert_eq!(f(&["127.0.0.1:0"], true).unwrap().len(), 1);
         // Private ranges only when allowed; a public address in the same answer is used.
-        for private in ["10.0.0.5:0", "[::ffff:10.0.0.5]:0", "100.64.1.1:0", "[fd00::5]:0"] {
+        for private in [
+            "10.0.0.5:0",
+            "[::ffff:10.0.0.5]:0",
+            "100.64.1.1:0",
+            "[fd00::5]:0",
+        ] {
             let e = f(&[private], true).unwrap_err();
             assert!(e.not_allowed, "{private}");
             assert_eq!(
@@ -994,7 +1015,11 @@ mod tests {
             );
         }
         // Refused private and forbidden together: allow-listing is what would help.
-        assert!(f(&["10.0.0.5:0", "169.254.169.254:0"], false).unwrap_err().not_allowed);
+        assert!(
+            f(&["10.0.0.5:0", "169.254.169.254:0"], false)
+                .unwrap_err()
+                .not_allowed
+        );
         // Nothing resolved is not a policy error (DNS reports it).
         assert!(f(&[], false).unwrap().is_empty());
     }
