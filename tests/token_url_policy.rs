@@ -157,6 +157,12 @@ async fn private_literal_token_host_is_refused_without_a_request() {
     }
     let allowed = with_reason(&ns, "allowed", "CredentialsMissing").await;
     assert_eq!(phase(&allowed), Some(Phase::Pending));
+    assert!(
+        operator_logs()
+            .await
+            .contains("token_url_allow=idp.corp.test,10.99.0.0/16"),
+        "the operator reports the allow-list it was given"
+    );
 
     // Nothing was requested and nothing was written for the refused connections.
     assert_eq!(
