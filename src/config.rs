@@ -6,6 +6,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::oauth::token::url_policy::TokenUrlPolicy;
+
 /// Log line format.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -70,6 +72,16 @@ pub struct RunConfig {
     /// chart's terminationGracePeriodSeconds covers it.
     #[arg(long, env = "VAULTCONN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Hosts and CIDRs allowed as token URLs despite the private-range rule, comma-separated
+    /// (e.g. `keycloak.auth.svc.cluster.local,*.corp.internal,10.20.0.0/16`).
+    #[arg(
+        long,
+        env = "VAULTCONN_TOKEN_URL_ALLOW",
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub token_url_allow: TokenUrlPolicy,
 
     /// Allow plain-http token URLs on loopback addresses (tests and local demos only).
     #[arg(long, env = "VAULTCONN_ALLOW_HTTP_LOOPBACK")]

@@ -24,7 +24,7 @@ use crate::http::Health;
 use crate::leader::LeaderGate;
 use crate::names::*;
 use crate::oauth::refresh::OAuthEngine;
-use crate::oauth::token::TokenClientConfig;
+use crate::oauth::token::{TokenClientConfig, TokenUrlPolicy};
 use crate::reason::Reason;
 use crate::secret::{self, Inputs};
 use crate::status::{self, Outcome};
@@ -48,6 +48,8 @@ pub struct ControllerConfig {
     pub shutdown_timeout: Duration,
     /// This process's name in the Lease and in in-flight marks (unique per process).
     pub identity: String,
+    /// Private-network token hosts that may be contacted (`--token-url-allow`).
+    pub token_url_policy: TokenUrlPolicy,
 }
 
 impl Default for ControllerConfig {
@@ -60,6 +62,7 @@ impl Default for ControllerConfig {
             namespaces: None,
             shutdown_timeout: Duration::from_secs(20),
             identity: format!("vaultconn_{}", std::process::id()),
+            token_url_policy: TokenUrlPolicy::default(),
         }
     }
 }
@@ -98,6 +101,7 @@ impl Context {
             TokenClientConfig {
                 allow_http_loopback: config.allow_http_loopback,
                 request_timeout: config.token_request_timeout,
+                token_url_policy: config.token_url_policy.clone(),
                 ..Default::default()
             },
             metrics.clone(),
@@ -115,6 +119,7 @@ impl Context {
     pub fn validation_options(&self) -> ValidationOptions {
         ValidationOptions {
             allow_http_loopback: self.config.allow_http_loopback,
+            token_url_policy: self.config.token_url_policy.clone(),
         }
     }
 
@@ -295,6 +300,7 @@ async fn run_scope(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
         );
     }
+    info!(token_url_allow = %ctx.config.token_url_policy, "controller started");
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -356,9 +362,15 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
         return Ok((o, Action::await_change()));
     }
 
-    let problems = validation::validate(vc, ctx.validation_options());
+    let opts = ctx.validation_options();
+    let problems = validation::validate(vc, opts.clone());
     if !problems.is_empty() {
         let o = Outcome::new(Reason::InvalidSpec, problems.join("; "));
+        return Ok((status::keep_known_fields(vc, o), Action::await_change()));
+    }
+    // Refused before anything is read or sent; a changed allow-list restarts the operator.
+    if let Some(msg) = validation::token_url_not_allowed(vc, &opts) {
+        let o = Outcome::new(Reason::TokenUrlNotAllowed, msg);
         return Ok((status::keep_known_fields(vc, o), Action::await_change()));
     }
 

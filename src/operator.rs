@@ -31,6 +31,7 @@ impl From<&RunConfig> for ControllerConfig {
             namespaces: c.watched_namespaces(),
             shutdown_timeout: c.shutdown_timeout,
             identity: c.identity(),
+            token_url_policy: c.token_url_allow.clone(),
         }
     }
 }

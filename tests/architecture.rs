@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 /// Bottom to top. Pure decisions sit on the API types; I/O sits on the pure decisions; the
 /// controller sits on the I/O; `main.rs` (not a library module) on top.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("types", &["api", "config", "names", "reason", "sync"]),
+    ("types", &["api", "names", "reason", "sync"]),
     (
         "pure decisions",
         &[
             "catalog",
+            "config",
             "validation",
             "secret",
             "status",

@@ -379,6 +379,7 @@ pub fn failure_message(reason: Reason, ns: &str, name: &str) -> String {
         Reason::InvalidClient => format!("The token endpoint rejected the client credentials (invalid_client). Fix client_id/client_secret in the credentials Secret of {ns}/{name}"),
         Reason::RefreshResponseLost => format!("The response to a refresh was lost after the provider rotated the refresh token, and the provider refused the one retry (invalid_grant). The connection needs a new refresh_token in its credentials Secret. Enable a refresh-token rotation overlap (reuse) window on the provider (e.g. Auth0 'Rotation Overlap Period' of 60s) to make this recoverable for {ns}/{name}"),
         Reason::TokenRequestRejected => format!("The token endpoint rejected the request (e.g. invalid_scope or unauthorized_client); check the scopes, audience and grant type of {ns}/{name}"),
+        Reason::TokenUrlNotAllowed => format!("The token host of {ns}/{name} resolves only to private network addresses, which the operator does not contact unless allowed; nothing was sent. {}", crate::oauth::token::url_policy::NOT_ALLOWED_ADVICE),
         other => format!("Token request failed with {other}; fix the connection's settings or credentials to retry"),
     }
 }
@@ -1070,7 +1071,10 @@ mod tests {
 
     #[test]
     fn row_15_17_lost_response_retried_once_then_refused_is_response_lost_for_good() {
-        let e = TokenError::UnknownOutcome("timeout".into());
+        let e = TokenError::UnknownOutcome {
+            lost: crate::oauth::token::error::LostResponse::Timeout,
+            detail: "timeout".into(),
+        };
         assert_eq!(after_first_call(true, &e), AfterFirstCall::RetryOnce);
         let f = FailedCall {
             retried_unknown: true,
