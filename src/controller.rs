@@ -1,8 +1,8 @@
 //! The reconcile loop: `VaultConnection` → generated Secret + status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
@@ -127,13 +127,20 @@ impl Context {
         self.writer.client()
     }
 
+    /// The watch saw `vc`: its metric series may be set from now on.
+    fn seen(&self, vc: &VaultConnection) {
+        let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+        let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
+        self.writer.metrics.connection_seen(&ns, &name, uid);
+    }
+
     /// Drop what this process holds for a deleted connection (index entries, held tokens,
     /// backoff, the last status written, its metric series).
-    fn forget(&self, vc: &VaultConnection) {
-        let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
-        self.writer.index.forget_connection(&ns, &name);
-        self.oauth.forget(&ns, &name);
-        let key = (ns, name);
+    fn forget(&self, ns: &str, name: &str) {
+        self.writer.index.forget_connection(ns, name);
+        self.oauth.forget(ns, name);
+        self.writer.metrics.connection_gone(ns, name);
+        let key = (ns.to_string(), name.to_string());
         lock(&self.last_status).remove(&key);
         lock(&self.errors).remove(&key);
     }
@@ -277,14 +284,33 @@ async fn run_scope(
         .modify(|vc| vc.managed_fields_mut().clear())
         .reflect(writer)
         .inspect({
+            // Without a finalizer a deleted connection is never reconciled: forget it here.
+            // After a re-list, the connections of this scope it no longer holds were deleted
+            // while the watch was down (no Delete event comes for them).
             let ctx = ctx.clone();
+            let scope = namespace.map(str::to_string);
+            let mut relisted: Option<HashSet<Key>> = None;
             move |ev| match ev {
-                // Without a finalizer a deleted connection is never reconciled: forget it here.
-                Ok(watcher::Event::Delete(vc)) => ctx.forget(vc),
+                Ok(watcher::Event::Apply(vc)) => ctx.seen(vc),
+                Ok(watcher::Event::Delete(vc)) => {
+                    ctx.forget(&vc.namespace().unwrap_or_default(), &vc.name_any())
+                }
+                Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
+                Ok(watcher::Event::InitApply(vc)) => {
+                    ctx.seen(vc);
+                    if let Some(keys) = relisted.as_mut() {
+                        keys.insert((vc.namespace().unwrap_or_default(), vc.name_any()));
+                    }
+                }
                 Ok(watcher::Event::InitDone) => {
+                    let listed = relisted.take().unwrap_or_default();
+                    let known = ctx.writer.metrics.live_connections(scope.as_deref());
+                    for (ns, name) in known.difference(&listed) {
+                        ctx.forget(ns, name);
+                    }
                     synced.store(true, std::sync::atomic::Ordering::Relaxed)
                 }
-                _ => {}
+                Err(_) => {}
             }
         })
         .applied_objects()
@@ -336,16 +362,29 @@ fn secret_triggers(
 
 #[tracing::instrument(skip_all, fields(namespace = vc.namespace().unwrap_or_default(), name = vc.name_any()))]
 pub async fn reconcile(vc: Arc<VaultConnection>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_one(&vc, &ctx).await;
+    ctx.writer
+        .metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_one(vc: &VaultConnection, ctx: &Context) -> Result<Action> {
     let ns = vc.namespace().unwrap_or_default();
     let name = vc.name_any();
     ctx.writer.metrics.reconciles.inc();
     if vc.metadata.deletion_timestamp.is_some() {
-        ctx.forget(&vc);
+        ctx.forget(&ns, &name);
         return Ok(Action::await_change());
     }
 
-    let (outcome, action) = decide(&vc, &ctx, &ns).await?;
-    write_status(&vc, &ctx, &outcome).await?;
+    let (outcome, action) = decide(vc, ctx, &ns).await?;
+    write_status(vc, ctx, &outcome).await?;
+    // What the status now says; ignored if the connection was deleted meanwhile.
+    let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+    ctx.writer.metrics.report(&ns, &name, uid, &outcome);
     lock(&ctx.errors).remove(&(ns.clone(), name.clone()));
     debug!("reconcile finished: {ns}/{name} ({})", outcome.reason);
     Ok(action)

@@ -90,6 +90,7 @@ pub async fn run(
     .await?;
     let shutdown = shutdown.shared();
     // Standing by is a correct, ready state: a rolling update may proceed.
+    metrics.set_leader(false);
     health.set_ready(true);
     tokio::select! {
         _ = election.gate.opened() => {}
@@ -100,6 +101,7 @@ pub async fn run(
         }
     }
     info!("leading: starting the controller");
+    metrics.set_leader(true);
     health.set_ready(false);
     let gate = election.gate.clone();
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
@@ -113,7 +115,16 @@ pub async fn run(
             }
         }
     };
-    let result = controller::run(client, controller_config, metrics, gate, health, stop).await;
+    let result = controller::run(
+        client,
+        controller_config,
+        metrics.clone(),
+        gate,
+        health,
+        stop,
+    )
+    .await;
+    metrics.set_leader(false);
     if let Ok(()) = lost_rx.await {
         error!("lost the leader lease: stopped writing; exiting so that this replica restarts as a standby");
         return Err(Error::NotLeader);
