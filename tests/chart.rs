@@ -460,6 +460,8 @@ fn all_optional_parts_render_from_their_files() {
     );
     let sm = one(&objs, "ServiceMonitor", "rel-vaultconn");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    // The alerts group by the connections' namespace label, which only survives with this.
+    assert_eq!(sm["spec"]["endpoints"][0]["honorLabels"], true);
     assert_eq!(
         sm["spec"]["selector"]["matchLabels"],
         one(&objs, "Deployment", "rel-vaultconn")["spec"]["selector"]["matchLabels"]
