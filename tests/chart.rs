@@ -868,7 +868,7 @@ async fn helm_upgrade_with_crds_enabled_updates_the_crd() {
     assert!(!printer_columns(&ns.client).await.contains(&column));
     // The first upgrade takes the CRD over from crds/. `--force-conflicts` because the test
     // control plane applied it server-side under another field manager (as `kubectl apply
-    // --server-side` would); docs/install.md says so.
+    // --server-side` would); the README says so.
     helm_ok(
         &[
             "upgrade",

@@ -105,7 +105,7 @@ fn every_alert_is_tested_both_ways_and_points_at_its_runbook() {
         .iter()
         .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
         .collect();
-    let docs = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"));
+    let docs = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"));
     let names: Vec<String> = alerts()
         .iter()
         .filter_map(|r| r["alert"].as_str().map(str::to_string))
@@ -143,7 +143,7 @@ fn every_alert_is_tested_both_ways_and_points_at_its_runbook() {
         assert!(
             docs.lines()
                 .any(|l| l.starts_with('#') && l.trim_start_matches('#').trim() == name),
-            "docs/operations.md has no heading `{name}` (the runbook anchor #{anchor})"
+            "README.md has no heading `{name}` (the runbook anchor #{anchor})"
         );
     }
 }
@@ -297,7 +297,7 @@ fn collect_exprs(v: &Value, out: &mut Vec<String>) {
 /// The operations docs list every metric the operator exposes.
 #[test]
 fn docs_list_every_metric() {
-    let docs = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"));
+    let docs = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"));
     let text = Metrics::default().encode();
     for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
         let (family, kind) = line.split_once(' ').expect("name and type");
@@ -309,7 +309,7 @@ fn docs_list_every_metric() {
         let row = docs
             .lines()
             .find(|l| l.starts_with('|') && l.contains(&shown))
-            .unwrap_or_else(|| panic!("docs/operations.md: no table row for {shown}"));
+            .unwrap_or_else(|| panic!("README.md: no table row for {shown}"));
         assert!(
             row.contains(kind),
             "{shown}: the row does not say {kind}: {row}"
