@@ -179,7 +179,6 @@ impl TokenError {
         match self {
             TokenError::InvalidUrl(_)
             | TokenError::ForbiddenAddress { .. }
-            | TokenError::NotAllowed { .. }
             | TokenError::InvalidCaBundle(_)
             | TokenError::ClientSetup(_)
             | TokenError::InvalidGrant { .. }
@@ -196,6 +195,11 @@ impl TokenError {
             TokenError::Connect { .. } | TokenError::Tls { .. } => {
                 ErrorClass::Transient { retry_after: None }
             }
+            // A name that resolves only to private addresses: nothing was sent. Retried with
+            // backoff (capped at minutes), not remembered as terminal: DNS answers change, and
+            // after an administrator allow-lists the host (an operator restart) the next
+            // attempt goes through at once instead of after the hour-long terminal interval.
+            TokenError::NotAllowed { .. } => ErrorClass::Transient { retry_after: None },
             TokenError::UnknownOutcome { .. } | TokenError::Unparseable { .. } => {
                 ErrorClass::UnknownOutcome
             }

@@ -946,7 +946,7 @@ mod tests {
             let e = send_raw(&c, &url).await.unwrap_err();
             assert!(matches!(e, TokenError::NotAllowed { .. }), "{allow}: {e:?}");
             assert_eq!(e.reason().as_str(), "TokenURLNotAllowed");
-            assert_eq!(e.class(), ErrorClass::Terminal);
+            assert_eq!(e.class(), ErrorClass::Transient { retry_after: None });
             assert!(!e.to_string().contains("127.0.0.1"), "{e}");
             assert!(
                 e.detail().is_some_and(|d| d.contains("does not allow")),
