@@ -314,7 +314,7 @@ async fn refresh_token_rotation_through_several_cycles() {
     }
     assert_eq!(ts.max_concurrent_per_refresh_family(), 1);
     seen.push(rt);
-    // 3 s tokens, no faults: the schedule alone (33 a minute).
+    // 3 s tokens, no faults: the schedule alone (34 a minute).
     let bound = scheduled_per_minute(Duration::from_secs(3));
     assert_invariants(&ns, &ts, "crm", &seen, Invariants::new(bound)).await;
 }
@@ -586,7 +586,7 @@ async fn lost_response_with_overlap_window_recovers() {
     valid_token(&ns, &ts, "crm", Some(&t1)).await;
     let rt = stored_refresh_token(&ns, "crm").await.unwrap();
     assert!(ts.is_refresh_token_live(&rt));
-    // 3 s tokens (33 a minute) plus the one retry of the reset attempt, which the provider
+    // 3 s tokens (34 a minute) plus the one retry of the reset attempt, which the provider
     // accepts inside its window.
     let bound = scheduled_per_minute(Duration::from_secs(3)) + 1;
     let report = assert_invariants(
@@ -708,7 +708,7 @@ async fn tiny_ttl_refreshes_are_bounded_and_never_parallel() {
         "5 refreshes in {elapsed:?}: too fast"
     );
     assert_eq!(ts.max_concurrent_per_client(), 1);
-    // 1 s tokens are refreshed at the 1 s floor: 61 in any minute at most.
+    // 1 s tokens are refreshed at the 1 s floor: 62 in any minute at most.
     let bound = scheduled_per_minute(Duration::from_secs(1));
     assert_provider_invariants(&ts.provider_record(), &Invariants::new(bound));
 }

@@ -191,7 +191,7 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
         rotations > KILLS,
         "only {rotations} refreshes during {KILLS} kills"
     );
-    // Rate per connection: the schedule of 2 s tokens (49 a minute), plus at most one extra
+    // Rate per connection: the schedule of 2 s tokens (50 a minute), plus at most one extra
     // request per kill (the retry of an attempt whose reply the kill lost; a restart reads the
     // schedule from the state Secret and re-mints nothing).
     let kills_per_minute = max_in_any_minute(&storm.kills);

@@ -74,7 +74,7 @@ async fn client_credentials_with_basic_post_and_special_characters() {
     let events = op.events().await.unwrap();
     assert_eq!(events.grant_error, 0, "no token request was refused");
     assert_eq!(events.grant_revoked, 0);
-    // Each connection (its own client) on the schedule of 60 s tokens: 2 in any minute.
+    // Each connection (its own client) on the schedule of 60 s tokens: 3 in any minute.
     let bound = scheduled_per_minute(Duration::from_secs(60));
     let record = events.provider_record("oidc-provider");
     assert_provider_invariants(&record, &Invariants::new(bound));
@@ -120,7 +120,7 @@ async fn refresh_token_rotation_through_several_cycles_revokes_nothing() {
     );
     assert_eq!(events.grant_error, 0);
     // No replay and no revocation in the provider's own record; 3 s tokens, no faults: the
-    // schedule alone (33 a minute).
+    // schedule alone (34 a minute).
     let bound = scheduled_per_minute(Duration::from_secs(3));
     let record = events.provider_record("oidc-provider");
     assert_provider_invariants(&record, &Invariants::new(bound));

@@ -432,11 +432,12 @@ fn schedule_bounds() {
         min_refresh_gap(Duration::from_secs(1)),
         Duration::from_secs(1)
     );
-    assert_eq!(scheduled_per_minute(Duration::from_secs(3600)), 1);
-    assert_eq!(scheduled_per_minute(Duration::from_secs(60)), 2);
-    assert_eq!(scheduled_per_minute(Duration::from_secs(3)), 33);
-    assert_eq!(scheduled_per_minute(Duration::from_secs(2)), 49);
-    assert_eq!(scheduled_per_minute(Duration::from_secs(1)), 61);
+    // ⌊60 s / gap⌋ + 2 (window edges, send-to-arrival variance).
+    assert_eq!(scheduled_per_minute(Duration::from_secs(3600)), 2);
+    assert_eq!(scheduled_per_minute(Duration::from_secs(60)), 3);
+    assert_eq!(scheduled_per_minute(Duration::from_secs(3)), 34);
+    assert_eq!(scheduled_per_minute(Duration::from_secs(2)), 50);
+    assert_eq!(scheduled_per_minute(Duration::from_secs(1)), 62);
 }
 
 // ---- the token server's real log ----------------------------------------------------------------
