@@ -550,7 +550,7 @@ async fn lost_response_without_overlap_is_reported_not_hidden() {
         &ns,
         &ts,
         "crm",
-        &[seed.clone()],
+        std::slice::from_ref(&seed),
         Invariants::new(2).lost_response(CLIENT),
     )
     .await;
@@ -821,7 +821,7 @@ async fn slow_reply_after_rotation_without_overlap_is_reported() {
         &ns,
         &ts,
         "crm",
-        &[seed.clone()],
+        std::slice::from_ref(&seed),
         Invariants::new(2).lost_response(CLIENT),
     )
     .await;
@@ -1174,7 +1174,7 @@ async fn unknown_outcome_then_503_still_ends_response_lost() {
             &ns,
             &ts,
             name,
-            &[seed.clone()],
+            std::slice::from_ref(&seed),
             Invariants::new(3).lost_response(CLIENT),
         )
         .await;
