@@ -15,8 +15,14 @@
 //!   returned to the client, not followed.
 //! - A matching rule answers with its status and a Kubernetes `Status` body (`"message":
 //!   "injected by test"`) *without* forwarding the request, so nothing reaches the API server.
+//! - A *hold* rule ([`FaultRule::hold_response`]) does the opposite: it forwards the request,
+//!   so the write is committed, and then holds the API server's answer back for a while. The
+//!   client is left not knowing its write landed: a test kills it during the hold
+//!   ([`ApiFaultProxy::wait_held`] says when) to crash it right after a chosen write.
+//! - Rules can also match on the request body ([`FaultRule::body_contains`],
+//!   [`FaultRule::body_lacks`]), to tell apart two writes to the same object.
 //! - Every request is recorded ([`RecordedRequest`]) with the status returned and whether it
-//!   was injected.
+//!   was injected or held.
 //!
 //! The proxy runs on its own thread with its own tokio runtime, so it outlives the runtime of
 //! the test that started it (each `#[tokio::test]` has its own runtime, while one proxy and
@@ -26,7 +32,8 @@
 //! share one proxy should match namespace-specific paths (e.g.
 //! `/api/v1/namespaces/<ns>/secrets/<name>`) so they do not disturb each other. Note that a
 //! *create* is a `POST` to the collection (`/api/v1/namespaces/<ns>/secrets`): its path does
-//! not contain the object's name.
+//! not contain the object's name. Paths are matched by substring, so `/secrets/a` also matches
+//! `/secrets/a-vaultconn-state`: pick names where neither is a prefix of the other.
 //!
 //! The request log grows without bound: the proxy is meant for test runs, not long-lived use.
 
@@ -44,7 +51,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, St
 use axum::response::Response;
 use axum::Router;
 use futures::TryStreamExt as _;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 /// Largest request body forwarded (the API server's own limit is 3 MiB for most objects).
 const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
@@ -79,29 +86,38 @@ impl From<Method> for MethodMatch {
     }
 }
 
-/// The next `times` requests whose method matches `method` and whose path contains
-/// `path_contains` are answered with `status` and a Kubernetes `Status` body, without being
-/// forwarded. `times` is ignored by [`ApiFaultProxy::fail_until_cleared`].
+/// The next `times` requests whose method matches `method`, whose path contains
+/// `path_contains` (and whose body matches, if the rule says so) are answered with `status`
+/// and a Kubernetes `Status` body, without being forwarded; or, for a hold rule, forwarded
+/// and their response held back for `hold_response`. `times` is ignored by
+/// [`ApiFaultProxy::fail_until_cleared`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FaultRule {
     pub method: MethodMatch,
     /// Substring of the request path (the query string is not part of it).
     pub path_contains: String,
     /// HTTP status to answer with, e.g. 409, 429, 500, 503. An invalid code answers 500.
+    /// Not used by a hold rule (the API server's own status is returned).
     pub status: u16,
     pub times: usize,
+    /// Forward the request, then hold the API server's response this long before returning
+    /// it (see [`FaultRule::hold_response`]).
+    pub hold_response: Option<Duration>,
+    /// Match only requests whose body contains these bytes.
+    pub body_contains: Option<String>,
+    /// Match only requests whose body does not contain these bytes.
+    pub body_lacks: Option<String>,
+    /// Whether dry runs (`dryRun` in the query) match. True for answering rules (a refused
+    /// dry run is a fault worth injecting); false for hold rules, since a dry run commits
+    /// nothing and holding its answer would model no crash point.
+    pub dry_runs: bool,
 }
 
 impl FaultRule {
     /// Fail the next write (`POST`/`PUT`/`PATCH`/`DELETE`) to a path containing
     /// `path_contains` with `status`; see [`FaultRule::times`] for more than one.
     pub fn writes(path_contains: impl Into<String>, status: u16) -> Self {
-        FaultRule {
-            method: MethodMatch::AnyWrite,
-            path_contains: path_contains.into(),
-            status,
-            times: 1,
-        }
+        Self::requests(MethodMatch::AnyWrite, path_contains, status)
     }
 
     /// Fail the next request of `method` to a path containing `path_contains` with `status`.
@@ -115,6 +131,26 @@ impl FaultRule {
             path_contains: path_contains.into(),
             status,
             times: 1,
+            hold_response: None,
+            body_contains: None,
+            body_lacks: None,
+            dry_runs: true,
+        }
+    }
+
+    /// Forward the next request of `method` to a path containing `path_contains` to the API
+    /// server (so it is committed there), then hold the API server's response for `hold`
+    /// before returning it: a client killed meanwhile never learns that its write landed.
+    /// Dry runs are not matched. [`ApiFaultProxy::wait_held`] waits until the hold begins.
+    pub fn hold_response(
+        path_contains: impl Into<String>,
+        method: impl Into<MethodMatch>,
+        hold: Duration,
+    ) -> Self {
+        FaultRule {
+            hold_response: Some(hold),
+            dry_runs: false,
+            ..Self::requests(method, path_contains, 200)
         }
     }
 
@@ -124,9 +160,58 @@ impl FaultRule {
         self
     }
 
-    fn matches(&self, method: &Method, path: &str) -> bool {
-        self.method.matches(method) && path.contains(&self.path_contains)
+    /// Match only requests whose body contains `needle` (builder style), e.g. a data key
+    /// that only one of several writes to the same object carries.
+    pub fn body_contains(mut self, needle: impl Into<String>) -> Self {
+        self.body_contains = Some(needle.into());
+        self
     }
+
+    /// Match only requests whose body does not contain `needle` (builder style).
+    pub fn body_lacks(mut self, needle: impl Into<String>) -> Self {
+        self.body_lacks = Some(needle.into());
+        self
+    }
+
+    fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.method.matches(req.method)
+            && req.path.contains(&self.path_contains)
+            && (self.dry_runs || !req.is_dry_run())
+            && self
+                .body_contains
+                .as_ref()
+                .is_none_or(|n| contains(req.body, n.as_bytes()))
+            && self
+                .body_lacks
+                .as_ref()
+                .is_none_or(|n| !contains(req.body, n.as_bytes()))
+    }
+}
+
+/// What rules are matched against.
+struct RequestView<'a> {
+    method: &'a Method,
+    path: &'a str,
+    query: Option<&'a str>,
+    body: &'a [u8],
+}
+
+impl RequestView<'_> {
+    fn is_dry_run(&self) -> bool {
+        self.query
+            .is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "dryRun"))
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// What a matching rule does with a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Answer(u16),
+    Hold(Duration),
 }
 
 /// Identifies a rule added with [`ApiFaultProxy::fail`] or [`ApiFaultProxy::fail_until_cleared`].
@@ -152,7 +237,9 @@ pub struct RecordedRequest {
     pub status: u16,
     /// Answered by a rule without being forwarded.
     pub injected: bool,
-    /// The rule that answered it, if injected.
+    /// Forwarded, and its response then held back by `rule`.
+    pub held: bool,
+    /// The rule that answered or held it.
     pub rule: Option<RuleId>,
 }
 
@@ -182,6 +269,8 @@ struct Shared {
     rules: Mutex<Rules>,
     log: Mutex<Vec<RecordedRequest>>,
     next_seq: AtomicU64,
+    /// Woken whenever a hold begins (works across runtimes: the proxy has its own).
+    hold_started: Notify,
 }
 
 /// Lock ignoring poisoning: every update of the protected data is a single step.
@@ -204,15 +293,16 @@ impl Shared {
         id
     }
 
-    /// The first active rule matching, consuming one of its injections.
-    fn take_fault(&self, method: &Method, path: &str) -> Option<(RuleId, u16)> {
+    /// The first active rule matching, consuming one of its uses.
+    fn take_fault(&self, req: &RequestView<'_>) -> Option<(RuleId, Action)> {
         let mut rules = lock(&self.rules);
-        let idx = rules
-            .active
-            .iter()
-            .position(|r| r.rule.matches(method, path))?;
+        let idx = rules.active.iter().position(|r| r.rule.matches(req))?;
         let r = &mut rules.active[idx];
-        let hit = (r.id, r.rule.status);
+        let action = match r.rule.hold_response {
+            Some(d) => Action::Hold(d),
+            None => Action::Answer(r.rule.status),
+        };
+        let hit = (r.id, action);
         if let Some(n) = r.remaining.as_mut() {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -222,23 +312,22 @@ impl Shared {
         Some(hit)
     }
 
-    fn record(
-        &self,
-        method: &Method,
-        path: &str,
-        query: Option<&str>,
-        status: u16,
-        rule: Option<RuleId>,
-    ) {
+    fn record(&self, req: &RequestView<'_>, status: u16, by: By) {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (rule, injected, held) = match by {
+            By::Upstream => (None, false, false),
+            By::Injected(id) => (Some(id), true, false),
+            By::Held(id) => (Some(id), false, true),
+        };
         let rec = RecordedRequest {
             seq,
             at: SystemTime::now(),
-            method: method.clone(),
-            path: path.to_string(),
-            query: query.map(str::to_string),
+            method: req.method.clone(),
+            path: req.path.to_string(),
+            query: req.query.map(str::to_string),
             status,
-            injected: rule.is_some(),
+            injected,
+            held,
             rule,
         };
         let mut log = lock(&self.log);
@@ -246,6 +335,14 @@ impl Shared {
         let pos = log.partition_point(|r| r.seq < seq);
         log.insert(pos, rec);
     }
+}
+
+/// Who produced the response to a recorded request.
+#[derive(Clone, Copy)]
+enum By {
+    Upstream,
+    Injected(RuleId),
+    Held(RuleId),
 }
 
 /// A running fault-injecting proxy; see the module documentation.
@@ -285,6 +382,7 @@ impl ApiFaultProxy {
             rules: Mutex::default(),
             log: Mutex::default(),
             next_seq: AtomicU64::new(0),
+            hold_started: Notify::new(),
         });
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
@@ -345,7 +443,8 @@ current-context: api-fault-proxy
     }
 
     /// Answer the next `rule.times` matching requests with `rule.status` instead of
-    /// forwarding them. The rule goes away once used up (or on [`ApiFaultProxy::clear`]).
+    /// forwarding them (a hold rule: forward them and hold their responses). The rule goes
+    /// away once used up (or on [`ApiFaultProxy::clear`]).
     pub fn fail(&self, rule: FaultRule) -> RuleId {
         let times = rule.times;
         self.shared.add_rule(rule, Some(times))
@@ -379,8 +478,35 @@ current-context: api-fault-proxy
     pub fn injected(&self, id: RuleId) -> usize {
         lock(&self.shared.log)
             .iter()
-            .filter(|r| r.rule == Some(id))
+            .filter(|r| r.rule == Some(id) && r.injected)
             .count()
+    }
+
+    /// How many requests the hold rule `id` forwarded and then held (or holds now): each of
+    /// them is committed at the API server.
+    pub fn held(&self, id: RuleId) -> usize {
+        lock(&self.shared.log)
+            .iter()
+            .filter(|r| r.rule == Some(id) && r.held)
+            .count()
+    }
+
+    /// Wait until the hold rule `id` has held at least one response (the write is then
+    /// committed at the API server and its client still waits); false after `timeout`.
+    pub async fn wait_held(&self, id: RuleId, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the check, so a hold starting in between is not missed.
+            let started = self.shared.hold_started.notified();
+            tokio::pin!(started);
+            started.as_mut().enable();
+            if self.held(id) > 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, started).await.is_err() {
+                return self.held(id) > 0;
+            }
+        }
     }
 
     /// Every request so far, in arrival order.
@@ -569,27 +695,38 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Respon
     let method = parts.method;
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_string);
-
-    if let Some((rule, code)) = shared.take_fault(&method, &path) {
-        let resp = status_response(code, "injected by test");
-        shared.record(
-            &method,
-            &path,
-            query.as_deref(),
-            resp.status().as_u16(),
-            Some(rule),
-        );
-        return resp;
-    }
-
-    let reply_failure = |code: u16, message: String| {
-        shared.record(&method, &path, query.as_deref(), code, None);
-        status_response(code, &message)
-    };
+    // Read first: rules may match on the body.
     let body = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
         Ok(b) => b,
-        Err(e) => return reply_failure(400, format!("api fault proxy: reading the body: {e}")),
+        Err(e) => {
+            let view = RequestView {
+                method: &method,
+                path: &path,
+                query: query.as_deref(),
+                body: &[],
+            };
+            shared.record(&view, 400, By::Upstream);
+            return status_response(400, &format!("api fault proxy: reading the body: {e}"));
+        }
     };
+    let view = RequestView {
+        method: &method,
+        path: &path,
+        query: query.as_deref(),
+        body: &body,
+    };
+
+    let mut hold = None;
+    match shared.take_fault(&view) {
+        Some((rule, Action::Answer(code))) => {
+            let resp = status_response(code, "injected by test");
+            shared.record(&view, resp.status().as_u16(), By::Injected(rule));
+            return resp;
+        }
+        Some((rule, Action::Hold(d))) => hold = Some((rule, d)),
+        None => {}
+    }
+
     let url = match &query {
         Some(q) => format!("{}{path}?{q}", shared.upstream),
         None => format!("{}{path}", shared.upstream),
@@ -598,21 +735,28 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Respon
         .client
         .request(method.clone(), url)
         .headers(end_to_end(&parts.headers, &[header::CONTENT_LENGTH]))
-        .body(body)
+        .body(body.clone())
         .send()
         .await;
     let upstream = match upstream {
         Ok(r) => r,
         Err(e) => {
-            return reply_failure(
-                502,
-                format!("api fault proxy: upstream request failed: {e}"),
-            )
+            shared.record(&view, 502, By::Upstream);
+            let message = format!("api fault proxy: upstream request failed: {e}");
+            return status_response(502, &message);
         }
     };
     let status = upstream.status();
     let headers = end_to_end(upstream.headers(), &[]);
-    shared.record(&method, &path, query.as_deref(), status.as_u16(), None);
+    match hold {
+        Some((rule, d)) => {
+            // The API server has answered, so the write is committed; the client waits on.
+            shared.record(&view, status.as_u16(), By::Held(rule));
+            shared.hold_started.notify_waiters();
+            tokio::time::sleep(d).await;
+        }
+        None => shared.record(&view, status.as_u16(), By::Upstream),
+    }
     // Streamed as it arrives: a watch response is an endless sequence of chunks.
     let stream = upstream.bytes_stream().map_err(io::Error::other);
     let mut resp = Response::new(Body::from_stream(stream));
