@@ -177,6 +177,15 @@ pub fn salvaged_state(
     st
 }
 
+/// Identities are `<instance>_<process id>` (see `config::RunConfig::identity`). A mark by the
+/// same instance (the same pod, whose container restarts only after its process exited; or the
+/// same host name out of a cluster) is this process's or its dead predecessor's: nothing to
+/// wait for. Replicas have distinct instances (pod names).
+fn same_instance(a: &str, b: &str) -> bool {
+    let instance = |id: &str| id.rsplit_once('_').map_or(id, |(i, _)| i).to_string();
+    instance(a) == instance(b)
+}
+
 /// How long to wait before sending the refresh token with fingerprint `fp`, because another
 /// process marked it in flight and its call may still be running (it lost the Lease mid-call,
 /// or is being replaced): sending the same token now would be a replay once that call rotates
@@ -193,7 +202,7 @@ pub fn wait_for_foreign_call(
         return None;
     }
     let (holder, at) = state.inflight_holder()?;
-    if holder == me {
+    if same_instance(holder, me) {
         return None;
     }
     let ends = at.checked_add(max_call).ok()?;
@@ -843,6 +852,11 @@ mod tests {
             wait_for_foreign_call(&st, "fp", "pod-a_7", now, max_call),
             None,
             "our own mark"
+        );
+        assert_eq!(
+            wait_for_foreign_call(&st, "fp", "pod-a_1", now, max_call),
+            None,
+            "the same pod's restarted process: its predecessor is gone, nothing to wait for"
         );
         assert_eq!(
             wait_for_foreign_call(&st, "other-fp", "pod-b_9", now, max_call),
