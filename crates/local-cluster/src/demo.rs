@@ -103,7 +103,11 @@ pub fn plan(
         let parsed: Vec<Value> =
             serde_saphyr::from_multiple(ex.yaml).map_err(|e| err(e.to_string()))?;
         for doc in parsed.into_iter().filter(|d| !d.is_null()) {
-            if doc.pointer("/metadata/name").and_then(Value::as_str).is_none() {
+            if doc
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .is_none()
+            {
                 return Err(err("a document has no metadata.name".into()));
             }
             docs.push((ex.file, doc));
@@ -133,7 +137,10 @@ pub fn plan(
     }
     let mut connection_objects = Vec::new();
     for (file, mut vc) in connections {
-        let name = vc["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = vc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let type_ = vc["spec"]["type"].as_str().unwrap_or_default().to_string();
         let creds_name = vc
             .pointer("/spec/credentialsRef/name")
@@ -153,7 +160,8 @@ pub fn plan(
                 if oauth2.contains_key("renewBefore") {
                     oauth2.insert("renewBefore".into(), json!(DEMO_RENEW_BEFORE));
                 }
-                let refresh = oauth2.get("grantType").and_then(Value::as_str) == Some("refreshToken");
+                let refresh =
+                    oauth2.get("grantType").and_then(Value::as_str) == Some("refreshToken");
                 let creds = issue(&name, refresh);
                 data.insert("client_id", creds.client_id);
                 data.insert("client_secret", creds.client_secret);
@@ -167,8 +175,10 @@ pub fn plan(
                     format!("Ready; {lifetime} s tokens from the demo token server (client credentials)")
                 }
             }
-            "auth0" => "Pending: needs a real Auth0 tenant (token URL https://{domain}/oauth/token)"
-                .to_string(),
+            "auth0" => {
+                "Pending: needs a real Auth0 tenant (token URL https://{domain}/oauth/token)"
+                    .to_string()
+            }
             _ => {
                 for key in input_keys(&type_) {
                     data.insert(key, format!("demo-{}", key.replace('_', "-")));
@@ -245,15 +255,20 @@ impl Demo {
         let server = DemoTokenServer::start(DEFAULT_TOKEN_LIFETIME)
             .await
             .map_err(DemoError::TokenServer)?;
-        let plan = plan(examples, &server.token_url(), input_keys, &mut |name, refresh| {
-            let c = server.register_client(name);
-            let refresh_token = refresh.then(|| server.issue_refresh_token(&c.client_id));
-            OAuthCredentials {
-                client_id: c.client_id,
-                client_secret: c.client_secret,
-                refresh_token,
-            }
-        })?;
+        let plan = plan(
+            examples,
+            &server.token_url(),
+            input_keys,
+            &mut |name, refresh| {
+                let c = server.register_client(name);
+                let refresh_token = refresh.then(|| server.issue_refresh_token(&c.client_id));
+                OAuthCredentials {
+                    client_id: c.client_id,
+                    client_secret: c.client_secret,
+                    refresh_token,
+                }
+            },
+        )?;
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "labels": {PART_OF.0: PART_OF.1}}});
         Api::<Namespace>::all(client.clone())
@@ -265,16 +280,20 @@ impl Demo {
             })?;
         for obj in plan.objects {
             let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-            let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let name = obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             let what = format!("{kind} {NAMESPACE}/{name}");
             let ar = match kind.as_str() {
                 "Secret" => ApiResource::erase::<k8s_openapi::api::core::v1::Secret>(&()),
                 _ => vault_connection_resource(),
             };
-            let obj: DynamicObject = serde_json::from_value(obj).map_err(|e| DemoError::Example {
-                file: what.clone(),
-                reason: e.to_string(),
-            })?;
+            let obj: DynamicObject =
+                serde_json::from_value(obj).map_err(|e| DemoError::Example {
+                    file: what.clone(),
+                    reason: e.to_string(),
+                })?;
             Api::<DynamicObject>::namespaced_with(client.clone(), NAMESPACE, &ar)
                 .patch(&name, &pp, &Patch::Apply(&obj))
                 .await
@@ -392,18 +411,26 @@ mod tests {
     #[test]
     fn plan_fills_credentials_points_oauth_at_the_demo_server_and_adds_the_empty_one() {
         let mut issued = Vec::new();
-        let plan = plan(EXAMPLES, "http://127.0.0.1:1234/oauth/token", &keys, &mut |name, refresh| {
-            issued.push((name.to_string(), refresh));
-            OAuthCredentials {
-                client_id: format!("{name}-id"),
-                client_secret: "secret".into(),
-                refresh_token: refresh.then(|| "seed".into()),
-            }
-        })
+        let plan = plan(
+            EXAMPLES,
+            "http://127.0.0.1:1234/oauth/token",
+            &keys,
+            &mut |name, refresh| {
+                issued.push((name.to_string(), refresh));
+                OAuthCredentials {
+                    client_id: format!("{name}-id"),
+                    client_secret: "secret".into(),
+                    refresh_token: refresh.then(|| "seed".into()),
+                }
+            },
+        )
         .unwrap();
         assert_eq!(issued, vec![("crm".to_string(), true)]);
         // Everything in the demo namespace.
-        assert!(plan.objects.iter().all(|o| o["metadata"]["namespace"] == NAMESPACE));
+        assert!(plan
+            .objects
+            .iter()
+            .all(|o| o["metadata"]["namespace"] == NAMESPACE));
         // The example's own Secret is applied as given, and no second one is made up.
         assert_eq!(
             find(&plan, "Secret", "weather-creds").unwrap()["stringData"]["api_key"],
@@ -415,7 +442,10 @@ mod tests {
         assert_eq!(registry["stringData"]["password"], "demo-password");
         // OAuth: the demo server's URL, its client and seed; renewBefore fits a 30 s token.
         let crm = find(&plan, "VaultConnection", "crm").unwrap();
-        assert_eq!(crm["spec"]["oauth2"]["tokenUrl"], "http://127.0.0.1:1234/oauth/token");
+        assert_eq!(
+            crm["spec"]["oauth2"]["tokenUrl"],
+            "http://127.0.0.1:1234/oauth/token"
+        );
         assert_eq!(crm["spec"]["oauth2"]["renewBefore"], DEMO_RENEW_BEFORE);
         let crm_creds = find(&plan, "Secret", "crm-oauth").unwrap();
         assert_eq!(crm_creds["stringData"]["client_id"], "crm-id");
@@ -428,8 +458,14 @@ mod tests {
         assert_eq!(empty["spec"]["credentialsRef"]["name"], EMPTY_CREDENTIALS);
         assert!(find(&plan, "Secret", EMPTY_CREDENTIALS).is_none());
         // Secrets come before the connections that use them.
-        let first_vc = plan.objects.iter().position(|o| o["kind"] == "VaultConnection").unwrap();
-        assert!(plan.objects[first_vc..].iter().all(|o| o["kind"] == "VaultConnection"));
+        let first_vc = plan
+            .objects
+            .iter()
+            .position(|o| o["kind"] == "VaultConnection")
+            .unwrap();
+        assert!(plan.objects[first_vc..]
+            .iter()
+            .all(|o| o["kind"] == "VaultConnection"));
         assert_eq!(plan.connections.len(), 5);
     }
 

@@ -383,7 +383,9 @@ mod tests {
 
     #[tokio::test]
     async fn client_credentials_issues_short_lived_tokens_without_refresh_token() {
-        let server = DemoTokenServer::start(Duration::from_secs(30)).await.unwrap();
+        let server = DemoTokenServer::start(Duration::from_secs(30))
+            .await
+            .unwrap();
         let client = server.register_client("billing");
         let (status, body) = post(
             &server,
@@ -414,7 +416,9 @@ mod tests {
 
     #[tokio::test]
     async fn wrong_secret_and_unknown_grant_are_refused() {
-        let server = DemoTokenServer::start(DEFAULT_TOKEN_LIFETIME).await.unwrap();
+        let server = DemoTokenServer::start(DEFAULT_TOKEN_LIFETIME)
+            .await
+            .unwrap();
         let mut client = server.register_client("x");
         client.client_secret.push('!');
         let (status, body) = post(
@@ -423,7 +427,10 @@ mod tests {
             &[("grant_type", "client_credentials")],
         )
         .await;
-        assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")));
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client"))
+        );
         let client = server.register_client("y");
         let (status, body) = post(&server, Some(&client), &[("grant_type", "password")]).await;
         assert_eq!(
@@ -434,7 +441,9 @@ mod tests {
 
     #[tokio::test]
     async fn refresh_rotates_and_refuses_the_spent_token() {
-        let server = DemoTokenServer::start(DEFAULT_TOKEN_LIFETIME).await.unwrap();
+        let server = DemoTokenServer::start(DEFAULT_TOKEN_LIFETIME)
+            .await
+            .unwrap();
         let client = server.register_client("crm");
         let seed = server.issue_refresh_token(&client.client_id);
         let send = |rt: String| refresh(&server, &client, rt);
@@ -460,7 +469,10 @@ mod tests {
             &[("grant_type", "refresh_token"), ("refresh_token", live)],
         )
         .await;
-        assert_eq!((status, body["error"].as_str()), (400, Some("invalid_grant")));
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_grant"))
+        );
     }
 
     #[test]
