@@ -128,7 +128,10 @@ impl LocalRun {
         })
         .await;
         assert!(status.success(), "exit status {status}");
-        assert!(!self.dir.exists(), "the control plane's temp dir was removed");
+        assert!(
+            !self.dir.exists(),
+            "the control plane's temp dir was removed"
+        );
         let dir = self.dir.to_str().unwrap();
         let leftovers: Vec<_> = std::fs::read_dir("/proc")
             .unwrap()
@@ -201,7 +204,11 @@ async fn run_without_a_cluster_shows_the_demo_and_stops_cleanly_on_ctrl_c() {
     let mut types: Vec<_> = examples.values().copied().collect();
     types.sort_by_key(|t| t.as_str());
     types.dedup();
-    assert_eq!(types.len(), ConnectionType::ALL.len(), "an example per type");
+    assert_eq!(
+        types.len(),
+        ConnectionType::ALL.len(),
+        "an example per type"
+    );
 
     // The empty connection: Pending until its credentials exist.
     wait_phase(&api, "empty", Phase::Pending, "CredentialsMissing").await;
@@ -279,7 +286,10 @@ async fn run_without_a_cluster_shows_the_demo_and_stops_cleanly_on_ctrl_c() {
             .unwrap();
         assert_eq!(replay.status().as_u16(), 400, "{name}");
         let body: serde_json::Value = replay.json().await.unwrap();
-        assert_eq!(body["error"], "invalid_grant", "{name}: the spent seed is refused");
+        assert_eq!(
+            body["error"], "invalid_grant",
+            "{name}: the spent seed is refused"
+        );
     }
     assert!(refresh_token_examples > 0, "a refreshToken example");
 
@@ -310,7 +320,12 @@ async fn run_with_no_demo_brings_up_a_bare_local_cluster_and_stops_cleanly_on_ct
     })
     .await;
     let all: Api<VaultConnection> = Api::all(client.clone());
-    assert!(all.list(&ListParams::default()).await.unwrap().items.is_empty());
+    assert!(all
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .is_empty());
     let namespaces: Api<Namespace> = Api::all(client.clone());
     assert!(namespaces.get_opt(DEMO_NAMESPACE).await.unwrap().is_none());
 
