@@ -42,10 +42,12 @@ pub const API_GROUP: &str = "vaultconn.dev";
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
     ),
     printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    // Future times as text: kubectl renders a `date` column as an age and shows `<invalid>` for
+    // a time that has not come yet.
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(
         name = "Next Refresh",
-        type_ = "date",
+        type_ = "string",
         json_path = ".status.nextRefreshTime",
         priority = 1
     ),

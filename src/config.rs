@@ -105,6 +105,12 @@ pub struct RunConfig {
     /// $POD_NAMESPACE, set by the chart from the downward API.
     #[arg(long, env = "POD_NAMESPACE", hide = true)]
     pub pod_namespace: Option<String>,
+
+    /// Without a configured cluster, start only the local control plane: no demo connections
+    /// and no demo token server.
+    #[cfg(feature = "local-cluster")]
+    #[arg(long, env = "VAULTCONN_NO_DEMO")]
+    pub no_demo: bool,
 }
 
 impl RunConfig {

@@ -165,6 +165,9 @@ fn operator_client(
 }
 
 async fn run(config: RunConfig) -> anyhow::Result<()> {
+    // The local demo may turn on --allow-http-loopback for its token server.
+    #[cfg(feature = "local-cluster")]
+    let mut config = config;
     #[cfg(feature = "local-cluster")]
     let (local, client) = if cluster_configured() {
         (
@@ -172,11 +175,8 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
             operator_client(kube::Config::infer().await?, config.kube_api_rate())?,
         )
     } else {
-        let (cp, kube_config) = local::start().await?;
-        (
-            Some(cp),
-            operator_client(kube_config, config.kube_api_rate())?,
-        )
+        let (local, kube_config) = local::start_run(&mut config).await?;
+        (Some(local), operator_client(kube_config, config.kube_api_rate())?)
     };
     #[cfg(not(feature = "local-cluster"))]
     let client = if cluster_configured() {
@@ -226,18 +226,106 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     }
     #[cfg(feature = "local-cluster")]
-    if let Some(mut cp) = local {
-        tracing::info!("stopping the local control plane");
-        cp.stop();
+    if let Some(local) = local {
+        local.stop().await;
     }
     result.map_err(Into::into)
 }
 
 /// `vaultconn run` without a cluster, and `vaultconn local-cluster`: a control plane on
-/// loopback (the `vaultconn-local-cluster` crate) with the CRD installed.
+/// loopback (the `vaultconn-local-cluster` crate) with the CRD installed; for `run`, unless
+/// `--no-demo`, also the demo (every example, an empty connection, the demo token server).
 #[cfg(feature = "local-cluster")]
 mod local {
+    use vaultconn::config::RunConfig;
+    use vaultconn_local_cluster::demo::{Demo, Example};
     use vaultconn_local_cluster::{ControlPlane, ControlPlaneOptions};
+
+    /// The examples, built in so that the binary shows them from any directory. The
+    /// embedded_run test checks that every file in `examples/` turns up in the demo.
+    const EXAMPLES: &[Example<'static>] = &[
+        example("apikey.yaml", include_str!("../examples/apikey.yaml")),
+        example("auth0-m2m.yaml", include_str!("../examples/auth0-m2m.yaml")),
+        example("basicauth.yaml", include_str!("../examples/basicauth.yaml")),
+        example(
+            "bearertoken.yaml",
+            include_str!("../examples/bearertoken.yaml"),
+        ),
+        example(
+            "oauth2-client-credentials.yaml",
+            include_str!("../examples/oauth2-client-credentials.yaml"),
+        ),
+        example(
+            "oauth2-refresh-token.yaml",
+            include_str!("../examples/oauth2-refresh-token.yaml"),
+        ),
+        example("stripe.yaml", include_str!("../examples/stripe.yaml")),
+        example("twilio.yaml", include_str!("../examples/twilio.yaml")),
+    ];
+
+    const fn example(file: &'static str, yaml: &'static str) -> Example<'static> {
+        Example { file, yaml }
+    }
+
+    /// The credentials keys of a type, from the product's catalog: the demo fills them all.
+    fn input_keys(type_: &str) -> Vec<&'static str> {
+        vaultconn::catalog::CATALOG
+            .iter()
+            .find(|t| t.type_.as_str() == type_)
+            .map(|t| {
+                t.required_inputs
+                    .iter()
+                    .chain(t.optional_inputs)
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// What `run` started locally; [`LocalRun::stop`] takes it down after the operator.
+    pub struct LocalRun {
+        cp: ControlPlane,
+        demo: Option<Demo>,
+    }
+
+    /// The control plane and, unless `--no-demo`, the demo. The demo token server speaks
+    /// plain http on loopback, so the demo turns `--allow-http-loopback` on.
+    pub async fn start_run(config: &mut RunConfig) -> anyhow::Result<(LocalRun, kube::Config)> {
+        let (cp, kube_config) = start().await?;
+        let demo = if config.no_demo {
+            None
+        } else {
+            if !config.allow_http_loopback {
+                tracing::info!(
+                    "demo: allowing plain-http token URLs on loopback for the demo token server"
+                );
+                config.allow_http_loopback = true;
+            }
+            let demo = Demo::start(cp.try_client().await?, EXAMPLES, &input_keys)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "the demo could not be set up: {e} (`vaultconn run --no-demo` starts without it)"
+                    )
+                })?;
+            // On stderr: stdout carries the log, which may be JSON for a collector.
+            eprintln!("{}", demo.banner(cp.kubeconfig_path()));
+            Some(demo)
+        };
+        Ok((LocalRun { cp, demo }, kube_config))
+    }
+
+    impl LocalRun {
+        /// After the operator has stopped: the demo token server, then the control plane.
+        pub async fn stop(mut self) {
+            if let Some(demo) = self.demo.take() {
+                tracing::info!("stopping the demo token server");
+                demo.stop().await;
+            }
+            tracing::info!("stopping the local control plane");
+            self.cp.stop();
+        }
+    }
 
     /// Start the control plane, install the CRD and return the operator's kube config for it.
     pub async fn start() -> anyhow::Result<(ControlPlane, kube::Config)> {

@@ -3,7 +3,11 @@
 //!
 //! `vaultconn run` starts one when no cluster is configured (behind the binary's default-on
 //! `local-cluster` feature); the cluster tests and the benchmark start one per test binary.
+//! There, unless told otherwise, [`demo`] also applies one connection of every type, with a
+//! small [`demo_token_server`] for the OAuth ones.
 pub mod control_plane;
+pub mod demo;
+pub mod demo_token_server;
 pub mod process;
 
 pub use control_plane::{ControlPlane, ControlPlaneError, ControlPlaneOptions};
