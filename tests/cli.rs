@@ -1111,3 +1111,82 @@ async fn a_cluster_without_the_crd_says_how_to_install_it() {
     }
     bare.stop();
 }
+
+#[test]
+fn the_krew_manifest_installs_this_binary_as_kubectl_vaultconn() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(root.join("plugins/vaultconn.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        manifest["apiVersion"],
+        "krew.googlecontainertools.github.com/v1alpha2"
+    );
+    assert_eq!(manifest["kind"], "Plugin");
+    // kubectl finds plugins by file name: kubectl-<metadata.name>.
+    assert_eq!(manifest["metadata"]["name"], "vaultconn");
+    let version = format!("v{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(manifest["spec"]["version"], version.as_str());
+    let platforms = manifest["spec"]["platforms"].as_array().unwrap();
+    assert!(platforms.len() >= 2);
+    for p in platforms {
+        let labels = &p["selector"]["matchLabels"];
+        let archive = format!(
+            "{version}/kubectl-vaultconn_{}_{}.tar.gz",
+            labels["os"].as_str().unwrap(),
+            labels["arch"].as_str().unwrap()
+        );
+        assert!(p["uri"].as_str().unwrap().ends_with(&archive), "{p}");
+        assert_eq!(p["bin"], "kubectl-vaultconn");
+        assert_eq!(p["files"][0]["from"], "kubectl-vaultconn");
+    }
+    // The packaging script's archive matches the manifest it writes, and what it holds runs
+    // as the plugin.
+    let out = tempfile::tempdir().unwrap();
+    let packed = std::process::Command::new("bash")
+        .arg(root.join("plugins/package.sh"))
+        .args([
+            env!("CARGO_BIN_EXE_vaultconn"),
+            out.path().to_str().unwrap(),
+            "linux",
+            "amd64",
+        ])
+        .output()
+        .unwrap();
+    assert!(packed.status.success(), "{packed:?}");
+    let written: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(out.path().join("vaultconn.yaml")).unwrap(),
+    )
+    .unwrap();
+    let archive = out.path().join("kubectl-vaultconn_linux_amd64.tar.gz");
+    let sum = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&archive).unwrap()))
+    };
+    assert_eq!(written["spec"]["platforms"][0]["sha256"], sum.as_str());
+    let unpacked = out.path().join("x");
+    std::fs::create_dir(&unpacked).unwrap();
+    let tar = std::process::Command::new("tar")
+        .args([
+            "xzf",
+            archive.to_str().unwrap(),
+            "-C",
+            unpacked.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let help = finish(
+        offline(
+            unpacked.join("kubectl-vaultconn").to_str().unwrap(),
+            out.path(),
+        ),
+        &["--help"],
+        None,
+    );
+    assert!(
+        help.stdout.contains("Usage: kubectl vaultconn <COMMAND>"),
+        "{help:?}"
+    );
+}
