@@ -6,6 +6,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::oauth::token::url_policy::TokenUrlPolicy;
+
 /// Log line format.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
@@ -62,6 +64,16 @@ pub struct RunConfig {
     #[arg(long, env = "VAULTCONN_CONCURRENCY", default_value_t = 32)]
     pub concurrency: u16,
 
+    /// Average requests per second to the Kubernetes API (0 = no client-side limit; the API
+    /// server's priority and fairness still applies).
+    #[arg(long, env = "VAULTCONN_KUBE_API_QPS", default_value_t = 0)]
+    pub kube_api_qps: u32,
+
+    /// Requests that may go to the Kubernetes API at once before --kube-api-qps paces them
+    /// (default: twice the QPS).
+    #[arg(long, env = "VAULTCONN_KUBE_API_BURST")]
+    pub kube_api_burst: Option<u32>,
+
     /// Total time limit of one token request (e.g. 15s).
     #[arg(long, env = "VAULTCONN_TOKEN_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub token_request_timeout: Duration,
@@ -70,6 +82,16 @@ pub struct RunConfig {
     /// chart's terminationGracePeriodSeconds covers it.
     #[arg(long, env = "VAULTCONN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Hosts and CIDRs allowed as token URLs despite the private-range rule, comma-separated
+    /// (e.g. `keycloak.auth.svc.cluster.local,*.corp.internal,10.20.0.0/16`).
+    #[arg(
+        long,
+        env = "VAULTCONN_TOKEN_URL_ALLOW",
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub token_url_allow: TokenUrlPolicy,
 
     /// Allow plain-http token URLs on loopback addresses (tests and local demos only).
     #[arg(long, env = "VAULTCONN_ALLOW_HTTP_LOOPBACK")]
@@ -98,6 +120,21 @@ impl RunConfig {
         list.sort();
         list.dedup();
         (!list.is_empty()).then_some(list)
+    }
+
+    /// The client-side API rate limit as `(requests, per)`: `burst` requests per window of
+    /// `burst / qps` seconds, i.e. `qps` on average with bursts of up to `burst`. `None`: off.
+    pub fn kube_api_rate(&self) -> Option<(u64, Duration)> {
+        if self.kube_api_qps == 0 {
+            return None;
+        }
+        let qps = u64::from(self.kube_api_qps);
+        let burst = u64::from(
+            self.kube_api_burst
+                .unwrap_or(self.kube_api_qps.saturating_mul(2)),
+        )
+        .max(1);
+        Some((burst, Duration::from_secs_f64(burst as f64 / qps as f64)))
     }
 
     /// The identity in the Lease and in Events: unique per process, so that a restarted
@@ -174,6 +211,19 @@ mod tests {
         assert_eq!(
             c.identity(),
             format!("vaultconn-7d9f_{}", std::process::id())
+        );
+    }
+
+    #[test]
+    fn api_rate_is_off_by_default_and_bursts_twice_the_qps() {
+        assert_eq!(parse(&[]).kube_api_rate(), None);
+        assert_eq!(
+            parse(&["--kube-api-qps", "50"]).kube_api_rate(),
+            Some((100, Duration::from_secs(2)))
+        );
+        assert_eq!(
+            parse(&["--kube-api-qps", "20", "--kube-api-burst", "30"]).kube_api_rate(),
+            Some((30, Duration::from_millis(1500)))
         );
     }
 

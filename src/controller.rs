@@ -1,8 +1,8 @@
 //! The reconcile loop: `VaultConnection` → generated Secret + status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
@@ -24,7 +24,7 @@ use crate::http::Health;
 use crate::leader::LeaderGate;
 use crate::names::*;
 use crate::oauth::refresh::OAuthEngine;
-use crate::oauth::token::TokenClientConfig;
+use crate::oauth::token::{TokenClientConfig, TokenUrlPolicy};
 use crate::reason::Reason;
 use crate::secret::{self, Inputs};
 use crate::status::{self, Outcome};
@@ -48,6 +48,8 @@ pub struct ControllerConfig {
     pub shutdown_timeout: Duration,
     /// This process's name in the Lease and in in-flight marks (unique per process).
     pub identity: String,
+    /// Private-network token hosts that may be contacted (`--token-url-allow`).
+    pub token_url_policy: TokenUrlPolicy,
 }
 
 impl Default for ControllerConfig {
@@ -60,6 +62,7 @@ impl Default for ControllerConfig {
             namespaces: None,
             shutdown_timeout: Duration::from_secs(20),
             identity: format!("vaultconn_{}", std::process::id()),
+            token_url_policy: TokenUrlPolicy::default(),
         }
     }
 }
@@ -98,6 +101,7 @@ impl Context {
             TokenClientConfig {
                 allow_http_loopback: config.allow_http_loopback,
                 request_timeout: config.token_request_timeout,
+                token_url_policy: config.token_url_policy.clone(),
                 ..Default::default()
             },
             metrics.clone(),
@@ -115,6 +119,7 @@ impl Context {
     pub fn validation_options(&self) -> ValidationOptions {
         ValidationOptions {
             allow_http_loopback: self.config.allow_http_loopback,
+            token_url_policy: self.config.token_url_policy.clone(),
         }
     }
 
@@ -122,13 +127,20 @@ impl Context {
         self.writer.client()
     }
 
+    /// The watch saw `vc`: its metric series may be set from now on.
+    fn seen(&self, vc: &VaultConnection) {
+        let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+        let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
+        self.writer.metrics.connection_seen(&ns, &name, uid);
+    }
+
     /// Drop what this process holds for a deleted connection (index entries, held tokens,
     /// backoff, the last status written, its metric series).
-    fn forget(&self, vc: &VaultConnection) {
-        let (ns, name) = (vc.namespace().unwrap_or_default(), vc.name_any());
-        self.writer.index.forget_connection(&ns, &name);
-        self.oauth.forget(&ns, &name);
-        let key = (ns, name);
+    fn forget(&self, ns: &str, name: &str) {
+        self.writer.index.forget_connection(ns, name);
+        self.oauth.forget(ns, name);
+        self.writer.metrics.connection_gone(ns, name);
+        let key = (ns.to_string(), name.to_string());
         lock(&self.last_status).remove(&key);
         lock(&self.errors).remove(&key);
     }
@@ -179,9 +191,14 @@ pub async fn run(
     }
     // One shutdown signal fanned out to every scope's controller.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopper = tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
+    let stopping_since: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
+    let stopper = tokio::spawn({
+        let stopping_since = stopping_since.clone();
+        async move {
+            shutdown.await;
+            *lock(&stopping_since) = Some(std::time::Instant::now());
+            let _ = stop_tx.send(true);
+        }
     });
     let synced: Vec<Arc<std::sync::atomic::AtomicBool>> =
         scopes.iter().map(|_| Arc::default()).collect();
@@ -212,11 +229,13 @@ pub async fn run(
     readiness.abort();
     stopper.abort();
     health.set_ready(false);
-    // Token writes that were still retrying get one last chance before the process exits.
-    let flushes = contexts.iter().map(|ctx| {
-        ctx.oauth
-            .flush_pending(&ctx.writer, config.shutdown_timeout)
-    });
+    // Token writes that were still retrying get one last chance before the process exits,
+    // within what is left of the shutdown timeout (reconciles finishing took some of it).
+    let spent = lock(&stopping_since).map_or(Duration::ZERO, |t| t.elapsed());
+    let left = config.shutdown_timeout.saturating_sub(spent);
+    let flushes = contexts
+        .iter()
+        .map(|ctx| ctx.oauth.flush_pending(&ctx.writer, left));
     futures::future::join_all(flushes).await;
     info!("controller stopped");
     Ok(())
@@ -265,14 +284,33 @@ async fn run_scope(
         .modify(|vc| vc.managed_fields_mut().clear())
         .reflect(writer)
         .inspect({
+            // Without a finalizer a deleted connection is never reconciled: forget it here.
+            // After a re-list, the connections of this scope it no longer holds were deleted
+            // while the watch was down (no Delete event comes for them).
             let ctx = ctx.clone();
+            let scope = namespace.map(str::to_string);
+            let mut relisted: Option<HashSet<Key>> = None;
             move |ev| match ev {
-                // Without a finalizer a deleted connection is never reconciled: forget it here.
-                Ok(watcher::Event::Delete(vc)) => ctx.forget(vc),
+                Ok(watcher::Event::Apply(vc)) => ctx.seen(vc),
+                Ok(watcher::Event::Delete(vc)) => {
+                    ctx.forget(&vc.namespace().unwrap_or_default(), &vc.name_any())
+                }
+                Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
+                Ok(watcher::Event::InitApply(vc)) => {
+                    ctx.seen(vc);
+                    if let Some(keys) = relisted.as_mut() {
+                        keys.insert((vc.namespace().unwrap_or_default(), vc.name_any()));
+                    }
+                }
                 Ok(watcher::Event::InitDone) => {
+                    let listed = relisted.take().unwrap_or_default();
+                    let known = ctx.writer.metrics.live_connections(scope.as_deref());
+                    for (ns, name) in known.difference(&listed) {
+                        ctx.forget(ns, name);
+                    }
                     synced.store(true, std::sync::atomic::Ordering::Relaxed)
                 }
-                _ => {}
+                Err(_) => {}
             }
         })
         .applied_objects()
@@ -288,6 +326,7 @@ async fn run_scope(
             kube::runtime::controller::Config::default().concurrency(ctx.config.concurrency),
         );
     }
+    info!(token_url_allow = %ctx.config.token_url_policy, "controller started");
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -323,16 +362,29 @@ fn secret_triggers(
 
 #[tracing::instrument(skip_all, fields(namespace = vc.namespace().unwrap_or_default(), name = vc.name_any()))]
 pub async fn reconcile(vc: Arc<VaultConnection>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_one(&vc, &ctx).await;
+    ctx.writer
+        .metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_one(vc: &VaultConnection, ctx: &Context) -> Result<Action> {
     let ns = vc.namespace().unwrap_or_default();
     let name = vc.name_any();
     ctx.writer.metrics.reconciles.inc();
     if vc.metadata.deletion_timestamp.is_some() {
-        ctx.forget(&vc);
+        ctx.forget(&ns, &name);
         return Ok(Action::await_change());
     }
 
-    let (outcome, action) = decide(&vc, &ctx, &ns).await?;
-    write_status(&vc, &ctx, &outcome).await?;
+    let (outcome, action) = decide(vc, ctx, &ns).await?;
+    write_status(vc, ctx, &outcome).await?;
+    // What the status now says; ignored if the connection was deleted meanwhile.
+    let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+    ctx.writer.metrics.report(&ns, &name, uid, &outcome);
     lock(&ctx.errors).remove(&(ns.clone(), name.clone()));
     debug!("reconcile finished: {ns}/{name} ({})", outcome.reason);
     Ok(action)
@@ -349,9 +401,15 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
         return Ok((o, Action::await_change()));
     }
 
-    let problems = validation::validate(vc, ctx.validation_options());
+    let opts = ctx.validation_options();
+    let problems = validation::validate(vc, opts.clone());
     if !problems.is_empty() {
         let o = Outcome::new(Reason::InvalidSpec, problems.join("; "));
+        return Ok((status::keep_known_fields(vc, o), Action::await_change()));
+    }
+    // Refused before anything is read or sent; a changed allow-list restarts the operator.
+    if let Some(msg) = validation::token_url_not_allowed(vc, &opts) {
+        let o = Outcome::new(Reason::TokenUrlNotAllowed, msg);
         return Ok((status::keep_known_fields(vc, o), Action::await_change()));
     }
 

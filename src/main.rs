@@ -105,22 +105,39 @@ fn cluster_configured() -> bool {
 /// request could otherwise block for minutes inside its backoff, which would break the token
 /// write's bounded retry budget (and a graceful shutdown). Retries are the operator's own
 /// decision: the refresh path retries writes within its budget, everything else requeues.
-fn operator_client(mut config: kube::Config) -> anyhow::Result<kube::Client> {
+/// `rate`: tower's rate limit, `(requests, per window)`: the client's request queue waits for
+/// the window instead of sending (`--kube-api-qps`/`--kube-api-burst`).
+fn operator_client(
+    mut config: kube::Config,
+    rate: Option<(u64, std::time::Duration)>,
+) -> anyhow::Result<kube::Client> {
     config.default_retry = false;
-    Ok(kube::Client::try_from(config)?)
+    let builder = kube::client::ClientBuilder::try_from(config)?;
+    Ok(match rate {
+        Some((requests, per)) => builder
+            .with_layer(&tower::limit::RateLimitLayer::new(requests, per))
+            .build(),
+        None => builder.build(),
+    })
 }
 
 async fn run(config: RunConfig) -> anyhow::Result<()> {
     #[cfg(feature = "local-cluster")]
     let (local, client) = if cluster_configured() {
-        (None, operator_client(kube::Config::infer().await?)?)
+        (
+            None,
+            operator_client(kube::Config::infer().await?, config.kube_api_rate())?,
+        )
     } else {
-        let (cp, config) = local::start().await?;
-        (Some(cp), operator_client(config)?)
+        let (cp, kube_config) = local::start().await?;
+        (
+            Some(cp),
+            operator_client(kube_config, config.kube_api_rate())?,
+        )
     };
     #[cfg(not(feature = "local-cluster"))]
     let client = if cluster_configured() {
-        operator_client(kube::Config::infer().await?)?
+        operator_client(kube::Config::infer().await?, config.kube_api_rate())?
     } else {
         anyhow::bail!(
             "no cluster configured: set KUBECONFIG to a kubeconfig file, or run in a Pod \

@@ -31,7 +31,34 @@ impl From<&RunConfig> for ControllerConfig {
             namespaces: c.watched_namespaces(),
             shutdown_timeout: c.shutdown_timeout,
             identity: c.identity(),
+            token_url_policy: c.token_url_allow.clone(),
         }
+    }
+}
+
+/// Kubernetes minor versions this release is tested against (1.20, the test control plane)
+/// up to the newest API its client library knows (k8s-openapi 0.29: 1.35).
+const SUPPORTED_MINORS: std::ops::RangeInclusive<u32> = 20..=35;
+
+/// Whether the API server's reported version is one we support (`None`: unparseable).
+pub fn version_supported(major: &str, minor: &str) -> Option<bool> {
+    // Managed clusters report minors like "27+".
+    let minor: u32 = minor.trim_end_matches('+').parse().ok()?;
+    Some(major == "1" && SUPPORTED_MINORS.contains(&minor))
+}
+
+async fn log_server_version(client: &Client) {
+    match client.apiserver_version().await {
+        Ok(v) => match version_supported(&v.major, &v.minor) {
+            Some(true) => info!(version = %v.git_version, "connected to the API server"),
+            _ => tracing::warn!(
+                version = %v.git_version,
+                "this Kubernetes version is outside the supported range 1.{}–1.{}",
+                SUPPORTED_MINORS.start(),
+                SUPPORTED_MINORS.end()
+            ),
+        },
+        Err(e) => tracing::warn!(error = %e, "could not read the API server version"),
     }
 }
 
@@ -42,6 +69,7 @@ pub async fn run(
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<()> {
+    log_server_version(&client).await;
     let controller_config = ControllerConfig::from(config);
     if let Some(ns) = &controller_config.namespaces {
         info!(namespaces = %ns.join(","), "watching only these namespaces");
@@ -62,6 +90,7 @@ pub async fn run(
     .await?;
     let shutdown = shutdown.shared();
     // Standing by is a correct, ready state: a rolling update may proceed.
+    metrics.set_leader(false);
     health.set_ready(true);
     tokio::select! {
         _ = election.gate.opened() => {}
@@ -72,6 +101,7 @@ pub async fn run(
         }
     }
     info!("leading: starting the controller");
+    metrics.set_leader(true);
     health.set_ready(false);
     let gate = election.gate.clone();
     let (lost_tx, lost_rx) = tokio::sync::oneshot::channel::<()>();
@@ -85,11 +115,40 @@ pub async fn run(
             }
         }
     };
-    let result = controller::run(client, controller_config, metrics, gate, health, stop).await;
+    let result = controller::run(
+        client,
+        controller_config,
+        metrics.clone(),
+        gate,
+        health,
+        stop,
+    )
+    .await;
+    metrics.set_leader(false);
     if let Ok(()) = lost_rx.await {
         error!("lost the leader lease: stopped writing; exiting so that this replica restarts as a standby");
         return Err(Error::NotLeader);
     }
     election.release(RELEASE_TIMEOUT).await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supported_versions_include_the_test_cluster_and_current_releases() {
+        assert_eq!(version_supported("1", "20"), Some(true));
+        assert_eq!(version_supported("1", "33"), Some(true));
+        assert_eq!(
+            version_supported("1", "27+"),
+            Some(true),
+            "managed clusters"
+        );
+        assert_eq!(version_supported("1", "19"), Some(false));
+        assert_eq!(version_supported("1", "36"), Some(false));
+        assert_eq!(version_supported("2", "0"), Some(false));
+        assert_eq!(version_supported("1", "x"), None);
+    }
 }

@@ -62,6 +62,9 @@ pub enum Reason {
     InvalidTokenUrl,
     /// The token host is, or resolves only to, a forbidden address.
     ForbiddenTokenEndpoint,
+    /// The token host is, or resolves only to, a private network address the operator's
+    /// allow-list (`--token-url-allow`) does not include.
+    TokenUrlNotAllowed,
     /// The token endpoint answered with a redirect (never followed).
     TokenEndpointRedirected,
     /// The HTTP client for the token endpoint could not be built.
@@ -100,6 +103,7 @@ impl Reason {
         Reason::RefreshTokenAdopted,
         Reason::InvalidTokenUrl,
         Reason::ForbiddenTokenEndpoint,
+        Reason::TokenUrlNotAllowed,
         Reason::TokenEndpointRedirected,
         Reason::TokenClientSetupFailed,
         Reason::StateLost,
@@ -134,6 +138,7 @@ impl Reason {
             Reason::RefreshTokenAdopted => "RefreshTokenAdopted",
             Reason::InvalidTokenUrl => "InvalidTokenUrl",
             Reason::ForbiddenTokenEndpoint => "ForbiddenTokenEndpoint",
+            Reason::TokenUrlNotAllowed => "TokenURLNotAllowed",
             Reason::TokenEndpointRedirected => "TokenEndpointRedirected",
             Reason::TokenClientSetupFailed => "TokenClientSetupFailed",
             Reason::StateLost => "StateLost",
@@ -168,6 +173,7 @@ impl Reason {
             | Reason::InvalidCaBundle
             | Reason::InvalidTokenUrl
             | Reason::ForbiddenTokenEndpoint
+            | Reason::TokenUrlNotAllowed
             | Reason::TokenEndpointRedirected
             | Reason::TokenClientSetupFailed
             | Reason::StateLost => Phase::Failed,

@@ -3,13 +3,15 @@
 //! everything a user can get wrong in `spec` is checked here and reported as `InvalidSpec`.
 
 use crate::api::{ConnectionType, GrantType, VaultConnection, VaultConnectionSpec};
-use crate::oauth::token::url_policy::validate_token_url;
+use crate::oauth::token::url_policy::{validate_token_url, TokenUrlPolicy, UrlError};
 
 /// Settings that change what is valid.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ValidationOptions {
     /// Allow `http://` token URLs that point at loopback (tests and the local demo only).
     pub allow_http_loopback: bool,
+    /// Private-network token hosts the operator may contact (`--token-url-allow`).
+    pub token_url_policy: TokenUrlPolicy,
 }
 
 /// Label/annotation prefix the operator reserves for its own bookkeeping.
@@ -30,7 +32,7 @@ pub fn validate(vc: &VaultConnection, opts: ValidationOptions) -> Vec<String> {
     let mut errors = Vec::new();
     let spec = &vc.spec;
     let own_name = vc.metadata.name.as_deref().unwrap_or_default();
-    validate_settings_blocks(spec, opts, &mut errors);
+    validate_settings_blocks(spec, &opts, &mut errors);
 
     if let Some(display) = &spec.display_name {
         if display.chars().count() > 256 {
@@ -94,7 +96,7 @@ pub fn validate(vc: &VaultConnection, opts: ValidationOptions) -> Vec<String> {
 
 fn validate_settings_blocks(
     spec: &VaultConnectionSpec,
-    opts: ValidationOptions,
+    opts: &ValidationOptions,
     errors: &mut Vec<String>,
 ) {
     let t = spec.type_;
@@ -142,13 +144,13 @@ fn validate_api_key(spec: &VaultConnectionSpec, errors: &mut Vec<String>) {
     }
 }
 
-fn validate_oauth2(spec: &VaultConnectionSpec, opts: ValidationOptions, errors: &mut Vec<String>) {
+fn validate_oauth2(spec: &VaultConnectionSpec, opts: &ValidationOptions, errors: &mut Vec<String>) {
     match &spec.oauth2 {
         None => errors.push("spec.oauth2 is required for type oauth2 (at least tokenUrl)".into()),
         Some(o) => {
             if o.token_url.is_empty() {
                 errors.push("spec.oauth2.tokenUrl is required".into());
-            } else if let Err(msg) = validate_token_url(&o.token_url, opts.allow_http_loopback) {
+            } else if let Err(UrlError::Invalid(msg)) = check_token_url(&o.token_url, opts) {
                 errors.push(format!("spec.oauth2.tokenUrl: {msg}"));
             }
             validate_renewal(
@@ -177,7 +179,7 @@ fn validate_oauth2(spec: &VaultConnectionSpec, opts: ValidationOptions, errors: 
     }
 }
 
-fn validate_auth0(spec: &VaultConnectionSpec, opts: ValidationOptions, errors: &mut Vec<String>) {
+fn validate_auth0(spec: &VaultConnectionSpec, opts: &ValidationOptions, errors: &mut Vec<String>) {
     match &spec.auth0 {
         None => errors.push("spec.auth0 is required for type auth0 (at least domain)".into()),
         Some(a) => {
@@ -188,10 +190,9 @@ fn validate_auth0(spec: &VaultConnectionSpec, opts: ValidationOptions, errors: &
                     "spec.auth0.domain {:?} must be a bare host name like example.eu.auth0.com (no scheme or path)",
                     a.domain
                 ));
-            } else if let Err(msg) = validate_token_url(
-                &crate::names::auth0_token_url(&a.domain),
-                opts.allow_http_loopback,
-            ) {
+            } else if let Err(UrlError::Invalid(msg)) =
+                check_token_url(&crate::names::auth0_token_url(&a.domain), opts)
+            {
                 errors.push(format!("spec.auth0.domain: {msg}"));
             }
             if a.grant_type.unwrap_or_default() == GrantType::ClientCredentials
@@ -209,6 +210,33 @@ fn validate_auth0(spec: &VaultConnectionSpec, opts: ValidationOptions, errors: &
             );
             validate_scopes("auth0", &a.scopes, errors);
         }
+    }
+}
+
+fn check_token_url(url: &str, opts: &ValidationOptions) -> Result<(), UrlError> {
+    validate_token_url(url, opts.allow_http_loopback, &opts.token_url_policy).map(|_| ())
+}
+
+/// The token URL's host is a private-network address literal the operator's allow-list does
+/// not include: the message for the `TokenURLNotAllowed` status (checked after [`validate`],
+/// because it is not the spec's fault alone: the operator's configuration decides). Names
+/// are checked on their resolved addresses at request time.
+pub fn token_url_not_allowed(vc: &VaultConnection, opts: &ValidationOptions) -> Option<String> {
+    let spec = &vc.spec;
+    let (field, url) = match spec.type_ {
+        ConnectionType::OAuth2 => (
+            "spec.oauth2.tokenUrl",
+            spec.oauth2.as_ref()?.token_url.clone(),
+        ),
+        ConnectionType::Auth0 => (
+            "spec.auth0.domain",
+            crate::names::auth0_token_url(&spec.auth0.as_ref()?.domain),
+        ),
+        _ => return None,
+    };
+    match check_token_url(&url, opts) {
+        Err(UrlError::NotAllowed(msg)) => Some(format!("{field}: {msg}")),
+        _ => None,
     }
 }
 
@@ -359,10 +387,53 @@ mod tests {
         assert!(validate(
             &loopback,
             ValidationOptions {
-                allow_http_loopback: true
+                allow_http_loopback: true,
+                ..Default::default()
             }
         )
         .is_empty());
+    }
+
+    /// A private literal is not a spec error but its own finding, decided by the operator's
+    /// allow-list; other URL problems stay spec errors.
+    #[test]
+    fn private_token_hosts_need_the_allow_list() {
+        let private = [
+            vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://10.1.2.3/token"}})),
+            vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://0x0a010203/token"}})),
+            vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://[fd00::1]/token"}})),
+            vc(
+                json!({"type": "auth0", "auth0": {"domain": "192.168.0.10", "audience": "https://api"}}),
+            ),
+        ];
+        let strict = ValidationOptions::default();
+        let allowing = ValidationOptions {
+            token_url_policy: "10.0.0.0/8,fd00::/8,192.168.0.10".parse().unwrap(),
+            ..Default::default()
+        };
+        for v in &private {
+            assert!(validate(v, strict.clone()).is_empty());
+            let msg = token_url_not_allowed(v, &strict).expect("refused");
+            assert!(
+                msg.starts_with("spec.oauth2.tokenUrl: host ")
+                    || msg.starts_with("spec.auth0.domain: host "),
+                "{msg}"
+            );
+            assert!(
+                msg.contains("--token-url-allow") && msg.contains("tokenUrlAllow"),
+                "{msg}"
+            );
+            assert!(!msg.contains("/token"), "{msg}");
+            assert_eq!(token_url_not_allowed(v, &allowing), None);
+        }
+        for fine in [
+            vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/token"}})),
+            vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://169.254.169.254/token"}})),
+            vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "not a url"}})),
+            vc(json!({"type": "bearerToken"})),
+        ] {
+            assert_eq!(token_url_not_allowed(&fine, &strict), None);
+        }
     }
 
     #[test]

@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 /// controller sits on the I/O; the CLI's cluster commands on top of that; `main.rs` (not a
 /// library module) on top.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("types", &["api", "config", "names", "reason", "sync"]),
+    ("types", &["api", "names", "reason", "sync"]),
     (
         "pure decisions",
         &[
             "catalog",
+            "config",
             "validation",
             "secret",
             "status",

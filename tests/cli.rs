@@ -274,6 +274,28 @@ fn stdin_is_read_for_a_dash() {
 }
 
 #[test]
+fn the_token_url_allow_list_is_the_operators() {
+    let file = corpus().join("bad/private-token-url.yaml");
+    let f = file.to_str().unwrap();
+    assert_eq!(vaultconn(&["validate", f], None).code, 1);
+    let out = vaultconn(
+        &[
+            "validate",
+            "--token-url-allow",
+            "idp.corp.internal,10.20.0.0/16",
+            f,
+        ],
+        None,
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = vaultconn(&["validate", "--token-url-allow", "10.20.0.0/99", f], None);
+    assert_eq!(
+        out.code, 2,
+        "a bad entry is refused as the operator refuses it: {out:?}"
+    );
+}
+
+#[test]
 fn warnings_pass_unless_strict_and_unreadable_input_is_a_usage_error() {
     let file = corpus().join("bad/empty-credential-values.yaml");
     let f = file.to_str().unwrap();
@@ -502,6 +524,8 @@ async fn validate_reports_what_the_controller_puts_in_status() {
             "CredentialsMissing",
         ),
         ("target-foreign-secret.yaml", "maps", 2, "SecretConflict"),
+        // The test operator has no --token-url-allow list.
+        ("private-token-url.yaml", "billing", 1, "TokenURLNotAllowed"),
     ];
     let checks = cases
         .iter()

@@ -183,6 +183,9 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
         || async { a.probe("/readyz").await == Some(200) && b.probe("/readyz").await == Some(200) },
     )
     .await;
+    // Each reports its role where the NoLeader alert reads it.
+    assert_eq!(a.metric("vaultconn_leader").await, Some(1.0));
+    assert_eq!(b.metric("vaultconn_leader").await, Some(0.0));
     // The standby wrote nothing but the Lease (the API server saw no other write from it).
     let b_writes: Vec<String> = proxy_b
         .requests()

@@ -2,8 +2,11 @@
 //! operator process, the real API server, one namespace and one token server per test.
 //!
 //! Global invariants checked after each test (`assert_invariants`): the stored refresh token is
-//! live at the server or the connection shows a specific reason; in non-adversarial tests the
-//! server revoked nothing; no token or secret string appears in operator logs, Events or status.
+//! live at the server or the connection shows a specific reason; no token or secret string
+//! appears in operator logs, Events or status; and, from the token server's own call log
+//! (`provider_invariants`), no refresh token was replayed, no family was revoked unless the test
+//! saw the connection report `RefreshResponseLost`, and no client exceeded the request rate the
+//! schedule and the test's fault mode allow (each test derives its bound).
 mod support;
 
 use std::time::{Duration, Instant, SystemTime};
@@ -15,6 +18,9 @@ use support::objects::*;
 use support::operator::ensure_operator;
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use vaultconn::api::{Phase, VaultConnection};
+use vaultconn_testkit::provider_invariants::{
+    assert_provider_invariants, scheduled_per_minute, Invariants, Loss, Report,
+};
 use vaultconn_testkit::token_server::{
     Fault, FaultBody, RetryAfter, TokenServer, TokenServerConfig,
 };
@@ -56,14 +62,15 @@ async fn valid_token(ns: &TestNs, ts: &TokenServer, name: &str, not: Option<&str
     .await
 }
 
-/// The invariants of every test; `secrets` are strings that must never be visible.
+/// The invariants of every test; `secrets` are strings that must never be visible; `provider`
+/// is what the token server's record must show (see `provider_invariants`).
 async fn assert_invariants(
     ns: &TestNs,
     ts: &TokenServer,
     name: &str,
     secrets: &[String],
-    adversarial: bool,
-) {
+    provider: Invariants,
+) -> Report {
     let vc = ns.api::<VaultConnection>().get(name).await.unwrap();
     if let Some(rt) = stored_refresh_token(ns, name).await {
         let live = ts.is_refresh_token_live(&rt);
@@ -73,13 +80,7 @@ async fn assert_invariants(
             reason(&vc)
         );
     }
-    if !adversarial {
-        assert_eq!(
-            ts.revocations(),
-            0,
-            "the server had to revoke a token family"
-        );
-    }
+    let report = assert_provider_invariants(&ts.provider_record(), &provider);
     let text = visible_text(ns).await;
     let mut all: Vec<String> = secrets.to_vec();
     all.push(CLIENT_SECRET.into());
@@ -101,6 +102,21 @@ async fn assert_invariants(
         let d = data_of(&out);
         assert!(!d.contains_key("refresh_token") && !d.contains_key("client_secret"));
         assert!(!d.values().any(|v| v == CLIENT_SECRET));
+    }
+    report
+}
+
+/// The loss the provider saw for a `RefreshResponseLost` of `CLIENT`'s connection: the seed
+/// spent by call 0 (its response lost), then presented again by `replays`, the last refused
+/// with the family revoked.
+fn seed_lost_then_refused(seed: &str, replays: Vec<u64>) -> Loss {
+    Loss {
+        client_id: Some(CLIENT.into()),
+        token: vaultconn_testkit::provider_invariants::fingerprint(seed),
+        spent_by: 0,
+        refused_by: *replays.last().expect("at least the retry"),
+        replays,
+        revoked: true,
     }
 }
 
@@ -157,7 +173,8 @@ async fn client_credentials_issue_and_schedule() {
     // Re-reconciles (a touch of the credentials Secret) do not call the token endpoint.
     force_reconcile(&ns, "creds", "api").await;
     assert_eq!(ts.call_count(), 1);
-    assert_invariants(&ns, &ts, "api", &[token], false).await;
+    // One issue: a 1 h token is not due again within the minute, and reconciles do not ask.
+    assert_invariants(&ns, &ts, "api", &[token], Invariants::new(1)).await;
 }
 
 #[tokio::test]
@@ -202,7 +219,8 @@ async fn client_auth_post_and_form_encoded_basic() {
         .any(|c| c.client_id.as_deref() == Some("m2m special/1")
             && c.auth_method == AuthMethod::ClientSecretBasic));
     assert!(calls.iter().all(|c| c.auth_method != AuthMethod::Both));
-    assert_invariants(&ns, &ts, "post", &[], false).await;
+    // One issue per connection (each its own client id), 1 h tokens.
+    assert_invariants(&ns, &ts, "post", &[], Invariants::new(1)).await;
 }
 
 #[tokio::test]
@@ -239,7 +257,15 @@ async fn wrong_client_secret_fails_without_hot_loop_and_recovers_when_fixed() {
     valid_token(&ns, &ts, "api", None).await;
     ready(&ns, "api").await;
     assert_eq!(ts.call_count(), 2);
-    assert_invariants(&ns, &ts, "api", &["wrong-SECRET-1".into()], false).await;
+    // The refused attempt (not retried without a change) and the one after the fix.
+    assert_invariants(
+        &ns,
+        &ts,
+        "api",
+        &["wrong-SECRET-1".into()],
+        Invariants::new(2),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -288,7 +314,9 @@ async fn refresh_token_rotation_through_several_cycles() {
     }
     assert_eq!(ts.max_concurrent_per_refresh_family(), 1);
     seen.push(rt);
-    assert_invariants(&ns, &ts, "crm", &seen, false).await;
+    // 3 s tokens, no faults: the schedule alone (34 a minute).
+    let bound = scheduled_per_minute(Duration::from_secs(3));
+    assert_invariants(&ns, &ts, "crm", &seen, Invariants::new(bound)).await;
 }
 
 #[tokio::test]
@@ -327,7 +355,9 @@ async fn rotation_off_and_missing_refresh_token_keep_the_current_one() {
         .calls()
         .iter()
         .all(|c| c.refresh_token.as_deref() == Some(seed.as_str())));
-    assert_invariants(&ns, &ts, "crm", &[seed, t1, t2], false).await;
+    // 2 s tokens; the faults strip fields from successes and cause no retries.
+    let bound = scheduled_per_minute(Duration::from_secs(2));
+    assert_invariants(&ns, &ts, "crm", &[seed, t1, t2], Invariants::new(bound)).await;
 }
 
 #[tokio::test]
@@ -353,6 +383,8 @@ async fn missing_expires_in_uses_a_conservative_default() {
         300,
         "default lifetime of 5 minutes"
     );
+    // One issue: the assumed 5 min lifetime is not due again within the minute.
+    assert_provider_invariants(&ts.provider_record(), &Invariants::new(1));
 }
 
 #[tokio::test]
@@ -400,7 +432,9 @@ async fn revoked_refresh_token_is_terminal_until_reseeded() {
         ts.calls().last().unwrap().refresh_token.as_deref(),
         Some(fresh.as_str())
     );
-    assert_invariants(&ns, &ts, "crm", &[seed, fresh], true).await;
+    // The test revoked the seed's family itself (the token server does not count that as
+    // reuse detection): one refused request, then one with the re-seed; no replay.
+    assert_invariants(&ns, &ts, "crm", &[seed, fresh], Invariants::new(2)).await;
 }
 
 #[tokio::test]
@@ -454,7 +488,8 @@ async fn rate_limit_retry_after_is_honoured() {
         gap1 < Duration::from_secs(10) && gap2 < Duration::from_secs(10),
         "retries are capped"
     );
-    assert_invariants(&ns, &ts, "api", &[], false).await;
+    // The first attempt and one retry after each of the two faults.
+    assert_invariants(&ns, &ts, "api", &[], Invariants::new(3)).await;
 }
 
 #[tokio::test]
@@ -481,7 +516,8 @@ async fn reset_before_processing_is_retried_and_nothing_is_spent() {
         .calls()
         .iter()
         .all(|c| c.refresh_token.as_deref() == Some(seed.as_str())));
-    assert_invariants(&ns, &ts, "crm", &[seed], false).await;
+    // The reset attempt and its one retry; 1 h tokens.
+    assert_invariants(&ns, &ts, "crm", &[seed], Invariants::new(2)).await;
 }
 
 #[tokio::test]
@@ -508,7 +544,17 @@ async fn lost_response_without_overlap_is_reported_not_hidden() {
     // No further retries, even on forced reconciles.
     force_reconcile(&ns, "creds", "crm").await;
     assert_eq!(ts.call_count(), 2);
-    assert_invariants(&ns, &ts, "crm", &[seed], true).await;
+    // Provoked on purpose: exactly one loss, reported — the seed spent by call 0 (reset), its
+    // one retry (call 1) refused with the family revoked; two requests.
+    let report = assert_invariants(
+        &ns,
+        &ts,
+        "crm",
+        std::slice::from_ref(&seed),
+        Invariants::new(2).lost_response(CLIENT),
+    )
+    .await;
+    assert_eq!(report.losses, vec![seed_lost_then_refused(&seed, vec![1])]);
 }
 
 #[tokio::test]
@@ -540,7 +586,18 @@ async fn lost_response_with_overlap_window_recovers() {
     valid_token(&ns, &ts, "crm", Some(&t1)).await;
     let rt = stored_refresh_token(&ns, "crm").await.unwrap();
     assert!(ts.is_refresh_token_live(&rt));
-    assert_invariants(&ns, &ts, "crm", &[seed, t1], false).await;
+    // 3 s tokens (34 a minute) plus the one retry of the reset attempt, which the provider
+    // accepts inside its window.
+    let bound = scheduled_per_minute(Duration::from_secs(3)) + 1;
+    let report = assert_invariants(
+        &ns,
+        &ts,
+        "crm",
+        &[seed, t1],
+        Invariants::new(bound).overlap_window(),
+    )
+    .await;
+    assert_eq!(report.replays.len(), 1, "only the retry reused a token");
 }
 
 #[tokio::test]
@@ -577,7 +634,8 @@ async fn scope_change_and_refresh_annotation_reissue_right_away() {
     // The same annotation value again does not refresh again.
     force_reconcile(&ns, "creds", "api").await;
     assert_eq!(ts.call_count(), 3);
-    assert_invariants(&ns, &ts, "api", &[t1, t2, t3], false).await;
+    // The first issue, the scope change and the annotation; 1 h tokens.
+    assert_invariants(&ns, &ts, "api", &[t1, t2, t3], Invariants::new(3)).await;
 }
 
 #[tokio::test]
@@ -619,7 +677,8 @@ async fn unwritable_secret_means_no_token_request() {
         .unwrap();
     valid_token(&ns, &ts, "api", None).await;
     assert_eq!(ts.call_count(), 1);
-    assert_invariants(&ns, &ts, "api", &[], false).await;
+    // Nothing while the write was refused, one issue after.
+    assert_invariants(&ns, &ts, "api", &[], Invariants::new(1)).await;
 }
 
 #[tokio::test]
@@ -649,6 +708,9 @@ async fn tiny_ttl_refreshes_are_bounded_and_never_parallel() {
         "5 refreshes in {elapsed:?}: too fast"
     );
     assert_eq!(ts.max_concurrent_per_client(), 1);
+    // 1 s tokens are refreshed at the 1 s floor: 62 in any minute at most.
+    let bound = scheduled_per_minute(Duration::from_secs(1));
+    assert_provider_invariants(&ts.provider_record(), &Invariants::new(bound));
 }
 
 #[tokio::test]
@@ -682,7 +744,8 @@ async fn broken_json_and_huge_bodies_are_retried_for_client_credentials() {
     valid_token(&ns, &ts, "api", None).await;
     ready(&ns, "api").await;
     assert_eq!(ts.call_count(), 3);
-    assert_invariants(&ns, &ts, "api", &[], false).await;
+    // The first attempt and a backed-off retry after each broken response.
+    assert_invariants(&ns, &ts, "api", &[], Invariants::new(3)).await;
 }
 
 #[tokio::test]
@@ -718,7 +781,15 @@ async fn broken_json_after_rotation_is_an_unknown_outcome() {
         .all(|c| c.refresh_token.as_deref() == Some(seed.as_str())));
     let rt = stored_refresh_token(&ns, "crm").await.unwrap();
     assert!(ts.is_refresh_token_live(&rt));
-    assert_invariants(&ns, &ts, "crm", &[seed], false).await;
+    // The broken reply and its one retry, inside the window the test configured.
+    assert_invariants(
+        &ns,
+        &ts,
+        "crm",
+        &[seed],
+        Invariants::new(2).overlap_window(),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -745,7 +816,16 @@ async fn slow_reply_after_rotation_without_overlap_is_reported() {
     apply_vc(&ns, "crm", rt_spec(&ts)).await;
     with_reason(&ns, "crm", "RefreshResponseLost").await;
     assert_eq!(ts.call_count(), 2);
-    assert_invariants(&ns, &ts, "crm", &[seed], true).await;
+    // Provoked on purpose: the seed spent by call 0 (reply too slow), its one retry refused.
+    let report = assert_invariants(
+        &ns,
+        &ts,
+        "crm",
+        std::slice::from_ref(&seed),
+        Invariants::new(2).lost_response(CLIENT),
+    )
+    .await;
+    assert_eq!(report.losses, vec![seed_lost_then_refused(&seed, vec![1])]);
 }
 
 #[tokio::test]
@@ -772,6 +852,8 @@ async fn redirects_are_not_followed() {
         "the redirect target was never called"
     );
     assert_eq!(ts.call_count(), 1, "a redirect is terminal: no retries");
+    assert_provider_invariants(&ts.provider_record(), &Invariants::new(1));
+    assert_provider_invariants(&other.provider_record(), &Invariants::new(0));
 }
 
 /// Rotation issue, scenario 1 (fault matrix row 38): a re-seed the provider rejects — a person,
@@ -859,7 +941,17 @@ async fn rejected_reseed_is_sent_once_and_keeps_the_chain_token() {
         "the original seed was sent once, at the start"
     );
     let new_chain = stored_refresh_token(&ns, "crm").await.unwrap();
-    assert_invariants(&ns, &ts, "crm", &[seed, chain, bad, new_chain], false).await;
+    // The seed, the rejected re-seed, the forced refresh; 1 h tokens. The test puts the spent
+    // seed back by hand, but the operator must not send it, so it is not declared
+    // `hand_reseeded`: sending it would be a replay.
+    assert_invariants(
+        &ns,
+        &ts,
+        "crm",
+        &[seed, chain, bad, new_chain],
+        Invariants::new(3),
+    )
+    .await;
 }
 
 /// Rotation issue, scenario 7 (fault matrix row 43): a credentials Secret that carries a current
@@ -902,7 +994,8 @@ async fn seeded_access_token_is_used_until_due() {
         &ts,
         "crm",
         &[seed, "seeded-access-SECRET".into()],
-        false,
+        // Not a single request: the seeded token is not due.
+        Invariants::new(0),
     )
     .await;
 }
@@ -967,7 +1060,11 @@ async fn broken_200s_carrying_refresh_tokens_back_off() {
     valid_token(&ns, &ts, "crm", None).await;
     let rt = stored_refresh_token(&ns, "crm").await.unwrap();
     assert!(ts.is_refresh_token_live(&rt));
-    assert_invariants(&ns, &ts, "crm", &[seed, rt], false).await;
+    // Every reply is a failure until the fault is lifted, so requests follow the backoff:
+    // 1 s doubling less at most 20 % jitter puts request k at ≥ 0.8·(2^(k-1) − 1) s, so the
+    // 7th at ≥ 50.4 s and the 8th at ≥ 101.6 s: at most 7 in a minute (the success is one of
+    // them; 1 h tokens after it).
+    assert_invariants(&ns, &ts, "crm", &[seed, rt], Invariants::new(7)).await;
 }
 
 /// Rotation issue, scenario 8 (part): what the operator holds for a connection goes with it. A
@@ -1011,7 +1108,8 @@ async fn deleting_a_connection_forgets_its_series() {
     apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
     ready(&ns, "api").await;
     assert!(ts.call_count() > calls_before);
-    assert_invariants(&ns, &ts, "api", &[], false).await;
+    // One issue before the deletion, one for the re-created connection.
+    assert_invariants(&ns, &ts, "api", &[], Invariants::new(2)).await;
 }
 
 /// Rotation issue, scenario 5 (fault matrix row 41): the response to a rotation is lost, the
@@ -1070,6 +1168,19 @@ async fn unknown_outcome_then_503_still_ends_response_lost() {
             calls,
             "{name}: no request after the report"
         );
-        assert_invariants(&ns, &ts, name, &[seed], true).await;
+        // Provoked on purpose: the seed spent by call 0 (reset), the retry met the transient
+        // answer (call 1), the next one was refused with the family revoked (call 2).
+        let report = assert_invariants(
+            &ns,
+            &ts,
+            name,
+            std::slice::from_ref(&seed),
+            Invariants::new(3).lost_response(CLIENT),
+        )
+        .await;
+        assert_eq!(
+            report.losses,
+            vec![seed_lost_then_refused(&seed, vec![1, 2])]
+        );
     }
 }

@@ -6,9 +6,14 @@
 //!   is lost over 50 kills.
 //! - Without a window, a kill between the provider's rotation and our write does lose the
 //!   chain; every such loss must show as `RefreshResponseLost`, never silently.
+//!
+//! Both phases end with the provider-side invariants on the token server's own call log: no
+//! replay (with the window, reuse the provider accepted inside it is allowed), no revocation
+//! beyond the `RefreshResponseLost` reports of each connection (exactly as many), and a request
+//! rate the schedule and the kills explain.
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Secret;
 use rand::Rng;
@@ -17,6 +22,9 @@ use support::objects::*;
 use support::{test_namespace, wait_for_some, TestNs};
 use vaultconn::api::{Phase, VaultConnection};
 use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::provider_invariants::{
+    assert_provider_invariants, max_in_any_minute, scheduled_per_minute, Invariants,
+};
 use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 
 const KILLS: usize = 50;
@@ -96,26 +104,37 @@ async fn settled(ns: &TestNs, ts: &TokenServer, name: &str) -> String {
     .await
 }
 
+/// What a kill storm did: when it killed, and how many `RefreshResponseLost` reports it saw
+/// (and re-seeded) per connection.
+struct Storm {
+    kills: Vec<SystemTime>,
+    losses: [usize; CONNECTIONS],
+}
+
 async fn kill_storm(
     op: &mut OperatorProcess,
     ns: &TestNs,
     ts: &TokenServer,
     prefix: &str,
     reseed_lost: bool,
-) -> usize {
-    let mut losses = 0;
+) -> Storm {
+    let mut storm = Storm {
+        kills: Vec::with_capacity(KILLS),
+        losses: [0; CONNECTIONS],
+    };
     for _ in 0..KILLS {
         let pause = rand::rng().random_range(0..1500u64);
         // The random moment of the kill (not a wait for a condition).
         tokio::time::sleep(Duration::from_millis(pause)).await;
         op.kill();
+        storm.kills.push(SystemTime::now());
         op.start_again().await.expect("operator restarts");
         if reseed_lost {
             for i in 0..CONNECTIONS {
                 let name = format!("{prefix}-{i}");
                 let vc = ns.api::<VaultConnection>().get(&name).await.unwrap();
                 if reason(&vc) == "RefreshResponseLost" {
-                    losses += 1;
+                    storm.losses[i] += 1;
                     seed(ns, ts, prefix, i).await;
                     // Counted once: wait until the operator took up the new seed.
                     vc_where(
@@ -129,7 +148,7 @@ async fn kill_storm(
             }
         }
     }
-    losses
+    storm
 }
 
 #[tokio::test]
@@ -153,7 +172,7 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
     for i in 0..CONNECTIONS {
         assert_eq!(settled(&ns, &ts, &format!("ov-{i}")).await, "Reconciled");
     }
-    kill_storm(&mut op, &ns, &ts, "ov", false).await;
+    let storm = kill_storm(&mut op, &ns, &ts, "ov", false).await;
     for i in 0..CONNECTIONS {
         assert_eq!(
             settled(&ns, &ts, &format!("ov-{i}")).await,
@@ -172,6 +191,15 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
         rotations > KILLS,
         "only {rotations} refreshes during {KILLS} kills"
     );
+    // Rate per connection: the schedule of 2 s tokens (50 a minute), plus at most one extra
+    // request per kill (the retry of an attempt whose reply the kill lost; a restart reads the
+    // schedule from the state Secret and re-mints nothing).
+    let kills_per_minute = max_in_any_minute(&storm.kills);
+    let with_window_bound = scheduled_per_minute(Duration::from_secs(2)) + kills_per_minute;
+    let with_window = assert_provider_invariants(
+        &ts.provider_record(),
+        &Invariants::new(with_window_bound).overlap_window(),
+    );
 
     // Without a window: losses happen, and each one is reported.
     let ts2 = TokenServer::start(
@@ -185,17 +213,43 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
     .await
     .unwrap();
     create(&ns, &ts2, "nw").await;
-    let reported = kill_storm(&mut op, &ns, &ts2, "nw", true).await;
+    let storm = kill_storm(&mut op, &ns, &ts2, "nw", true).await;
+    let reported: usize = storm.losses.iter().sum();
     let mut final_losses = 0;
-    for i in 0..CONNECTIONS {
+    let mut reports = storm.losses;
+    for (i, per_connection) in reports.iter_mut().enumerate() {
         let name = format!("nw-{i}");
         let r = settled(&ns, &ts2, &name).await;
         match r.as_str() {
             "Reconciled" => {}
-            "RefreshResponseLost" => final_losses += 1,
+            "RefreshResponseLost" => {
+                final_losses += 1;
+                *per_connection += 1;
+            }
             other => panic!("{name}: a lost chain reported as {other}"),
         }
     }
+    // The provider's record: every replay and revocation is one of the losses the connections
+    // reported, per connection and exactly as many. Rate: the schedule, plus per kill at most
+    // the retry of the interrupted attempt and the first request of the re-seeded chain.
+    let kills_per_minute = max_in_any_minute(&storm.kills);
+    let bound = scheduled_per_minute(Duration::from_secs(2)) + 2 * kills_per_minute;
+    let provider = reports
+        .iter()
+        .enumerate()
+        .fold(Invariants::new(bound), |inv, (i, n)| {
+            inv.lost_responses(&client(i), *n)
+        });
+    let without_window = assert_provider_invariants(&ts2.provider_record(), &provider);
+    eprintln!(
+        "provider record: with overlap {} reuses inside the window, busiest minute {:?} \
+         (bound {}); without overlap {} losses, busiest minute {:?} (bound {bound})",
+        with_window.replays.len(),
+        with_window.max_per_minute,
+        with_window_bound,
+        without_window.losses.len(),
+        without_window.max_per_minute,
+    );
     // Every family the provider revoked corresponds to a reported loss.
     let revoked = ts2.revocations() as usize;
     eprintln!("kill storm: {rotations} refreshes with overlap, 0 lost; without overlap {} refreshes, {revoked} chains lost and reported ({reported} during, {final_losses} at the end)", ts2.calls().len());

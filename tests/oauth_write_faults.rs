@@ -2,7 +2,9 @@
 //! and 27): the state Secret write answered with 409, 429, 500 or 503, and SIGTERM while new
 //! tokens are still waiting to be written. The invariant every time: the token endpoint is
 //! called exactly once per refresh token, the rotated refresh token ends up in the state
-//! Secret and is live at the provider, and the provider never had to revoke a family.
+//! Secret and is live at the provider, and the provider never had to revoke a family. Every
+//! test ends with the provider-side invariants checked on the token server's own call log
+//! (`provider_invariants`: no replay, no revocation, a request rate the test derives).
 //!
 //! The real API server cannot fail one chosen write on demand, so this binary runs its own
 //! operator process whose kubeconfig points at an [`ApiFaultProxy`] in front of the test
@@ -31,6 +33,7 @@ use tokio::sync::{Mutex, OnceCell, RwLock};
 use vaultconn::api::{Phase, VaultConnection};
 use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule, MethodMatch, RuleId};
 use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::provider_invariants::{assert_provider_invariants, Invariants};
 use vaultconn_testkit::token_server::{Fault, RecordedCall, TokenServer, TokenServerConfig};
 
 const CLIENT: &str = "app";
@@ -260,9 +263,10 @@ fn assert_reread_then_replaced(proxy: &ApiFaultProxy, path: &str, rule: RuleId) 
     );
 }
 
-/// Nothing revoked, the stored refresh token live, and no token or secret in the logs.
-fn assert_invariants(ts: &TokenServer, stored: &str, logs: &str) {
-    assert_eq!(ts.revocations(), 0, "the provider had to revoke a family");
+/// The provider's record keeps `provider` (no replay, no revocation, the rate bound), the
+/// stored refresh token is live, and no token or secret is in the logs.
+fn assert_invariants(ts: &TokenServer, stored: &str, logs: &str, provider: Invariants) {
+    assert_provider_invariants(&ts.provider_record(), &provider);
     assert!(
         ts.is_refresh_token_live(stored),
         "the stored refresh token is dead"
@@ -322,7 +326,13 @@ async fn conflict_on_state_write_reapplies_the_same_tokens() {
     assert_eq!(ts.call_count(), 2);
     assert!(!ts.is_refresh_token_live(&rt1));
 
-    assert_invariants(&ts, &issued_rt(&call), &operator_logs(&h.log_path));
+    // The first refresh and one forced refresh; 1 h tokens, and the 409s retry only writes.
+    assert_invariants(
+        &ts,
+        &issued_rt(&call),
+        &operator_logs(&h.log_path),
+        Invariants::new(2),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -444,7 +454,13 @@ async fn server_errors_on_state_write_retry_the_write_never_the_grant() {
     );
     assert_eq!(ts.call_count(), 4);
 
-    assert_invariants(&ts, &rotated, &operator_logs(&h.log_path));
+    // The first refresh and three forced ones; 1 h tokens, and the outages retry only writes.
+    assert_invariants(
+        &ts,
+        &rotated,
+        &operator_logs(&h.log_path),
+        Invariants::new(4),
+    );
 }
 
 /// Seconds from the first injected response of `rule` to each of its injected responses.
@@ -519,7 +535,13 @@ async fn unavailable_past_the_budget_hands_over_in_time() {
         "the refresh token was sent again"
     );
     assert_eq!(ts.call_count(), 2);
-    assert_invariants(&ts, &issued_rt(&call), &operator_logs(&h.log_path));
+    // The first refresh and one forced refresh; the outage retries only the write.
+    assert_invariants(
+        &ts,
+        &issued_rt(&call),
+        &operator_logs(&h.log_path),
+        Invariants::new(2),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -664,7 +686,13 @@ async fn sigterm_while_tokens_are_unwritten_persists_them_before_exit() {
     assert_eq!(calls_with(&ts, &rotated), 1);
     assert_eq!(ts.call_count(), 4);
 
-    assert_invariants(&ts, &issued_rt(&call), &operator_logs(&h.log_path));
+    // The first refresh and three forced ones; restarts and flushes ask the provider nothing.
+    assert_invariants(
+        &ts,
+        &issued_rt(&call),
+        &operator_logs(&h.log_path),
+        Invariants::new(4),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -717,7 +745,14 @@ async fn salvaged_token_is_held_not_traded_for_a_new_grant() {
     assert_eq!(next.refresh_token.as_deref(), Some(salvaged.as_str()));
     ready_on(&ns, &ts, name, &next).await;
     assert_eq!(calls_with(&ts, &seed), 1);
-    assert_invariants(&ts, &issued_rt(&next), &operator_logs(&h.log_path));
+    // The broken reply, then one request with the salvaged token after a backoff (the broken
+    // reply counted as a failure; 1 h tokens after that).
+    assert_invariants(
+        &ts,
+        &issued_rt(&next),
+        &operator_logs(&h.log_path),
+        Invariants::new(2),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -782,6 +817,8 @@ async fn held_tokens_superseded_by_a_hand_edit_do_not_loop() {
     );
     assert_eq!(ts.call_count(), 2);
     assert_eq!(ts.revocations(), 0);
+    // The seed once, the hand-edited token (never issued, so no replay) once.
+    assert_provider_invariants(&ts.provider_record(), &Invariants::new(2));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -839,6 +876,8 @@ async fn refused_state_write_after_success_backs_off_without_provider_calls() {
     )
     .await;
     assert_eq!(ts.call_count(), 2);
+    // The first issue and the forced refresh; the refused writes ask the provider nothing.
+    assert_provider_invariants(&ts.provider_record(), &Invariants::new(2));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -887,4 +926,6 @@ async fn failed_reread_after_invalid_grant_is_still_a_plain_rejection() {
         1,
         "the refused token was sent again"
     );
+    // One refused request (the test revoked the family itself; not reuse detection).
+    assert_provider_invariants(&ts.provider_record(), &Invariants::new(1));
 }

@@ -1,14 +1,20 @@
 //! Interop with a real OAuth server no one here wrote: oidc-provider (panva, OpenID Certified)
-//! on loopback, driven through the operator and the real API server.
+//! on loopback, driven through the operator and the real API server. Each test ends with the
+//! provider-side invariants checked on oidc-provider's own record (its token requests and
+//! `grant.revoked` events): no replay, no revocation, a bounded request rate.
 mod support;
 
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::json;
+use std::time::Duration;
 use support::objects::*;
 use support::operator::ensure_operator;
 use support::{test_namespace, wait_for_some, TestNs};
 use vaultconn_testkit::oidc::{
     OidcClient, OidcOptions, OidcProvider, M2M, M2M_POST, M2M_SPECIAL, RT_CLIENT,
+};
+use vaultconn_testkit::provider_invariants::{
+    assert_provider_invariants, scheduled_per_minute, Invariants,
 };
 
 async fn creds(ns: &TestNs, name: &str, c: &OidcClient, rt: Option<&str>) {
@@ -68,6 +74,10 @@ async fn client_credentials_with_basic_post_and_special_characters() {
     let events = op.events().await.unwrap();
     assert_eq!(events.grant_error, 0, "no token request was refused");
     assert_eq!(events.grant_revoked, 0);
+    // Each connection (its own client) on the schedule of 60 s tokens: 3 in any minute.
+    let bound = scheduled_per_minute(Duration::from_secs(60));
+    let record = events.provider_record("oidc-provider");
+    assert_provider_invariants(&record, &Invariants::new(bound));
 }
 
 #[tokio::test]
@@ -109,4 +119,9 @@ async fn refresh_token_rotation_through_several_cycles_revokes_nothing() {
         "the provider logged a revoked grant"
     );
     assert_eq!(events.grant_error, 0);
+    // No replay and no revocation in the provider's own record; 3 s tokens, no faults: the
+    // schedule alone (34 a minute).
+    let bound = scheduled_per_minute(Duration::from_secs(3));
+    let record = events.provider_record("oidc-provider");
+    assert_provider_invariants(&record, &Invariants::new(bound));
 }

@@ -15,6 +15,7 @@ use kube::api::DeleteParams;
 use support::objects::*;
 use support::operator::operator;
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
+use vaultconn_testkit::provider_invariants::{assert_provider_invariants, Invariants};
 use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 
 const CLIENT: &str = "app";
@@ -126,4 +127,8 @@ async fn a_lost_state_secret_never_replays_the_spent_seed() {
     for secret in [&seed, &chain, &fresh, &CLIENT_SECRET.to_string()] {
         assert!(!text.contains(secret.as_str()), "a token leaked");
     }
+    // The provider's own record: no replay (the spent seed above all), no revocation; one
+    // request for the seed and one for the new seed (1 h tokens, the rewrite and the restart
+    // ask nothing).
+    assert_provider_invariants(&ts.provider_record(), &Invariants::new(2));
 }

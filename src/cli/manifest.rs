@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::api::{VaultConnection, API_GROUP};
 use crate::cli::schema;
+use crate::oauth::token::url_policy::TokenUrlPolicy;
 use crate::secret::{self, Inputs};
 use crate::validation::{self, ValidationOptions};
 
@@ -101,6 +102,8 @@ pub struct Report {
 pub struct CheckOptions {
     /// As the operator's `--allow-http-loopback`.
     pub allow_http_loopback: bool,
+    /// As the operator's `--token-url-allow`.
+    pub token_url_allow: TokenUrlPolicy,
     /// The namespace of objects that name none (what `kubectl apply -n` would use).
     pub default_namespace: String,
 }
@@ -110,6 +113,7 @@ impl CheckOptions {
     pub fn validation(&self) -> ValidationOptions {
         ValidationOptions {
             allow_http_loopback: self.allow_http_loopback,
+            token_url_policy: self.token_url_allow.clone(),
         }
     }
 }
@@ -516,7 +520,16 @@ fn check_connection(
         "offline:{}:{}:{}",
         origin.file, origin.document, origin.name
     ));
-    for message in validation::validate(&vc, opts.validation()) {
+    let invalid = validation::validate(&vc, opts.validation());
+    if invalid.is_empty() {
+        // As in the controller: checked only on a valid spec, since it depends on the
+        // operator's allow-list rather than on the spec alone (reason TokenURLNotAllowed).
+        if let Some(message) = validation::token_url_not_allowed(&vc, &opts.validation()) {
+            let path = message_path(&message);
+            problems.push(origin.problem(Severity::Error, Check::Validation, &path, message));
+        }
+    }
+    for message in invalid {
         let path = message_path(&message);
         problems.push(origin.problem(Severity::Error, Check::Validation, &path, message));
     }

@@ -26,6 +26,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::api::{ConnectionType, GrantType};
 use crate::config::RunConfig;
+use crate::oauth::token::url_policy::TokenUrlPolicy;
 use error::{exit, CliError};
 
 const TOP_HELP: &str = "\
@@ -251,6 +252,14 @@ pub struct NewArgs {
     /// Accept http:// token URLs on loopback, as the operator's flag of that name.
     #[arg(long)]
     pub allow_http_loopback: bool,
+    /// Accept a private-network token host the operator allows with this --token-url-allow list.
+    #[arg(
+        long,
+        default_value = "",
+        hide_default_value = true,
+        value_name = "LIST"
+    )]
+    pub token_url_allow: TokenUrlPolicy,
 }
 
 #[derive(Args, Debug)]
@@ -267,6 +276,16 @@ pub struct ValidateArgs {
     /// Check as an operator started with --allow-http-loopback would.
     #[arg(long)]
     pub allow_http_loopback: bool,
+    /// Check as an operator started with this --token-url-allow list would (private-network
+    /// hosts and CIDRs, comma-separated).
+    #[arg(
+        long,
+        env = "VAULTCONN_TOKEN_URL_ALLOW",
+        default_value = "",
+        hide_default_value = true,
+        value_name = "LIST"
+    )]
+    pub token_url_allow: TokenUrlPolicy,
     /// Warnings (e.g. credential values still empty) fail too.
     #[arg(long)]
     pub strict: bool,
@@ -530,6 +549,7 @@ fn run_new(a: NewArgs) -> Result<u8, CliError> {
     };
     let opts = manifest::CheckOptions {
         allow_http_loopback: a.allow_http_loopback,
+        token_url_allow: a.token_url_allow,
         default_namespace: String::new(),
     };
     let text = new::render(&req, opts.validation()).map_err(CliError::Usage)?;
@@ -541,6 +561,7 @@ fn run_validate(a: &ValidateArgs) -> Result<u8, CliError> {
     let inputs = validate::read_inputs(&a.paths)?;
     let opts = manifest::CheckOptions {
         allow_http_loopback: a.allow_http_loopback,
+        token_url_allow: a.token_url_allow.clone(),
         default_namespace: a.namespace.clone(),
     };
     let report = validate::check_inputs(&inputs, &spec_schema()?, &opts);

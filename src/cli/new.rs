@@ -80,9 +80,14 @@ pub fn build(
     if check.metadata.namespace.is_none() {
         check.metadata.namespace = Some("default".into());
     }
-    let problems = validation::validate(&check, opts);
+    let problems = validation::validate(&check, opts.clone());
     if !problems.is_empty() {
         return Err(problems.join("; "));
+    }
+    if let Some(refused) = validation::token_url_not_allowed(&check, &opts) {
+        return Err(format!(
+            "{refused} (if the operator allows it with --token-url-allow, pass the same list here)"
+        ));
     }
     if req.empty {
         return Ok((vc, None));

@@ -161,6 +161,22 @@ pub fn settled_state(state: &TokenState, fps: Fingerprints<'_>) -> TokenState {
     }
 }
 
+/// The state to store when a broken 200 carried a new refresh token: the token is kept (it may
+/// be the only live one), but the access token is still the one issued under the *stored*
+/// configuration, so that configuration's fingerprint stays too. Recording the new one would
+/// make a config change (new scopes, audience) look applied while the old token is served.
+pub fn salvaged_state(
+    state: &TokenState,
+    new_rt: SecretBytes,
+    fps: Fingerprints<'_>,
+) -> TokenState {
+    let mut salvaged = state.clone();
+    salvaged.refresh_token = Some(new_rt);
+    let mut st = settled_state(&salvaged, fps.without_request());
+    st.config_fingerprint = state.config_fingerprint.clone();
+    st
+}
+
 /// How long to wait before sending the refresh token with fingerprint `fp`, because another
 /// process marked it in flight and its call may still be running (it lost the Lease mid-call,
 /// or is being replaced): sending the same token now would be a replay once that call rotates
@@ -363,6 +379,7 @@ pub fn failure_message(reason: Reason, ns: &str, name: &str) -> String {
         Reason::InvalidClient => format!("The token endpoint rejected the client credentials (invalid_client). Fix client_id/client_secret in the credentials Secret of {ns}/{name}"),
         Reason::RefreshResponseLost => format!("The response to a refresh was lost after the provider rotated the refresh token, and the provider refused the one retry (invalid_grant). The connection needs a new refresh_token in its credentials Secret. Enable a refresh-token rotation overlap (reuse) window on the provider (e.g. Auth0 'Rotation Overlap Period' of 60s) to make this recoverable for {ns}/{name}"),
         Reason::TokenRequestRejected => format!("The token endpoint rejected the request (e.g. invalid_scope or unauthorized_client); check the scopes, audience and grant type of {ns}/{name}"),
+        Reason::TokenUrlNotAllowed => format!("The token host of {ns}/{name} resolves only to private network addresses, which the operator does not contact unless allowed; nothing was sent. {}", crate::oauth::token::url_policy::NOT_ALLOWED_ADVICE),
         other => format!("Token request failed with {other}; fix the connection's settings or credentials to retry"),
     }
 }
@@ -847,6 +864,34 @@ mod tests {
     }
 
     #[test]
+    fn scenario_8_a_broken_200_after_a_config_change_keeps_the_old_config_with_the_old_token() {
+        let mut stored = chain("old");
+        stored.config_fingerprint = Some("config-before".into());
+        let changed = Fingerprints {
+            config: "config-after",
+            seed: "seed",
+            refresh_request: Some("r1"),
+        };
+        let st = salvaged_state(&stored, rt("rotated"), changed);
+        assert_eq!(
+            st.refresh_token,
+            Some(rt("rotated")),
+            "the token in hand is kept"
+        );
+        assert_eq!(st.access, stored.access, "no new access token came");
+        assert_eq!(
+            st.config_fingerprint.as_deref(),
+            Some("config-before"),
+            "the config change is not recorded as applied"
+        );
+        assert_eq!(
+            st.refresh_request, None,
+            "the refresh request is not honoured yet"
+        );
+        assert_eq!(st.inflight, None);
+    }
+
+    #[test]
     fn the_inflight_holder_round_trips_through_the_state_secret() {
         let mut st = chain("old");
         st.mark_inflight("fp".into(), "vaultconn-5d8c_1", t("2026-01-01T00:00:00Z"));
@@ -1026,7 +1071,10 @@ mod tests {
 
     #[test]
     fn row_15_17_lost_response_retried_once_then_refused_is_response_lost_for_good() {
-        let e = TokenError::UnknownOutcome("timeout".into());
+        let e = TokenError::UnknownOutcome {
+            lost: crate::oauth::token::error::LostResponse::Timeout,
+            detail: "timeout".into(),
+        };
         assert_eq!(after_first_call(true, &e), AfterFirstCall::RetryOnce);
         let f = FailedCall {
             retried_unknown: true,

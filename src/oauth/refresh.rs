@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::api::{GrantType, VaultConnection};
 use crate::error::{Error, Result};
-use crate::metrics::{ConnectionLabel, Metrics};
+use crate::metrics::Metrics;
 use crate::names::*;
 use crate::oauth::decide::{self, AfterFailure, AfterFirstCall, Decider, Decision, Fingerprints};
 use crate::oauth::state::{self, format_time, OAuthSettings, Plan, RefreshCause, TokenState};
@@ -150,7 +150,8 @@ impl OAuthEngine {
     }
 
     /// Drop everything held for a deleted connection: a connection re-created under the same
-    /// name must not inherit its tokens, failures or backoff, and its expiry series goes.
+    /// name must not inherit its tokens, failures or backoff. (Its metric series are the
+    /// controller's to drop, with the rest of the connection's series.)
     pub fn forget(&self, namespace: &str, name: &str) {
         let key: Key = (namespace.to_string(), name.to_string());
         lock(&self.pending).remove(&key);
@@ -158,10 +159,6 @@ impl OAuthEngine {
         lock(&self.writes_proven).remove(&key);
         lock(&self.backoff).remove(&key);
         lock(&self.last_stored).remove(&key);
-        self.metrics.token_expiry.remove(&ConnectionLabel {
-            namespace: key.0,
-            name: key.1,
-        });
     }
 
     /// Write every pending state, all at once (each retrying within `PERSIST_RETRY_BUDGET`),
@@ -371,14 +368,7 @@ impl OAuthEngine {
         if let SecretWrite::Conflict(msg) = w.ensure(d.vc, &desired, false).await? {
             return Ok(Outcome::new(Reason::SecretConflict, msg));
         }
-        let label = ConnectionLabel {
-            namespace: desired.namespace.clone(),
-            name: d.vc.name_any(),
-        };
-        self.metrics
-            .token_expiry
-            .get_or_create(&label)
-            .set(access.expires_at.as_second());
+        // The expiry series follows from the outcome's `expiresAt` (metrics::Metrics::report).
         Ok(d.access_outcome(st, &desired.name, next_refresh))
     }
 
@@ -433,9 +423,7 @@ impl OAuthEngine {
             match decide::after_first_call(rt_sent.is_some(), e) {
                 AfterFirstCall::Settle => {}
                 AfterFirstCall::KeepSalvaged(new_rt) => {
-                    let mut salvaged = r.state.clone();
-                    salvaged.refresh_token = Some(new_rt);
-                    let st = decide::settled_state(&salvaged, r.fps.without_request());
+                    let st = decide::salvaged_state(&r.state, new_rt, r.fps);
                     if self.persist(w, r.vc, &st, guard.as_ref()).await.is_ok() {
                         let failures = self.count_failure(&r);
                         return Ok(r.decider.salvaged(failures));

@@ -42,8 +42,18 @@
 //                            `test-user`, scope `openid offline_access`) and a RefreshToken for
 //                            `rt-client` directly through the provider's models; no browser login.
 //                            Counts as one `refresh_token.saved` event.
-//   GET  /__events        -> counters and a list of error events (names only, never token values)
-//   POST /__events/reset  -> zeroes the counters
+//   GET  /__events        -> counters, the token requests, error events, minted seeds and
+//                            `grant.revoked` events. Never token values: tokens appear only as
+//                            fingerprints (first 16 hex digits of their SHA-256, as the Rust
+//                            harness computes), so the provider-side invariants (no replay, no
+//                            unexplained revocation) can be checked from the provider's own
+//                            record. Each token request record: seq, at / done_at (ms since the
+//                            epoch), grant_type, client_id (form), presented_client_id (Basic or
+//                            form), auth, scope, audience, resource, status, error, fault,
+//                            refresh_token_fp (presented), issued_refresh_token_fp (committed,
+//                            even if a fault kept it from the client), grant_id, revoked_grant_id
+//                            (this request made the provider revoke that grant).
+//   POST /__events/reset  -> zeroes the counters and empties the lists
 //   POST /__fault         -> {"mode": "...", "times": N, ...}: arms a fault for the next N /token
 //                            requests (default 1). Modes:
 //                              strip_refresh_token  200 with `refresh_token` removed (after commit)
@@ -64,7 +74,7 @@
 // which silently evicts live refresh tokens in scale tests; this file uses an unbounded Map with
 // expiry instead.
 
-import { generateKeyPairSync } from 'node:crypto';
+import { createHash, generateKeyPairSync } from 'node:crypto';
 import * as http from 'node:http';
 import { parseArgs } from 'node:util';
 
@@ -213,15 +223,44 @@ const COUNTED = [
 const counts = {};
 const errors = []; // { event, error, error_description, grant_type, client_id }
 let tokenRequests = 0;
-const requests = []; // { grant_type, client_id, auth, audience, resource, scope, status, fault }
+const requests = []; // see the header: /__events
+let requestsDropped = 0; // records shifted out of `requests` (the invariants need them all)
+const mints = []; // { refresh_token_fp, grant_id, at }
+const revocations = []; // { grant_id, route, at, request_seq }
+const recordOf = new WeakMap(); // Koa ctx -> its token request record
+const REQUESTS_KEPT = 10_000;
 
 function resetEvents() {
   for (const name of COUNTED) counts[name] = 0;
   errors.length = 0;
   requests.length = 0;
+  requestsDropped = 0;
+  mints.length = 0;
+  revocations.length = 0;
   tokenRequests = 0;
 }
 resetEvents();
+
+// A token's identity in the event log: never its value.
+function fingerprint(value) {
+  if (typeof value !== 'string' || value === '') return undefined;
+  return createHash('sha256').update(value).digest('hex').slice(0, 16);
+}
+
+// The client id of `Authorization: Basic` (RFC 6749 §2.3.1: form-urlencoded, then base64).
+function basicClientId(header) {
+  const [scheme, value] = (header ?? '').trim().split(/\s+/, 2);
+  if (scheme?.toLowerCase() !== 'basic' || !value) return undefined;
+  const raw = Buffer.from(value, 'base64').toString('utf8');
+  const colon = raw.indexOf(':');
+  if (colon < 0) return undefined;
+  const id = raw.slice(0, colon).replace(/\+/g, ' ');
+  try {
+    return decodeURIComponent(id);
+  } catch {
+    return id;
+  }
+}
 
 function recordError(event, ctx, err) {
   errors.push({
@@ -351,6 +390,14 @@ function buildProvider(issuer) {
       if (name === 'grant.revoked') {
         const [ctx, grantId] = args;
         log(`grant.revoked grant_id=${grantId} route=${ctx?.oidc?.route ?? '-'}`);
+        const record = ctx ? recordOf.get(ctx) : undefined;
+        if (record) record.revoked_grant_id = grantId;
+        revocations.push({
+          grant_id: grantId,
+          route: ctx?.oidc?.route,
+          at: Date.now(),
+          request_seq: record?.seq,
+        });
       }
     });
   }
@@ -379,9 +426,16 @@ async function tokenMiddleware(ctx, next) {
   }
 
   tokenRequests += 1;
-  const record = { status: undefined, fault: undefined };
+  const record = {
+    seq: tokenRequests - 1, at: Date.now(), status: undefined, fault: undefined,
+  };
+  recordOf.set(ctx, record);
   requests.push(record);
-  if (requests.length > 1000) requests.shift();
+  if (requests.length > REQUESTS_KEPT) {
+    requests.shift();
+    requestsDropped += 1;
+  }
+  record.presented_client_id = basicClientId(ctx.get('authorization'));
 
   if (ctx.is('application/x-www-form-urlencoded')) {
     // Read the body here so `audience` can be seen; oidc-provider's own parser falls back to
@@ -393,6 +447,8 @@ async function tokenMiddleware(ctx, next) {
     record.scope = params.get('scope') ?? undefined;
     record.audience = params.get('audience') ?? undefined;
     record.resource = params.get('resource') ?? undefined;
+    record.refresh_token_fp = fingerprint(params.get('refresh_token') ?? undefined);
+    record.presented_client_id ??= record.client_id;
     record.auth = ctx.get('authorization') ? ctx.get('authorization').split(' ')[0].toLowerCase()
       : (params.has('client_secret') ? 'post' : 'none');
     let body = raw;
@@ -410,6 +466,7 @@ async function tokenMiddleware(ctx, next) {
   record.fault = fault?.mode;
 
   if (fault?.mode === 'drop_before') {
+    record.done_at = Date.now();
     ctx.respond = false;
     ctx.req.socket.destroy();
     return;
@@ -420,6 +477,7 @@ async function tokenMiddleware(ctx, next) {
     ctx.set('Cache-Control', 'no-store');
     ctx.body = { error: fault.status === 429 ? 'slow_down' : 'temporarily_unavailable' };
     record.status = ctx.status;
+    record.done_at = Date.now();
     return;
   }
   if (fault?.mode === 'html500') {
@@ -428,11 +486,23 @@ async function tokenMiddleware(ctx, next) {
     ctx.body = '<!DOCTYPE html><html><head><title>500 Internal Server Error</title></head>'
       + '<body><h1>Internal Server Error</h1><p>upstream exploded</p></body></html>';
     record.status = 500;
+    record.done_at = Date.now();
     return;
   }
 
   await next();
   record.status = ctx.status;
+  record.done_at = Date.now();
+  // What the provider committed, before a fault strips or drops it.
+  const entities = ctx.oidc?.entities ?? {};
+  record.grant_id = (entities.RotatedRefreshToken ?? entities.RefreshToken)?.grantId;
+  if (ctx.body && typeof ctx.body === 'object') {
+    record.issued_refresh_token_fp = fingerprint(ctx.body.refresh_token);
+    if (ctx.status >= 400) record.error = ctx.body.error;
+  }
+  if (record.issued_refresh_token_fp === record.refresh_token_fp) {
+    record.issued_refresh_token_fp = undefined;
+  }
   if (!fault) return;
 
   const okJson = ctx.status === 200 && ctx.body && typeof ctx.body === 'object';
@@ -493,6 +563,7 @@ async function mintRefreshToken(provider) {
     rotations: 0,
   });
   const value = await refreshToken.save();
+  mints.push({ refresh_token_fp: fingerprint(value), grant_id: grantId, at: Date.now() });
   return { refresh_token: value, grant_id: grantId };
 }
 
@@ -511,7 +582,10 @@ async function handleTestEndpoint(provider, req, res, path) {
       counts,
       token_requests: tokenRequests,
       requests,
+      requests_dropped: requestsDropped,
       errors,
+      mints,
+      revocations,
     });
     return;
   }

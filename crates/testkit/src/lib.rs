@@ -5,12 +5,15 @@
 //!   produce on demand).
 //! - [`oidc`]: drives a real OAuth server, panva/oidc-provider, and reads its own record of
 //!   what it issued, received and revoked.
+//! - [`provider_invariants`]: no replay, no unexplained revocation, a bounded request rate —
+//!   checked from a provider's own record (token server or oidc-provider) after every rotation test.
 //! - [`api_proxy`]: a fault-injecting proxy in front of the real kube-apiserver (the real one
 //!   cannot fail one chosen write on demand).
 //! - [`operator`]: the `vaultconn` binary as a child process (kill, restart, logs, metrics).
 pub mod api_proxy;
 pub mod oidc;
 pub mod operator;
+pub mod provider_invariants;
 pub mod shared;
 pub mod token_server;
 

@@ -19,12 +19,15 @@ use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+pub use crate::provider_invariants::fingerprint;
+use crate::provider_invariants::{Answer, ProviderCall, ProviderRecord, ProviderRevocation};
 
 /// Where the server and its `package.json` live.
 pub const SERVER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/oidc");
@@ -141,9 +144,18 @@ pub enum OidcError {
     },
 }
 
-/// One `/token` request as the provider saw it (never token or secret values).
+/// One `/token` request as the provider saw it (never token or secret values: tokens appear as
+/// [`fingerprint`]s).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct TokenRequestRecord {
+    /// Arrival order since start or the last reset.
+    #[serde(default)]
+    pub seq: u64,
+    /// Arrival, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub at: u64,
+    /// When the outcome was decided (before a fault delays or drops the response).
+    pub done_at: Option<u64>,
     pub grant_type: Option<String>,
     /// `client_id` form parameter, if one was sent (absent with pure Basic auth).
     pub client_id: Option<String>,
@@ -156,6 +168,38 @@ pub struct TokenRequestRecord {
     pub status: Option<u16>,
     /// The fault applied to this request, if any.
     pub fault: Option<String>,
+    /// Client id as presented, from `Authorization: Basic` or the form.
+    pub presented_client_id: Option<String>,
+    /// OAuth `error` of an error response produced by the provider (not by a fault).
+    pub error: Option<String>,
+    /// Fingerprint of the refresh token presented.
+    pub refresh_token_fp: Option<String>,
+    /// Fingerprint of the new refresh token the provider committed (even if a fault kept it
+    /// from the client).
+    pub issued_refresh_token_fp: Option<String>,
+    /// Grant (refresh token family) of the presented token, when the provider found it.
+    pub grant_id: Option<String>,
+    /// This request made the provider revoke that grant (reuse of a consumed refresh token).
+    pub revoked_grant_id: Option<String>,
+}
+
+/// A refresh token minted through `/__mint_rt`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct MintRecord {
+    pub refresh_token_fp: String,
+    pub grant_id: Option<String>,
+    pub at: u64,
+}
+
+/// One `grant.revoked` event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct RevocationRecord {
+    pub grant_id: Option<String>,
+    /// `token` (reuse detection) or `revocation` (the RFC 7009 endpoint).
+    pub route: Option<String>,
+    pub at: u64,
+    /// The token request that caused it (route `token`).
+    pub request_seq: Option<u64>,
 }
 
 /// A `grant.error`, `server_error`, `revocation.error` or `introspection.error` event.
@@ -197,10 +241,16 @@ pub struct OidcEvents {
     pub introspection_error: u64,
     /// Every POST to the token endpoint, including failed and fault-injected ones.
     pub token_requests: u64,
-    /// The last ≤1000 token requests, oldest first.
+    /// The last ≤10,000 token requests, oldest first.
     pub requests: Vec<TokenRequestRecord>,
+    /// Token requests no longer in `requests` (the oldest beyond 10,000).
+    pub requests_dropped: u64,
     /// The last ≤1000 error events, oldest first.
     pub errors: Vec<ProviderErrorEvent>,
+    /// Refresh tokens minted through [`OidcProvider::mint_refresh_token`].
+    pub mints: Vec<MintRecord>,
+    /// Every `grant.revoked` event.
+    pub revocations: Vec<RevocationRecord>,
 }
 
 #[derive(Deserialize)]
@@ -210,7 +260,13 @@ struct RawEvents {
     #[serde(default)]
     requests: Vec<TokenRequestRecord>,
     #[serde(default)]
+    requests_dropped: u64,
+    #[serde(default)]
     errors: Vec<ProviderErrorEvent>,
+    #[serde(default)]
+    mints: Vec<MintRecord>,
+    #[serde(default)]
+    revocations: Vec<RevocationRecord>,
 }
 
 impl From<RawEvents> for OidcEvents {
@@ -232,8 +288,95 @@ impl From<RawEvents> for OidcEvents {
             introspection_error: c("introspection.error"),
             token_requests: raw.token_requests,
             requests: raw.requests,
+            requests_dropped: raw.requests_dropped,
             errors: raw.errors,
+            mints: raw.mints,
+            revocations: raw.revocations,
         }
+    }
+}
+
+fn epoch_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+impl OidcEvents {
+    /// The provider's record for the provider-side invariants: every token request with the
+    /// presented and issued refresh tokens (as fingerprints) and their grant, the minted seeds
+    /// and every `grant.revoked`, tied to the request that caused it.
+    pub fn provider_record(&self, provider: &str) -> ProviderRecord {
+        let mut record = ProviderRecord {
+            provider: provider.to_owned(),
+            minted: self
+                .mints
+                .iter()
+                .map(|m| (m.refresh_token_fp.clone(), m.grant_id.clone()))
+                .collect(),
+            ..ProviderRecord::default()
+        };
+        if self.requests_dropped > 0 {
+            record.gaps.push(format!(
+                "{} token request(s) fell out of the provider's log",
+                self.requests_dropped
+            ));
+        }
+        for r in &self.requests {
+            let answer = match (r.done_at, r.status) {
+                (None, _) => Answer::Pending,
+                _ if r
+                    .fault
+                    .as_deref()
+                    .is_some_and(|f| ["drop_before", "status", "html500"].contains(&f)) =>
+                {
+                    Answer::NotProcessed
+                }
+                (_, Some(200)) => Answer::Issued,
+                _ if r.revoked_grant_id.is_some() => Answer::SpentRefused { revoked: true },
+                (_, Some(401)) => Answer::NotProcessed,
+                _ => Answer::Refused(r.error.clone().unwrap_or_else(|| "no response".into())),
+            };
+            record.calls.push(ProviderCall {
+                seq: r.seq,
+                at: epoch_ms(r.at),
+                decided_at: r.done_at.map(epoch_ms),
+                client_id: r
+                    .presented_client_id
+                    .clone()
+                    .or_else(|| r.client_id.clone()),
+                grant_type: r.grant_type.clone(),
+                presented: r.refresh_token_fp.clone(),
+                issued: r.issued_refresh_token_fp.clone(),
+                family: r.grant_id.clone(),
+                status: r.status,
+                answer,
+                fault: r.fault.clone(),
+            });
+        }
+        for v in &self.revocations {
+            let by_call = match v.route.as_deref() {
+                Some("token") => v.request_seq,
+                _ => None,
+            };
+            if v.route.as_deref() == Some("token") && by_call.is_none() {
+                record.gaps.push(format!(
+                    "grant {:?} was revoked at the token endpoint by a request the log lacks",
+                    v.grant_id
+                ));
+            }
+            record.revocations.push(ProviderRevocation {
+                family: v.grant_id.clone(),
+                at: epoch_ms(v.at),
+                by_call,
+            });
+        }
+        if self.grant_revoked != self.revocations.len() as u64 {
+            record.gaps.push(format!(
+                "{} grant.revoked event(s) counted, {} recorded",
+                self.grant_revoked,
+                self.revocations.len()
+            ));
+        }
+        record
     }
 }
 
@@ -506,6 +649,12 @@ impl OidcProvider {
             .await?;
         let raw: RawEvents = expect_ok(resp, "GET /__events").await?.json().await?;
         Ok(raw.into())
+    }
+
+    /// [`OidcEvents::provider_record`] of the events so far.
+    pub async fn provider_record(&self) -> Result<ProviderRecord, OidcError> {
+        let what = format!("oidc-provider {}", self.base_url);
+        Ok(self.events().await?.provider_record(&what))
     }
 
     pub async fn reset_events(&self) -> Result<(), OidcError> {

@@ -47,6 +47,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::provider_invariants::{
+    fingerprint, Answer, ProviderCall, ProviderRecord, ProviderRevocation,
+};
+
 /// Path of the token endpoint, relative to [`TokenServer::url`].
 pub const TOKEN_PATH: &str = "/oauth/token";
 
@@ -1445,6 +1449,78 @@ impl TokenServer {
         c.max_any_client = c.per_client.values().copied().max().unwrap_or(0);
         c.max_per_family = c.per_family.values().copied().max().unwrap_or(0);
         c.max_in_flight = c.in_flight;
+    }
+
+    /// The call log as a [`ProviderRecord`] for the provider-side invariants: tokens as
+    /// fingerprints, every reuse-detection revocation tied to the call that caused it. A log
+    /// that `reset_calls` shortened, or revocations the log does not account for, are recorded
+    /// as gaps (the invariants cannot be checked on a partial log).
+    pub fn provider_record(&self) -> ProviderRecord {
+        let (calls, arrived) = {
+            let log = lock(&self.shared.log);
+            (log.calls.clone(), log.next_seq)
+        };
+        let mut record = ProviderRecord {
+            provider: format!("token server {}", self.addr),
+            ..ProviderRecord::default()
+        };
+        // Sequence numbers are dense and only `reset_calls` removes calls.
+        if arrived != calls.len() as u64 {
+            record
+                .gaps
+                .push("reset_calls() dropped the start of the call log".to_owned());
+        }
+        for c in calls {
+            let o = c.outcome.as_ref();
+            let answer = match (o, o.and_then(|o| o.event)) {
+                (None, _) => Answer::Pending,
+                (Some(_), None) => Answer::NotProcessed,
+                (
+                    Some(_),
+                    Some(GrantEvent::Issued | GrantEvent::Rotated | GrantEvent::NotRotated),
+                ) => Answer::Issued,
+                (Some(_), Some(GrantEvent::OverlapReissued)) => Answer::OverlapReuse,
+                (Some(_), Some(GrantEvent::ReuseDetected)) => {
+                    Answer::SpentRefused { revoked: true }
+                }
+                (Some(_), Some(GrantEvent::SpentRejected)) => {
+                    Answer::SpentRefused { revoked: false }
+                }
+                (Some(_), Some(e)) => Answer::Refused(format!("invalid_grant ({e:?})")),
+            };
+            if answer == (Answer::SpentRefused { revoked: true }) {
+                record.revocations.push(ProviderRevocation {
+                    family: None,
+                    at: o.map_or(c.at, |o| o.decided_at),
+                    by_call: Some(c.seq),
+                });
+            }
+            let presented = c.refresh_token.as_deref().map(fingerprint);
+            record.calls.push(ProviderCall {
+                seq: c.seq,
+                at: c.at,
+                decided_at: o.map(|o| o.decided_at),
+                client_id: c.client_id.clone(),
+                grant_type: c.grant_type.clone(),
+                issued: o
+                    .and_then(|o| o.refresh_token.as_deref())
+                    .map(fingerprint)
+                    .filter(|i| Some(i) != presented.as_ref()),
+                presented,
+                family: None,
+                status: o.and_then(|o| o.status),
+                answer,
+                fault: c.fault.as_ref().map(|f| format!("{f:?}")),
+            });
+        }
+        let logged = record.revocations.len() as u64;
+        let counted = self.revocations();
+        if counted != logged {
+            record.gaps.push(format!(
+                "the server revoked {counted} famil(ies) by reuse detection, the call log shows {logged}"
+            ));
+        }
+        record
     }
 
     /// Requests currently being processed.

@@ -7,7 +7,11 @@ use base64::Engine as _;
 use reqwest::header::AUTHORIZATION;
 use serde_json::Value;
 use vaultconn_testkit::oidc::{
-    Fault, OidcClient, OidcOptions, OidcProvider, M2M, M2M_POST, M2M_SPECIAL, RT_CLIENT,
+    fingerprint, Fault, OidcClient, OidcOptions, OidcProvider, M2M, M2M_POST, M2M_SPECIAL,
+    RT_CLIENT,
+};
+use vaultconn_testkit::provider_invariants::{
+    assert_provider_invariants, Answer, Invariants, Violation,
 };
 
 fn http() -> reqwest::Client {
@@ -667,4 +671,116 @@ fn server_dies_with_a_sigkilled_parent() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+// ---- the provider record behind the provider-side invariants -----------------------------------
+
+/// The provider's own record of a rotation chain: presented and issued refresh tokens as
+/// fingerprints (the same the harness computes), each tied to the grant; a clean chain passes
+/// the invariants.
+#[tokio::test]
+async fn provider_record_of_a_clean_chain_passes_the_invariants() {
+    let idp = start(true, 60).await;
+    let http = http();
+    let seed = idp.mint_refresh_token().await.unwrap();
+    let mut rt = seed.clone();
+    let mut issued = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = refresh(&http, &idp, &rt).await;
+        assert_eq!(status, 200, "{body}");
+        rt = body["refresh_token"].as_str().unwrap().to_owned();
+        issued.push(fingerprint(&rt));
+    }
+    let rec = idp.provider_record().await.unwrap();
+    assert_eq!(rec.minted.len(), 1);
+    assert_eq!(rec.minted[0].0, fingerprint(&seed));
+    let grant = rec.minted[0].1.clone().expect("the mint reports its grant");
+    assert_eq!(rec.calls.len(), 3);
+    for (i, c) in rec.calls.iter().enumerate() {
+        assert_eq!(c.seq, i as u64);
+        assert_eq!(
+            c.client_id.as_deref(),
+            Some(RT_CLIENT.id),
+            "decoded from Basic"
+        );
+        assert_eq!(c.family.as_deref(), Some(grant.as_str()));
+        assert_eq!(c.issued.as_ref(), Some(&issued[i]));
+        assert_eq!(c.answer, Answer::Issued);
+    }
+    assert_eq!(rec.calls[0].presented, Some(fingerprint(&seed)));
+    assert_eq!(rec.calls[2].presented.as_ref(), Some(&issued[1]));
+    assert_provider_invariants(&rec, &Invariants::new(3));
+}
+
+/// A replay at the real provider fails the checker from the provider's record alone: the
+/// `grant.revoked` event is tied to the request that caused it.
+#[tokio::test]
+async fn provider_record_shows_a_replay_and_its_revocation() {
+    let idp = start(true, 60).await;
+    let http = http();
+    let seed = idp.mint_refresh_token().await.unwrap();
+    let (status, _) = refresh(&http, &idp, &seed).await;
+    assert_eq!(status, 200);
+    let (status, _) = refresh(&http, &idp, &seed).await;
+    assert_eq!(status, 400);
+    let rec = idp.provider_record().await.unwrap();
+    assert_eq!(rec.revocations.len(), 1);
+    assert_eq!(rec.revocations[0].by_call, Some(1));
+    assert_eq!(rec.calls[1].answer, Answer::SpentRefused { revoked: true });
+    let report = rec.check(&Invariants::new(2));
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| matches!(v, Violation::Replay(r) if r.call == 1 && r.superseded_by == 0)),
+        "{report}"
+    );
+    assert!(
+        report.violations.iter().any(|v| matches!(v,
+            Violation::UnexplainedRevocation { by_call: Some(1), client_id: Some(c), .. } if c == RT_CLIENT.id)),
+        "{report}"
+    );
+}
+
+/// A response dropped after the provider rotated, then the one retry: the provider's record
+/// shows the committed (never delivered) token, and the loss matches a declared
+/// `RefreshResponseLost` exactly. A revocation the test makes itself must be declared too.
+#[tokio::test]
+async fn provider_record_of_a_lost_response_and_a_test_revocation() {
+    let idp = start(true, 60).await;
+    let http = http();
+    let seed = idp.mint_refresh_token().await.unwrap();
+    idp.inject_fault(Fault::DropAfterCommit, 1).await.unwrap();
+    let lost = http
+        .post(idp.token_url())
+        .header(AUTHORIZATION, RT_CLIENT.basic_auth_header())
+        .form(&[("grant_type", "refresh_token"), ("refresh_token", &seed)])
+        .send()
+        .await;
+    assert!(lost.is_err());
+    let (status, _) = refresh(&http, &idp, &seed).await;
+    assert_eq!(status, 400);
+    let other = idp.mint_refresh_token().await.unwrap();
+    idp.revoke(&other).await.unwrap();
+
+    let rec = idp.provider_record().await.unwrap();
+    assert!(rec.calls[0].issued.is_some(), "the rotation was committed");
+    assert!(
+        rec.check(&Invariants::new(2).lost_response(RT_CLIENT.id))
+            .violations
+            .len()
+            == 1
+    );
+    let report = assert_provider_invariants(
+        &rec,
+        &Invariants::new(2)
+            .lost_response(RT_CLIENT.id)
+            .revoked_by_test(1),
+    );
+    assert_eq!(report.losses.len(), 1);
+    assert_eq!(report.losses[0].token, fingerprint(&seed));
+    assert_eq!(
+        (report.losses[0].spent_by, report.losses[0].refused_by),
+        (0, 1)
+    );
 }

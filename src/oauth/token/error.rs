@@ -1,7 +1,12 @@
 //! Why a token request failed and how the caller should react. Pure: no I/O.
 //!
 //! `Display` of a [`TokenError`] never contains a secret, a token, a URL query or a response
-//! body; server and transport text reaches it only through `sanitize_text`.
+//! body; server text reaches it only through `sanitize_text`. It is what the status and Events
+//! show, so for failures below HTTP (DNS, connect, TLS, a lost response, an address refused by
+//! policy) it names only the **class** of the failure: the transport's own words would let
+//! anyone who can create a connection probe what answers inside the cluster network. Those
+//! words are kept in [`TokenError::detail`], for the operator's log only.
+use std::fmt;
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -22,15 +27,65 @@ pub enum ErrorClass {
     UnknownOutcome,
 }
 
-/// A failed token request. `Display` never contains secrets, tokens, URL queries or bodies.
+/// Why a connection to the token endpoint could not be made (the request was never sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The host name did not resolve.
+    Dns,
+    /// Nothing accepted the connection.
+    Refused,
+    /// The connect phase (DNS + TCP) ran out of time.
+    Timeout,
+    /// Any other connect failure (unreachable network, reset during connect, …).
+    Other,
+}
+
+impl fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnectFailure::Dns => "DNS lookup failed",
+            ConnectFailure::Refused => "connection refused",
+            ConnectFailure::Timeout => "connect timeout",
+            ConnectFailure::Other => "connection failed",
+        })
+    }
+}
+
+/// How a request that may have been processed ended without a complete response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostResponse {
+    /// The total request timeout passed.
+    Timeout,
+    /// The connection broke (reset, closed early, body interrupted).
+    ConnectionLost,
+    /// A status the client cannot interpret (1xx leftovers, nonstandard codes).
+    UnexpectedStatus(u16),
+}
+
+impl fmt::Display for LostResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LostResponse::Timeout => f.write_str("timed out"),
+            LostResponse::ConnectionLost => f.write_str("connection lost"),
+            LostResponse::UnexpectedStatus(s) => write!(f, "unexpected HTTP status {s}"),
+        }
+    }
+}
+
+/// A failed token request. `Display` never contains secrets, tokens, URL queries, bodies or
+/// transport error text (see the module documentation).
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     /// The token URL violates the URL rules (see [`validate_token_url`](super::validate_token_url)).
     #[error("invalid token URL: {0}")]
     InvalidUrl(String),
-    /// The token host is, or only resolves to, a forbidden address (metadata, link-local, …).
-    #[error("token endpoint refused: {0}")]
-    ForbiddenAddress(String),
+    /// The token host resolves only to forbidden addresses (metadata, link-local, loopback
+    /// without the flag, …).
+    #[error("the token host's address is one the operator never contacts (link-local, cloud metadata, loopback or similar)")]
+    ForbiddenAddress { detail: String },
+    /// The token host resolves only to private addresses the operator's policy does not allow.
+    #[error("the token host's address is not allowed by the operator's policy (a private network address)")]
+    NotAllowed { detail: String },
     /// The CA bundle could not be parsed or contains no usable certificate.
     #[error("invalid CA bundle: {0}")]
     InvalidCaBundle(String),
@@ -65,14 +120,17 @@ pub enum TokenError {
     #[error("the token endpoint answered with a redirect (HTTP {status}); redirects are not followed, configure the final token URL")]
     Redirected { status: u16 },
     /// The request was never sent: DNS, TCP connect or connect timeout failed.
-    #[error("cannot reach the token endpoint: {0}")]
-    Connect(String),
+    #[error("cannot reach the token endpoint: {failure}")]
+    Connect {
+        failure: ConnectFailure,
+        detail: String,
+    },
     /// The TLS handshake failed (untrusted or mismatched certificate, protocol error). Not sent.
-    #[error("TLS handshake with the token endpoint failed: {0}")]
-    Tls(String),
+    #[error("TLS handshake with the token endpoint failed")]
+    Tls { detail: String },
     /// The request may have been processed but no complete response arrived (timeout, reset).
-    #[error("the token request was sent but no complete response arrived: {0}")]
-    UnknownOutcome(String),
+    #[error("the token request was sent but no complete response arrived: {lost}")]
+    UnknownOutcome { lost: LostResponse, detail: String },
     /// A success status with a body that is not a usable token response (invalid JSON, no
     /// `access_token`, oversized). The server may have rotated the refresh token: any
     /// `refresh_token` that could be extracted is carried so the caller can persist it.
@@ -99,7 +157,8 @@ impl TokenError {
     pub fn reason(&self) -> Reason {
         match self {
             TokenError::InvalidUrl(_) => Reason::InvalidTokenUrl,
-            TokenError::ForbiddenAddress(_) => Reason::ForbiddenTokenEndpoint,
+            TokenError::ForbiddenAddress { .. } => Reason::ForbiddenTokenEndpoint,
+            TokenError::NotAllowed { .. } => Reason::TokenUrlNotAllowed,
             TokenError::InvalidCaBundle(_) => Reason::InvalidCaBundle,
             TokenError::ClientSetup(_) => Reason::TokenClientSetupFailed,
             TokenError::InvalidGrant { .. } => Reason::RefreshTokenRejected,
@@ -108,9 +167,9 @@ impl TokenError {
             TokenError::RateLimited { .. } => Reason::RateLimited,
             TokenError::ServerError { .. } => Reason::TokenEndpointUnavailable,
             TokenError::Redirected { .. } => Reason::TokenEndpointRedirected,
-            TokenError::Connect(_) => Reason::TokenEndpointUnreachable,
-            TokenError::Tls(_) => Reason::TlsError,
-            TokenError::UnknownOutcome(_) => Reason::TokenResponseLost,
+            TokenError::Connect { .. } => Reason::TokenEndpointUnreachable,
+            TokenError::Tls { .. } => Reason::TlsError,
+            TokenError::UnknownOutcome { .. } => Reason::TokenResponseLost,
             TokenError::Unparseable { .. } => Reason::UnparseableTokenResponse,
         }
     }
@@ -119,7 +178,7 @@ impl TokenError {
     pub fn class(&self) -> ErrorClass {
         match self {
             TokenError::InvalidUrl(_)
-            | TokenError::ForbiddenAddress(_)
+            | TokenError::ForbiddenAddress { .. }
             | TokenError::InvalidCaBundle(_)
             | TokenError::ClientSetup(_)
             | TokenError::InvalidGrant { .. }
@@ -133,12 +192,31 @@ impl TokenError {
             // Not sent: safe to retry. TLS failures are usually configuration, but also
             // certificate rotations on the server side; exponential backoff (capped at
             // minutes) recovers from those without a human.
-            TokenError::Connect(_) | TokenError::Tls(_) => {
+            TokenError::Connect { .. } | TokenError::Tls { .. } => {
                 ErrorClass::Transient { retry_after: None }
             }
-            TokenError::UnknownOutcome(_) | TokenError::Unparseable { .. } => {
+            // A name that resolves only to private addresses: nothing was sent. Retried with
+            // backoff (capped at minutes), not remembered as terminal: DNS answers change, and
+            // after an administrator allow-lists the host (an operator restart) the next
+            // attempt goes through at once instead of after the hour-long terminal interval.
+            TokenError::NotAllowed { .. } => ErrorClass::Transient { retry_after: None },
+            TokenError::UnknownOutcome { .. } | TokenError::Unparseable { .. } => {
                 ErrorClass::UnknownOutcome
             }
+        }
+    }
+
+    /// The transport's or the policy's own account of a failure below HTTP, which `Display`
+    /// leaves out: for the operator's log only, never for the status or an Event. Sanitized
+    /// (no URL, no secrets, capped).
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            TokenError::ForbiddenAddress { detail }
+            | TokenError::NotAllowed { detail }
+            | TokenError::Connect { detail, .. }
+            | TokenError::Tls { detail }
+            | TokenError::UnknownOutcome { detail, .. } => Some(detail),
+            _ => None,
         }
     }
 
@@ -194,7 +272,8 @@ mod tests {
     fn every_error_display_is_clean() {
         let all = vec![
             TokenError::InvalidUrl("x".into()),
-            TokenError::ForbiddenAddress("x".into()),
+            TokenError::ForbiddenAddress { detail: "x".into() },
+            TokenError::NotAllowed { detail: "x".into() },
             TokenError::InvalidCaBundle("x".into()),
             TokenError::ClientSetup("x".into()),
             TokenError::InvalidGrant { description: None },
@@ -214,9 +293,15 @@ mod tests {
                 retry_after: None,
             },
             TokenError::Redirected { status: 301 },
-            TokenError::Connect("x".into()),
-            TokenError::Tls("x".into()),
-            TokenError::UnknownOutcome("x".into()),
+            TokenError::Connect {
+                failure: ConnectFailure::Refused,
+                detail: "x".into(),
+            },
+            TokenError::Tls { detail: "x".into() },
+            TokenError::UnknownOutcome {
+                lost: LostResponse::Timeout,
+                detail: "x".into(),
+            },
             TokenError::Unparseable {
                 refresh_token: Some(SecretString::from(NEW_RT)),
             },
@@ -239,5 +324,90 @@ mod tests {
                 .as_str()
                 .starts_with(|c: char| c.is_ascii_uppercase()));
         }
+    }
+
+    /// What the status and Events show names the failure's class and never the transport's
+    /// text (which could describe an in-cluster service to whoever wrote the token URL).
+    #[test]
+    fn display_names_the_class_not_the_transport_detail() {
+        const DETAIL: &str = "client error (Connect): tcp connect error: Connection refused (os error 111) at 10.0.0.7:8200 (Vault v1.15)";
+        let d = || DETAIL.to_string();
+        let cases = [
+            (
+                TokenError::Connect {
+                    failure: ConnectFailure::Refused,
+                    detail: d(),
+                },
+                "connection refused",
+            ),
+            (
+                TokenError::Connect {
+                    failure: ConnectFailure::Dns,
+                    detail: d(),
+                },
+                "DNS lookup failed",
+            ),
+            (
+                TokenError::Connect {
+                    failure: ConnectFailure::Timeout,
+                    detail: d(),
+                },
+                "connect timeout",
+            ),
+            (
+                TokenError::Connect {
+                    failure: ConnectFailure::Other,
+                    detail: d(),
+                },
+                "connection failed",
+            ),
+            (TokenError::Tls { detail: d() }, "TLS handshake"),
+            (
+                TokenError::UnknownOutcome {
+                    lost: LostResponse::Timeout,
+                    detail: d(),
+                },
+                "timed out",
+            ),
+            (
+                TokenError::UnknownOutcome {
+                    lost: LostResponse::ConnectionLost,
+                    detail: d(),
+                },
+                "connection lost",
+            ),
+            (
+                TokenError::UnknownOutcome {
+                    lost: LostResponse::UnexpectedStatus(101),
+                    detail: d(),
+                },
+                "HTTP status 101",
+            ),
+            (
+                TokenError::NotAllowed { detail: d() },
+                "not allowed by the operator's policy",
+            ),
+            (
+                TokenError::ForbiddenAddress { detail: d() },
+                "never contacts",
+            ),
+        ];
+        for (e, class) in cases {
+            let shown = e.to_string();
+            assert!(shown.contains(class), "{shown}");
+            for leak in ["tcp connect", "os error", "10.0.0.7", "Vault", "Connect)"] {
+                assert!(!shown.contains(leak), "{leak:?} leaked into {shown:?}");
+            }
+            assert_eq!(e.detail(), Some(DETAIL), "the log still gets the detail");
+        }
+        let e = TokenError::ServerError {
+            status: 503,
+            retry_after: None,
+        };
+        assert!(e.to_string().contains("HTTP 503") && e.detail().is_none());
+        assert_eq!(
+            TokenError::NotAllowed { detail: d() }.reason().as_str(),
+            "TokenURLNotAllowed"
+        );
     }
 }

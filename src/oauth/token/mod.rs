@@ -4,8 +4,9 @@
 //! decides, guided by [`TokenError::class`]. The parts, each depending only on those before it:
 //!
 //! * `error` — [`TokenError`] and [`ErrorClass`]: why a request failed and how to react.
-//! * `url_policy` — which endpoints may be contacted ([`validate_token_url`], forbidden
-//!   addresses, the resolver's name and address rules).
+//! * `url_policy` — which endpoints may be contacted ([`validate_token_url`], forbidden,
+//!   loopback and private addresses, the operator's [`TokenUrlPolicy`] allow-list, the
+//!   resolver's name and address rules).
 //! * `request` — what is sent ([`TokenRequest`], [`Grant`], [`ClientAuthMethod`], form body).
 //! * `response` — what came back means ([`TokenResponse`], refresh-token salvage, OAuth errors,
 //!   `Retry-After`).
@@ -28,8 +29,8 @@ mod test_support;
 pub mod transport;
 pub mod url_policy;
 
-pub use error::{ErrorClass, TokenError};
+pub use error::{ConnectFailure, ErrorClass, LostResponse, TokenError};
 pub use request::{ClientAuthMethod, Grant, TokenRequest};
 pub use response::{parse_retry_after, TokenResponse, MAX_EXPIRES_IN, MAX_RETRY_AFTER};
 pub use transport::{TokenClient, TokenClientConfig};
-pub use url_policy::validate_token_url;
+pub use url_policy::{validate_token_url, AllowEntryError, TokenUrlPolicy, UrlError};

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use secrecy::SecretString;
 
-use super::error::{sanitize_text, TokenError};
+use super::error::{sanitize_text, LostResponse, TokenError};
 
 /// A successful token response (RFC 6749 §5.1), parsed leniently.
 #[derive(Debug, Clone)]
@@ -498,9 +498,10 @@ fn interpret_success(
             Some(rt) => Err(TokenError::Unparseable {
                 refresh_token: Some(SecretString::from(rt)),
             }),
-            None => Err(TokenError::UnknownOutcome(format!(
-                "the success response body was interrupted: {msg}"
-            ))),
+            None => Err(TokenError::UnknownOutcome {
+                lost: LostResponse::ConnectionLost,
+                detail: format!("the success response body was interrupted: {msg}"),
+            }),
         },
     }
 }
@@ -539,7 +540,10 @@ fn error_status_to_token_error(
             },
         },
         // 1xx leftovers or nonstandard codes: nothing reliable to say about the outcome.
-        _ => TokenError::UnknownOutcome(format!("unexpected HTTP status {status}")),
+        _ => TokenError::UnknownOutcome {
+            lost: LostResponse::UnexpectedStatus(status),
+            detail: format!("unexpected HTTP status {status}"),
+        },
     }
 }
 

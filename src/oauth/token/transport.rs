@@ -10,8 +10,12 @@
 //!
 //! * No redirects (a 3xx is [`TokenError::Redirected`]), no proxies (environment proxies are
 //!   ignored), connect and total timeouts, response size cap, no connection reuse.
-//! * The DNS resolver applies the address policy of `url_policy` to what DNS returns, and
-//!   reqwest connects to exactly the addresses the resolver hands back.
+//! * The DNS resolver applies the address policy of `url_policy` (forbidden ranges, loopback,
+//!   private ranges and the operator's allow-list) to what DNS returns, and reqwest connects to
+//!   exactly the addresses the resolver hands back: a name resolving to 10.x is refused before
+//!   any connect.
+//! * Transport failures become a [`TokenError`] naming only their class (DNS, refused, TLS,
+//!   timeout, …); the transport's own text goes to the operator's log here, never further.
 //!
 //! # Was the request sent?
 //!
@@ -31,18 +35,22 @@
 //!   Token requests are minutes apart, so pooling buys nothing.
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
 
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
-use super::error::{sanitize_text, TokenError};
+use super::error::{sanitize_text, ConnectFailure, LostResponse, TokenError};
 use super::request::{encode_request, Grant, TokenRequest};
 use super::response::{interpret_response, BodyRead, ResponseHeaders, TokenResponse};
 use super::url_policy::{
     check_host_name, filter_resolved, validate_token_url, ForbiddenAddressError, NameCheck,
+    TokenUrlPolicy, UrlError,
 };
 
 /// Maximum length of a transport error message.
@@ -63,6 +71,8 @@ pub struct TokenClientConfig {
     pub request_timeout: Duration,
     /// Response body cap. Default 64 KiB.
     pub max_response_bytes: usize,
+    /// Which private-network hosts may be contacted (`--token-url-allow`). Default: none.
+    pub token_url_policy: TokenUrlPolicy,
 }
 
 impl Default for TokenClientConfig {
@@ -72,26 +82,61 @@ impl Default for TokenClientConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(15),
             max_response_bytes: 64 * 1024,
+            token_url_policy: TokenUrlPolicy::default(),
         }
     }
 }
 
-/// DNS resolver that refuses forbidden names and filters forbidden resolved addresses.
-#[derive(Debug, Clone)]
+/// Turns a host name into addresses: the system resolver, or a fixed table in tests (which is
+/// how the resolver's policy is tested with names that resolve to loopback).
+type Lookup =
+    Arc<dyn Fn(String) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
+
+fn system_lookup() -> Lookup {
+    Arc::new(|host: String| {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.collect()) })
+    })
+}
+
+/// Marker error of a failed name lookup, found again in reqwest's error chain.
+#[derive(Debug)]
+struct DnsFailure(String);
+
+impl fmt::Display for DnsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DNS lookup failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for DnsFailure {}
+
+/// DNS resolver that refuses forbidden names and filters the resolved addresses through the
+/// address policy: forbidden ones always, loopback without the flag, private ones unless the
+/// name or the address is allow-listed.
+#[derive(Clone)]
 struct GuardedResolver {
     allow_loopback: bool,
+    policy: Arc<TokenUrlPolicy>,
+    lookup: Lookup,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let check = check_host_name(name.as_str(), self.allow_loopback);
-        let allow_loopback = self.allow_loopback;
+        let check = check_host_name(name.as_str(), self.allow_loopback, &self.policy);
+        let (allow_loopback, policy, lookup) = (
+            self.allow_loopback,
+            self.policy.clone(),
+            self.lookup.clone(),
+        );
         Box::pin(async move {
             let kept = match check? {
                 NameCheck::Local(addrs) => addrs,
-                NameCheck::Lookup(host) => {
-                    let resolved = tokio::net::lookup_host((host.as_str(), 0)).await?;
-                    filter_resolved(resolved, allow_loopback)?
+                NameCheck::Lookup { host, allow_listed } => {
+                    let resolved = lookup(host).await.map_err(|e| DnsFailure(e.to_string()))?;
+                    if resolved.is_empty() {
+                        return Err(DnsFailure("no addresses".to_string()).into());
+                    }
+                    filter_resolved(resolved, allow_listed, &policy, allow_loopback)?
                 }
             };
             let addrs: reqwest::dns::Addrs = Box::new(kept.into_iter());
@@ -187,10 +232,31 @@ fn transport_message(err: &reqwest::Error) -> String {
     sanitize_text(&parts.join(": "), MAX_TRANSPORT_MESSAGE_CHARS, &[])
 }
 
+/// Whether the OS refused the connection (nothing listening, or a firewall's reset).
+fn connection_refused(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// A reqwest failure as a [`TokenError`]: the class from the error's kind and source chain,
+/// the transport's text only as `detail`.
 fn classify_send_error(err: reqwest::Error) -> TokenError {
     let err = err.without_url();
     if let Some(f) = find_cause::<ForbiddenAddressError>(&err) {
-        return TokenError::ForbiddenAddress(f.to_string());
+        let detail = f.to_string();
+        return if f.not_allowed {
+            TokenError::NotAllowed { detail }
+        } else {
+            TokenError::ForbiddenAddress { detail }
+        };
     }
     if err.is_builder() {
         return TokenError::InvalidUrl(transport_message(&err));
@@ -199,22 +265,35 @@ fn classify_send_error(err: reqwest::Error) -> TokenError {
         // Failed inside the connector (DNS, TCP, connect timeout, TLS handshake): the request
         // was never written.
         if let Some(tls) = find_cause::<rustls::Error>(&err) {
-            return TokenError::Tls(sanitize_text(
-                &tls.to_string(),
-                MAX_TRANSPORT_MESSAGE_CHARS,
-                &[],
-            ));
+            return TokenError::Tls {
+                detail: sanitize_text(&tls.to_string(), MAX_TRANSPORT_MESSAGE_CHARS, &[]),
+            };
         }
-        return TokenError::Connect(transport_message(&err));
+        let failure = if find_cause::<DnsFailure>(&err).is_some() {
+            ConnectFailure::Dns
+        } else if err.is_timeout() {
+            ConnectFailure::Timeout
+        } else if connection_refused(&err) {
+            ConnectFailure::Refused
+        } else {
+            ConnectFailure::Other
+        };
+        return TokenError::Connect {
+            failure,
+            detail: transport_message(&err),
+        };
     }
     // Total timeout, reset, connection closed before the response: the request may have been
     // (partly or fully) written and processed.
-    let what = if err.is_timeout() {
-        "timed out"
+    let lost = if err.is_timeout() {
+        LostResponse::Timeout
     } else {
-        "connection failed"
+        LostResponse::ConnectionLost
     };
-    TokenError::UnknownOutcome(format!("{what}: {}", transport_message(&err)))
+    TokenError::UnknownOutcome {
+        lost,
+        detail: transport_message(&err),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -224,6 +303,7 @@ fn classify_send_error(err: reqwest::Error) -> TokenError {
 /// Token endpoint client. Cheap to share (`Arc`), safe to use concurrently.
 pub struct TokenClient {
     cfg: TokenClientConfig,
+    lookup: Lookup,
     default_client: reqwest::Client,
     /// HTTP clients with an extra CA bundle, keyed by the bundle's SHA-256.
     ca_clients: Mutex<HashMap<[u8; 32], reqwest::Client>>,
@@ -239,6 +319,7 @@ impl fmt::Debug for TokenClient {
 
 fn build_http_client(
     cfg: &TokenClientConfig,
+    lookup: &Lookup,
     extra_roots: Vec<reqwest::Certificate>,
 ) -> Result<reqwest::Client, reqwest::Error> {
     crate::install_crypto_provider();
@@ -255,6 +336,8 @@ fn build_http_client(
         .tls_version_min(reqwest::tls::Version::TLS_1_2)
         .dns_resolver(GuardedResolver {
             allow_loopback: cfg.allow_http_loopback,
+            policy: Arc::new(cfg.token_url_policy.clone()),
+            lookup: lookup.clone(),
         })
         .user_agent(concat!("vaultconn/", env!("CARGO_PKG_VERSION")));
     if !extra_roots.is_empty() {
@@ -268,10 +351,15 @@ impl TokenClient {
     /// Build the client (platform CA roots via rustls-platform-verifier; installs the ring
     /// provider if none is installed yet).
     pub fn new(cfg: TokenClientConfig) -> Result<Self, TokenError> {
-        let default_client = build_http_client(&cfg, Vec::new())
+        Self::with_lookup(cfg, system_lookup())
+    }
+
+    fn with_lookup(cfg: TokenClientConfig, lookup: Lookup) -> Result<Self, TokenError> {
+        let default_client = build_http_client(&cfg, &lookup, Vec::new())
             .map_err(|e| TokenError::ClientSetup(transport_message(&e)))?;
         Ok(TokenClient {
             cfg,
+            lookup,
             default_client,
             ca_clients: Mutex::new(HashMap::new()),
         })
@@ -301,7 +389,7 @@ impl TokenClient {
                 "contains no PEM certificate".to_string(),
             ));
         }
-        let client = build_http_client(&self.cfg, certs).map_err(|e| {
+        let client = build_http_client(&self.cfg, &self.lookup, certs).map_err(|e| {
             TokenError::InvalidCaBundle(format!(
                 "the certificates cannot be used as trust anchors ({})",
                 transport_message(&e)
@@ -317,13 +405,40 @@ impl TokenClient {
 
     /// Validates the URL (same rules as [`validate_token_url`]), sends one request, never
     /// retries. `ca_bundle_pem`: extra trusted roots (PEM), merged with the platform roots.
+    /// A failure's transport detail is logged here (with the host, inside the reconcile's
+    /// span) and goes no further.
     pub async fn request_token(
         &self,
         req: &TokenRequest,
         ca_bundle_pem: Option<&[u8]>,
     ) -> Result<TokenResponse, TokenError> {
-        let url = validate_token_url(&req.token_url, self.cfg.allow_http_loopback)
-            .map_err(TokenError::InvalidUrl)?;
+        let result = self.send(req, ca_bundle_pem).await;
+        if let Err(e) = &result {
+            if let Some(detail) = e.detail() {
+                let host = url::Url::parse(&req.token_url)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_owned))
+                    .unwrap_or_default();
+                tracing::warn!(%host, reason = %e.reason(), error = %e, detail, "token request failed");
+            }
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        req: &TokenRequest,
+        ca_bundle_pem: Option<&[u8]>,
+    ) -> Result<TokenResponse, TokenError> {
+        let url = validate_token_url(
+            &req.token_url,
+            self.cfg.allow_http_loopback,
+            &self.cfg.token_url_policy,
+        )
+        .map_err(|e| match e {
+            UrlError::Invalid(m) => TokenError::InvalidUrl(m),
+            UrlError::NotAllowed(detail) => TokenError::NotAllowed { detail },
+        })?;
         let client = self.client_for(ca_bundle_pem)?;
         let encoded = encode_request(req);
 
@@ -383,12 +498,18 @@ mod tests {
     use crate::oauth::token::request::{basic_authorization, ClientAuthMethod};
     use crate::oauth::token::test_support::*;
 
+    fn resolver(allow_loopback: bool) -> GuardedResolver {
+        GuardedResolver {
+            allow_loopback,
+            policy: Arc::default(),
+            lookup: system_lookup(),
+        }
+    }
+
     #[tokio::test]
     async fn resolver_refuses_names_and_loopback() {
         use reqwest::dns::Resolve;
-        let strict = GuardedResolver {
-            allow_loopback: false,
-        };
+        let strict = resolver(false);
         for name in ["metadata.google.internal", "metadata", "localhost"] {
             let r = strict.resolve(name.parse().unwrap()).await;
             let err = r.err().expect("refused");
@@ -397,9 +518,7 @@ mod tests {
                 "{name}"
             );
         }
-        let lax = GuardedResolver {
-            allow_loopback: true,
-        };
+        let lax = resolver(true);
         let addrs: Vec<_> = lax
             .resolve("localhost".parse().unwrap())
             .await
@@ -417,7 +536,7 @@ mod tests {
             allow_http_loopback: true,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(3),
-            max_response_bytes: 64 * 1024,
+            ..Default::default()
         }
     }
 
@@ -723,7 +842,21 @@ mod tests {
             .request_token(&refresh(&format!("http://127.0.0.1:{port}/token")), None)
             .await
             .unwrap_err();
-        assert!(matches!(e, TokenError::Connect(_)), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                TokenError::Connect {
+                    failure: ConnectFailure::Refused,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "cannot reach the token endpoint: connection refused"
+        );
+        assert!(e.detail().is_some_and(|d| d.contains("os error")), "{e:?}");
         assert_eq!(e.reason().as_str(), "TokenEndpointUnreachable");
         assert_eq!(e.class(), ErrorClass::Transient { retry_after: None });
         assert_clean(&e);
@@ -743,6 +876,177 @@ mod tests {
         }
     }
 
+    // ----------------------------------------------------------------------------------------
+    // The resolver hook and the operator's allow-list. Tests must never contact a private
+    // address, so loopback stands in for one: `with_private_range` puts (part of) 127.0.0.0/8
+    // under the allow-list, and a fixed lookup table maps invented names to it.
+    // ----------------------------------------------------------------------------------------
+
+    /// A lookup answering from a fixed table; an unknown name fails like NXDOMAIN.
+    fn table_lookup(entries: &[(&'static str, &[&'static str])]) -> Lookup {
+        let table: HashMap<String, Vec<SocketAddr>> = entries
+            .iter()
+            .map(|(name, ips)| {
+                let addrs = ips
+                    .iter()
+                    .map(|ip| SocketAddr::new(ip.parse().unwrap(), 0))
+                    .collect();
+                (name.to_string(), addrs)
+            })
+            .collect();
+        let table = Arc::new(table);
+        Arc::new(move |host: String| {
+            let answer = table.get(&host).cloned().ok_or_else(|| {
+                std::io::Error::other(format!("failed to lookup address information: {host}"))
+            });
+            Box::pin(async move { answer })
+        })
+    }
+
+    fn hook_client(policy: TokenUrlPolicy, lookup: Lookup) -> TokenClient {
+        crate::install_crypto_provider();
+        let cfg = TokenClientConfig {
+            token_url_policy: policy,
+            ..test_cfg()
+        };
+        TokenClient::with_lookup(cfg, lookup).unwrap()
+    }
+
+    /// One POST through the client's own HTTP client (its resolver hook included). Bypasses
+    /// `validate_token_url`, which allows plain http only for loopback literals and
+    /// `localhost`, neither of which reaches a resolver.
+    async fn send_raw(c: &TokenClient, url: &str) -> Result<u16, TokenError> {
+        let resp = c
+            .default_client
+            .post(url)
+            .body("grant_type=client_credentials")
+            .send()
+            .await
+            .map_err(classify_send_error)?;
+        Ok(resp.status().as_u16())
+    }
+
+    const NAME: &str = "tokens.internal.test";
+
+    #[tokio::test]
+    async fn resolver_hook_refuses_a_name_resolving_to_a_denied_range_before_connecting() {
+        let (url, seen) = fixed(200, &[], token_json()).await;
+        let url = url.replace("127.0.0.1", NAME);
+        let lookup = table_lookup(&[(NAME, &["127.0.0.1"])]);
+        let denied = |allow: &str| {
+            allow
+                .parse::<TokenUrlPolicy>()
+                .unwrap()
+                .with_private_range("127.0.0.0/8")
+        };
+
+        // (a) Not allow-listed (nothing, or other names and ranges): refused, never connected.
+        for allow in ["", "other.internal.test", "*.other.test", "10.0.0.0/8"] {
+            let c = hook_client(denied(allow), lookup.clone());
+            let e = send_raw(&c, &url).await.unwrap_err();
+            assert!(matches!(e, TokenError::NotAllowed { .. }), "{allow}: {e:?}");
+            assert_eq!(e.reason().as_str(), "TokenURLNotAllowed");
+            assert_eq!(e.class(), ErrorClass::Transient { retry_after: None });
+            assert!(!e.to_string().contains("127.0.0.1"), "{e}");
+            assert!(
+                e.detail().is_some_and(|d| d.contains("does not allow")),
+                "{e:?}"
+            );
+        }
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "the token server received a request"
+        );
+
+        // (b) Allow-listed by name or by a wildcard: the request reaches the token server.
+        for (n, allow) in [NAME, "*.internal.test", "TOKENS.Internal.Test."]
+            .into_iter()
+            .enumerate()
+        {
+            let c = hook_client(denied(allow), lookup.clone());
+            assert_eq!(send_raw(&c, &url).await.unwrap(), 200, "{allow}");
+            assert_eq!(seen.lock().unwrap().len(), n + 1, "{allow}");
+        }
+    }
+
+    #[tokio::test]
+    async fn resolver_hook_drops_denied_addresses_from_a_mixed_answer() {
+        let (url, seen) = fixed(200, &[], token_json()).await;
+        let port: u16 = url
+            .split(':')
+            .nth(2)
+            .unwrap()
+            .trim_end_matches("/token")
+            .parse()
+            .unwrap();
+        // A trap on the denied address, same port: it must never see a connection.
+        let trap = tokio::net::TcpListener::bind(("127.0.0.2", port))
+            .await
+            .unwrap();
+        let trapped = Arc::new(AtomicUsize::new(0));
+        let t2 = trapped.clone();
+        tokio::spawn(async move {
+            while trap.accept().await.is_ok() {
+                t2.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let url = url.replace("127.0.0.1", NAME);
+        // Rebinding-style answer: the denied address first.
+        let lookup = table_lookup(&[(NAME, &["127.0.0.2", "127.0.0.1"])]);
+        let policy = TokenUrlPolicy::default().with_private_range("127.0.0.2/32");
+        let c = hook_client(policy, lookup);
+        assert_eq!(send_raw(&c, &url).await.unwrap(), 200);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert_eq!(
+            trapped.load(Ordering::SeqCst),
+            0,
+            "the denied address was connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn dns_failures_are_a_class_without_the_resolver_text() {
+        let c = hook_client(
+            TokenUrlPolicy::default(),
+            table_lookup(&[("empty.internal.test", &[])]),
+        );
+        for host in ["nxdomain.internal.test", "empty.internal.test"] {
+            let e = send_raw(&c, &format!("http://{host}:1/token"))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    TokenError::Connect {
+                        failure: ConnectFailure::Dns,
+                        ..
+                    }
+                ),
+                "{host}: {e:?}"
+            );
+            assert_eq!(
+                e.to_string(),
+                "cannot reach the token endpoint: DNS lookup failed"
+            );
+            assert_eq!(e.reason().as_str(), "TokenEndpointUnreachable");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_literal_in_a_denied_range_is_refused_before_sending() {
+        let (url, seen) = fixed(200, &[], token_json()).await;
+        let policy = TokenUrlPolicy::default().with_private_range("127.0.0.0/8");
+        let c = hook_client(policy, table_lookup(&[]));
+        let e = c.request_token(&cc(&url), None).await.unwrap_err();
+        assert!(matches!(e, TokenError::NotAllowed { .. }), "{e:?}");
+        assert_eq!(e.reason().as_str(), "TokenURLNotAllowed");
+        assert!(seen.lock().unwrap().is_empty());
+        // Without the range rule the same client reaches the server.
+        let c = hook_client(TokenUrlPolicy::default(), table_lookup(&[]));
+        c.request_token(&cc(&url), None).await.unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
     #[tokio::test]
     async fn resolver_refusals_surface_as_forbidden_address() {
         crate::install_crypto_provider();
@@ -759,7 +1063,10 @@ mod tests {
                 .await
                 .map_err(classify_send_error)
                 .unwrap_err();
-            assert!(matches!(e, TokenError::ForbiddenAddress(_)), "{u}: {e:?}");
+            assert!(
+                matches!(e, TokenError::ForbiddenAddress { .. }),
+                "{u}: {e:?}"
+            );
             assert_eq!(e.class(), ErrorClass::Terminal);
             assert_eq!(e.reason().as_str(), "ForbiddenTokenEndpoint");
         }
@@ -773,7 +1080,7 @@ mod tests {
             .request_token(&refresh(&url), None)
             .await
             .unwrap_err();
-        assert!(matches!(e, TokenError::Tls(_)), "{e:?}");
+        assert!(matches!(e, TokenError::Tls { .. }), "{e:?}");
         assert_eq!(e.class(), ErrorClass::Transient { retry_after: None });
         assert!(seen.lock().unwrap().is_empty());
         assert_clean(&e);
@@ -885,7 +1192,7 @@ vbQar8d+mNsCEpR0z7DwowDXD4RrbRA88LjAplDMurMw9eYVdPmHN5le
             let url = format!("https://{host}:{}/token", addr.port());
             // Without the CA: TLS error, not sent.
             let e = c.request_token(&refresh(&url), None).await.unwrap_err();
-            assert!(matches!(e, TokenError::Tls(_)), "{e:?}");
+            assert!(matches!(e, TokenError::Tls { .. }), "{e:?}");
             assert_clean(&e);
             // With the CA bundle: succeeds.
             let t = c
@@ -906,7 +1213,7 @@ vbQar8d+mNsCEpR0z7DwowDXD4RrbRA88LjAplDMurMw9eYVdPmHN5le
             .request_token(&refresh(&url), Some(TEST_LEAF_PEM.as_bytes()))
             .await
             .unwrap_err();
-        assert!(matches!(e, TokenError::Tls(_)), "{e:?}");
+        assert!(matches!(e, TokenError::Tls { .. }), "{e:?}");
         assert_eq!(c.ca_clients.lock().unwrap().len(), 2);
     }
 

@@ -1,0 +1,609 @@
+//! Provider-side invariants of refresh-token rotation, checked from the provider's own records
+//! — the token server's call log ([`crate::token_server::TokenServer::provider_record`]) or
+//! oidc-provider's request and `grant.revoked` log ([`crate::oidc::OidcProvider::provider_record`])
+//! — never from what the operator reports about itself.
+//!
+//! Every rotation test ends with [`assert_provider_invariants`]:
+//!
+//! 1. **No replay.** No refresh token is presented after the provider issued a newer one in its
+//!    family (including in a response that never reached the client), except where the provider
+//!    itself sanctioned the reuse inside a rotation overlap window the test configured
+//!    ([`Invariants::overlap_window`]), or the test re-seeded a spent token by hand and says so
+//!    ([`Invariants::hand_reseeded`]).
+//! 2. **No revocation unless reported.** No family (grant) is revoked unless the operator reported
+//!    the lost response as `RefreshResponseLost`; the test passes the connections (client ids)
+//!    that did ([`Invariants::lost_response`]). The declaration is exact: each one must match one
+//!    refused replay at the provider (the replays of that token up to and including the refused
+//!    one form the loss, [`Report::losses`]), and a declared loss the provider never saw is a
+//!    violation too (a false `RefreshResponseLost`).
+//! 3. **Bounded rate.** No client id makes more token requests in any 60 s window than the test's
+//!    bound, which the test derives from the schedule and its fault mode
+//!    ([`scheduled_per_minute`] gives the schedule's part).
+//!
+//! Tokens are identified by [`fingerprint`]s (a 16-hex SHA-256 prefix, as the operator's
+//! `spentSeedFingerprint`), so a failure message never shows a token.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::{self, Write as _};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest as _, Sha256};
+
+/// The refresh token fingerprint used throughout: the first 16 hex digits of its SHA-256.
+/// oidc-provider's event log (`crates/testkit/oidc/server.mjs`) computes the same.
+pub fn fingerprint(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    let mut out = String::with_capacity(16);
+    for b in &digest[..8] {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// How the provider answered a call, as far as the invariants care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Not decided yet (still in flight when the record was taken).
+    Pending,
+    /// Answered without the grant logic looking at the token: an injected fault (status, reset
+    /// before processing, redirect, …) or failed client authentication.
+    NotProcessed,
+    /// Tokens issued: `client_credentials`, or a refresh with or without rotation.
+    Issued,
+    /// A spent refresh token accepted inside the provider's rotation overlap window.
+    OverlapReuse,
+    /// A spent refresh token refused; `revoked`: the provider revoked its family for it.
+    SpentRefused { revoked: bool },
+    /// Any other refusal (unknown token, revoked family, wrong client, …): the OAuth error and
+    /// what the provider knew about it.
+    Refused(String),
+}
+
+/// One token request as the provider recorded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderCall {
+    /// Arrival order at the provider.
+    pub seq: u64,
+    /// Arrival time.
+    pub at: SystemTime,
+    /// When the provider decided the outcome (`None` while in flight).
+    pub decided_at: Option<SystemTime>,
+    /// Client id as presented (Basic or form), authenticated or not.
+    pub client_id: Option<String>,
+    pub grant_type: Option<String>,
+    /// [`fingerprint`] of the refresh token presented.
+    pub presented: Option<String>,
+    /// [`fingerprint`] of a *new* refresh token the provider committed in this call, whether or
+    /// not the response reached the client (`None` when none was issued or the presented one was
+    /// echoed).
+    pub issued: Option<String>,
+    /// The provider's own family (grant) id of the presented token, when it knows it; otherwise
+    /// the family is derived from the record (presented → issued links, minted seeds).
+    pub family: Option<String>,
+    /// HTTP status sent (`None`: no response, e.g. a reset).
+    pub status: Option<u16>,
+    pub answer: Answer,
+    /// The injected fault, for failure messages.
+    pub fault: Option<String>,
+}
+
+/// A family (grant) revocation at the provider.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderRevocation {
+    /// The provider's family (grant) id, if it reports one.
+    pub family: Option<String>,
+    pub at: SystemTime,
+    /// The token request that made the provider revoke (reuse detection). `None`: revoked by
+    /// other means, i.e. by the test through a revocation endpoint.
+    pub by_call: Option<u64>,
+}
+
+/// What a provider issued, received and revoked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProviderRecord {
+    /// Which provider, for messages.
+    pub provider: String,
+    /// Every token request, in arrival order.
+    pub calls: Vec<ProviderCall>,
+    /// Seeds minted by the test: fingerprint → the provider's family id (if it reports one).
+    pub minted: Vec<(String, Option<String>)>,
+    pub revocations: Vec<ProviderRevocation>,
+    /// Reasons the record may be incomplete (a reset or capped log, revocations the log does not
+    /// explain). Each is a violation: the invariants cannot be checked on a partial record.
+    pub gaps: Vec<String>,
+}
+
+/// What a test allows and expects. Start from [`Invariants::new`] with the rate bound.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Invariants {
+    /// Most token requests any one client id may make in any 60 s window.
+    pub max_requests_per_minute: usize,
+    /// The test configured a rotation overlap window: reuse the provider accepted inside it
+    /// ([`Answer::OverlapReuse`]) is not a replay.
+    pub overlap_window: bool,
+    /// Fingerprints of spent tokens the test put back by hand (see [`Invariants::hand_reseeded`]).
+    pub hand_reseeded: BTreeSet<String>,
+    /// client id → how many times its connection reported `RefreshResponseLost`.
+    pub lost_responses: BTreeMap<String, usize>,
+    /// Revocations the test itself made through a revocation endpoint.
+    pub revoked_by_test: usize,
+}
+
+impl Invariants {
+    /// No replay, no revocation, at most `max_requests_per_minute` requests per client id per
+    /// minute. Derive the bound in the test (schedule, retries, forced refreshes) and say how.
+    pub fn new(max_requests_per_minute: usize) -> Self {
+        Self {
+            max_requests_per_minute,
+            ..Self::default()
+        }
+    }
+
+    /// The test configured a rotation overlap window at the provider.
+    pub fn overlap_window(mut self) -> Self {
+        self.overlap_window = true;
+        self
+    }
+
+    /// The test re-seeds `token`, already spent, by hand: presenting it again is the test's doing.
+    pub fn hand_reseeded(mut self, token: &str) -> Self {
+        self.hand_reseeded.insert(fingerprint(token));
+        self
+    }
+
+    /// The connection of `client_id` reported `RefreshResponseLost` (once more).
+    pub fn lost_response(self, client_id: &str) -> Self {
+        self.lost_responses(client_id, 1)
+    }
+
+    /// The connection of `client_id` reported `RefreshResponseLost` `n` times (a no-op for 0).
+    pub fn lost_responses(mut self, client_id: &str, n: usize) -> Self {
+        if n > 0 {
+            *self.lost_responses.entry(client_id.to_owned()).or_insert(0) += n;
+        }
+        self
+    }
+
+    /// The test revoked `n` grants itself (oidc-provider's revocation endpoint).
+    pub fn revoked_by_test(mut self, n: usize) -> Self {
+        self.revoked_by_test += n;
+        self
+    }
+}
+
+/// The fewest seconds between two scheduled refreshes of a token with this lifetime: the
+/// operator refreshes at 2/3 of the lifetime (`renewBeforePercentage` 33) less at most 5 %
+/// jitter, i.e. at ≥ 62 %, and never sooner than 10 % of the lifetime or 1 s after issue
+/// (README, "Schedule"; `src/oauth/schedule.rs`).
+pub fn min_refresh_gap(access_token_ttl: Duration) -> Duration {
+    let ttl_ms = access_token_ttl.as_millis();
+    let jittered = ttl_ms * 62 / 100;
+    let floor = (ttl_ms / 10).max(1000);
+    Duration::from_millis(u64::try_from(jittered.max(floor)).unwrap_or(u64::MAX))
+}
+
+/// Most token requests one connection's schedule makes in any 60 s window with access tokens
+/// of `access_token_ttl` and no failures: ⌊60 s / [`min_refresh_gap`]⌋ + 2. One because a
+/// window can hold both ends of its span; one because the gap is kept between the moments the
+/// operator *sends* (it measures the lifetime from there), while the provider records arrivals,
+/// and the time from send to arrival varies (client setup, a loaded machine: up to a few
+/// hundred ms, less than one gap), which can pull two arrivals closer than the gap. Tests add
+/// their retries and forced refreshes to it.
+pub fn scheduled_per_minute(access_token_ttl: Duration) -> usize {
+    let gap_ms = min_refresh_gap(access_token_ttl).as_millis().max(1);
+    usize::try_from(60_000 / gap_ms).unwrap_or(usize::MAX) + 2
+}
+
+/// Most of `times` that fall into any window `[t, t + 60 s)`.
+pub fn max_in_any_minute(times: &[SystemTime]) -> usize {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let minute = Duration::from_secs(60);
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..sorted.len() {
+        while sorted[end]
+            .duration_since(sorted[start])
+            .unwrap_or_default()
+            >= minute
+        {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+/// Why a replay is allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sanction {
+    /// Accepted by the provider inside the overlap window the test configured.
+    OverlapWindow,
+    /// The test re-seeded the spent token by hand.
+    HandReseeded,
+    /// Part of a lost response the operator reported as `RefreshResponseLost` (the one retry,
+    /// and a retry after a transient answer to it, up to the provider's refusal).
+    ReportedLoss,
+}
+
+/// A refresh token presented after the provider had issued a newer one in its family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replay {
+    /// The call that presented it.
+    pub call: u64,
+    pub client_id: Option<String>,
+    /// Fingerprint of the token.
+    pub token: String,
+    /// The call in which the provider issued the newer token.
+    pub superseded_by: u64,
+    pub answer: Answer,
+    pub sanction: Option<Sanction>,
+}
+
+/// A lost response as the provider saw it: the token spent by `spent_by` (response lost), then
+/// presented again by `replays`, the last of which (`refused_by`) the provider refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Loss {
+    pub client_id: Option<String>,
+    /// Fingerprint of the token.
+    pub token: String,
+    pub spent_by: u64,
+    pub replays: Vec<u64>,
+    pub refused_by: u64,
+    /// The provider revoked the family for it.
+    pub revoked: bool,
+}
+
+/// A broken invariant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// The record cannot be trusted to be complete.
+    IncompleteRecord(String),
+    /// Invariant 1.
+    Replay(Replay),
+    /// Invariant 2: a family revoked without a reported `RefreshResponseLost` for its client
+    /// (`by_call: None`: revoked outside the token endpoint, more often than the test says it did).
+    UnexplainedRevocation {
+        by_call: Option<u64>,
+        client_id: Option<String>,
+        family: Option<String>,
+    },
+    /// Invariant 2, the other way: the test says the connection reported `RefreshResponseLost`
+    /// this many more times than the provider refused a replay of its.
+    ReportedLossNotSeen { client_id: String, missing: usize },
+    /// Invariant 3: `count` requests of `client_id` within 60 s, calls `first`..=`last`.
+    RateExceeded {
+        client_id: Option<String>,
+        count: usize,
+        bound: usize,
+        first: u64,
+        last: u64,
+    },
+}
+
+/// The outcome of [`ProviderRecord::check`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    pub violations: Vec<Violation>,
+    /// Every replay, sanctioned or not.
+    pub replays: Vec<Replay>,
+    /// Lost responses matched to the test's `RefreshResponseLost` declarations.
+    pub losses: Vec<Loss>,
+    /// client id (`None`: unauthenticated) → most requests in any 60 s window.
+    pub max_per_minute: BTreeMap<Option<String>, usize>,
+    /// The record the report is about (for the failure message).
+    pub record: ProviderRecord,
+}
+
+impl Report {
+    /// Panic with every violation and the provider's call log if any invariant is broken.
+    pub fn assert_clean(&self) {
+        if !self.violations.is_empty() {
+            panic!("{self}");
+        }
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "provider invariants broken at {} ({} violation(s)):",
+            self.record.provider,
+            self.violations.len()
+        )?;
+        for v in &self.violations {
+            writeln!(f, "  - {v:?}")?;
+        }
+        writeln!(f, "losses matched: {:?}", self.losses)?;
+        writeln!(f, "requests per minute: {:?}", self.max_per_minute)?;
+        writeln!(f, "{}", self.record.call_table())
+    }
+}
+
+impl ProviderRecord {
+    /// The calls as a table, tokens as fingerprints, times relative to the first call.
+    pub fn call_table(&self) -> String {
+        let t0 = self.calls.first().map(|c| c.at);
+        let rel = |t: SystemTime| {
+            t0.and_then(|t0| t.duration_since(t0).ok())
+                .map_or_else(|| "?".to_owned(), |d| format!("{:.3}s", d.as_secs_f64()))
+        };
+        let mut out = format!(
+            "{} call(s) (minted: {:?}; revocations: {:?}; gaps: {:?}):\n",
+            self.calls.len(),
+            self.minted,
+            self.revocations
+                .iter()
+                .map(|r| (r.family.clone(), r.by_call))
+                .collect::<Vec<_>>(),
+            self.gaps
+        );
+        for c in &self.calls {
+            let _ = writeln!(
+                out,
+                "  #{} +{} client={} grant={} presented={} family={} issued={} status={} {:?}{}",
+                c.seq,
+                rel(c.at),
+                c.client_id.as_deref().unwrap_or("-"),
+                c.grant_type.as_deref().unwrap_or("-"),
+                c.presented.as_deref().unwrap_or("-"),
+                c.family.as_deref().unwrap_or("-"),
+                c.issued.as_deref().unwrap_or("-"),
+                c.status
+                    .map_or_else(|| "none".to_owned(), |s| s.to_string()),
+                c.answer,
+                c.fault
+                    .as_deref()
+                    .map(|f| format!(" fault={f}"))
+                    .unwrap_or_default(),
+            );
+        }
+        out
+    }
+
+    /// Check the invariants (see the module docs).
+    pub fn check(&self, inv: &Invariants) -> Report {
+        let mut violations: Vec<Violation> = self
+            .gaps
+            .iter()
+            .map(|g| Violation::IncompleteRecord(g.clone()))
+            .collect();
+        let mut calls = self.calls.clone();
+        calls.sort_by_key(|c| c.seq);
+
+        let mut replays = find_replays(&calls, &self.minted, inv);
+        let losses = match_losses(
+            &calls,
+            &mut replays,
+            &self.revocations,
+            inv,
+            &mut violations,
+        );
+        violations.extend(
+            replays
+                .iter()
+                .filter(|r| r.sanction.is_none())
+                .cloned()
+                .map(Violation::Replay),
+        );
+        let max_per_minute = check_rate(&calls, inv, &mut violations);
+        Report {
+            violations,
+            replays,
+            losses,
+            max_per_minute,
+            record: self.clone(),
+        }
+    }
+}
+
+/// Find every presentation of a superseded refresh token. A token is superseded once the
+/// provider has decided a call that issued a token of the same family after it (a seed is older
+/// than everything issued in its family).
+fn find_replays(
+    calls: &[ProviderCall],
+    minted: &[(String, Option<String>)],
+    inv: &Invariants,
+) -> Vec<Replay> {
+    // Family of each token: the provider's id where known, else the family of the token it
+    // was issued for, else a family of its own rooted at the token.
+    let mut family_of: HashMap<String, String> = HashMap::new();
+    for (fp, fam) in minted {
+        family_of.insert(fp.clone(), fam.clone().unwrap_or_else(|| format!("~{fp}")));
+    }
+    // The call that issued each token.
+    let mut issued_by: HashMap<String, u64> = HashMap::new();
+    // Per family: (issuing call, when decided, token).
+    let mut issues: HashMap<String, Vec<(u64, SystemTime, String)>> = HashMap::new();
+    let mut presented_family: HashMap<u64, String> = HashMap::new();
+    for c in calls {
+        let Some(x) = &c.presented else { continue };
+        let fam = c
+            .family
+            .clone()
+            .or_else(|| family_of.get(x).cloned())
+            .unwrap_or_else(|| format!("~{x}"));
+        family_of.entry(x.clone()).or_insert_with(|| fam.clone());
+        presented_family.insert(c.seq, fam.clone());
+        if let Some(y) = c.issued.as_ref().filter(|y| *y != x) {
+            family_of.insert(y.clone(), fam.clone());
+            issued_by.insert(y.clone(), c.seq);
+            issues
+                .entry(fam)
+                .or_default()
+                .push((c.seq, c.decided_at.unwrap_or(c.at), y.clone()));
+        }
+    }
+
+    let mut replays = Vec::new();
+    for c in calls {
+        let (Some(x), Some(fam)) = (&c.presented, presented_family.get(&c.seq)) else {
+            continue;
+        };
+        // The provider looks at the token when it decides; a call not decided yet (or one
+        // answered without processing) is placed at its arrival.
+        let when = match c.answer {
+            Answer::Pending | Answer::NotProcessed => c.at,
+            _ => c.decided_at.unwrap_or(c.at),
+        };
+        let born = issued_by.get(x).copied();
+        let newer = issues.get(fam).and_then(|list| {
+            list.iter().find(|(seq, decided, y)| {
+                *seq != c.seq && y != x && *decided < when && born.is_none_or(|b| b < *seq)
+            })
+        });
+        let Some((superseded_by, _, _)) = newer else {
+            continue;
+        };
+        let sanction = if c.answer == Answer::OverlapReuse && inv.overlap_window {
+            Some(Sanction::OverlapWindow)
+        } else if inv.hand_reseeded.contains(x) {
+            Some(Sanction::HandReseeded)
+        } else {
+            None
+        };
+        replays.push(Replay {
+            call: c.seq,
+            client_id: c.client_id.clone(),
+            token: x.clone(),
+            superseded_by: *superseded_by,
+            answer: c.answer.clone(),
+            sanction,
+        });
+    }
+    replays
+}
+
+/// Match the provider's refusals of spent tokens (with or without a revocation) to the losses the
+/// test declares, exactly; report revocations nothing explains.
+fn match_losses(
+    calls: &[ProviderCall],
+    replays: &mut [Replay],
+    revocations: &[ProviderRevocation],
+    inv: &Invariants,
+    violations: &mut Vec<Violation>,
+) -> Vec<Loss> {
+    let mut budget = inv.lost_responses.clone();
+    let mut losses = Vec::new();
+    let revoked_by: BTreeSet<u64> = revocations.iter().filter_map(|r| r.by_call).collect();
+    for c in calls {
+        let refused =
+            matches!(c.answer, Answer::SpentRefused { .. }) || revoked_by.contains(&c.seq);
+        if !refused {
+            continue;
+        }
+        let revoked = revoked_by.contains(&c.seq)
+            || matches!(c.answer, Answer::SpentRefused { revoked: true });
+        let left = c
+            .client_id
+            .as_ref()
+            .and_then(|id| budget.get_mut(id))
+            .filter(|n| **n > 0);
+        let (Some(left), Some(token)) = (left, c.presented.clone()) else {
+            if revoked {
+                violations.push(Violation::UnexplainedRevocation {
+                    by_call: Some(c.seq),
+                    client_id: c.client_id.clone(),
+                    family: c.family.clone(),
+                });
+            }
+            continue;
+        };
+        *left -= 1;
+        let mut matched = Vec::new();
+        for r in replays.iter_mut().filter(|r| {
+            r.sanction.is_none()
+                && r.token == token
+                && r.client_id == c.client_id
+                && r.call <= c.seq
+        }) {
+            r.sanction = Some(Sanction::ReportedLoss);
+            matched.push((r.call, r.superseded_by));
+        }
+        let loss = Loss {
+            client_id: c.client_id.clone(),
+            token,
+            spent_by: matched.first().map_or(c.seq, |m| m.1),
+            replays: matched.iter().map(|m| m.0).collect(),
+            refused_by: c.seq,
+            revoked,
+        };
+        losses.push(loss);
+    }
+    for (client_id, missing) in budget.into_iter().filter(|(_, n)| *n > 0) {
+        violations.push(Violation::ReportedLossNotSeen { client_id, missing });
+    }
+    let by_test = revocations.iter().filter(|r| r.by_call.is_none()).count();
+    if by_test != inv.revoked_by_test {
+        for r in revocations
+            .iter()
+            .filter(|r| r.by_call.is_none())
+            .skip(inv.revoked_by_test)
+        {
+            violations.push(Violation::UnexplainedRevocation {
+                by_call: None,
+                client_id: None,
+                family: r.family.clone(),
+            });
+        }
+        if by_test < inv.revoked_by_test {
+            violations.push(Violation::IncompleteRecord(format!(
+                "the test revoked {} grant(s) itself, the provider recorded {by_test}",
+                inv.revoked_by_test
+            )));
+        }
+    }
+    losses
+}
+
+fn check_rate(
+    calls: &[ProviderCall],
+    inv: &Invariants,
+    violations: &mut Vec<Violation>,
+) -> BTreeMap<Option<String>, usize> {
+    let mut per_client: BTreeMap<Option<String>, Vec<&ProviderCall>> = BTreeMap::new();
+    for c in calls {
+        per_client.entry(c.client_id.clone()).or_default().push(c);
+    }
+    let minute = Duration::from_secs(60);
+    let mut max = BTreeMap::new();
+    for (client_id, list) in per_client {
+        let mut sorted = list;
+        sorted.sort_by_key(|c| c.at);
+        let (mut best, mut best_span) = (0, (0, 0));
+        let mut start = 0;
+        for end in 0..sorted.len() {
+            while sorted[end]
+                .at
+                .duration_since(sorted[start].at)
+                .unwrap_or_default()
+                >= minute
+            {
+                start += 1;
+            }
+            if end - start + 1 > best {
+                best = end - start + 1;
+                best_span = (sorted[start].seq, sorted[end].seq);
+            }
+        }
+        if best > inv.max_requests_per_minute {
+            violations.push(Violation::RateExceeded {
+                client_id: client_id.clone(),
+                count: best,
+                bound: inv.max_requests_per_minute,
+                first: best_span.0,
+                last: best_span.1,
+            });
+        }
+        max.insert(client_id, best);
+    }
+    max
+}
+
+/// Check `record` against `inv`, panic with a readable report on any violation, and return the
+/// report (for assertions on [`Report::losses`] and [`Report::replays`]).
+pub fn assert_provider_invariants(record: &ProviderRecord, inv: &Invariants) -> Report {
+    let report = record.check(inv);
+    report.assert_clean();
+    report
+}

@@ -1,0 +1,175 @@
+//! SIGTERM with rotated refresh tokens still waiting to be stored (the API server refused the
+//! state writes): the operator writes them all at once, within the shutdown timeout that the
+//! chart's terminationGracePeriodSeconds (30 s) covers — not one after another with a 20 s
+//! retry budget each. State writes fail through the API fault proxy; the token server holds
+//! each committed reply so the outage can be armed between the rotation and the write.
+//! This binary runs its own operator (the test stops it).
+mod support;
+
+use std::time::{Duration, Instant};
+
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+use support::objects::*;
+use support::{test_namespace, wait_for, TestNs};
+use vaultconn::api::VaultConnection;
+use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule};
+use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::token_server::{Fault, TokenServer, TokenServerConfig};
+
+const CONNECTIONS: usize = 3;
+/// The chart's terminationGracePeriodSeconds: after it, the kubelet sends SIGKILL.
+const GRACE: Duration = Duration::from_secs(30);
+
+async fn operator(proxy: &ApiFaultProxy, name: &str) -> OperatorProcess {
+    support::ensure_crds().await;
+    let cp = support::cluster().await;
+    let kubeconfig = cp.dir().join(format!("kubeconfig-{name}"));
+    proxy
+        .write_kubeconfig(&kubeconfig, cp.admin_token())
+        .expect("writing the proxy kubeconfig");
+    OperatorProcess::start(OperatorOptions {
+        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
+        kubeconfig,
+        log_path: cp.dir().join(format!("operator-{name}.log")),
+        extra_args: vec!["--allow-http-loopback".into()],
+        log_filter: "info".into(),
+    })
+    .await
+    .expect("operator starts")
+}
+
+/// Ready connections, then a refresh of each whose rotated tokens the API server refuses to
+/// store: returns once every connection holds its new tokens only in memory.
+async fn rotated_but_unstored(
+    ns: &TestNs,
+    ts: &TokenServer,
+    proxy: &ApiFaultProxy,
+) -> (Vec<String>, vaultconn_testkit::api_proxy::RuleId) {
+    let mut names = Vec::new();
+    for i in 0..CONNECTIONS {
+        let client = format!("{}-client-{i}", ns.name);
+        ts.add_client(&client, "s3cret-value");
+        let rt = ts.mint_refresh_token(&client);
+        let creds = format!("c{i}-creds");
+        put_secret(
+            ns,
+            &creds,
+            &[
+                ("client_id", &client),
+                ("client_secret", "s3cret-value"),
+                ("refresh_token", &rt),
+            ],
+        )
+        .await;
+        let name = format!("c{i}");
+        apply_vc(
+            ns,
+            &name,
+            json!({"type": "oauth2", "credentialsRef": {"name": creds},
+                "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}}),
+        )
+        .await;
+        ready(ns, &name).await;
+        names.push(name);
+    }
+    // Each refresh commits at the provider, and its reply is held until the outage is armed.
+    for _ in 0..CONNECTIONS {
+        ts.push_fault(Fault::SlowReply {
+            delay: Duration::from_secs(3),
+            after_commit: true,
+        });
+    }
+    let annotate =
+        json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": "1"}}});
+    for name in &names {
+        ns.api::<VaultConnection>()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&annotate))
+            .await
+            .expect("annotate");
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "all refreshes in flight",
+        || async { ts.in_flight() == CONNECTIONS },
+    )
+    .await;
+    let path = format!("/namespaces/{}/secrets/", ns.name);
+    let outage = proxy.fail_until_cleared(FaultRule::writes(path, 503));
+    for name in &names {
+        // After the 20 s write budget the tokens are held in memory and retried.
+        wait_for(Duration::from_secs(60), "TokenPersistPending", || async {
+            let vc = ns.api::<VaultConnection>().get(name).await.ok();
+            vc.is_some_and(|v| reason(&v) == "TokenPersistPending")
+        })
+        .await;
+    }
+    (names, outage)
+}
+
+/// SIGTERM in a thread (stopping blocks): whether it exited cleanly, and how long it took.
+fn sigterm(mut op: OperatorProcess) -> std::thread::JoinHandle<(bool, Duration)> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        // Longer than the grace period: a process that overruns it is seen, not killed early.
+        let clean = op.stop(GRACE * 3);
+        (clean, started.elapsed())
+    })
+}
+
+#[tokio::test]
+async fn sigterm_writes_held_tokens_concurrently_and_exits_within_the_grace_period() {
+    let cp = support::cluster().await;
+    let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
+    let ts = TokenServer::start(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_ttl(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("token server starts");
+
+    // 1. The API server keeps refusing: the held tokens cannot be saved, but the process must
+    //    still exit cleanly before the kubelet's SIGKILL, not after 3 × 20 s.
+    let op = operator(&proxy, "outage").await;
+    let ns = test_namespace("term-outage").await;
+    let (lost, outage) = rotated_but_unstored(&ns, &ts, &proxy).await;
+    let (clean, took) = sigterm(op).join().expect("stop thread");
+    assert!(clean, "no clean exit (took {took:?})");
+    assert!(
+        took < GRACE,
+        "shutdown took {took:?}, beyond the {GRACE:?} grace period"
+    );
+    proxy.clear(outage);
+    // Those tokens are lost (the API server never took them); the next operator would report
+    // that as RefreshResponseLost. Out of scope here: remove the connections first.
+    for name in &lost {
+        ns.api::<VaultConnection>()
+            .delete(name, &Default::default())
+            .await
+            .expect("delete");
+    }
+
+    // 2. The API server recovers during the shutdown: every held token is stored, and it is
+    //    the provider's live one.
+    let op = operator(&proxy, "recovers").await;
+    let ns = test_namespace("term-recovers").await;
+    let (names, outage) = rotated_but_unstored(&ns, &ts, &proxy).await;
+    let stopping = sigterm(op);
+    // A short outage into the shutdown (the proxy's own time, not a guess about ours).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.clear(outage);
+    let (clean, took) = stopping.join().expect("stop thread");
+    assert!(clean, "no clean exit (took {took:?})");
+    assert!(took < GRACE, "shutdown took {took:?}");
+    for name in &names {
+        let stored = stored_refresh_token(&ns, name)
+            .await
+            .expect("a stored refresh token");
+        assert!(
+            ts.is_refresh_token_live(&stored),
+            "{name}: the stored refresh token is not the provider's live one"
+        );
+    }
+    assert_eq!(ts.revocations(), 0);
+}
