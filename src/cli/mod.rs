@@ -120,10 +120,10 @@ pub enum Command {
     Types(TypesArgs),
     /// Print a new connection (and its credentials Secret) as manifests for kubectl apply.
     #[command(after_help = NEW_HELP)]
-    New(NewArgs),
+    New(Box<NewArgs>),
     /// Check manifests offline (CI, GitOps): schema, the controller's rules, cross-object mistakes.
     #[command(after_help = VALIDATE_HELP)]
-    Validate(ValidateArgs),
+    Validate(Box<ValidateArgs>),
     /// Show connections: phase, reason, Secret names, token expiry and next refresh, Events.
     #[command(after_help = STATUS_HELP)]
     Status(StatusArgs),
@@ -447,7 +447,7 @@ pub fn parse() -> Cli {
 pub fn execute(cmd: Command) -> ExitCode {
     let result = match cmd {
         Command::Types(a) => run_types(&a),
-        Command::New(a) => run_new(a),
+        Command::New(a) => run_new(*a),
         Command::Validate(a) => run_validate(&a),
         Command::Status(a) => block_on(run_status(a)),
         Command::Refresh(a) => block_on(run_refresh(a)),
