@@ -2,10 +2,11 @@
 //!
 //! Where things are: `api` (the CRD types), `catalog` (connection types), `validation`,
 //! `secret` (desired Secrets), `status`, `controller` (the reconcile loop), `oauth` (token
-//! client, schedule, refresh protocol).
+//! client, schedule, refresh protocol), `cli` (the command line around the operator).
 #![forbid(unsafe_code)]
 pub mod api;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod crd;

@@ -1,62 +1,19 @@
-//! The `vaultconn` binary: the operator (`run`, the default) and small helper commands.
+//! The `vaultconn` binary: the operator (`run`) and, through `vaultconn::cli`, the tools
+//! around it. This file runs the operator and the local control plane; every other command
+//! is `cli::execute`.
 
-use clap::{Parser, Subcommand};
+use vaultconn::cli::Command;
 use vaultconn::config::{LogFormat, RunConfig};
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "vaultconn",
-    version,
-    about = "Keeps service credentials as Kubernetes Secrets",
-    arg_required_else_help = true
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Run the operator. The cluster is chosen as kubectl does: $KUBECONFIG, else
-    /// ~/.kube/config, else the in-cluster service account; with none of them it starts a
-    /// local control plane (etcd + kube-apiserver + kube-controller-manager) first.
-    Run(Box<RunConfig>),
-    /// Print the VaultConnection CustomResourceDefinition.
-    Crd,
-    /// List the connection types with their input and output keys.
-    Types,
-    /// Start a local control plane, install the CRD, print the kubeconfig path; Ctrl-C stops it.
-    #[cfg(feature = "local-cluster")]
-    LocalCluster,
-}
 
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
     vaultconn::install_crypto_provider();
-    let cli = Cli::parse();
+    let cli = vaultconn::cli::parse();
     let run_config = match cli.command {
-        Command::Crd => {
-            print!("{}", vaultconn::crd::crd_yaml());
-            return std::process::ExitCode::SUCCESS;
-        }
-        Command::Types => {
-            for t in vaultconn::catalog::CATALOG {
-                println!(
-                    "{:<12} inputs: {} (optional: {})\n{:<12} outputs: {}\n{:<12} {}\n",
-                    t.type_.as_str(),
-                    t.required_inputs.join(", "),
-                    t.optional_inputs.join(", "),
-                    "",
-                    t.outputs.join(", "),
-                    "",
-                    t.description
-                );
-            }
-            return std::process::ExitCode::SUCCESS;
-        }
+        Command::Run(config) => Some(config),
         #[cfg(feature = "local-cluster")]
         Command::LocalCluster => None,
-        Command::Run(config) => Some(config),
+        other => return vaultconn::cli::execute(other),
     };
     init_tracing(
         run_config

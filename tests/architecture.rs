@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Bottom to top. Pure decisions sit on the API types; I/O sits on the pure decisions; the
-/// controller sits on the I/O; `main.rs` (not a library module) on top.
+/// controller sits on the I/O; the CLI's cluster commands on top of that; `main.rs` (not a
+/// library module) on top.
 const LAYERS: &[(&str, &[&str])] = &[
     ("types", &["api", "names", "reason", "sync"]),
     (
@@ -24,6 +25,12 @@ const LAYERS: &[(&str, &[&str])] = &[
             "oauth::token::url_policy",
             "oauth::token::request",
             "oauth::token::response",
+            "cli::error",
+            "cli::schema",
+            "cli::manifest",
+            "cli::new",
+            "cli::types",
+            "cli::view",
         ],
     ),
     (
@@ -43,9 +50,14 @@ const LAYERS: &[(&str, &[&str])] = &[
             "oauth::token::transport",
             "oauth::token::test_support",
             "oauth::refresh",
+            "cli::validate",
+            "cli::cluster",
         ],
     ),
     ("controller", &["controller", "operator"]),
+    // The command line: commands that talk to the cluster (and the dispatcher) sit on the
+    // I/O helpers; they use nothing of the controller.
+    ("cli", &["cli", "cli::status", "cli::refresh"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
