@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-/// Exit codes (documented in `vaultconn --help` and docs/cli.md).
+/// Exit codes (documented in `vaultconn --help` and the README).
 pub mod exit {
     /// Success: no problems found, refresh done.
     pub const OK: u8 = 0;
