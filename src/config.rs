@@ -78,8 +78,9 @@ pub struct RunConfig {
     #[arg(long, env = "VAULTCONN_TOKEN_REQUEST_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub token_request_timeout: Duration,
 
-    /// On SIGTERM, how long pending token writes may take before the process exits; the
-    /// chart's terminationGracePeriodSeconds covers it.
+    /// On SIGTERM, how long running reconciles and the flush of held token writes may take
+    /// before the process exits (the flush always gets at least 5 s); the chart's
+    /// terminationGracePeriodSeconds covers it.
     #[arg(long, env = "VAULTCONN_SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 

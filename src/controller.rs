@@ -159,6 +159,9 @@ fn trigger_hash(vc: &VaultConnection) -> Option<u64> {
     Some(h.finish())
 }
 
+/// The least time the shutdown flush of held tokens gets (see `run`).
+const FLUSH_FLOOR: Duration = Duration::from_secs(5);
+
 /// Run the controller until `shutdown` resolves: one watch scope for the whole cluster, or
 /// one per namespace in `config.namespaces` (so that Roles in those namespaces are enough).
 /// Every scope has its own caches and in-memory state; they share the client, the metrics and
@@ -230,9 +233,15 @@ pub async fn run(
     stopper.abort();
     health.set_ready(false);
     // Token writes that were still retrying get one last chance before the process exits,
-    // within what is left of the shutdown timeout (reconciles finishing took some of it).
+    // within what is left of the shutdown timeout (reconciles finishing took some of it), but
+    // never less than `FLUSH_FLOOR`: a reconcile that gave up on a write at the very end hands
+    // its tokens to this flush, and they deserve a real attempt. The chart's grace period (30 s)
+    // covers the default timeout (20 s) plus the floor.
     let spent = lock(&stopping_since).map_or(Duration::ZERO, |t| t.elapsed());
-    let left = config.shutdown_timeout.saturating_sub(spent);
+    let left = config
+        .shutdown_timeout
+        .saturating_sub(spent)
+        .max(FLUSH_FLOOR);
     let flushes = contexts
         .iter()
         .map(|ctx| ctx.oauth.flush_pending(&ctx.writer, left));

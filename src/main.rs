@@ -133,7 +133,10 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         )
     } else {
         let (local, kube_config) = local::start_run(&mut config).await?;
-        (Some(local), operator_client(kube_config, config.kube_api_rate())?)
+        (
+            Some(local),
+            operator_client(kube_config, config.kube_api_rate())?,
+        )
     };
     #[cfg(not(feature = "local-cluster"))]
     let client = if cluster_configured() {
