@@ -363,7 +363,8 @@ impl Decider<'_> {
         self.vc.metadata.name.as_deref().unwrap_or_default()
     }
 
-    /// The stable key the schedule and backoff jitter are derived from.
+    /// The stable key the refresh phase and the backoff jitter are derived from: the same
+    /// after a restart, so the schedule (and its spread over many connections) survives it.
     pub fn jitter_key(&self) -> String {
         format!("{}/{}", self.ns(), self.name())
     }
