@@ -27,8 +27,10 @@
 //! instant is below the floor, the refresh instead goes to a per-key point between the floor and
 //! one cycle after that instant (less the floor and the margin), from where the next one is in
 //! phase. So `N` connections minted at the same instant with 60 s tokens refresh over the whole
-//! window `[6 s, 40.2 s]` (about `N / 30` in the busiest second, against all `N` within 3 s with a
-//! 0–5 % jitter), and from their second refresh on at an even `N / 39.2 s`.
+//! window `[6 s, 40.2 s]` (1,000 of them: at most 46 in one second, where the 0–5 % jitter this
+//! replaced put all 1,000 within 3 s), and from their second refresh on at an even
+//! `N / 39.2 s`. The rule applies to stored tokens as well: after an upgrade from that jitter,
+//! tokens whose new point has already passed are refreshed right away, once.
 //!
 //! When the window is empty (tiny or bogus lifetimes, or `renewBefore` of 90 % or more) the floor
 //! wins: a 1 s token is refreshed once per second, not in a hot loop, and an oversized
