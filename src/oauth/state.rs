@@ -457,15 +457,21 @@ mod tests {
     }
 
     #[test]
-    fn waits_until_two_thirds_of_lifetime() {
+    fn waits_until_the_scheduled_point() {
         let s = state_with_token("2026-01-01T00:00:00Z", "2026-01-01T01:00:00Z");
-        match plan(&input("2026-01-01T00:30:00Z", &s)) {
-            Plan::Wait { next_refresh } => {
-                assert!(next_refresh <= t("2026-01-01T00:40:12Z"), "{next_refresh}");
-                assert!(next_refresh >= t("2026-01-01T00:37:00Z"), "{next_refresh}");
-            }
+        let next = match plan(&input("2026-01-01T00:05:59Z", &s)) {
+            Plan::Wait { next_refresh } => next_refresh,
             p => panic!("{p:?}"),
-        }
+        };
+        // Within the window [10 %, 67 %] of the lifetime (see `schedule`).
+        assert!(next <= t("2026-01-01T00:40:12Z"), "{next}");
+        assert!(next >= t("2026-01-01T00:06:00Z"), "{next}");
+        let mut before = input("2026-01-01T00:05:59Z", &s);
+        before.now = next - jiff::SignedDuration::from_millis(1);
+        assert_eq!(plan(&before), Plan::Wait { next_refresh: next });
+        let mut at = input("2026-01-01T00:05:59Z", &s);
+        at.now = next;
+        assert_eq!(plan(&at), Plan::Refresh(RefreshCause::Scheduled));
         assert_eq!(
             plan(&input("2026-01-01T00:41:00Z", &s)),
             Plan::Refresh(RefreshCause::Scheduled)
