@@ -5,6 +5,9 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
+use vaultconn_testkit::provider_invariants::{
+    assert_provider_invariants, scheduled_per_minute, Invariants,
+};
 
 use serde_json::json;
 use support::objects::*;
@@ -137,5 +140,12 @@ async fn connections_created_together_refresh_spread_out() {
         busiest <= MAX_PER_SECOND,
         "{busiest} of {} refresh requests reached the provider within one second",
         refreshes.len()
+    );
+    // The provider's own record: no replay or revocation, and per client no more requests in
+    // any minute than the schedule of 30 s tokens allows plus the one early refresh that moves a
+    // new token into its phase.
+    assert_provider_invariants(
+        &ts.provider_record(),
+        &Invariants::new(scheduled_per_minute(Duration::from_secs(30)) + 1),
     );
 }
