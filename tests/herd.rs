@@ -5,14 +5,14 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
-use vaultconn_testkit::provider_invariants::{
-    assert_provider_invariants, scheduled_per_minute, Invariants,
-};
 
 use serde_json::json;
 use support::objects::*;
 use support::operator::ensure_operator;
 use support::{test_namespace, wait_for};
+use vaultconn_testkit::provider_invariants::{
+    assert_provider_invariants, scheduled_per_minute, Invariants,
+};
 use vaultconn_testkit::token_server::{RecordedCall, TokenServer, TokenServerConfig};
 
 /// Connections created together.
