@@ -582,7 +582,7 @@ fn cross_checks(
         let desired = secret::desired_state_secret(&c.vc, Default::default());
         let o = &origins[c.doc];
         if let Some(s) = input_secrets.get(&key(&desired.namespace, &desired.name)) {
-            if let Some(msg) = secret::write_conflict(&c.vc, &desired, &s.secret.metadata) {
+            if let Some(msg) = secret::write_conflict(&c.vc, &desired, &s.secret) {
                 let mut p = o.problem(Severity::Error, Check::Conflict, "metadata.name", msg);
                 p.hint = Some(format!("defined as {}", origins[s.doc].place()));
                 problems.push(p);
@@ -599,7 +599,7 @@ fn cross_checks(
         let desired = secret::desired_output_secret(&c.vc, Default::default());
         let k = key(&desired.namespace, &desired.name);
         if let Some((other, live)) = claims.get(&k) {
-            if let Some(msg) = secret::write_conflict(&c.vc, &desired, &live.metadata) {
+            if let Some(msg) = secret::write_conflict(&c.vc, &desired, live) {
                 let mut p = o.problem(Severity::Error, Check::Conflict, "spec.target.name", msg);
                 p.hint = Some(format!("also written by {}", origins[*other].place()));
                 problems.push(p);
@@ -612,7 +612,7 @@ fn cross_checks(
                 .as_ref()
                 .is_some_and(|r| r.name == desired.name);
         if let Some(s) = input_secrets.get(&k).filter(|_| !is_own_credentials) {
-            if let Some(msg) = secret::write_conflict(&c.vc, &desired, &s.secret.metadata) {
+            if let Some(msg) = secret::write_conflict(&c.vc, &desired, &s.secret) {
                 let mut p = o.problem(Severity::Error, Check::Conflict, "spec.target.name", msg);
                 p.hint = Some(format!("defined as {}", origins[s.doc].place()));
                 problems.push(p);
