@@ -94,6 +94,14 @@ pub enum Inputs {
     },
 }
 
+/// Secret types that hold credentials for the cluster itself. Copying one into a Secret for
+/// workloads would hand out a cluster identity to whoever can read that Secret (and the copy
+/// would outlive the ServiceAccount it belongs to): such a Secret is never read as credentials.
+const KUBERNETES_CREDENTIAL_TYPES: &[&str] = &[
+    "kubernetes.io/service-account-token",
+    "bootstrap.kubernetes.io/token",
+];
+
 /// Pick the required and optional input keys out of the credentials Secret.
 /// `secret` is `None` when there is no `credentialsRef` or the Secret does not exist.
 pub fn extract_inputs(vc: &VaultConnection, secret: Option<&Secret>) -> Inputs {
@@ -118,6 +126,20 @@ pub fn extract_inputs(vc: &VaultConnection, secret: Option<&Secret>) -> Inputs {
             ),
         };
     };
+    if let Some(t) = secret
+        .type_
+        .as_deref()
+        .filter(|t| KUBERNETES_CREDENTIAL_TYPES.contains(t))
+    {
+        return Inputs::Missing {
+            missing_keys: required.iter().map(|k| k.to_string()).collect(),
+            message: format!(
+                "Secret {ns}/{} is of type {t}: vaultconn does not copy Kubernetes credentials into another Secret; put the credentials in an Opaque Secret (needs keys {})",
+                cref.name,
+                required.join(", ")
+            ),
+        };
+    }
     let data = SecretData::from_secret(secret);
     let missing: Vec<String> = required
         .iter()
@@ -947,5 +969,29 @@ mod tests {
             write_conflict(&v, &d, &theirs).unwrap(),
             "Secret ns/shared is already managed by VaultConnection ns/first; two connections cannot share one Secret"
         );
+    }
+
+    #[test]
+    fn kubernetes_credentials_are_never_read_as_credentials() {
+        let v = vc(json!({"type": "bearerToken", "credentialsRef": {"name": "sa-token"}}));
+        for t in [
+            "kubernetes.io/service-account-token",
+            "bootstrap.kubernetes.io/token",
+        ] {
+            let mut s = secret(&[("token", "a-cluster-token")]);
+            s.type_ = Some(t.into());
+            assert_eq!(
+                extract_inputs(&v, Some(&s)),
+                Inputs::Missing {
+                    missing_keys: vec!["token".into()],
+                    message: format!("Secret ns/sa-token is of type {t}: vaultconn does not copy Kubernetes credentials into another Secret; put the credentials in an Opaque Secret (needs keys token)"),
+                }
+            );
+        }
+        // Other types are read by their keys (basic-auth Secrets hold username and password).
+        let v = vc(json!({"type": "basicAuth", "credentialsRef": {"name": "login"}}));
+        let mut s = secret(&[("username", "u"), ("password", "p")]);
+        s.type_ = Some("kubernetes.io/basic-auth".into());
+        assert!(matches!(extract_inputs(&v, Some(&s)), Inputs::Complete(_)));
     }
 }
