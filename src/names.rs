@@ -29,7 +29,10 @@ pub fn state_secret_name(connection: &str) -> String {
     if name.len() > 253 {
         // Keep it a valid name for very long connection names: truncate and add a hash suffix.
         let digest = sha256_hex(connection.as_bytes());
-        name = format!("{}-{}-vaultconn-state", &connection[..200], &digest[..16]);
+        // A cut right after a dot would start the next label with "-" (an invalid name the
+        // API server refuses); a valid name has no "..", so one dot is all there can be.
+        let cut = connection[..200].trim_end_matches('.');
+        name = format!("{cut}-{}-vaultconn-state", &digest[..16]);
     }
     name
 }
@@ -43,4 +46,46 @@ pub fn auth0_token_url(domain: &str) -> String {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 1123 subdomain, as the API server checks Secret names.
+    fn valid_secret_name(s: &str) -> bool {
+        s.len() <= 253
+            && s.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            })
+    }
+
+    #[test]
+    fn state_secret_names_are_valid_secret_names_for_every_valid_connection_name() {
+        assert_eq!(state_secret_name("crm"), "crm-vaultconn-state");
+        // Every place a dot can take around the cut, and the longest names.
+        for dot in 190..210 {
+            for len in [238, 240, 253] {
+                let mut name: Vec<u8> = vec![b'a'; len];
+                name[dot] = b'.';
+                let name = String::from_utf8(name).unwrap();
+                let state = state_secret_name(&name);
+                assert!(valid_secret_name(&state), "{name} -> {state}");
+            }
+        }
+        // Names that were already valid keep their state Secret.
+        let long = "a".repeat(240);
+        assert_eq!(
+            state_secret_name(&long),
+            format!(
+                "{}-{}-vaultconn-state",
+                &long[..200],
+                &sha256_hex(long.as_bytes())[..16]
+            )
+        );
+    }
 }

@@ -94,6 +94,14 @@ pub enum Inputs {
     },
 }
 
+/// Secret types that hold credentials for the cluster itself. Copying one into a Secret for
+/// workloads would hand out a cluster identity to whoever can read that Secret (and the copy
+/// would outlive the ServiceAccount it belongs to): such a Secret is never read as credentials.
+const KUBERNETES_CREDENTIAL_TYPES: &[&str] = &[
+    "kubernetes.io/service-account-token",
+    "bootstrap.kubernetes.io/token",
+];
+
 /// Pick the required and optional input keys out of the credentials Secret.
 /// `secret` is `None` when there is no `credentialsRef` or the Secret does not exist.
 pub fn extract_inputs(vc: &VaultConnection, secret: Option<&Secret>) -> Inputs {
@@ -118,6 +126,20 @@ pub fn extract_inputs(vc: &VaultConnection, secret: Option<&Secret>) -> Inputs {
             ),
         };
     };
+    if let Some(t) = secret
+        .type_
+        .as_deref()
+        .filter(|t| KUBERNETES_CREDENTIAL_TYPES.contains(t))
+    {
+        return Inputs::Missing {
+            missing_keys: required.iter().map(|k| k.to_string()).collect(),
+            message: format!(
+                "Secret {ns}/{} is of type {t}: vaultconn does not copy Kubernetes credentials into another Secret; put the credentials in an Opaque Secret (needs keys {})",
+                cref.name,
+                required.join(", ")
+            ),
+        };
+    }
     let data = SecretData::from_secret(secret);
     let missing: Vec<String> = required
         .iter()
@@ -419,7 +441,7 @@ pub enum Ownership {
     Ours,
     /// Managed by vaultconn for another VaultConnection.
     OtherConnection(String),
-    /// Not created by vaultconn (or controlled by some other object).
+    /// Not created by vaultconn.
     Foreign,
 }
 
@@ -463,29 +485,76 @@ pub fn ownership(vc: &VaultConnection, meta: &ObjectMeta) -> Ownership {
     }
 }
 
+/// The only Secret type vaultconn writes. Every other type belongs to something that fills it
+/// in (the token controller, cert-manager, a registry tool…) and would write it back.
+const OPAQUE: &str = "Opaque";
+
+/// The controller owner reference of `meta` that is not `vc`, if any.
+fn other_controller<'a>(vc: &VaultConnection, meta: &'a ObjectMeta) -> Option<&'a OwnerReference> {
+    let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+    meta.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true) && o.uid != uid)
+}
+
 /// The single ownership check of every write: `None` when `vc` may write `desired` over the
-/// live Secret with metadata `live`, else the message saying who controls it. A foreign Secret
-/// is taken over only as an output Secret with `spec.target.adopt`; a state Secret never is.
+/// live Secret `live`, else the message saying who controls it. A foreign Secret is taken
+/// over only as an output Secret with `spec.target.adopt`, and only if nothing else claims it:
+/// its type is `Opaque` and no other object is its controller. Anything else has a writer of
+/// its own (a ServiceAccount token is rewritten by the token controller at once), and taking
+/// it over would start a write loop with that writer. The same holds for a Secret that is
+/// already ours (adopted before this rule existed, or given a controller since): it is left
+/// alone, which ends such a loop.
 pub fn write_conflict(
     vc: &VaultConnection,
     desired: &DesiredSecret,
-    live: &ObjectMeta,
+    live: &Secret,
 ) -> Option<String> {
     let ns = &desired.namespace;
     let name = &desired.name;
     let is_output = desired.labels.get(ROLE_LABEL).map(String::as_str) == Some(ROLE_OUTPUT);
-    match ownership(vc, live) {
-        Ownership::Ours => None,
-        Ownership::Foreign if is_output && vc.adopt() => None,
-        Ownership::Foreign if is_output => Some(format!(
+    let owner = ownership(vc, &live.metadata);
+    match &owner {
+        Ownership::OtherConnection(other) => {
+            return Some(format!(
+                "Secret {ns}/{name} is already managed by VaultConnection {ns}/{other}; two connections cannot share one Secret"
+            ))
+        }
+        Ownership::Foreign if !is_output => {
+            return Some(format!(
+                "Secret {ns}/{name} (the token state Secret) exists and is not this connection's; delete or rename it"
+            ))
+        }
+        _ => {}
+    }
+    let what_to_do = if is_output {
+        "choose another spec.target.name"
+    } else {
+        "delete or rename it"
+    };
+    // The API server stores an omitted type as Opaque; offline input may still omit it.
+    let type_ = live
+        .type_
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .unwrap_or(OPAQUE);
+    if type_ != OPAQUE {
+        return Some(format!(
+            "Secret {ns}/{name} is of type {type_}, which vaultconn never adopts: only Opaque Secrets can be taken over; {what_to_do}"
+        ));
+    }
+    if let Some(o) = other_controller(vc, &live.metadata) {
+        return Some(format!(
+            "Secret {ns}/{name} is controlled by {} {ns}/{}, which vaultconn never adopts; {what_to_do}",
+            o.kind, o.name
+        ));
+    }
+    match owner {
+        Ownership::Foreign if !vc.adopt() => Some(format!(
             "Secret {ns}/{name} already exists and is not managed by vaultconn; set spec.target.adopt: true to take it over, or choose another spec.target.name"
         )),
-        Ownership::Foreign => Some(format!(
-            "Secret {ns}/{name} (the token state Secret) exists and is not this connection's; delete or rename it"
-        )),
-        Ownership::OtherConnection(other) => Some(format!(
-            "Secret {ns}/{name} is already managed by VaultConnection {ns}/{other}; two connections cannot share one Secret"
-        )),
+        _ => None,
     }
 }
 
@@ -739,5 +808,190 @@ mod tests {
             .unwrap()
             .insert(CONNECTION_UID_ANNOTATION.into(), "old-uid".into());
         assert_eq!(ownership(&v, &leftover), Ownership::Ours);
+    }
+
+    /// A live Secret as the API server returns it: `type_` set, `meta` as given.
+    fn live(type_: &str, meta: ObjectMeta) -> Secret {
+        Secret {
+            metadata: meta,
+            type_: Some(type_.into()),
+            ..Default::default()
+        }
+    }
+
+    fn named(name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ns".into()),
+            ..Default::default()
+        }
+    }
+
+    fn adopting(target: &str) -> VaultConnection {
+        vc(json!({"type": "bearerToken", "target": {"name": target, "adopt": true}}))
+    }
+
+    fn controller_ref(kind: &str, name: &str, uid: &str) -> OwnerReference {
+        OwnerReference {
+            api_version: "v1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: uid.into(),
+            controller: Some(true),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn adopt_takes_over_a_plain_opaque_secret_only() {
+        let v = adopting("theirs");
+        let d = desired_output_secret(&v, SecretData::default());
+        assert_eq!(
+            write_conflict(&v, &d, &live("Opaque", named("theirs"))),
+            None
+        );
+        // Offline input (vaultconn validate) may leave the type out: the API server's default.
+        assert_eq!(write_conflict(&v, &d, &Secret::default()), None);
+        let mut s = live("Opaque", named("theirs"));
+        s.type_ = Some(String::new());
+        assert_eq!(write_conflict(&v, &d, &s), None);
+        // A non-controller owner reference does not make it someone else's.
+        let mut meta = named("theirs");
+        let mut plain = controller_ref("ConfigMap", "cm", "uid-cm");
+        plain.controller = None;
+        meta.owner_references = Some(vec![plain]);
+        assert_eq!(write_conflict(&v, &d, &live("Opaque", meta)), None);
+        let no_adopt = vc(json!({"type": "bearerToken", "target": {"name": "theirs"}}));
+        assert_eq!(
+            write_conflict(&no_adopt, &d, &live("Opaque", named("theirs"))).unwrap(),
+            "Secret ns/theirs already exists and is not managed by vaultconn; set spec.target.adopt: true to take it over, or choose another spec.target.name"
+        );
+    }
+
+    #[test]
+    fn adopt_refuses_every_secret_type_but_opaque() {
+        let v = adopting("theirs");
+        let d = desired_output_secret(&v, SecretData::default());
+        for t in [
+            "kubernetes.io/service-account-token",
+            "kubernetes.io/tls",
+            "kubernetes.io/dockerconfigjson",
+            "kubernetes.io/dockercfg",
+            "kubernetes.io/basic-auth",
+            "kubernetes.io/ssh-auth",
+            "bootstrap.kubernetes.io/token",
+            "helm.sh/release.v1",
+            "opaque",
+        ] {
+            assert_eq!(
+                write_conflict(&v, &d, &live(t, named("theirs"))).unwrap(),
+                format!("Secret ns/theirs is of type {t}, which vaultconn never adopts: only Opaque Secrets can be taken over; choose another spec.target.name"),
+            );
+            // Without adopt the type is still the reason: adopt would not help.
+            let no_adopt = vc(json!({"type": "bearerToken", "target": {"name": "theirs"}}));
+            assert!(write_conflict(&no_adopt, &d, &live(t, named("theirs")))
+                .unwrap()
+                .contains("never adopts"));
+        }
+    }
+
+    #[test]
+    fn adopt_refuses_a_secret_another_controller_owns() {
+        let v = adopting("theirs");
+        let d = desired_output_secret(&v, SecretData::default());
+        let mut meta = named("theirs");
+        meta.owner_references = Some(vec![controller_ref("Certificate", "web", "uid-cert")]);
+        assert_eq!(
+            write_conflict(&v, &d, &live("Opaque", meta)).unwrap(),
+            "Secret ns/theirs is controlled by Certificate ns/web, which vaultconn never adopts; choose another spec.target.name"
+        );
+    }
+
+    #[test]
+    fn a_secret_of_ours_that_something_else_claims_is_left_alone() {
+        let v = vc(json!({"type": "bearerToken", "target": {"name": "out", "adopt": true}}));
+        let d = desired_output_secret(&v, SecretData::default());
+        let ours = d.to_new_secret();
+        assert_eq!(write_conflict(&v, &d, &ours), None);
+        // Adopted before the type rule existed: the write loop with the token controller ends.
+        let mut typed = ours.clone();
+        typed.type_ = Some("kubernetes.io/service-account-token".into());
+        assert!(write_conflict(&v, &d, &typed)
+            .unwrap()
+            .contains("is of type kubernetes.io/service-account-token"));
+        // Retained (no owner of ours), then claimed by another controller.
+        let retain = vc(
+            json!({"type": "bearerToken", "target": {"name": "out", "deletionPolicy": "Retain"}}),
+        );
+        let d = desired_output_secret(&retain, SecretData::default());
+        let mut claimed = d.to_new_secret();
+        claimed.metadata.owner_references =
+            Some(vec![controller_ref("ExternalSecret", "es", "uid-es")]);
+        assert_eq!(
+            write_conflict(&retain, &d, &claimed).unwrap(),
+            "Secret ns/out is controlled by ExternalSecret ns/es, which vaultconn never adopts; choose another spec.target.name"
+        );
+    }
+
+    #[test]
+    fn state_secrets_are_never_taken_over() {
+        let v = vc(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.invalid/t"}}));
+        let d = desired_state_secret(&v, SecretData::default());
+        assert_eq!(write_conflict(&v, &d, &d.to_new_secret()), None);
+        let foreign = live("Opaque", named("conn-vaultconn-state"));
+        assert_eq!(
+            write_conflict(&v, &d, &foreign).unwrap(),
+            "Secret ns/conn-vaultconn-state (the token state Secret) exists and is not this connection's; delete or rename it"
+        );
+        let mut claimed = d.to_new_secret();
+        claimed.metadata.owner_references = Some(vec![controller_ref("Job", "j", "uid-j")]);
+        assert_eq!(
+            write_conflict(&v, &d, &claimed).unwrap(),
+            "Secret ns/conn-vaultconn-state is controlled by Job ns/j, which vaultconn never adopts; delete or rename it"
+        );
+    }
+
+    #[test]
+    fn another_connections_secret_names_that_connection() {
+        let v = adopting("shared");
+        let d = desired_output_secret(&v, SecretData::default());
+        let other = vc(json!({"type": "bearerToken", "target": {"name": "shared"}}));
+        let mut theirs = desired_output_secret(&other, SecretData::default()).to_new_secret();
+        let a = theirs.metadata.annotations.as_mut().unwrap();
+        a.insert(CONNECTION_ANNOTATION.into(), "first".into());
+        a.insert(CONNECTION_UID_ANNOTATION.into(), "uid-first".into());
+        theirs.metadata.owner_references = Some(vec![controller_ref(
+            "VaultConnection",
+            "first",
+            "uid-first",
+        )]);
+        assert_eq!(
+            write_conflict(&v, &d, &theirs).unwrap(),
+            "Secret ns/shared is already managed by VaultConnection ns/first; two connections cannot share one Secret"
+        );
+    }
+
+    #[test]
+    fn kubernetes_credentials_are_never_read_as_credentials() {
+        let v = vc(json!({"type": "bearerToken", "credentialsRef": {"name": "sa-token"}}));
+        for t in [
+            "kubernetes.io/service-account-token",
+            "bootstrap.kubernetes.io/token",
+        ] {
+            let mut s = secret(&[("token", "a-cluster-token")]);
+            s.type_ = Some(t.into());
+            assert_eq!(
+                extract_inputs(&v, Some(&s)),
+                Inputs::Missing {
+                    missing_keys: vec!["token".into()],
+                    message: format!("Secret ns/sa-token is of type {t}: vaultconn does not copy Kubernetes credentials into another Secret; put the credentials in an Opaque Secret (needs keys token)"),
+                }
+            );
+        }
+        // Other types are read by their keys (basic-auth Secrets hold username and password).
+        let v = vc(json!({"type": "basicAuth", "credentialsRef": {"name": "login"}}));
+        let mut s = secret(&[("username", "u"), ("password", "p")]);
+        s.type_ = Some("kubernetes.io/basic-auth".into());
+        assert!(matches!(extract_inputs(&v, Some(&s)), Inputs::Complete(_)));
     }
 }

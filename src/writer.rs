@@ -202,7 +202,7 @@ impl SecretWriter {
         announce_updates: bool,
     ) -> Result<SecretWrite> {
         let ns = &desired.namespace;
-        if let Some(msg) = secret::write_conflict(vc, desired, &live.metadata) {
+        if let Some(msg) = secret::write_conflict(vc, desired, &live) {
             return Ok(SecretWrite::Conflict(msg));
         }
         if desired.matches(&live) {
@@ -243,7 +243,7 @@ impl SecretWriter {
         let res = match api.get_opt(&desired.name).await? {
             None => api.create(&pp, &desired.to_new_secret()).await.map(|_| ()),
             Some(live) => {
-                if let Some(msg) = secret::write_conflict(vc, desired, &live.metadata) {
+                if let Some(msg) = secret::write_conflict(vc, desired, &live) {
                     return Ok(DryRun::Conflict(msg));
                 }
                 api.replace(&desired.name, &pp, &desired.merged_into(&live))
@@ -279,7 +279,7 @@ impl SecretWriter {
                 .await
                 .map(|s| s.metadata.resource_version),
             Some(live) => {
-                if let Some(msg) = secret::write_conflict(vc, desired, &live.metadata) {
+                if let Some(msg) = secret::write_conflict(vc, desired, &live) {
                     return Err(GuardedWriteError::NotWritable(msg));
                 }
                 if !precondition(&live) {

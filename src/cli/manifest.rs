@@ -341,7 +341,19 @@ pub fn check_documents(
                         Ok(mut s) => {
                             s.metadata.namespace = Some(origin.namespace.clone());
                             merge_string_data(&mut s);
-                            secrets.push(InputSecret { doc: at, secret: s });
+                            let refused = secret_key_problems(&s);
+                            if refused.is_empty() {
+                                secrets.push(InputSecret { doc: at, secret: s });
+                            }
+                            // Refused by the API server: it will not exist for any connection.
+                            for (path, message) in refused {
+                                problems.push(origin.problem(
+                                    Severity::Error,
+                                    Check::Schema,
+                                    &path,
+                                    message,
+                                ));
+                            }
                         }
                         Err(e) => problems.push(origin.problem(
                             Severity::Error,
@@ -480,10 +492,29 @@ fn check_connection(
             "metadata.name: Required value: name or generateName is required".into(),
         )),
         (Some(n), _) if !n.is_empty() && !validation::is_dns_subdomain(n) => {
-            problems.push(schema_error(
-                "metadata.name",
-                format!("metadata.name: Invalid value: {n:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"),
-            ))
+            // As the API server: one error for the length, one for the pattern.
+            if n.len() > 253 {
+                problems.push(schema_error(
+                    "metadata.name",
+                    format!(
+                        "metadata.name: Invalid value: {n:?}: must be no more than 253 characters"
+                    ),
+                ));
+            }
+            let pattern = n.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+            if !pattern {
+                problems.push(schema_error(
+                    "metadata.name",
+                    format!("metadata.name: Invalid value: {n:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"),
+                ))
+            }
         }
         _ => {}
     }
@@ -536,6 +567,37 @@ fn check_connection(
     Some(vc)
 }
 
+/// The data keys the API server refuses, worded as it words them (`IsConfigMapKey`): at most
+/// 253 characters of `[-._a-zA-Z0-9]`, and not `.`, `..` or starting with `..`.
+fn secret_key_problems(s: &Secret) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for key in s.data.iter().flatten().map(|(k, _)| k) {
+        let mut errs = Vec::new();
+        if key.len() > 253 {
+            errs.push("must be no more than 253 characters".to_string());
+        }
+        let charset = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+        if key.is_empty() || !key.bytes().all(charset) {
+            errs.push("a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')".to_string());
+        }
+        if key == "." {
+            errs.push("must not be '.'".to_string());
+        } else if key == ".." {
+            errs.push("must not be '..'".to_string());
+        } else if key.starts_with("..") {
+            errs.push("must not start with '..'".to_string());
+        }
+        if !errs.is_empty() {
+            let path = format!("data[{key}]");
+            out.push((
+                path.clone(),
+                format!("{path}: Invalid value: {key:?}: {}", errs.join("; ")),
+            ));
+        }
+    }
+    out
+}
+
 /// `stringData` is merged into `data` by the API server; do the same so keys given either way
 /// count.
 fn merge_string_data(s: &mut Secret) {
@@ -582,7 +644,7 @@ fn cross_checks(
         let desired = secret::desired_state_secret(&c.vc, Default::default());
         let o = &origins[c.doc];
         if let Some(s) = input_secrets.get(&key(&desired.namespace, &desired.name)) {
-            if let Some(msg) = secret::write_conflict(&c.vc, &desired, &s.secret.metadata) {
+            if let Some(msg) = secret::write_conflict(&c.vc, &desired, &s.secret) {
                 let mut p = o.problem(Severity::Error, Check::Conflict, "metadata.name", msg);
                 p.hint = Some(format!("defined as {}", origins[s.doc].place()));
                 problems.push(p);
@@ -599,7 +661,7 @@ fn cross_checks(
         let desired = secret::desired_output_secret(&c.vc, Default::default());
         let k = key(&desired.namespace, &desired.name);
         if let Some((other, live)) = claims.get(&k) {
-            if let Some(msg) = secret::write_conflict(&c.vc, &desired, &live.metadata) {
+            if let Some(msg) = secret::write_conflict(&c.vc, &desired, live) {
                 let mut p = o.problem(Severity::Error, Check::Conflict, "spec.target.name", msg);
                 p.hint = Some(format!("also written by {}", origins[*other].place()));
                 problems.push(p);
@@ -612,7 +674,7 @@ fn cross_checks(
                 .as_ref()
                 .is_some_and(|r| r.name == desired.name);
         if let Some(s) = input_secrets.get(&k).filter(|_| !is_own_credentials) {
-            if let Some(msg) = secret::write_conflict(&c.vc, &desired, &s.secret.metadata) {
+            if let Some(msg) = secret::write_conflict(&c.vc, &desired, &s.secret) {
                 let mut p = o.problem(Severity::Error, Check::Conflict, "spec.target.name", msg);
                 p.hint = Some(format!("defined as {}", origins[s.doc].place()));
                 problems.push(p);
@@ -901,5 +963,41 @@ mod tests {
             r.summary(),
             "0 files, 1 document, 1 VaultConnection: 1 error, 0 warnings"
         );
+    }
+
+    #[test]
+    fn secret_keys_the_api_server_refuses_are_reported_and_the_secret_counts_as_absent() {
+        let r = check(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\nstringData:\n  \"api token\": x\n  \"..\": z\n  token: t\n---\napiVersion: vaultconn.dev/v1alpha1\nkind: VaultConnection\nmetadata:\n  name: github\nspec:\n  type: bearerToken\n  credentialsRef:\n    name: creds\n",
+        );
+        assert_eq!(
+            messages(&r),
+            vec![
+                (1, "data[..]".to_string(), "data[..]: Invalid value: \"..\": must not be '..'".to_string()),
+                (1, "data[api token]".to_string(), "data[api token]: Invalid value: \"api token\": a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_name_too_long_is_reported_as_the_api_server_reports_it() {
+        let long = "a".repeat(254);
+        let r = check(&format!(
+            "apiVersion: vaultconn.dev/v1alpha1\nkind: VaultConnection\nmetadata:\n  name: {long}\nspec:\n  type: bearerToken\n"
+        ));
+        assert_eq!(
+            messages(&r),
+            vec![(
+                1,
+                "metadata.name".to_string(),
+                format!(
+                    "metadata.name: Invalid value: {long:?}: must be no more than 253 characters"
+                )
+            )]
+        );
+        let r = check(&format!(
+            "apiVersion: vaultconn.dev/v1alpha1\nkind: VaultConnection\nmetadata:\n  name: {long}-\nspec:\n  type: bearerToken\n"
+        ));
+        assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
     }
 }

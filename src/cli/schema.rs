@@ -199,11 +199,8 @@ fn walk_object(
     }
     let preserve = s.x_kubernetes_preserve_unknown_fields == Some(true);
     for (key, value) in map {
-        let p = match &s.properties {
-            Some(_) => format!("{path}.{key}"),
-            // A map (labels, extraParams): keys are data, shown as an index.
-            None => format!("{path}[{key:?}]"),
-        };
+        // Map keys (labels, extraParams) too: the API server says `spec.target.labels.team`.
+        let p = format!("{path}.{key}");
         let child = s.properties.as_ref().and_then(|props| props.get(key));
         match (child, &s.additional_properties) {
             (Some(child), _) => walk(value, child, &p, out),
@@ -300,7 +297,7 @@ mod tests {
         assert!(e[0].message.contains("unknown field"), "{e:?}");
         assert_eq!(
             messages(json!({"type": "apiKey", "target": {"labels": {"team": 7}}})),
-            ["spec.target.labels[\"team\"]: Invalid value: \"integer\": spec.target.labels[\"team\"] in body must be of type string: \"integer\""]
+            ["spec.target.labels.team: Invalid value: \"integer\": spec.target.labels.team in body must be of type string: \"integer\""]
         );
         assert_eq!(
             messages(

@@ -237,7 +237,7 @@ impl OAuthEngine {
         let mut token_state = match &live_state {
             Some(live) => {
                 let probe = secret::desired_state_secret(vc, SecretData::default());
-                if let Some(msg) = secret::write_conflict(vc, &probe, &live.metadata) {
+                if let Some(msg) = secret::write_conflict(vc, &probe, live) {
                     return Ok(carry_out(decider.conflict(msg)));
                 }
                 TokenState::from_data(&SecretData::from_secret(live))

@@ -12,7 +12,9 @@
 //!   detection (replaying a spent token revokes the whole family, counted by
 //!   [`TokenServer::revocations`], like oidc-provider's `grant.revoked`);
 //! - one-shot and sticky [`Fault`]s (error statuses with `Retry-After`, connection resets before and
-//!   after the exchange is committed, slow replies, malformed success bodies, redirects, huge bodies);
+//!   after the exchange is committed, slow replies and slow-loris bodies, malformed success bodies
+//!   (truncated JSON, invalid UTF-8, duplicate members, raw out-of-range numbers), redirects, huge
+//!   bodies);
 //! - a record of every call ([`RecordedCall`]), per-client and per-family concurrency maxima, and a
 //!   registry of issued access tokens with their expiry.
 //!
@@ -193,6 +195,20 @@ pub enum Fault {
     /// Status 200 with a streamed (chunked, no `Content-Length`) JSON-looking body of exactly
     /// `bytes` bytes; nothing processed.
     HugeBody { bytes: usize },
+    /// Process normally (rotation included), then send the status and headers at once and
+    /// the body one byte per `interval`: a slow-loris reply that outlasts any client timeout.
+    SlowLoris { interval: Duration },
+    /// Process normally (rotation included), then put two bytes that are not UTF-8 (0xff
+    /// 0xfe) at the start of the `access_token` value. The rest of the body (a rotated
+    /// `refresh_token` after it) stays intact.
+    InvalidUtf8,
+    /// Process normally, then send the member `field` twice: first with the raw JSON value
+    /// `decoy`, then the real one (JSON parsers that keep the last member see the real one).
+    DuplicateField { field: String, decoy: String },
+    /// Process normally, then send the member `field` with `raw` as its JSON text instead of
+    /// its value: numbers a JSON library may not hold (`1e400`, `99999999999999999999`) or
+    /// values out of range for the field (`-1`, `1e308`).
+    RawField { field: String, raw: String },
 }
 
 impl Fault {
@@ -1173,10 +1189,78 @@ async fn run_request(
         tokio::time::sleep(*delay).await;
     }
     let mut bytes = serialize(&p.body);
-    if let Some(Fault::BrokenJson { after_commit: true }) = &fault {
-        bytes = truncated(bytes);
+    match &fault {
+        Some(Fault::BrokenJson { after_commit: true }) => bytes = truncated(bytes),
+        Some(Fault::InvalidUtf8) if ok => bytes = invalid_utf8_access_token(bytes),
+        Some(Fault::DuplicateField { field, decoy }) if ok => {
+            bytes = with_leading_member(bytes, field, decoy);
+        }
+        Some(Fault::RawField { field, raw }) if ok => {
+            p.body.remove(field);
+            bytes = with_trailing_member(serialize(&p.body), field, raw);
+        }
+        Some(Fault::SlowLoris { interval }) => {
+            let mut res = json_response(p.status, Vec::new(), p.www_authenticate);
+            *res.body_mut() = trickled(bytes, *interval);
+            return Reply::Respond(res);
+        }
+        _ => {}
     }
     Reply::Respond(json_response(p.status, bytes, p.www_authenticate))
+}
+
+/// `"name":` as serialized JSON.
+fn member_key(field: &str) -> Vec<u8> {
+    let mut key = serde_json::to_vec(field).unwrap_or_default();
+    key.push(b':');
+    key
+}
+
+/// 0xff 0xfe inserted at the start of the `access_token` string value.
+fn invalid_utf8_access_token(mut bytes: Vec<u8>) -> Vec<u8> {
+    let mut key = member_key("access_token");
+    key.push(b'"');
+    if let Some(at) = bytes.windows(key.len()).position(|w| w == key.as_slice()) {
+        let value = at + key.len();
+        bytes.splice(value..value, [0xff, 0xfe]);
+    }
+    bytes
+}
+
+/// `{"field":raw,...}`: a member before the others (serialized objects start with `{`).
+fn with_leading_member(bytes: Vec<u8>, field: &str, raw: &str) -> Vec<u8> {
+    let mut out = b"{".to_vec();
+    out.extend(member_key(field));
+    out.extend_from_slice(raw.as_bytes());
+    if bytes.len() > 2 {
+        out.push(b',');
+    }
+    out.extend_from_slice(&bytes[1..]);
+    out
+}
+
+/// `{...,"field":raw}`: a member after the others (serialized objects end with `}`).
+fn with_trailing_member(mut bytes: Vec<u8>, field: &str, raw: &str) -> Vec<u8> {
+    bytes.pop();
+    if bytes.len() > 1 {
+        bytes.push(b',');
+    }
+    bytes.extend(member_key(field));
+    bytes.extend_from_slice(raw.as_bytes());
+    bytes.push(b'}');
+    bytes
+}
+
+/// The body one byte per `interval`, the first at once.
+fn trickled(bytes: Vec<u8>, interval: Duration) -> Body {
+    let stream = futures::stream::unfold((bytes, 0usize), move |(bytes, i)| async move {
+        let b = *bytes.get(i)?;
+        if i > 0 {
+            tokio::time::sleep(interval).await;
+        }
+        Some((Ok::<_, Infallible>(Bytes::from(vec![b])), (bytes, i + 1)))
+    });
+    Body::from_stream(stream)
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -1566,5 +1650,26 @@ mod tests {
         assert!(form_urldecode("%4").is_err());
         assert!(form_urldecode("%zz").is_err());
         assert!(form_urldecode("%+1").is_err());
+    }
+
+    #[test]
+    fn body_surgery_produces_the_bytes_a_broken_server_sends() {
+        let body = br#"{"access_token":"at","expires_in":3600}"#.to_vec();
+        assert_eq!(
+            invalid_utf8_access_token(body.clone()),
+            b"{\"access_token\":\"\xff\xfeat\",\"expires_in\":3600}".to_vec()
+        );
+        assert_eq!(
+            with_leading_member(body.clone(), "access_token", "\"decoy\""),
+            br#"{"access_token":"decoy","access_token":"at","expires_in":3600}"#.to_vec()
+        );
+        assert_eq!(
+            with_trailing_member(br#"{"access_token":"at"}"#.to_vec(), "expires_in", "1e400"),
+            br#"{"access_token":"at","expires_in":1e400}"#.to_vec()
+        );
+        assert_eq!(
+            with_trailing_member(b"{}".to_vec(), "expires_in", "-1"),
+            br#"{"expires_in":-1}"#.to_vec()
+        );
     }
 }

@@ -1150,3 +1150,80 @@ async fn urls_and_drop_stops_the_server() {
         .expect_err("server stopped");
     assert!(err.is_connect() || err.is_request(), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_slow_loris_commits_then_trickles_the_body() {
+    let (server, http) = start(config()).await;
+    let rt = server.mint_refresh_token(APP);
+    let interval = Duration::from_millis(10);
+    server.push_fault(Fault::SlowLoris { interval });
+    let started = Instant::now();
+    let res = refresh(&http, &server, &rt).await.unwrap();
+    assert_eq!(res.status(), 200, "the status comes at once");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(server.refresh_token_state(&rt), RefreshTokenState::Spent);
+    let bytes = res.bytes().await.unwrap();
+    assert!(
+        started.elapsed() >= interval * (bytes.len() as u32 - 1),
+        "{} bytes in {:?}",
+        bytes.len(),
+        started.elapsed()
+    );
+    let body: Value = serde_json::from_slice(&bytes).unwrap();
+    assert!(server.is_refresh_token_live(body["refresh_token"].as_str().unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_invalid_utf8_breaks_the_access_token_only() {
+    let (server, http) = start(config()).await;
+    let rt = server.mint_refresh_token(APP);
+    server.push_fault(Fault::InvalidUtf8);
+    let bytes = refresh(&http, &server, &rt)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(std::str::from_utf8(&bytes).is_err());
+    assert!(serde_json::from_slice::<Value>(&bytes).is_err());
+    let text = String::from_utf8_lossy(&bytes);
+    let new_rt = text
+        .split("\"refresh_token\":\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap();
+    assert!(server.is_refresh_token_live(new_rt), "rotated and intact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_duplicate_field_sends_the_decoy_first() {
+    let (server, http) = start(config()).await;
+    server.push_fault(Fault::DuplicateField {
+        field: "access_token".into(),
+        decoy: "\"decoy\"".into(),
+    });
+    let text = cc(&http, &server).await.unwrap().text().await.unwrap();
+    assert!(
+        text.starts_with("{\"access_token\":\"decoy\",\"access_token\":\""),
+        "{text}"
+    );
+    let last: Value = serde_json::from_str(&text).unwrap();
+    assert!(server.is_access_token_valid(last["access_token"].as_str().unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_raw_field_sends_numbers_as_written() {
+    let (server, http) = start(config()).await;
+    for raw in ["1e400", "-1", "99999999999999999999"] {
+        server.push_fault(Fault::RawField {
+            field: "expires_in".into(),
+            raw: raw.into(),
+        });
+        let text = cc(&http, &server).await.unwrap().text().await.unwrap();
+        assert!(
+            text.ends_with(&format!(",\"expires_in\":{raw}}}")),
+            "{text}"
+        );
+        assert_eq!(text.matches("expires_in").count(), 1, "{text}");
+    }
+}

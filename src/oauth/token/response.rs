@@ -199,11 +199,13 @@ fn scan_refresh_token(body: &[u8]) -> Option<String> {
     s.eat(b'{')?;
     loop {
         s.ws();
-        let key = s.string()?;
+        // Bytes, not text: a member that is not UTF-8 (an access token with a stray 0xff)
+        // must not hide a valid refresh token after it.
+        let key = s.raw_string()?;
         s.ws();
         s.eat(b':')?;
         s.ws();
-        if key == "refresh_token" && s.peek() == Some(b'"') {
+        if key == b"refresh_token" && s.peek() == Some(b'"') {
             return s.string().filter(|v| !v.is_empty());
         }
         s.skip_value()?;
@@ -238,15 +240,21 @@ impl Scanner<'_> {
         u32::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()
     }
 
-    /// A complete JSON string literal, unescaped; `None` if truncated or malformed.
+    /// A complete JSON string literal, unescaped, as UTF-8; `None` if truncated or malformed.
     fn string(&mut self) -> Option<String> {
+        String::from_utf8(self.raw_string()?).ok()
+    }
+
+    /// A complete JSON string literal, unescaped, as bytes (which need not be UTF-8);
+    /// `None` if truncated or malformed.
+    fn raw_string(&mut self) -> Option<Vec<u8>> {
         self.eat(b'"')?;
         let mut out: Vec<u8> = Vec::new();
         loop {
             let c = self.peek()?;
             self.i += 1;
             match c {
-                b'"' => return String::from_utf8(out).ok(),
+                b'"' => return Some(out),
                 b'\\' => {
                     let ch = self.escape()?;
                     let mut tmp = [0u8; 4];
@@ -296,13 +304,13 @@ impl Scanner<'_> {
     /// Skip one complete value; `None` if truncated.
     fn skip_value(&mut self) -> Option<()> {
         match self.peek()? {
-            b'"' => self.string().map(|_| ()),
+            b'"' => self.raw_string().map(|_| ()),
             b'{' | b'[' => {
                 let mut depth = 0usize;
                 loop {
                     match self.peek()? {
                         b'"' => {
-                            self.string()?;
+                            self.raw_string()?;
                             continue;
                         }
                         b'{' | b'[' => depth += 1,
@@ -692,6 +700,15 @@ mod tests {
         let tricky =
             r#"{"note":"{\"refresh_token\":\"fake\"}","x":[1,{"refresh_token":"nested"}],"#;
         assert_eq!(unusable(tricky.as_bytes()), None);
+        // Bytes that are not UTF-8 in another member (before or after) do not hide it.
+        let mut bad_utf8 = br#"{"access_token":""#.to_vec();
+        bad_utf8.extend_from_slice(b"\xff\xfeat");
+        bad_utf8
+            .extend_from_slice(format!(r#"","refresh_token":"{NEW_RT}","x":"\u00ff"#).as_bytes());
+        bad_utf8.extend_from_slice(b"\xc3\"}");
+        assert_eq!(unusable(&bad_utf8), Some(NEW_RT.to_string()));
+        // The refresh token itself not UTF-8: nothing trustworthy.
+        assert_eq!(unusable(b"{\"refresh_token\":\"a\xffb\"}"), None);
         // Surrogate pair escapes.
         let s = r#"{"refresh_token":"a\ud83d\ude00b","#;
         assert_eq!(unusable(s.as_bytes()), Some("a😀b".to_string()));
