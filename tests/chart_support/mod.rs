@@ -211,10 +211,16 @@ pub async fn service_account_token(ns: &support::TestNs, sa: &str) -> ServiceAcc
         "type": "kubernetes.io/service-account-token",
     }))
     .expect("a Secret");
-    ns.api::<Secret>()
+    // Several logins as one ServiceAccount share its token Secret.
+    match ns
+        .api::<Secret>()
         .create(&PostParams::default(), &secret)
         .await
-        .expect("creating the token Secret");
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("creating the token Secret: {e}"),
+    }
     let data = wait_for_some(
         Duration::from_secs(60),
         "the token controller to fill the token Secret",
