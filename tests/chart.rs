@@ -1,6 +1,7 @@
 //! The Helm chart (charts/vaultconn) and the image (Dockerfile), with the real helm v4
 //! (`scripts/install-helm.sh`): lint, renders for each mode, and install/upgrade into the shared
 //! test control plane. There is no kubelet there: objects are stored, no Pod runs.
+mod chart_support;
 mod support;
 
 use std::collections::BTreeSet;
@@ -8,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use base64::Engine;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
@@ -20,97 +20,18 @@ use kube::api::{
 };
 use serde_json::{json, Value};
 use support::objects::{apply_vc, map, put_secret, ready, secret_data_eq, secret_obj, WAIT};
-use support::{cluster, test_namespace, wait_for, wait_for_some};
+use support::{cluster, test_namespace, wait_for};
 use vaultconn::api::VaultConnection;
 use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+
+use chart_support::{chart_dir, helm_ok, render_release, repo, service_account_login, set_args};
 
 const RELEASE: &str = "rel";
 const RELEASE_NS: &str = "ops";
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn chart_dir() -> PathBuf {
-    repo().join("charts/vaultconn")
-}
-
-/// helm v4: `$VAULTCONN_HELM`, else where scripts/install-helm.sh caches it. Missing helm is a
-/// failure, not a skip: the chart would otherwise go untested.
-fn helm_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("VAULTCONN_HELM").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("VAULTCONN_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/vaultconn")))
-        .expect("HOME or VAULTCONN_CACHE is set");
-    let bin = cache.join("helm/helm");
-    assert!(
-        bin.is_file(),
-        "helm v4 not found at {}: run `bash scripts/install-helm.sh` (`make test` does), or set \
-         VAULTCONN_HELM to a helm v4 binary",
-        bin.display()
-    );
-    bin
-}
-
-/// Run helm with its own config/cache/data dirs (never the user's repositories or plugins).
-fn helm(args: &[&str], kubeconfig: Option<&Path>) -> std::process::Output {
-    let home =
-        std::env::temp_dir().join(format!("vaultconn-chart-test-helm-{}", std::process::id()));
-    let mut cmd = Command::new(helm_bin());
-    cmd.args(args)
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .env_remove("HELM_NAMESPACE")
-        .env_remove("HELM_KUBECONTEXT");
-    match kubeconfig {
-        Some(k) => cmd.env("KUBECONFIG", k),
-        // Rendering must not depend on (or reach) any cluster.
-        None => cmd.env("KUBECONFIG", "/dev/null"),
-    };
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", helm_bin().display()));
-    out
-}
-
-fn helm_ok(args: &[&str], kubeconfig: Option<&Path>) -> String {
-    let out = helm(args, kubeconfig);
-    assert!(
-        out.status.success(),
-        "helm {} failed: {}\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `--set` arguments for `pairs`.
-fn set_args(pairs: &[&str]) -> Vec<String> {
-    pairs
-        .iter()
-        .flat_map(|p| ["--set".to_string(), p.to_string()])
-        .collect()
-}
-
 /// The objects `helm template` renders with `sets` (`key=value`), in release namespace `ops`.
 fn render_chart(chart: &Path, sets: &[&str]) -> Result<Vec<Value>, String> {
-    let chart = chart.display().to_string();
-    let mut args = vec!["template", RELEASE, &chart, "--namespace", RELEASE_NS];
-    let sets = set_args(sets);
-    args.extend(sets.iter().map(String::as_str));
-    let out = helm(&args, None);
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
-        .unwrap_or_else(|e| panic!("helm template output is not YAML: {e}\n{text}"));
-    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+    render_release(chart, RELEASE, RELEASE_NS, sets)
 }
 
 fn render(sets: &[&str]) -> Vec<Value> {
@@ -939,57 +860,6 @@ async fn helm_upgrade_with_crds_enabled_updates_the_crd() {
 /// The RBAC tests run one at a time: a cluster-wide operator would also serve the namespaces of
 /// the namespaced test.
 static AS_CHART: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A client and a kubeconfig file that authenticate as `ns/sa` with its token Secret, created
-/// the portable way (kube-controller-manager's token controller fills it in; Kubernetes ≥ 1.24
-/// no longer creates one by itself) and trusting the CA the token Secret carries.
-async fn service_account_login(ns: &support::TestNs, sa: &str) -> (kube::Client, PathBuf) {
-    let secret_name = format!("{sa}-test-token");
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": secret_name, "annotations": {"kubernetes.io/service-account.name": sa}},
-        "type": "kubernetes.io/service-account-token",
-    }))
-    .expect("a Secret");
-    ns.api::<Secret>()
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("creating the token Secret");
-    let data = wait_for_some(
-        Duration::from_secs(30),
-        "the token controller to fill the token Secret",
-        || {
-            let api = ns.api::<Secret>();
-            let name = secret_name.clone();
-            async move {
-                let data = api.get(&name).await.ok()?.data?;
-                (data.contains_key("token") && data.contains_key("ca.crt")).then_some(data)
-            }
-        },
-    )
-    .await;
-    let token = String::from_utf8(data["token"].0.clone()).expect("a UTF-8 token");
-    let kubeconfig = json!({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {
-            "server": cluster().await.server_url(),
-            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(&data["ca.crt"].0),
-        }}],
-        "users": [{"name": sa, "user": {"token": token}}],
-        "contexts": [{"name": sa, "context": {"cluster": "test", "user": sa, "namespace": ns.name}}],
-        "current-context": sa,
-    });
-    let path = cluster()
-        .await
-        .dir()
-        .join(format!("kubeconfig-{}-{sa}", ns.name));
-    std::fs::write(&path, serde_json::to_vec(&kubeconfig).expect("JSON")).expect("kubeconfig");
-    let parsed = kube::config::Kubeconfig::read_from(&path).expect("the kubeconfig parses");
-    let config = kube::Config::from_custom_kubeconfig(parsed, &Default::default())
-        .await
-        .expect("a client config");
-    (kube::Client::try_from(config).expect("a client"), path)
-}
 
 /// Install the chart into `release_ns` with `sets` and run the operator binary out of cluster
 /// with the installed Deployment's arguments, as its ServiceAccount.

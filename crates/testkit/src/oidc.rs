@@ -15,7 +15,7 @@
 //! The node process dies with the test: `kill_on_drop`, plus `PR_SET_PDEATHSIG(SIGKILL)` set in the
 //! child (from a spawner thread that never exits, so the signal fires only when the whole test
 //! process is gone, even on SIGKILL), plus the server exits when its stdin pipe closes.
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -377,6 +377,36 @@ impl OidcEvents {
             ));
         }
         record
+    }
+
+    /// Refresh-token grants answered 200 that arrived after `since`, per grant (the family a
+    /// minted seed started; rotation keeps it).
+    pub fn refreshes_since(&self, since: SystemTime) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for r in &self.requests {
+            if r.grant_type.as_deref() == Some("refresh_token")
+                && r.status == Some(200)
+                && epoch_ms(r.at) > since
+            {
+                if let Some(grant) = &r.grant_id {
+                    *out.entry(grant.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Fingerprints of refresh tokens presented more than once, with the request numbers. With
+    /// rotation and no overlap window each second presentation is a replay.
+    pub fn refresh_tokens_presented_twice(&self) -> BTreeMap<String, Vec<u64>> {
+        let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for r in &self.requests {
+            if let Some(fp) = &r.refresh_token_fp {
+                seen.entry(fp.clone()).or_default().push(r.seq);
+            }
+        }
+        seen.retain(|_, seqs| seqs.len() > 1);
+        seen
     }
 }
 
