@@ -180,8 +180,13 @@ pub async fn run(
     };
     // Probe the CRD once, in a namespace we may list: a missing CRD is a clear start-up error.
     let probe: Api<VaultConnection> = scoped_api(client.clone(), scopes[0].as_deref());
-    if let Err(e) = probe.list(&kube::api::ListParams::default().limit(1)).await {
-        return Err(Error::CrdNotInstalled(e.to_string()));
+    match probe.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => {}
+        // Only a 404 means the CRD is missing; a 403 is RBAC and says so in its message.
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            return Err(Error::CrdNotInstalled(e.to_string()))
+        }
+        Err(e) => return Err(Error::Kube(e)),
     }
     let mut contexts = Vec::with_capacity(scopes.len());
     for _ in &scopes {
