@@ -1214,6 +1214,25 @@ pub mod fuzz {
             .collect()
     }
 
+    /// A complete response as the transport would hand it over, for tests of other modules.
+    #[cfg(test)]
+    pub fn interpret_for_tests(
+        status: u16,
+        body: &[u8],
+        secrets: &[&str],
+        now: SystemTime,
+    ) -> Result<TokenResponse, TokenError> {
+        let headers = ResponseHeaders::default();
+        interpret_response(
+            status,
+            &headers,
+            BodyRead::Complete(body.to_vec()),
+            true,
+            secrets,
+            now,
+        )
+    }
+
     /// A `Retry-After` (and `x-ratelimit-reset`) value: bytes 0..4 move the clock, the rest
     /// is the header value.
     pub fn check_retry_after(data: &[u8]) {

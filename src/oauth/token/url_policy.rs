@@ -1056,3 +1056,169 @@ mod tests {
         assert!(addrs.iter().all(|a| a.ip().is_loopback()) && addrs.len() == 2);
     }
 }
+
+/// The check behind the fuzz target `url_policy`: an allow-list and a token URL from bytes.
+#[cfg(any(test, fuzzing))]
+pub mod fuzz {
+    use super::*;
+
+    /// Bytes up to the first NUL are a `--token-url-allow` value, the rest a token URL. No
+    /// panic; an allow-list reads back from its own display; it only ever lifts the private-
+    /// range rule; the loopback flag only ever lifts loopback; an accepted URL is https (or
+    /// http to loopback with the flag) without userinfo or fragment; no message repeats the
+    /// URL's password, query or path.
+    pub fn check_url_policy(data: &[u8]) {
+        let (allow, url) = match data.iter().position(|b| *b == 0) {
+            Some(i) => (&data[..i], &data[i + 1..]),
+            None => (&[][..], data),
+        };
+        let allow = String::from_utf8_lossy(allow);
+        let url = String::from_utf8_lossy(url);
+        let policy = match allow.parse::<TokenUrlPolicy>() {
+            Ok(p) => {
+                let shown = p.to_string();
+                let again: TokenUrlPolicy = shown
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{shown:?} from {allow:?}: {e}"));
+                assert_eq!(again, p, "{allow:?} → {shown:?}");
+                p
+            }
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                TokenUrlPolicy::default()
+            }
+        };
+        let parsed = Url::parse(&url).ok();
+        let hidden: Vec<String> = parsed
+            .iter()
+            .flat_map(|u| {
+                [
+                    u.password().map(str::to_string),
+                    u.query().map(str::to_string),
+                    Some(u.path().to_string()),
+                ]
+            })
+            .flatten()
+            .filter(|s| s.len() >= 6)
+            .collect();
+        let none = TokenUrlPolicy::default();
+        for loopback in [false, true] {
+            let strict = validate_token_url(&url, loopback, &none);
+            let allowing = validate_token_url(&url, loopback, &policy);
+            match (&strict, &allowing) {
+                (Err(UrlError::Invalid(a)), Err(UrlError::Invalid(b))) => assert_eq!(a, b),
+                (Err(UrlError::Invalid(m)), other) => {
+                    panic!("the allow-list lifted {m:?}: {other:?}")
+                }
+                (Ok(_), Err(e)) => panic!("the allow-list refused {url:?}: {e}"),
+                _ => {}
+            }
+            for r in [&strict, &allowing] {
+                match r {
+                    Ok(u) => {
+                        assert!(
+                            u.scheme() == "https" || (loopback && u.scheme() == "http"),
+                            "{url:?}"
+                        );
+                        assert!(u.username().is_empty() && u.password().is_none());
+                        assert!(u.fragment().is_none());
+                    }
+                    Err(e) => {
+                        let m = e.to_string();
+                        for h in &hidden {
+                            assert!(!m.contains(h.as_str()), "{h:?} in {m:?}");
+                        }
+                    }
+                }
+            }
+            if !loopback && strict.is_ok() {
+                assert!(validate_token_url(&url, true, &none).is_ok(), "{url:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::fuzz::check_url_policy;
+    use crate::oauth::token::response::fuzz::{proptest_config, seeds};
+
+    fn host() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9-]{1,10}(\\.[a-z0-9-]{1,10}){0,3}\\.?",
+            Just("localhost".to_string()),
+            Just("METADATA.google.internal.".to_string()),
+            (any::<[u8; 4]>()).prop_map(|b| format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3])),
+            any::<u32>().prop_map(|n| format!("{n:#x}")),
+            any::<u32>().prop_map(|n| n.to_string()),
+            any::<[u16; 8]>().prop_map(|s| format!(
+                "[{:x}:{:x}:{:x}:{:x}:{:x}:{:x}:{:x}:{:x}]",
+                s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]
+            )),
+            any::<[u8; 4]>().prop_map(|b| format!("[::ffff:{}.{}.{}.{}]", b[0], b[1], b[2], b[3])),
+            Just("[::1]".to_string()),
+            Just("127.0.0.1".to_string()),
+            Just("169.254.169.254".to_string()),
+        ]
+    }
+
+    fn url() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![Just("https"), Just("http"), Just("ftp"), Just("HTTPS")],
+            proptest::option::of("[a-z]{1,6}(:secretpw[0-9]{3})?@"),
+            host(),
+            proptest::option::of(0u32..70000),
+            "(/[a-z0-9%._-]{0,12}){0,3}",
+            proptest::option::of("client_secret=[a-z0-9]{6,10}"),
+            proptest::option::of("[a-z]{0,5}"),
+        )
+            .prop_map(|(scheme, user, host, port, path, query, frag)| {
+                let mut u = format!("{scheme}://{}{host}", user.unwrap_or_default());
+                if let Some(p) = port {
+                    u.push_str(&format!(":{p}"));
+                }
+                u.push_str(&path);
+                if let Some(q) = query {
+                    u.push_str(&format!("?{q}"));
+                }
+                if let Some(f) = frag {
+                    u.push_str(&format!("#{f}"));
+                }
+                u
+            })
+    }
+
+    fn allow_list() -> impl Strategy<Value = String> {
+        let entry = prop_oneof![
+            host().prop_map(|h| h.trim_matches(|c| c == '[' || c == ']').to_string()),
+            host().prop_map(|h| format!("*.{h}")),
+            (any::<[u8; 4]>(), 0u8..=33)
+                .prop_map(|(b, l)| format!("{}.{}.{}.{}/{l}", b[0], b[1], b[2], b[3])),
+            (any::<[u16; 2]>(), 0u8..=129)
+                .prop_map(|(s, l)| format!("{:x}:{:x}::/{l}", s[0], s[1])),
+            "\\PC{0,12}",
+        ];
+        proptest::collection::vec(entry, 0..4).prop_map(|e| e.join(","))
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(512))]
+
+        #[test]
+        fn fuzz_url_policy(allow in allow_list(), url in prop_oneof![url(), "\\PC{0,40}"]) {
+            let mut d = allow.replace('\0', "").into_bytes();
+            d.push(0);
+            d.extend(url.bytes());
+            check_url_policy(&d);
+        }
+    }
+
+    #[test]
+    fn fuzz_seeds_pass_the_checks() {
+        for seed in seeds("url_policy") {
+            check_url_policy(&seed);
+        }
+    }
+}
