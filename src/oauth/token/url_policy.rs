@@ -350,6 +350,17 @@ impl TokenUrlPolicy {
         // Normalized by the same parser as token URLs, so the comparison sees what the
         // request will use (lowercase, punycode, numeric IPv4 spellings).
         let host = match Host::parse(name) {
+            // At most the one trailing dot of a fully qualified name: normalizing drops every
+            // trailing dot, and what is left could spell a number (`14169..` → `14169`), which
+            // no URL host ever matches as a name.
+            Ok(Host::Domain(d))
+                if d.strip_suffix('.')
+                    .unwrap_or(&d)
+                    .split('.')
+                    .any(str::is_empty) =>
+            {
+                return Err(err("is not a valid host name"))
+            }
             Ok(Host::Domain(d)) => normalize_host(&d),
             Ok(Host::Ipv4(ip)) if !wildcard => {
                 return self.push_net(IpNet::new_assert(IpAddr::V4(ip), 32), &err)
@@ -937,6 +948,31 @@ mod tests {
         assert_eq!(policy(""), TokenUrlPolicy::default());
     }
 
+    /// Found by the `url_policy` fuzz target: an entry ending in two dots was taken as a host
+    /// name without them, which can spell a number (`14169..` became `14169`, an IPv4 address
+    /// in the range never contacted; `169.251.640..` became `169.251.640`, i.e. 169.251.2.128):
+    /// an entry no URL host ever matches, and one the start-up log shows as something else.
+    #[test]
+    fn an_entry_with_an_empty_label_is_refused() {
+        for entry in [
+            "14169..",
+            "169.251.640..",
+            "idp.internal..",
+            "a..b",
+            ".idp",
+            "*.idp..",
+        ] {
+            let e = entry.parse::<TokenUrlPolicy>().unwrap_err();
+            assert!(
+                e.to_string().contains("not a valid host name"),
+                "{entry}: {e}"
+            );
+        }
+        // One trailing dot is the fully qualified spelling of the same name.
+        assert_eq!(policy("idp.internal.").to_string(), "idp.internal");
+        assert!(policy("idp.internal.").allows_host("idp.internal"));
+    }
+
     #[test]
     fn bad_allow_list_entries_are_named() {
         for (entry, why) in [
@@ -1089,17 +1125,20 @@ pub mod fuzz {
             }
         };
         let parsed = Url::parse(&url).ok();
+        // What a message may show (the scheme, cut short, and the host) is not held against it.
         let hidden: Vec<String> = parsed
             .iter()
             .flat_map(|u| {
+                let shown = format!("{} {}", u.scheme(), u.host_str().unwrap_or_default());
                 [
                     u.password().map(str::to_string),
                     u.query().map(str::to_string),
                     Some(u.path().to_string()),
                 ]
+                .into_iter()
+                .flatten()
+                .filter(move |s| s.len() >= 6 && !shown.contains(s.as_str()))
             })
-            .flatten()
-            .filter(|s| s.len() >= 6)
             .collect();
         let none = TokenUrlPolicy::default();
         for loopback in [false, true] {
