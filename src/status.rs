@@ -381,8 +381,7 @@ mod props {
             let body = serde_json::json!({"error": "invalid_request", "error_description": secrets.join(" ")});
             let at = SystemTime::UNIX_EPOCH + Duration::from_secs(now.unsigned_abs());
             let e = interpret_for_tests(400, body.to_string().as_bytes(), &secrets, at)
-                .err()
-                .expect("an error object is no token");
+                .expect_err("an error object is no token");
             outcomes.push(d.transient(failures, state.access.as_ref(), e.reason(), None, &e.to_string()).outcome);
             for o in outcomes {
                 let status = desired_status(&vc, &o, time(now));

@@ -1028,13 +1028,11 @@ mod props {
             .prop_map(|(docs, cut, do_cut)| {
                 let text = docs.join("---\n");
                 if do_cut {
-                    let at = cut.index(text.len() + 1);
-                    text.char_indices()
-                        .map(|(i, _)| i)
-                        .chain([text.len()])
-                        .filter(|i| *i <= at)
-                        .last()
-                        .map_or(text.clone(), |i| text[..i].to_string())
+                    let mut at = cut.index(text.len() + 1);
+                    while !text.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    text[..at].to_string()
                 } else {
                     text
                 }

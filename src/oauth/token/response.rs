@@ -1534,7 +1534,7 @@ mod props {
                 SECRETS,
                 SystemTime::now(),
             );
-            let e = r.err().expect("an error object is no token");
+            let e = r.expect_err("an error object is no token");
             let shown = format!("{e} {e:?}");
             for s in SECRETS {
                 prop_assert!(!shown.contains(s), "secret {:?} in {:?}", s, shown);
