@@ -367,7 +367,8 @@ impl TokenUrlPolicy {
             }
             _ => return Err(err("is not a valid host name, IP address or CIDR")),
         };
-        if host.is_empty() || host.split('.').any(str::is_empty) {
+        // Checked again after decoding: `%2A` is a `*` the first check did not see.
+        if host.is_empty() || host.split('.').any(str::is_empty) || host.contains(['*', ':']) {
             return Err(err("is not a valid host name"));
         }
         if forbidden_hostname(&host) {
@@ -967,6 +968,11 @@ mod tests {
                 e.to_string().contains("not a valid host name"),
                 "{entry}: {e}"
             );
+        }
+        // Percent-encoded, a wildcard or a colon is still no host name (also found by the
+        // fuzz target: `%2A.` became the pattern `*`, shown as an entry that does not parse).
+        for entry in ["%2A.", "%2a.idp", "*.%2A", "idp%3A8443"] {
+            assert!(entry.parse::<TokenUrlPolicy>().is_err(), "{entry}");
         }
         // One trailing dot is the fully qualified spelling of the same name.
         assert_eq!(policy("idp.internal.").to_string(), "idp.internal");
