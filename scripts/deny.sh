@@ -8,15 +8,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+ci=false
+[ "${1:-}" = "--ci" ] && ci=true
+# In CI only errors are printed (duplicate versions other than the banned ones are warnings).
+level=warn
+$ci && level=error
+
 if ! cargo deny --version >/dev/null 2>&1; then
-  if [ "${1:-}" = "--ci" ]; then
+  if $ci; then
     echo "DENY: cargo-deny is not installed on this machine: skipped licenses, bans, sources and advisories (bash scripts/deny.sh installs it and runs them)"
     exit 0
   fi
   cargo install --locked cargo-deny
 fi
 
-cargo deny --offline check --hide-inclusion-graph licenses bans sources
+cargo deny --offline --log-level "$level" check --hide-inclusion-graph licenses bans sources
 
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
