@@ -236,3 +236,160 @@ mod tests {
         assert!(s.conditions[0].message.len() <= 1024 + 3);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use std::time::{Duration, SystemTime};
+
+    use jiff::Timestamp;
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::ByteString;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::oauth::decide::Decider;
+    use crate::oauth::state::{AccessToken, TokenState};
+    use crate::oauth::token::response::fuzz::{interpret_for_tests, proptest_config};
+    use crate::secret::{extract_inputs, Inputs, SecretBytes};
+
+    fn time(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).expect("in range"))
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        (
+            proptest::sample::select(Reason::ALL),
+            "\\PC{0,40}|.{1000,1100}",
+            proptest::option::of("[a-z0-9-]{1,20}"),
+            proptest::collection::vec("[a-z_]{1,10}", 0..3),
+            proptest::option::of((any::<u32>(), proptest::option::of("[A-Za-z]{1,20}"))),
+        )
+            .prop_map(|(reason, message, secret, missing, oauth)| {
+                let mut o = Outcome::new(reason, message).with_secret(secret);
+                o.missing_keys = missing;
+                o.oauth = oauth.map(|(failed, why)| OAuthStatus {
+                    state_secret_name: Some("c-oauth-state".into()),
+                    expires_at: Some("2026-01-01T00:00:00Z".into()),
+                    failed_refresh_attempts: failed,
+                    last_failure_reason: why,
+                    ..Default::default()
+                });
+                o
+            })
+    }
+
+    fn connection(t: &str) -> VaultConnection {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "vaultconn.dev/v1alpha1", "kind": "VaultConnection",
+            "metadata": {"name": "conn", "namespace": "ns", "uid": "u1", "generation": 3},
+            "spec": {"type": t, "credentialsRef": {"name": "creds"},
+                     "oauth2": if t == "oauth2" {
+                         serde_json::json!({"tokenUrl": "https://idp.example.invalid/t"})
+                     } else { serde_json::Value::Null }}
+        }))
+        .expect("a valid connection")
+    }
+
+    /// Secret values that cannot turn up by chance.
+    fn secret_value() -> impl Strategy<Value = String> {
+        "[a-z0-9]{6}".prop_map(|s| format!("SeCrEt-{s}-VaLuE"))
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(256))]
+
+        /// The same outcome on a connection already showing it yields the very same status:
+        /// no write (lastTransitionTime does not move, nothing else changes).
+        #[test]
+        fn desired_status_is_idempotent(
+            first in outcome(),
+            second in outcome(),
+            t1 in 0i64..2_000_000_000,
+            dt in 0i64..1_000_000,
+        ) {
+            let mut vc = connection("oauth2");
+            // Some earlier status, then this outcome, then the same outcome again.
+            vc.status = Some(desired_status(&vc, &first, time(t1)));
+            let once = desired_status(&vc, &second, time(t1 + dt));
+            vc.status = Some(once.clone());
+            let twice = desired_status(&vc, &second, time(t1 + 2 * dt + 1));
+            prop_assert_eq!(&twice, &once);
+            let ready = &once.conditions[0];
+            prop_assert!(ready.message.len() <= 1024 + '…'.len_utf8());
+            prop_assert_eq!(ready.type_.as_str(), READY);
+            prop_assert_eq!(once.conditions.iter().filter(|c| c.type_ == READY).count(), 1);
+        }
+
+        /// No secret value ever appears in a status: not from the credentials Secret (missing
+        /// or present keys, any connection type), not from the tokens of the state, not from
+        /// a token endpoint's error echoing the request's secrets.
+        #[test]
+        fn no_secret_value_ever_reaches_a_status(
+            t in proptest::sample::select(vec!["apiKey", "bearerToken", "basicAuth", "twilio", "stripe", "oauth2"]),
+            values in proptest::collection::btree_map(
+                prop_oneof![
+                    Just("api_key"), Just("token"), Just("username"), Just("password"),
+                    Just("account_sid"), Just("auth_token"), Just("secret_key"),
+                    Just("client_id"), Just("client_secret"), Just("refresh_token"), Just("other"),
+                ],
+                prop_oneof![secret_value(), Just("   ".to_string()), Just(String::new())],
+                0..6,
+            ),
+            access in secret_value(),
+            refresh in secret_value(),
+            failures in 1u32..20,
+            now in 1_000_000_000i64..2_000_000_000,
+        ) {
+            let vc = connection(t);
+            let now_ts = Timestamp::from_second(now).unwrap();
+            let secrets: Vec<&str> = values.values().map(String::as_str)
+                .filter(|v| v.starts_with("SeCrEt"))
+                .chain([access.as_str(), refresh.as_str()])
+                .collect();
+            let creds = Secret {
+                data: Some(values.iter().map(|(k, v)| (k.to_string(), ByteString(v.clone().into_bytes()))).collect()),
+                ..Default::default()
+            };
+            let mut outcomes = vec![];
+            match extract_inputs(&vc, Some(&creds)) {
+                Inputs::Missing { missing_keys, message } => {
+                    outcomes.push(pending(&vc, missing_keys.clone(), message.clone(), false));
+                    outcomes.push(pending(&vc, missing_keys, message, true));
+                }
+                Inputs::Complete(_) => {}
+            }
+            let state = TokenState {
+                refresh_token: Some(SecretBytes::new(refresh.clone().into_bytes())),
+                access: Some(AccessToken {
+                    token: SecretBytes::new(access.clone().into_bytes()),
+                    token_type: "Bearer".into(),
+                    scope: None,
+                    issued_at: now_ts,
+                    expires_at: now_ts + jiff::SignedDuration::from_hours(1),
+                }),
+                seed_fingerprint: Some("seed".into()),
+                ..Default::default()
+            };
+            let d = Decider { vc: &vc, now: now_ts };
+            outcomes.push(d.access_outcome(&state, "conn", Some(now_ts)));
+            outcomes.push(d.salvaged(failures, &state).outcome);
+            outcomes.push(d.persist_pending(failures).outcome);
+            for reason in Reason::ALL {
+                outcomes.push(d.terminal(*reason, failures % 2 == 0).outcome);
+            }
+            // A token endpoint echoing the request's secrets back in its error.
+            let body = serde_json::json!({"error": "invalid_request", "error_description": secrets.join(" ")});
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(now.unsigned_abs());
+            let e = interpret_for_tests(400, body.to_string().as_bytes(), &secrets, at)
+                .expect_err("an error object is no token");
+            outcomes.push(d.transient(failures, state.access.as_ref(), e.reason(), None, &e.to_string()).outcome);
+            for o in outcomes {
+                let status = desired_status(&vc, &o, time(now));
+                let shown = format!("{} {:?}", serde_json::to_string(&status).unwrap(), o);
+                for s in &secrets {
+                    prop_assert!(!shown.contains(s), "{} in {}", s, shown);
+                }
+            }
+        }
+    }
+}

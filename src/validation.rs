@@ -522,3 +522,157 @@ mod tests {
         assert!(errs(json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://x/t", "scopes": ["read write"]}}))[0].contains("scope token"));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::cli::manifest::message_path;
+    use crate::oauth::token::response::fuzz::proptest_config;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            Just("a".repeat(300)),
+            Just("vaultconn.dev/connection".to_string()),
+            Just("app.kubernetes.io/managed-by".to_string()),
+            Just("grant_type".to_string()),
+            Just("conn-oauth-state".to_string()),
+            Just("https://idp.example.invalid/token".to_string()),
+            Just("http://127.0.0.1:8080/token".to_string()),
+            Just("https://u:p@10.0.0.1/t#f".to_string()),
+            Just("https://[fd00::1]/t".to_string()),
+            Just("5m".to_string()),
+            Just("0s".to_string()),
+            Just("18446744073709551615s".to_string()),
+            "[a-z0-9.-]{1,20}",
+            "\\PC{0,20}",
+        ]
+    }
+
+    fn map() -> impl Strategy<Value = Value> {
+        proptest::collection::btree_map(text(), text(), 0..3).prop_map(|m| json!(m))
+    }
+
+    fn maybe(v: impl Strategy<Value = Value>) -> impl Strategy<Value = Option<Value>> {
+        proptest::option::of(v)
+    }
+
+    fn oauth_block(auth0: bool) -> impl Strategy<Value = Value> {
+        (
+            text(),
+            maybe(text().prop_map(Value::String)),
+            maybe(any::<u8>().prop_map(Value::from)),
+            maybe(proptest::collection::vec(text(), 0..3).prop_map(|v| json!(v))),
+            maybe(text().prop_map(Value::String)),
+            maybe(prop_oneof![
+                Just(json!("clientCredentials")),
+                Just(json!("refreshToken"))
+            ]),
+            maybe(map()),
+            maybe(text().prop_map(|n| json!({"name": n}))),
+        )
+            .prop_map(
+                move |(url, before, pct, scopes, audience, grant, extra, ca)| {
+                    let mut o = serde_json::Map::new();
+                    o.insert(if auth0 { "domain" } else { "tokenUrl" }.into(), json!(url));
+                    for (k, v) in [
+                        ("renewBefore", before),
+                        ("renewBeforePercentage", pct),
+                        ("scopes", scopes),
+                        ("audience", audience),
+                        ("grantType", grant),
+                    ] {
+                        if let Some(v) = v {
+                            o.insert(k.into(), v);
+                        }
+                    }
+                    if !auth0 {
+                        if let Some(e) = extra {
+                            o.insert("extraParams".into(), e);
+                        }
+                        if let Some(c) = ca {
+                            o.insert("caBundleRef".into(), c);
+                        }
+                    }
+                    Value::Object(o)
+                },
+            )
+    }
+
+    /// Any spec the API server could hold: every type with any block (matching or not) and
+    /// field values from the rules' edge cases.
+    fn connection() -> impl Strategy<Value = VaultConnection> {
+        (
+            proptest::sample::select(vec![
+                "apiKey",
+                "bearerToken",
+                "basicAuth",
+                "twilio",
+                "stripe",
+                "oauth2",
+                "auth0",
+            ]),
+            maybe(oauth_block(false)),
+            maybe(oauth_block(true)),
+            maybe(
+                (
+                    maybe(text().prop_map(Value::String)),
+                    maybe(text().prop_map(Value::String)),
+                )
+                    .prop_map(|(b, h)| json!({"baseUrl": b, "headerName": h})),
+            ),
+            maybe(text().prop_map(|n| json!({"name": n}))),
+            maybe(
+                (maybe(text().prop_map(Value::String)), map(), map())
+                    .prop_map(|(n, l, a)| json!({"name": n, "labels": l, "annotations": a})),
+            ),
+            maybe(text().prop_map(Value::String)),
+            "[a-z0-9-]{1,30}",
+        )
+            .prop_map(|(t, oauth2, auth0, api_key, cref, target, display, name)| {
+                let mut spec = json!({"type": t});
+                for (k, v) in [
+                    ("oauth2", oauth2),
+                    ("auth0", auth0),
+                    ("apiKey", api_key),
+                    ("credentialsRef", cref),
+                    ("target", target),
+                    ("displayName", display),
+                ] {
+                    if let Some(v) = v {
+                        spec[k] = v;
+                    }
+                }
+                serde_json::from_value(json!({
+                    "apiVersion": "vaultconn.dev/v1alpha1", "kind": "VaultConnection",
+                    "metadata": {"name": name, "namespace": "ns"},
+                    "spec": spec
+                }))
+                .expect("the generated spec has the schema's types")
+            })
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(512))]
+
+        /// Any spec: validation never panics, and every problem names its field (the CLI
+        /// reports each under the path the message starts with).
+        #[test]
+        fn every_problem_names_a_field(vc in connection(), loopback in any::<bool>()) {
+            let opts = ValidationOptions {
+                allow_http_loopback: loopback,
+                ..Default::default()
+            };
+            for m in validate(&vc, opts.clone()) {
+                let path = message_path(&m);
+                prop_assert!(path.starts_with("spec."), "{:?} names no field", m);
+            }
+            if let Some(m) = token_url_not_allowed(&vc, &opts) {
+                prop_assert!(message_path(&m).starts_with("spec."), "{:?}", m);
+            }
+        }
+    }
+}

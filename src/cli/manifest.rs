@@ -1001,3 +1001,155 @@ mod tests {
         assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
     }
 }
+
+/// The check behind the fuzz target `manifest`: `vaultconn validate` on any text.
+#[cfg(any(test, fuzzing))]
+pub mod fuzz {
+    use std::sync::OnceLock;
+
+    use super::*;
+
+    fn spec_schema() -> &'static JSONSchemaProps {
+        static SCHEMA: OnceLock<JSONSchemaProps> = OnceLock::new();
+        SCHEMA.get_or_init(|| {
+            schema::spec_schema(&crate::crd::crd()).expect("the CRD has a spec schema")
+        })
+    }
+
+    /// No panic on any input; the counts add up; every problem is located (document ≥ 1,
+    /// line ≥ 1) and every validation problem names its field, as the CLI promises.
+    pub fn check_manifest(data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        let (docs, yaml) = parse_documents("fuzz.yaml", &text);
+        let opts = CheckOptions {
+            default_namespace: "default".into(),
+            ..Default::default()
+        };
+        let mut report = check_documents(&docs, spec_schema(), &opts);
+        report.add(yaml);
+        assert_eq!(report.errors + report.warnings, report.problems.len());
+        for p in &report.problems {
+            assert!(p.document >= 1 && p.line >= 1, "{p:?}");
+            if p.check == Check::Validation {
+                assert!(p.path.starts_with("spec"), "{p:?}");
+            }
+        }
+        let _ = (report.human(), report.summary());
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::fuzz::check_manifest;
+    use crate::oauth::token::response::fuzz::{proptest_config, seeds};
+
+    /// Manifest-like YAML: VaultConnections and Secrets with fields from the schema's
+    /// vocabulary and values of the wrong kind, split into documents, maybe cut short.
+    fn manifest() -> impl Strategy<Value = String> {
+        let value = prop_oneof![
+            Just("x".to_string()),
+            Just("\"\"".to_string()),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("null".to_string()),
+            Just("-1".to_string()),
+            Just("99999999999999999999".to_string()),
+            Just("https://idp.example.invalid/token".to_string()),
+            Just("http://127.0.0.1/t".to_string()),
+            Just("5m".to_string()),
+            Just("{{ .Values.x }}".to_string()),
+            "[a-zA-Z0-9 ./:_-]{0,20}",
+        ];
+        let field = prop_oneof![
+            Just("type"),
+            Just("oauth2"),
+            Just("tokenUrl"),
+            Just("auth0"),
+            Just("domain"),
+            Just("audience"),
+            Just("renewBefore"),
+            Just("renewBeforePercentage"),
+            Just("scopes"),
+            Just("target"),
+            Just("name"),
+            Just("adopt"),
+            Just("credentialsRef"),
+            Just("apiKey"),
+            Just("extraParams"),
+            Just("labels"),
+        ];
+        let spec =
+            proptest::collection::vec((field, value.clone(), 0usize..3), 0..8).prop_map(|fields| {
+                fields
+                    .into_iter()
+                    .map(|(f, v, depth)| format!("{}{f}: {v}\n", "  ".repeat(depth + 1)))
+                    .collect::<String>()
+            });
+        let doc = (
+            prop_oneof![
+                Just("apiVersion: vaultconn.dev/v1alpha1\nkind: VaultConnection\n"),
+                Just("apiVersion: v1\nkind: Secret\n"),
+                Just("apiVersion: vaultconn.dev/v2\nkind: VaultConnection\n"),
+                Just("apiVersion: v1\nkind: List\nitems:\n- kind: Secret\n  apiVersion: v1\n"),
+                Just(""),
+            ],
+            proptest::option::of("[a-z0-9.-]{0,12}"),
+            spec,
+            proptest::option::of(
+                proptest::collection::btree_map("[a-z_]{1,12}", value, 0..3).prop_map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("  {k}: {v}\n"))
+                        .collect::<String>()
+                }),
+            ),
+        )
+            .prop_map(|(head, name, spec, data)| {
+                let mut d = head.to_string();
+                if let Some(n) = name {
+                    d.push_str(&format!("metadata:\n  name: {n}\n"));
+                }
+                d.push_str("spec:\n");
+                d.push_str(&spec);
+                if let Some(data) = data {
+                    d.push_str("stringData:\n");
+                    d.push_str(&data);
+                }
+                d
+            });
+        (
+            proptest::collection::vec(doc, 1..4),
+            any::<prop::sample::Index>(),
+            any::<bool>(),
+        )
+            .prop_map(|(docs, cut, do_cut)| {
+                let text = docs.join("---\n");
+                if do_cut {
+                    let mut at = cut.index(text.len() + 1);
+                    while !text.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    text[..at].to_string()
+                } else {
+                    text
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(256))]
+
+        #[test]
+        fn fuzz_manifest(text in prop_oneof![manifest(), "\\PC{0,80}"]) {
+            check_manifest(text.as_bytes());
+        }
+    }
+
+    #[test]
+    fn fuzz_seeds_pass_the_checks() {
+        for seed in seeds("manifest") {
+            check_manifest(&seed);
+        }
+    }
+}

@@ -426,7 +426,7 @@ impl OAuthEngine {
                     let st = decide::salvaged_state(&r.state, new_rt, r.fps);
                     if self.persist(w, r.vc, &st, guard.as_ref()).await.is_ok() {
                         let failures = self.count_failure(&r);
-                        return Ok(r.decider.salvaged(failures));
+                        return Ok(r.decider.salvaged(failures, &st));
                     }
                     // The token in hand may be the only live one: hold it and retry only the
                     // write. Retrying the grant with the old token would revoke it on a

@@ -749,3 +749,130 @@ mod tests {
         assert!(needs_refresh(now, now + secs(100), now - secs(1)));
     }
 }
+
+/// Properties of the schedule's documented contracts (module docs): they hold for any jitter
+/// that is subtracted from the nominal point, however it is derived.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::oauth::token::response::fuzz::proptest_config;
+
+    const TEN_YEARS_MS: i64 = 10 * 365 * 24 * 3600 * 1000;
+
+    fn renew() -> impl Strategy<Value = RenewBefore> {
+        prop_oneof![
+            any::<u8>().prop_map(RenewBefore::Percentage),
+            (0u64..=TEN_YEARS_MS as u64 * 2)
+                .prop_map(|ms| RenewBefore::Duration(Duration::from_millis(ms))),
+            Just(RenewBefore::Duration(Duration::MAX)),
+        ]
+    }
+
+    /// Issue times from 1970 to 2096, lifetimes from −1000 s to 10 years, both in whole
+    /// milliseconds or with any fraction of one.
+    fn token() -> impl Strategy<Value = (Timestamp, Timestamp)> {
+        (
+            0i64..4_000_000_000_000,
+            prop_oneof![-1_000_000i64..5_000, 5_000i64..TEN_YEARS_MS],
+            prop_oneof![Just((0i32, 0i32)), (0i32..1_000_000, 0i32..1_000_000)],
+        )
+            .prop_map(|(issued_ms, lifetime_ms, (n1, n2))| {
+                let issued = Timestamp::from_millisecond(issued_ms).unwrap()
+                    + SignedDuration::from_nanos(i64::from(n1));
+                let expires = issued
+                    + SignedDuration::from_millis(lifetime_ms)
+                    + SignedDuration::from_nanos(i64::from(n2));
+                (issued, expires)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(1024))]
+
+        /// The refresh point lies between the floor (1 s and 10 % of the lifetime after issue)
+        /// and the later of the nominal point and the floor: never after the nominal point
+        /// unless the floor is; and for a lifetime of at least the floor interval, never after
+        /// expiry. Deterministic for the same inputs.
+        #[test]
+        fn refresh_lies_between_floor_and_nominal_point(
+            (issued, expires) in token(),
+            renew in renew(),
+            key in "\\PC{0,40}",
+        ) {
+            let at = next_refresh_at(issued, expires, &renew, &key);
+            prop_assert_eq!(at, next_refresh_at(issued, expires, &renew, &key));
+            // Millisecond resolution (the schedule counts whole milliseconds): 1 ms of slack.
+            let slack = SignedDuration::from_millis(1);
+            let lifetime = expires.duration_since(issued);
+            let min = SignedDuration::try_from(MIN_REFRESH_INTERVAL).unwrap();
+            let floor = if lifetime <= SignedDuration::ZERO {
+                min
+            } else {
+                min.max(lifetime / 10)
+            };
+            prop_assert!(at >= issued + floor - slack, "{at} before the floor {floor:?} after {issued}");
+            if lifetime > SignedDuration::ZERO {
+                let renew_by = match renew {
+                    RenewBefore::Duration(d) => SignedDuration::try_from(d)
+                        .unwrap_or(SignedDuration::MAX)
+                        .min(lifetime),
+                    RenewBefore::Percentage(p) => lifetime * i32::from(p.clamp(1, 99)) / 100,
+                };
+                let nominal = expires - renew_by;
+                let latest = nominal.max(issued + floor);
+                prop_assert!(at <= latest + slack, "{at} after the nominal point {nominal} / floor");
+                if lifetime >= min + slack {
+                    prop_assert!(at <= expires + slack, "{at} after expiry {expires}");
+                }
+            } else {
+                prop_assert_eq!(at, issued + min);
+            }
+        }
+
+        /// A plan made with the refresh point never waits past expiry: at expiry (or after) a
+        /// refresh is due, whatever the refresh point says.
+        #[test]
+        fn expiry_always_needs_a_refresh(
+            (issued, expires) in token(),
+            renew in renew(),
+            after_ms in 0i64..1_000_000,
+        ) {
+            let next = next_refresh_at(issued, expires, &renew, "ns/c");
+            let now = expires + SignedDuration::from_millis(after_ms);
+            prop_assert!(needs_refresh(now, next, expires));
+            prop_assert!(needs_refresh(next, next, expires));
+        }
+
+        /// Backoff: monotone in the failure count, never below 80 % of the exponential step,
+        /// capped at 5 min without a `Retry-After`; with one, never below it (capped at 1 h)
+        /// and never above the larger cap.
+        #[test]
+        fn backoff_is_monotone_bounded_and_honours_retry_after(
+            failures in prop_oneof![0u32..40, any::<u32>()],
+            retry_after in proptest::option::of(prop_oneof![
+                (0u64..4_000_000).prop_map(Duration::from_millis),
+                any::<u64>().prop_map(Duration::from_secs),
+            ]),
+            key in "\\PC{0,40}",
+        ) {
+            let d = backoff(failures, retry_after, &key);
+            let next = backoff(failures.saturating_add(1), retry_after, &key);
+            prop_assert!(next >= d, "{failures}: {next:?} < {d:?}");
+            let step = BASE_BACKOFF
+                .checked_mul(1u32.checked_shl(failures.saturating_sub(1)).unwrap_or(u32::MAX))
+                .unwrap_or(MAX_BACKOFF)
+                .min(MAX_BACKOFF);
+            prop_assert!(d >= step * 4 / 5, "{d:?} below 80 % of {step:?}");
+            match retry_after {
+                None => prop_assert!(d <= MAX_BACKOFF, "{d:?}"),
+                Some(ra) => {
+                    prop_assert!(d >= ra.min(MAX_RETRY_AFTER), "{d:?} < {ra:?}");
+                    prop_assert!(d <= MAX_BACKOFF.max(MAX_RETRY_AFTER), "{d:?}");
+                }
+            }
+            prop_assert_eq!(backoff(0, retry_after, &key), backoff(1, retry_after, &key));
+        }
+    }
+}

@@ -349,7 +349,11 @@ fn retryable_terminal(reason: &str) -> bool {
 pub fn plan(i: &DecisionInput<'_>) -> Plan {
     let s = i.state;
     if let (Some(reason), Some(fp)) = (&s.failed_reason, &s.failed_fingerprint) {
-        if *fp == s.failure_key(i.config_fp, i.seed_fp, i.refresh_request) {
+        // A token refused for good is remembered without the refresh request (see
+        // `decide::terminal_state`): asking for a refresh must not resend it, new inputs do.
+        let same_inputs = *fp == s.failure_key(i.config_fp, i.seed_fp, i.refresh_request)
+            || (!retryable_terminal(reason) && *fp == s.failure_key(i.config_fp, i.seed_fp, None));
+        if same_inputs {
             let retry_at = retryable_terminal(reason).then(|| {
                 s.failed_at
                     .unwrap_or(i.now)
@@ -634,6 +638,226 @@ mod tests {
                 whole_seconds(t) <= t
                     && t.duration_since(whole_seconds(t)) < SignedDuration::from_secs(1)
             );
+        }
+    }
+}
+
+/// The checks behind the fuzz targets `time` (the RFC 3339 times of the state Secret and the
+/// credentials Secret's `expires_at`, and the `renewBefore` durations) and `state_data` (a
+/// state Secret as anything may have left it).
+#[cfg(any(test, fuzzing))]
+pub mod fuzz {
+    use super::*;
+
+    /// Any text as a time and as a duration: no panic; a time read back from how it is
+    /// stored is the same instant in whole seconds; a duration is one the schedule can use.
+    pub fn check_time(data: &[u8]) {
+        let text = String::from_utf8_lossy(data);
+        if let Some(t) = parse_time(&text) {
+            let stored = format_time(t);
+            assert_eq!(
+                parse_time(&stored),
+                Some(whole_seconds(t)),
+                "{text:?} → {stored}"
+            );
+            assert_eq!(format_time(whole_seconds(t)), stored);
+        }
+        if let Ok(d) = humantime::parse_duration(&text) {
+            let issued = Timestamp::UNIX_EPOCH;
+            let expires = issued + SignedDuration::from_hours(1);
+            let at = schedule::next_refresh_at(issued, expires, &RenewBefore::Duration(d), "k");
+            assert!(at > issued && at <= expires, "{text:?}: {at}");
+        }
+    }
+
+    /// Any key/value pairs as a state Secret's data: reading never panics, and what is read
+    /// survives a write and a read unchanged once its times are in stored (whole-second) form.
+    pub fn check_state_data(data: &[u8]) {
+        const KEYS: &[&str] = &[
+            keys::REFRESH_TOKEN,
+            keys::SEED_FINGERPRINT,
+            keys::CONFIG_FINGERPRINT,
+            keys::ACCESS_TOKEN,
+            keys::TOKEN_TYPE,
+            keys::SCOPE,
+            keys::ISSUED_AT,
+            keys::EXPIRES_AT,
+            keys::REFRESH_REQUEST,
+            keys::FAILED_REASON,
+            keys::FAILED_FINGERPRINT,
+            keys::FAILED_AT,
+            keys::INFLIGHT,
+            keys::INFLIGHT_BY,
+        ];
+        // Fields separated by 0xFF: a key index, then its value.
+        let mut map = std::collections::BTreeMap::new();
+        for field in data.split(|b| *b == 0xFF) {
+            if let Some((k, v)) = field.split_first() {
+                map.insert(
+                    KEYS[usize::from(*k) % KEYS.len()].to_string(),
+                    SecretBytes::new(v.to_vec()),
+                );
+            }
+        }
+        let read = TokenState::from_data(&SecretData(map));
+        let stored = TokenState::from_data(&read.to_data());
+        assert_eq!(TokenState::from_data(&stored.to_data()), stored);
+        assert_eq!(stored.refresh_token, read.refresh_token);
+        assert_eq!(stored.inflight, read.inflight);
+        assert_eq!(stored.access.is_some(), read.access.is_some());
+        if let (Some(a), Some(b)) = (&read.access, &stored.access) {
+            assert_eq!(a.token, b.token);
+            assert_eq!(whole_seconds(a.expires_at), b.expires_at);
+        }
+        let _ = read.inflight_holder();
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::fuzz::{check_state_data, check_time};
+    use super::*;
+    use crate::oauth::token::response::fuzz::{proptest_config, seeds};
+
+    fn timestamp() -> impl Strategy<Value = Timestamp> {
+        prop_oneof![
+            (
+                Timestamp::MIN.as_second()..=Timestamp::MAX.as_second(),
+                0i32..1_000_000_000
+            )
+                .prop_filter_map("in range", |(s, n)| Timestamp::new(s, n).ok()),
+            Just(Timestamp::MIN),
+            Just(Timestamp::MAX),
+            (0i64..4_000_000_000).prop_map(|s| Timestamp::from_second(s).unwrap()),
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        "[^\\x00]{1,24}"
+    }
+
+    fn secret() -> impl Strategy<Value = SecretBytes> {
+        proptest::collection::vec(any::<u8>(), 1..40).prop_map(SecretBytes::new)
+    }
+
+    /// A state as the operator writes it: times in whole seconds, no empty values.
+    fn state() -> impl Strategy<Value = TokenState> {
+        let access = (
+            secret(),
+            text(),
+            proptest::option::of(text()),
+            timestamp(),
+            timestamp(),
+        )
+            .prop_map(|(token, token_type, scope, i, e)| AccessToken {
+                token,
+                token_type,
+                scope,
+                issued_at: whole_seconds(i),
+                expires_at: whole_seconds(e),
+            });
+        (
+            (
+                proptest::option::of(secret()),
+                proptest::option::of(text()),
+                proptest::option::of(text()),
+                proptest::option::of(access),
+                proptest::option::of(text()),
+            ),
+            (
+                proptest::option::of(text()),
+                proptest::option::of(text()),
+                proptest::option::of(timestamp().prop_map(whole_seconds)),
+                proptest::option::of(text()),
+                proptest::option::of(text()),
+            ),
+        )
+            .prop_map(
+                |((rt, seed, config, access, request), (reason, ffp, fat, infl, by))| TokenState {
+                    refresh_token: rt,
+                    seed_fingerprint: seed,
+                    config_fingerprint: config,
+                    access,
+                    refresh_request: request,
+                    failed_reason: reason,
+                    failed_fingerprint: ffp,
+                    failed_at: fat,
+                    inflight: infl,
+                    inflight_by: by,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(512))]
+
+        /// The state Secret round trip: whatever the operator stores, it reads back exactly,
+        /// across jiff's whole time range (a restart resumes from the same state).
+        #[test]
+        fn state_round_trips_through_its_secret(s in state()) {
+            prop_assert_eq!(TokenState::from_data(&s.to_data()), s);
+        }
+
+        #[test]
+        fn stored_times_read_back_as_whole_seconds(t in timestamp()) {
+            prop_assert_eq!(parse_time(&format_time(t)), Some(whole_seconds(t)));
+            prop_assert!(whole_seconds(t) <= t);
+        }
+
+        #[test]
+        fn fuzz_time(text in prop_oneof![
+            "\\PC{0,40}",
+            "[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{0,14})?([Zz]|[+\u{2212}-][0-9]{2}:[0-9]{2})",
+            "[0-9]{1,20} ?(ns|us|ms|s|m|h|d|w|M|y|sec|min|hours)( [0-9]{1,5}[smh])?",
+        ]) {
+            check_time(text.as_bytes());
+        }
+
+        #[test]
+        fn fuzz_state_data(data in proptest::collection::vec(
+            prop_oneof![
+                4 => any::<u8>(),
+                1 => Just(0xFFu8),
+            ],
+            0..200,
+        )) {
+            check_state_data(&data);
+        }
+
+        /// A plan that waits always names a refresh point in the future and before expiry's
+        /// deadline passes: waiting never outlives the token unnoticed.
+        #[test]
+        fn a_plan_never_waits_past_expiry(
+            s in state(),
+            now in timestamp(),
+            pct in 1u8..=99,
+        ) {
+            let input = DecisionInput {
+                now,
+                state: &s,
+                config_fp: s.config_fingerprint.as_deref().unwrap_or("cfg"),
+                seed_fp: s.seed_fingerprint.as_deref().unwrap_or(""),
+                refresh_request: s.refresh_request.as_deref(),
+                renew: &RenewBefore::Percentage(pct),
+                jitter_key: "ns/conn",
+            };
+            if let Plan::Wait { next_refresh } = plan(&input) {
+                let access = s.access.as_ref().expect("a wait needs a token");
+                prop_assert!(now < next_refresh, "{now} {next_refresh}");
+                prop_assert!(now < access.expires_at, "waits on an expired token");
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_seeds_pass_the_checks() {
+        for seed in seeds("time") {
+            check_time(&seed);
+        }
+        for seed in seeds("state_data") {
+            check_state_data(&seed);
         }
     }
 }

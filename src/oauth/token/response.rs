@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use secrecy::SecretString;
 
-use super::error::{sanitize_text, LostResponse, TokenError};
+use super::error::{redact, sanitize_text, LostResponse, TokenError};
 
 /// A successful token response (RFC 6749 §5.1), parsed leniently.
 #[derive(Debug, Clone)]
@@ -125,7 +125,9 @@ fn success_members(
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(serde_json::Value::Object(map)) => Ok(map),
         Ok(_) => Err(None),
-        Err(_) if is_form(content_type) => {
+        // A body that opens like a JSON object is broken JSON whatever its label says: read as
+        // form fields it would lose the refresh token the scan below salvages.
+        Err(_) if is_form(content_type) && !opens_like_json(body) => {
             // Legacy form-encoded token response (e.g. GitHub without Accept: json).
             Ok(url::form_urlencoded::parse(body)
                 .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
@@ -133,6 +135,10 @@ fn success_members(
         }
         Err(_) => Err(scan_refresh_token(body).map(SecretString::from)),
     }
+}
+
+fn opens_like_json(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
 fn is_form(content_type: Option<&str>) -> bool {
@@ -342,10 +348,20 @@ impl Scanner<'_> {
 }
 
 /// RFC 6749 §5.2 restricts `error` to %x20-21 / %x23-5B / %x5D-7E; keep a conservative subset.
-fn sanitize_error_code(code: &str) -> String {
-    let c: String = code
+/// The request's secrets are blanked out before and after the filter (a server may echo one
+/// here too, and the filter may leave part of it).
+fn sanitize_error_code(code: &str, secrets: &[&str]) -> String {
+    let keep = |s: &str| -> String {
+        s.chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+            .collect()
+    };
+    let filtered: Vec<String> = secrets.iter().map(|s| keep(s)).collect();
+    let filtered: Vec<&str> = filtered.iter().map(String::as_str).collect();
+    let c = keep(&redact(code, secrets));
+    let c: String = redact(&c, &filtered)
+        .replace("[REDACTED]", "REDACTED")
         .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
         .take(MAX_ERROR_CODE_CHARS)
         .collect();
     if c.is_empty() {
@@ -357,7 +373,7 @@ fn sanitize_error_code(code: &str) -> String {
 
 fn sanitize_oauth_error(code: &str, description: Option<&str>, secrets: &[&str]) -> OAuthError {
     OAuthError {
-        error: sanitize_error_code(code),
+        error: sanitize_error_code(code, secrets),
         description: description
             .map(|d| sanitize_text(d, MAX_DESCRIPTION_CHARS, secrets))
             .filter(|d| !d.is_empty()),
@@ -720,6 +736,48 @@ mod tests {
         assert_eq!(unusable(br#"{"expires_in":36"#), None);
     }
 
+    /// Found by `props::a_refresh_token_is_always_salvaged`: a broken JSON body labelled as
+    /// a form was read as form fields, and the rotated refresh token in it was lost.
+    #[test]
+    fn broken_json_labelled_as_a_form_keeps_its_refresh_token() {
+        let body = format!(r#"{{"refresh_token":"{NEW_RT}","access_token":}}"#);
+        match parse_success(
+            body.as_bytes(),
+            Some("application/x-www-form-urlencoded"),
+            &[],
+        ) {
+            SuccessParse::Unusable { refresh_token } => assert_eq!(
+                refresh_token.map(|s| s.expose_secret().to_string()),
+                Some(NEW_RT.to_string())
+            ),
+            SuccessParse::Token(_) => panic!("unexpectedly parsed"),
+            SuccessParse::OAuthError(_) => panic!("unexpected oauth error"),
+        }
+    }
+
+    /// Found by `props::request_secrets_never_reach_an_error`: the OAuth `error` code was
+    /// shown as the server sent it, so a server echoing the client secret (or a refresh
+    /// token) there put it into the status.
+    #[test]
+    fn a_secret_echoed_as_the_error_code_is_redacted() {
+        for code in [CLIENT_SECRET, RT, &format!("x{RT}y")] {
+            let body = serde_json::json!({ "error": code }).to_string();
+            let e = interpret_response(
+                400,
+                &ResponseHeaders::default(),
+                BodyRead::Complete(body.into_bytes()),
+                true,
+                &[CLIENT_SECRET, RT],
+                SystemTime::now(),
+            )
+            .unwrap_err();
+            assert_clean(&e);
+            // What is left of a secret after the code's character filter is not shown either.
+            let shown = format!("{e} {e:?}");
+            assert!(!shown.contains("s3cr:et"), "{shown}");
+        }
+    }
+
     #[test]
     fn success_status_with_oauth_error_is_an_error() {
         let r = interpret_response(
@@ -1023,5 +1081,493 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.reason().as_str(), "TokenEndpointUnavailable");
+    }
+}
+
+/// The checks behind the fuzz targets `token_response` and `retry_after` (`fuzz/`), one
+/// function each, with the same assertions whichever harness feeds them bytes: libFuzzer under
+/// `cargo fuzz` (`--cfg fuzzing`), or proptest in the unit tests (`props` below).
+#[cfg(any(test, fuzzing))]
+pub mod fuzz {
+    use std::time::{Duration, SystemTime};
+
+    use secrecy::ExposeSecret;
+
+    use super::*;
+    use crate::oauth::token::error::ErrorClass;
+
+    /// The request's secrets handed to the interpretation: none may reach an error.
+    pub const SECRETS: &[&str] = &["cs-FUZZ-7f3a9c", "rt-FUZZ-b41d20"];
+
+    const STATUSES: &[u16] = &[
+        200, 201, 204, 299, 301, 302, 307, 400, 401, 403, 404, 408, 429, 500, 502, 503, 504, 100,
+        600, 0,
+    ];
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    /// One response from bytes: byte 0 picks the status, byte 1 how the body ended, the content
+    /// type and the grant; the `Retry-After` value runs to the first NUL, the body follows it.
+    pub fn check_token_response(data: &[u8]) {
+        let [s, mode, rest @ ..] = data else {
+            return;
+        };
+        let status = STATUSES[usize::from(*s) % STATUSES.len()];
+        let (retry, body) = match rest.iter().position(|b| *b == 0) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (&[][..], rest),
+        };
+        let retry = String::from_utf8_lossy(retry).into_owned();
+        let headers = ResponseHeaders {
+            content_type: match mode % 3 {
+                0 => Some("application/json".into()),
+                1 => Some("application/x-www-form-urlencoded".into()),
+                _ => None,
+            },
+            retry_after: (mode & 0x40 == 0 && !retry.is_empty()).then(|| retry.clone()),
+            ratelimit_reset: (mode & 0x40 != 0 && !retry.is_empty()).then_some(retry),
+        };
+        let read = match (mode / 3) % 3 {
+            0 => BodyRead::Complete(body.to_vec()),
+            1 => BodyRead::TooLarge(body.to_vec()),
+            _ => BodyRead::Failed(body.to_vec(), "connection reset".into()),
+        };
+        let complete = matches!(read, BodyRead::Complete(_));
+        let is_refresh = mode & 0x80 != 0;
+        let r = interpret_response(status, &headers, read, is_refresh, SECRETS, now());
+        let success = (200..300).contains(&status);
+        match &r {
+            Ok(t) => {
+                assert!(
+                    success && complete,
+                    "a token from HTTP {status} / a cut body"
+                );
+                assert!(!t.access_token.expose_secret().is_empty());
+                assert!(!t.token_type.is_empty());
+                if let Some(rt) = &t.refresh_token {
+                    assert!(!rt.expose_secret().is_empty(), "an empty refresh token");
+                }
+                if let Some(e) = t.expires_in {
+                    assert!(!e.is_zero() && e <= MAX_EXPIRES_IN, "expires_in {e:?}");
+                }
+            }
+            Err(e) => {
+                let shown = format!("{e} {e:?}");
+                for s in SECRETS {
+                    assert!(!shown.contains(s), "secret {s:?} in {shown:?}");
+                }
+                if let ErrorClass::Transient {
+                    retry_after: Some(ra),
+                } = e.class()
+                {
+                    assert!(ra <= MAX_RETRY_AFTER, "{ra:?}");
+                }
+                if let Some(rt) = e.recovered_refresh_token() {
+                    assert!(success, "a refresh token salvaged from HTTP {status}");
+                    assert!(!rt.expose_secret().is_empty());
+                }
+            }
+        }
+        // Salvage: a 2xx JSON object carrying a refresh token never loses it, whole or cut
+        // (the cap or a broken transfer delivers a prefix: here, all of it).
+        if success && salvage_expected(body) {
+            let carried = match &r {
+                Ok(t) => t.refresh_token.is_some(),
+                Err(e) => e.recovered_refresh_token().is_some(),
+            };
+            assert!(carried, "refresh token lost from a 2xx body");
+        }
+    }
+
+    /// The body is a JSON object whose every `refresh_token` member is a non-empty string:
+    /// whichever of them a parser takes, there is one to keep.
+    fn salvage_expected(body: &[u8]) -> bool {
+        let Ok(serde_json::Value::Object(map)) =
+            serde_json::from_slice::<serde_json::Value>(strip_bom(body))
+        else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(body);
+        // Duplicate members: serde keeps the last, the salvage scan the first; require both
+        // to be usable by accepting only bodies where the member is written once.
+        text.matches("\"refresh_token\"").count() == 1
+            && non_empty_str(map.get("refresh_token")).is_some()
+    }
+
+    /// The property runs' settings: `cases` unless `PROPTEST_CASES` says otherwise (the CI
+    /// fallback for the fuzzers raises it), and no regression files: a failure found is kept
+    /// as a named unit test instead.
+    #[cfg(test)]
+    pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+        let default = proptest::test_runner::Config::default();
+        proptest::test_runner::Config {
+            cases: if std::env::var_os("PROPTEST_CASES").is_some() {
+                default.cases
+            } else {
+                cases
+            },
+            failure_persistence: None,
+            ..default
+        }
+    }
+
+    #[cfg(test)]
+    /// The committed seed inputs of a fuzz target (and any crash reproducers kept there).
+    pub fn seeds(target: &str) -> Vec<Vec<u8>> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fuzz/seeds")
+            .join(target);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.expect("seed entry").path())
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no seeds in {}", dir.display());
+        files
+            .iter()
+            .map(|f| std::fs::read(f).expect("readable seed"))
+            .collect()
+    }
+
+    /// A complete response as the transport would hand it over, for tests of other modules.
+    #[cfg(test)]
+    pub fn interpret_for_tests(
+        status: u16,
+        body: &[u8],
+        secrets: &[&str],
+        now: SystemTime,
+    ) -> Result<TokenResponse, TokenError> {
+        let headers = ResponseHeaders::default();
+        interpret_response(
+            status,
+            &headers,
+            BodyRead::Complete(body.to_vec()),
+            true,
+            secrets,
+            now,
+        )
+    }
+
+    /// A `Retry-After` (and `x-ratelimit-reset`) value: bytes 0..4 move the clock, the rest
+    /// is the header value.
+    pub fn check_retry_after(data: &[u8]) {
+        let (clock, value) = data.split_at(data.len().min(4));
+        let mut c = [0u8; 4];
+        c[..clock.len()].copy_from_slice(clock);
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(u32::from_be_bytes(c)));
+        let value = String::from_utf8_lossy(value);
+        let got = parse_retry_after(&value, now);
+        if let Some(d) = got {
+            assert!(d <= MAX_RETRY_AFTER, "{d:?}");
+        }
+        let v = value.trim();
+        if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+            // Delta-seconds: any length of digits, saturating at the cap.
+            let digits = v.trim_start_matches('0');
+            let want = match digits.len() {
+                0 => Duration::ZERO,
+                1..=19 => digits
+                    .parse::<u64>()
+                    .map_or(MAX_RETRY_AFTER, Duration::from_secs)
+                    .min(MAX_RETRY_AFTER),
+                _ => MAX_RETRY_AFTER,
+            };
+            assert_eq!(got, Some(want), "{v:?}");
+        } else if let Some(d) = got {
+            // An HTTP-date: a later clock never waits longer.
+            let later = parse_retry_after(&value, now + Duration::from_secs(30));
+            assert!(
+                later.is_some_and(|l| l <= d),
+                "{v:?}: {later:?} after {d:?}"
+            );
+        }
+        let headers = ResponseHeaders {
+            content_type: None,
+            retry_after: None,
+            ratelimit_reset: Some(value.into_owned()),
+        };
+        if let Some(d) = retry_after_from(&headers, now) {
+            assert!(d <= MAX_RETRY_AFTER, "{d:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use std::time::{Duration, SystemTime};
+
+    use proptest::prelude::*;
+    use secrecy::ExposeSecret;
+
+    use super::fuzz::{check_retry_after, check_token_response, proptest_config, seeds, SECRETS};
+    use super::*;
+    use crate::oauth::token::error::ErrorClass;
+
+    /// Any JSON value, with the strings and numbers token responses get wrong.
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            prop_oneof![
+                Just("".to_string()),
+                Just(" 3600 ".to_string()),
+                Just("18446744073709551616".to_string()),
+                Just(SECRETS[0].to_string()),
+                Just(format!("{} leaked", SECRETS[1])),
+                "\\PC{0,24}",
+                ".{0,12}",
+            ]
+            .prop_map(Value::String),
+        ];
+        leaf.prop_recursive(2, 12, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    const KEYS: &[&str] = &[
+        "access_token",
+        "token_type",
+        "expires_in",
+        "scope",
+        "error",
+        "error_description",
+        "id_token",
+        "refresh_token",
+    ];
+
+    /// A token-response-like body: members from the OAuth vocabulary with any values, written
+    /// as JSON, then maybe cut short or with one byte changed.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let member = (proptest::sample::select(KEYS), json_value());
+        (
+            proptest::collection::vec(member, 0..6),
+            any::<bool>(),
+            0usize..1000,
+            any::<Option<(usize, u8)>>(),
+        )
+            .prop_map(|(members, bom, cut, flip)| {
+                let map: serde_json::Map<String, serde_json::Value> = members
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect();
+                let mut b = if bom {
+                    b"\xEF\xBB\xBF".to_vec()
+                } else {
+                    vec![]
+                };
+                b.extend(serde_json::to_vec(&map).unwrap_or_default());
+                if cut < b.len() && cut % 3 == 0 {
+                    b.truncate(cut);
+                }
+                if let Some((at, byte)) = flip {
+                    if !b.is_empty() {
+                        let at = at % b.len();
+                        b[at] = byte;
+                    }
+                }
+                b
+            })
+    }
+
+    /// What the fuzz target reads: status, mode, Retry-After, NUL, body.
+    fn response_bytes() -> impl Strategy<Value = Vec<u8>> {
+        (
+            any::<u8>(),
+            any::<u8>(),
+            prop_oneof![Just(String::new()), "[0-9]{1,25}", "\\PC{0,30}"],
+            prop_oneof![body(), proptest::collection::vec(any::<u8>(), 0..64)],
+        )
+            .prop_map(|(s, mode, retry, body)| {
+                let mut d = vec![s, mode];
+                d.extend(retry.bytes().filter(|b| *b != 0));
+                d.push(0);
+                d.extend(body);
+                d
+            })
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(512))]
+
+        /// The fuzz target's assertions over structured and raw responses.
+        #[test]
+        fn fuzz_token_response(data in response_bytes()) {
+            check_token_response(&data);
+        }
+
+        #[test]
+        fn fuzz_retry_after(
+            clock in any::<[u8; 4]>(),
+            value in prop_oneof![
+                "[0-9]{0,30}",
+                " *[0-9]{1,4} *",
+                "-[0-9]{1,3}",
+                "\\PC{0,40}",
+                (0u64..4_000_000_000).prop_map(|s| httpdate::fmt_http_date(
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(s))),
+            ],
+        ) {
+            let mut d = clock.to_vec();
+            d.extend(value.bytes());
+            check_retry_after(&d);
+        }
+
+        /// A success body with a refresh token keeps it exactly, whether it arrived whole, was
+        /// cut by the size cap after the member, or the transfer broke after it; wherever the
+        /// member sits among others and whatever the content type says.
+        #[test]
+        fn a_refresh_token_is_always_salvaged(
+            before in proptest::collection::btree_map("[a-z_]{1,10}", json_value(), 0..4),
+            after in proptest::collection::btree_map("[a-z_]{1,10}", json_value(), 0..4),
+            rt in "[!#-\\[\\]-~]{1,40}|\\PC{1,20}",
+            with_access in any::<bool>(),
+            cut in any::<prop::sample::Index>(),
+            content_type in prop_oneof![
+                Just(None),
+                Just(Some("application/json")),
+                Just(Some("application/x-www-form-urlencoded")),
+                Just(Some("text/html")),
+            ],
+        ) {
+            let member = |k: &str, v: &serde_json::Value| {
+                format!("{}:{}", serde_json::json!(k), v)
+            };
+            let mut parts: Vec<String> = before
+                .iter()
+                .filter(|(k, _)| k.as_str() != "refresh_token")
+                .map(|(k, v)| member(k, v))
+                .collect();
+            if with_access {
+                parts.push(member("access_token", &serde_json::json!("at-1")));
+            }
+            parts.push(member("refresh_token", &serde_json::json!(rt)));
+            let rt_end = parts.join(",").len() + 1;
+            parts.extend(
+                after
+                    .iter()
+                    .filter(|(k, _)| !["refresh_token", "access_token"].contains(&k.as_str()))
+                    .map(|(k, v)| member(k, v)),
+            );
+            let full = format!("{{{}}}", parts.join(","));
+            let headers = ResponseHeaders {
+                content_type: content_type.map(str::to_string),
+                ..ResponseHeaders::default()
+            };
+            // Any cut at or after the end of the refresh token's value.
+            let cut_at = rt_end + cut.index(full.len() - rt_end + 1);
+            let prefix = full.as_bytes()[..cut_at].to_vec();
+            let mut broken = prefix.clone();
+            broken.extend_from_slice(b",\"x\":}");
+            for read in [
+                BodyRead::Complete(full.clone().into_bytes()),
+                BodyRead::Complete(broken),
+                BodyRead::TooLarge(prefix.clone()),
+                BodyRead::Failed(prefix.clone(), "reset".into()),
+            ] {
+                let got = match interpret_response(200, &headers, read, true, SECRETS, SystemTime::now()) {
+                    Ok(t) => t.refresh_token.map(|s| s.expose_secret().to_string()),
+                    Err(e) => e.recovered_refresh_token().map(|s| s.expose_secret().to_string()),
+                };
+                prop_assert_eq!(got.as_deref(), Some(rt.as_str()), "body {:?} cut at {}", full, cut_at);
+            }
+        }
+
+        /// Over the cap: never a token, and an error status is classified by its status alone,
+        /// exactly as if the body were empty.
+        #[test]
+        fn an_oversized_body_is_never_a_token(
+            status in proptest::sample::select(vec![200u16, 201, 400, 401, 429, 500, 503]),
+            prefix in body(),
+            is_refresh in any::<bool>(),
+        ) {
+            let h = ResponseHeaders::default();
+            let now = SystemTime::now();
+            let over = interpret_response(status, &h, BodyRead::TooLarge(prefix), is_refresh, SECRETS, now);
+            prop_assert!(over.is_err());
+            if !(200..300).contains(&status) {
+                let empty = interpret_response(status, &h, BodyRead::Complete(vec![]), is_refresh, SECRETS, now);
+                let (over, empty) = (over.unwrap_err(), empty.unwrap_err());
+                prop_assert_eq!(over.reason(), empty.reason());
+                prop_assert_eq!(over.class(), empty.class());
+            } else {
+                prop_assert_eq!(over.unwrap_err().class(), ErrorClass::UnknownOutcome);
+            }
+        }
+    }
+
+    /// Server text around one of the request's secrets, which may be split by a character
+    /// the sanitizer drops (a control, a zero-width or bidi character, a run of whitespace).
+    fn text_with_secret() -> impl Strategy<Value = String> {
+        (
+            "\\PC{0,8}",
+            proptest::sample::select(SECRETS),
+            any::<prop::sample::Index>(),
+            prop_oneof![
+                Just(""),
+                Just("\u{0}"),
+                Just("\u{7}"),
+                Just("\u{200B}"),
+                Just("\u{202E}"),
+                Just("\u{FEFF}"),
+                Just("\t\n "),
+            ],
+            "\\PC{0,8}",
+        )
+            .prop_map(|(before, secret, at, split, after)| {
+                let at = at.index(secret.len() + 1);
+                format!("{before}{}{split}{}{after}", &secret[..at], &secret[at..])
+            })
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(256))]
+
+        /// The request's secrets never reach an error's `Display` (status, Events) or `Debug`
+        /// (logs), whichever OAuth member the server echoes them in.
+        #[test]
+        fn request_secrets_never_reach_an_error(
+            status in proptest::sample::select(vec![200u16, 400, 401, 403, 429, 500]),
+            code in text_with_secret(),
+            description in text_with_secret(),
+            is_refresh in any::<bool>(),
+        ) {
+            let body = serde_json::json!({"error": code, "error_description": description});
+            let r = interpret_response(
+                status,
+                &ResponseHeaders::default(),
+                BodyRead::Complete(body.to_string().into_bytes()),
+                is_refresh,
+                SECRETS,
+                SystemTime::now(),
+            );
+            let e = r.expect_err("an error object is no token");
+            let shown = format!("{e} {e:?}");
+            for s in SECRETS {
+                prop_assert!(!shown.contains(s), "secret {:?} in {:?}", s, shown);
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_seeds_pass_the_checks() {
+        for (name, check) in [
+            ("token_response", check_token_response as fn(&[u8])),
+            ("retry_after", check_retry_after),
+        ] {
+            for seed in seeds(name) {
+                check(&seed);
+            }
+        }
     }
 }

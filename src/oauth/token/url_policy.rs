@@ -350,13 +350,27 @@ impl TokenUrlPolicy {
         // Normalized by the same parser as token URLs, so the comparison sees what the
         // request will use (lowercase, punycode, numeric IPv4 spellings).
         let host = match Host::parse(name) {
+            // At most the one trailing dot of a fully qualified name: normalizing drops every
+            // trailing dot, and what is left could spell a number (`14169..` → `14169`), which
+            // no URL host ever matches as a name.
+            Ok(Host::Domain(d))
+                if d.strip_suffix('.')
+                    .unwrap_or(&d)
+                    .split('.')
+                    .any(str::is_empty) =>
+            {
+                return Err(err("is not a valid host name"))
+            }
             Ok(Host::Domain(d)) => normalize_host(&d),
             Ok(Host::Ipv4(ip)) if !wildcard => {
                 return self.push_net(IpNet::new_assert(IpAddr::V4(ip), 32), &err)
             }
             _ => return Err(err("is not a valid host name, IP address or CIDR")),
         };
-        if host.is_empty() || host.split('.').any(str::is_empty) {
+        // Checked after decoding (`%2A` is a `*`, `%2C` a comma the list would split at): a
+        // host name is letters, digits, `-`, `_` and dots (IDNA names are punycode by now).
+        let name_char = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.';
+        if host.is_empty() || host.split('.').any(str::is_empty) || !host.bytes().all(name_char) {
             return Err(err("is not a valid host name"));
         }
         if forbidden_hostname(&host) {
@@ -937,6 +951,43 @@ mod tests {
         assert_eq!(policy(""), TokenUrlPolicy::default());
     }
 
+    /// Found by the `url_policy` fuzz target: an entry ending in two dots was taken as a host
+    /// name without them, which can spell a number (`14169..` became `14169`, an IPv4 address
+    /// in the range never contacted; `169.251.640..` became `169.251.640`, i.e. 169.251.2.128):
+    /// an entry no URL host ever matches, and one the start-up log shows as something else.
+    #[test]
+    fn an_entry_with_an_empty_label_is_refused() {
+        for entry in [
+            "14169..",
+            "169.251.640..",
+            "idp.internal..",
+            "a..b",
+            ".idp",
+            "*.idp..",
+        ] {
+            let e = entry.parse::<TokenUrlPolicy>().unwrap_err();
+            assert!(
+                e.to_string().contains("not a valid host name"),
+                "{entry}: {e}"
+            );
+        }
+        // Percent-encoded, a wildcard or a colon is still no host name (also found by the
+        // fuzz target: `%2A.` became the pattern `*`, shown as an entry that does not parse).
+        for entry in [
+            "%2A.",
+            "%2a.idp",
+            "*.%2A",
+            "idp%3A8443",
+            "169%2c+",
+            "a+b.idp",
+        ] {
+            assert!(entry.parse::<TokenUrlPolicy>().is_err(), "{entry}");
+        }
+        // One trailing dot is the fully qualified spelling of the same name.
+        assert_eq!(policy("idp.internal.").to_string(), "idp.internal");
+        assert!(policy("idp.internal.").allows_host("idp.internal"));
+    }
+
     #[test]
     fn bad_allow_list_entries_are_named() {
         for (entry, why) in [
@@ -1054,5 +1105,171 @@ mod tests {
             panic!("localhost is answered locally")
         };
         assert!(addrs.iter().all(|a| a.ip().is_loopback()) && addrs.len() == 2);
+    }
+}
+
+/// The check behind the fuzz target `url_policy`: an allow-list and a token URL from bytes.
+#[cfg(any(test, fuzzing))]
+pub mod fuzz {
+    use super::*;
+
+    /// Bytes up to the first NUL are a `--token-url-allow` value, the rest a token URL. No
+    /// panic; an allow-list reads back from its own display; it only ever lifts the private-
+    /// range rule; the loopback flag only ever lifts loopback; an accepted URL is https (or
+    /// http to loopback with the flag) without userinfo or fragment; no verdict depends on the
+    /// URL's password, query or path (so no message can repeat them).
+    pub fn check_url_policy(data: &[u8]) {
+        let (allow, url) = match data.iter().position(|b| *b == 0) {
+            Some(i) => (&data[..i], &data[i + 1..]),
+            None => (&[][..], data),
+        };
+        let allow = String::from_utf8_lossy(allow);
+        let url = String::from_utf8_lossy(url);
+        let policy = match allow.parse::<TokenUrlPolicy>() {
+            Ok(p) => {
+                let shown = p.to_string();
+                let again: TokenUrlPolicy = shown
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{shown:?} from {allow:?}: {e}"));
+                assert_eq!(again, p, "{allow:?} → {shown:?}");
+                p
+            }
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                TokenUrlPolicy::default()
+            }
+        };
+        // The same URL with another password, query and path: no verdict may depend on them
+        // (a message that did could repeat them, and they may hold secrets).
+        let variant = Url::parse(&url).ok().map(|u| {
+            let mut v = u.clone();
+            if v.password().is_some() {
+                let _ = v.set_password(Some("other-password"));
+            }
+            if v.query().is_some() {
+                v.set_query(Some("other=query"));
+            }
+            if !v.cannot_be_a_base() {
+                v.set_path("/other/path");
+            }
+            v.to_string()
+        });
+        let none = TokenUrlPolicy::default();
+        for loopback in [false, true] {
+            let strict = validate_token_url(&url, loopback, &none);
+            let allowing = validate_token_url(&url, loopback, &policy);
+            match (&strict, &allowing) {
+                (Err(UrlError::Invalid(a)), Err(UrlError::Invalid(b))) => assert_eq!(a, b),
+                (Err(UrlError::Invalid(m)), other) => {
+                    panic!("the allow-list lifted {m:?}: {other:?}")
+                }
+                (Ok(_), Err(e)) => panic!("the allow-list refused {url:?}: {e}"),
+                _ => {}
+            }
+            for u in [&strict, &allowing].into_iter().flatten() {
+                assert!(
+                    u.scheme() == "https" || (loopback && u.scheme() == "http"),
+                    "{url:?}"
+                );
+                assert!(u.username().is_empty() && u.password().is_none());
+                assert!(u.fragment().is_none());
+            }
+            if let Some(v) = &variant {
+                let other = validate_token_url(v, loopback, &policy);
+                assert_eq!(
+                    allowing.as_ref().err().map(ToString::to_string),
+                    other.as_ref().err().map(ToString::to_string),
+                    "{url:?} and {v:?}"
+                );
+            }
+            if !loopback && strict.is_ok() {
+                assert!(validate_token_url(&url, true, &none).is_ok(), "{url:?}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::fuzz::check_url_policy;
+    use crate::oauth::token::response::fuzz::{proptest_config, seeds};
+
+    fn host() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9-]{1,10}(\\.[a-z0-9-]{1,10}){0,3}\\.?",
+            Just("localhost".to_string()),
+            Just("METADATA.google.internal.".to_string()),
+            (any::<[u8; 4]>()).prop_map(|b| format!("{}.{}.{}.{}", b[0], b[1], b[2], b[3])),
+            any::<u32>().prop_map(|n| format!("{n:#x}")),
+            any::<u32>().prop_map(|n| n.to_string()),
+            any::<[u16; 8]>().prop_map(|s| format!(
+                "[{:x}:{:x}:{:x}:{:x}:{:x}:{:x}:{:x}:{:x}]",
+                s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]
+            )),
+            any::<[u8; 4]>().prop_map(|b| format!("[::ffff:{}.{}.{}.{}]", b[0], b[1], b[2], b[3])),
+            Just("[::1]".to_string()),
+            Just("127.0.0.1".to_string()),
+            Just("169.254.169.254".to_string()),
+        ]
+    }
+
+    fn url() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![Just("https"), Just("http"), Just("ftp"), Just("HTTPS")],
+            proptest::option::of("[a-z]{1,6}(:secretpw[0-9]{3})?@"),
+            host(),
+            proptest::option::of(0u32..70000),
+            "(/[a-z0-9%._-]{0,12}){0,3}",
+            proptest::option::of("client_secret=[a-z0-9]{6,10}"),
+            proptest::option::of("[a-z]{0,5}"),
+        )
+            .prop_map(|(scheme, user, host, port, path, query, frag)| {
+                let mut u = format!("{scheme}://{}{host}", user.unwrap_or_default());
+                if let Some(p) = port {
+                    u.push_str(&format!(":{p}"));
+                }
+                u.push_str(&path);
+                if let Some(q) = query {
+                    u.push_str(&format!("?{q}"));
+                }
+                if let Some(f) = frag {
+                    u.push_str(&format!("#{f}"));
+                }
+                u
+            })
+    }
+
+    fn allow_list() -> impl Strategy<Value = String> {
+        let entry = prop_oneof![
+            host().prop_map(|h| h.trim_matches(|c| c == '[' || c == ']').to_string()),
+            host().prop_map(|h| format!("*.{h}")),
+            (any::<[u8; 4]>(), 0u8..=33)
+                .prop_map(|(b, l)| format!("{}.{}.{}.{}/{l}", b[0], b[1], b[2], b[3])),
+            (any::<[u16; 2]>(), 0u8..=129)
+                .prop_map(|(s, l)| format!("{:x}:{:x}::/{l}", s[0], s[1])),
+            "\\PC{0,12}",
+        ];
+        proptest::collection::vec(entry, 0..4).prop_map(|e| e.join(","))
+    }
+
+    proptest! {
+        #![proptest_config(proptest_config(512))]
+
+        #[test]
+        fn fuzz_url_policy(allow in allow_list(), url in prop_oneof![url(), "\\PC{0,40}"]) {
+            let mut d = allow.replace('\0', "").into_bytes();
+            d.push(0);
+            d.extend(url.bytes());
+            check_url_policy(&d);
+        }
+    }
+
+    #[test]
+    fn fuzz_seeds_pass_the_checks() {
+        for seed in seeds("url_policy") {
+            check_url_policy(&seed);
+        }
     }
 }
