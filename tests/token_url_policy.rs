@@ -285,9 +285,9 @@ fn bad_allow_list_entries_stop_the_operator_at_start() {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         if how == "flag" {
-            cmd.args(["--token-url-allow", &format!("idp.example,{entry}")]);
+            cmd.args(["--token-url-allow", &format!("idp.vaultconn.invalid,{entry}")]);
         } else {
-            cmd.env("VAULTCONN_TOKEN_URL_ALLOW", format!("idp.example,{entry}"));
+            cmd.env("VAULTCONN_TOKEN_URL_ALLOW", format!("idp.vaultconn.invalid,{entry}"));
         }
         let mut child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);

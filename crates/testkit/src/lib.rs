@@ -10,10 +10,15 @@
 //! - [`api_proxy`]: a fault-injecting proxy in front of the real kube-apiserver (the real one
 //!   cannot fail one chosen write on demand).
 //! - [`operator`]: the `vaultconn` binary as a child process (kill, restart, logs, metrics).
+//! - [`leak_scan`]: every secret value the tests used, searched for in everything the operator
+//!   showed or logged, once per test binary at exit.
+//! - [`reliability`]: facts for `docs/RELIABILITY.md`, recorded by the tests that measured them.
 pub mod api_proxy;
+pub mod leak_scan;
 pub mod oidc;
 pub mod operator;
 pub mod provider_invariants;
+pub mod reliability;
 pub mod shared;
 pub mod token_server;
 
