@@ -458,19 +458,24 @@ async fn control_plane_probes_ignore_proxy_variables() {
     .env(PROXY_HELPER_ENV, "1")
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
-    for var in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
+    // reqwest takes HTTP_PROXY for http:// (etcd's /health) and ALL_PROXY for https://
+    // (kube-apiserver's /readyz, with the admin token). HTTPS_PROXY stays unset: kube's own
+    // client reads that one and refuses to start without its http-proxy feature, which is
+    // not what this test is about.
+    for var in ["HTTP_PROXY", "ALL_PROXY"] {
         cmd.env(var, &proxy).env(var.to_lowercase(), &proxy);
     }
-    for var in ["NO_PROXY", "no_proxy"] {
+    for var in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
         cmd.env_remove(var);
     }
     let mut helper = cmd.spawn().unwrap();
     let stdout = helper.stdout.take().unwrap();
     let started = tokio::task::spawn_blocking(move || {
+        // Read to the end: a closed pipe would fail the helper's last lines of output.
         BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
-            .any(|l| l == "STARTED")
+            .fold(false, |seen, l| seen || l == "STARTED")
     });
     let deadline = Instant::now() + Duration::from_secs(180);
     while !started.is_finished() {
