@@ -562,7 +562,11 @@ async fn a_reconcile_that_changes_nothing_writes_nothing() {
             break;
         }
         settle += 1;
-        assert!(settle < 10, "the operator kept writing: {:#?}", writes().await);
+        assert!(
+            settle < 10,
+            "the operator kept writing: {:#?}",
+            writes().await
+        );
     }
     let before = writes().await;
     assert!(
@@ -696,8 +700,7 @@ async fn no_reference_reaches_another_namespace() {
     );
     let victim_after = other.api::<Secret>().get("victim").await.unwrap();
     assert_eq!(
-        victim_after.metadata.resource_version,
-        victim_before.metadata.resource_version,
+        victim_after.metadata.resource_version, victim_before.metadata.resource_version,
         "the other namespace's Secret changed"
     );
     eprintln!(

@@ -109,10 +109,7 @@ pub fn register_secret(value: &str, origin: impl fmt::Display) {
 
 /// Register the secret values of a Secret's data: the [`SECRET_KEYS`] and the credential part
 /// of `authorization` (`Bearer <token>`, `Basic <base64>`).
-pub fn register_secret_data<'a>(
-    origin: &str,
-    data: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-) {
+pub fn register_secret_data<'a>(origin: &str, data: impl IntoIterator<Item = (&'a str, &'a [u8])>) {
     for (key, value) in data {
         let value = String::from_utf8_lossy(value);
         if SECRET_KEYS.contains(&key) {
@@ -483,7 +480,10 @@ async fn cluster_texts(client: kube::Client) -> Vec<Text> {
                     "{}/{} status={} annotations={}",
                     vc.metadata.namespace.unwrap_or_default(),
                     vc.metadata.name.unwrap_or_default(),
-                    vc.data.get("status").map(|s| s.to_string()).unwrap_or_default(),
+                    vc.data
+                        .get("status")
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
                     serde_json::to_string(&vc.metadata.annotations).unwrap_or_default(),
                 );
             }
@@ -649,7 +649,10 @@ mod tests {
             assert_eq!(f.len(), 1, "{text}: {f:?}");
             let shown = f[0].to_string();
             assert!(shown.contains("«REDACTED»"), "{shown}");
-            assert!(!shown.contains("s3cr") && !shown.contains("plain-SECRET"), "{shown}");
+            assert!(
+                !shown.contains("s3cr") && !shown.contains("plain-SECRET"),
+                "{shown}"
+            );
         }
         assert!(scan(&s, &[Text::required("log", Ok("nothing here".into()))]).is_empty());
     }

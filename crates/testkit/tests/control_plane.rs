@@ -491,7 +491,10 @@ async fn control_plane_probes_ignore_proxy_variables() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let status = helper.wait().unwrap();
-    assert!(started.await.unwrap(), "the helper did not start a control plane");
+    assert!(
+        started.await.unwrap(),
+        "the helper did not start a control plane"
+    );
     assert!(status.success(), "helper: {status}");
     assert_eq!(caught.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
