@@ -22,6 +22,7 @@ use support::{test_namespace, wait_for_some, TestNs};
 use tokio::sync::OnceCell;
 use vaultconn::api::Phase;
 use vaultconn_testkit::operator::{fetch_metrics, parse_metric, OperatorOptions, OperatorProcess};
+use vaultconn_testkit::reliability::{record, Fact};
 use vaultconn_testkit::tls_front::{TlsFront, TEST_CA_PEM, TEST_LEAF_PEM};
 use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 
@@ -183,6 +184,14 @@ async fn private_literal_token_host_is_refused_without_a_request() {
         .filter_map(|s| s.metadata.name)
         .collect();
     assert_eq!(secrets, ["creds"], "only the credentials Secret exists");
+    record(
+        Fact::survived(
+            "Token URL on a private network (IPv4 literal, IPv4-mapped IPv6)",
+            "VaultConnections naming https://10.1.2.3/… and https://[::ffff:10.1.2.3]/…",
+            2,
+        )
+        .note("TokenURLNotAllowed; 0 token requests, nothing written"),
+    );
 }
 
 #[tokio::test]
@@ -260,6 +269,14 @@ async fn transport_failures_show_only_their_class() {
     assert!(
         !logs.contains(CLIENT_SECRET),
         "the client secret was logged"
+    );
+    record(
+        Fact::survived(
+            "Token endpoint unreachable (connection refused, TLS to a plain-HTTP server)",
+            "loopback port with no listener; https:// to the plain-HTTP token server",
+            2,
+        )
+        .note("status and Events name only the failure class; detail in the log only"),
     );
 }
 
@@ -424,4 +441,9 @@ async fn token_endpoint_tls_is_verified_against_the_ca_bundle() {
         (0, 0),
         "an untrusted endpoint was trusted later"
     );
+    record(Fact::survived(
+        "Token endpoint with a certificate no trusted CA signed (none, or only the leaf as bundle)",
+        "loopback TLS front with a test-CA certificate",
+        untrusted.failed_handshakes() + leaf.failed_handshakes(),
+    ).note("every handshake refused, 0 requests reached the server; CABundleMissing while the bundle was absent, Ready with it"));
 }

@@ -43,6 +43,25 @@ pub struct Fact {
     pub note: String,
 }
 
+impl Fact {
+    /// A fault class a test survived, injected `times` times. Recorded after the test's
+    /// assertions, which are what make "nothing lost, no hot loop" true: both start at 0.
+    pub fn survived(fault: impl Into<String>, injected: impl Into<String>, times: usize) -> Self {
+        Fact {
+            fault: fault.into(),
+            injected: injected.into(),
+            times: u64::try_from(times).unwrap_or(u64::MAX),
+            ..Fact::default()
+        }
+    }
+
+    /// Measured numbers worth a note in the table (builder style).
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = note.into();
+        self
+    }
+}
+
 /// What one test binary's exit scan covered.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScanRecord {
