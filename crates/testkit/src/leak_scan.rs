@@ -250,6 +250,7 @@ pub struct Summary {
     pub short_values: usize,
     pub texts: usize,
     pub bytes: usize,
+    /// Distinct operator log files (restarts append to the same one).
     pub operators: usize,
     pub findings: Vec<Finding>,
 }
@@ -259,7 +260,7 @@ impl fmt::Display for Summary {
         write!(
             f,
             "{} secret values ({} shorter than {MIN_SECRET_LEN} not scanned for) in {} texts \
-             ({} bytes, {} operator processes): {} findings",
+             ({} bytes, {} operator logs): {} findings",
             self.values,
             self.short_values,
             self.texts,

@@ -475,7 +475,9 @@ async fn control_plane_probes_ignore_proxy_variables() {
         BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
-            .fold(false, |seen, l| seen || l == "STARTED")
+            .filter(|l| l == "STARTED")
+            .count()
+            > 0
     });
     let deadline = Instant::now() + Duration::from_secs(180);
     while !started.is_finished() {

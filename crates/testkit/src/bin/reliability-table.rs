@@ -145,7 +145,7 @@ fn render(results: &Path, docs: &Path, run: &str) -> Result<String, String> {
     let _ = writeln!(
         out,
         "\n## Leak scan per test binary\n\n\
-         | test binary | secret values | texts | bytes | operator processes | leaks | not captured | panics |\n\
+         | test binary | secret values | texts | bytes | operator logs | leaks | not captured | panics |\n\
          |---|---|---|---|---|---|---|---|"
     );
     for s in by_binary.values() {
