@@ -648,6 +648,10 @@ async fn no_reference_reaches_another_namespace() {
             json!({"type": "bearerToken", "credentialsRef": {"name": "own"},
                 "target": {"name": format!("{}/victim", other.name), "adopt": true}}),
         ),
+        (
+            "cred-slash",
+            json!({"type": "bearerToken", "credentialsRef": {"name": format!("{}/shared-creds", other.name)}}),
+        ),
     ];
     for (name, spec) in &cases {
         match create(name, spec.clone()).await {
@@ -684,8 +688,10 @@ async fn no_reference_reaches_another_namespace() {
             Some("own-SECRET-value")
         );
     }
-    if created.iter().any(|c| c == "target-slash") {
-        with_reason(&ns, "target-slash", "InvalidSpec").await;
+    for slash in ["target-slash", "cred-slash"] {
+        if created.iter().any(|c| c == slash) {
+            with_reason(&ns, slash, "InvalidSpec").await;
+        }
     }
     let touched: Vec<String> = support::operator::api_requests()
         .await
