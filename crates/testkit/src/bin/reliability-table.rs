@@ -35,9 +35,9 @@ fn part_rows(path: &Path) -> Result<Vec<String>, String> {
         .lines()
         .map(str::trim)
         .filter(|l| l.starts_with('|'))
-        .filter(|l| {
-            !l.contains("fault or input") && !l.starts_with("|---") && !l.starts_with("| ---")
-        })
+        .filter(|l| !l.contains("fault or input"))
+        // The rule under the header, in any spelling (`|---|`, `| :--- |`).
+        .filter(|l| !l.chars().all(|c| matches!(c, '|' | '-' | ':' | ' ')))
         .map(str::to_owned)
         .collect())
 }
@@ -188,5 +188,60 @@ fn main() -> ExitCode {
             eprintln!("reliability-table: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, file: &str, text: &str) {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+
+    fn fact(binary: &str) -> String {
+        serde_json::to_string(&Fact {
+            binary: binary.into(),
+            ..Fact::survived("SIGKILL", "kill(2)", 3)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn renders_facts_with_their_binary_scan_and_merges_part_files() {
+        let results = tempfile::tempdir().unwrap();
+        let docs = tempfile::tempdir().unwrap();
+        write(results.path(), FACTS_FILE, &fact("crash"));
+        write(
+            results.path(),
+            SCANS_FILE,
+            r#"{"binary":"crash","values":9,"texts":5,"bytes":100,"operators":1,"leaks":0,"uncaptured":0,"panics":2}"#,
+        );
+        write(
+            docs.path(),
+            "reliability-badinput.md",
+            &format!("# Bad input\n\n{HEADER}\n{RULE}\n| 40 invalid specs | apply | 40 | 0 | 0 | 0 | 0 |\n"),
+        );
+        let out = render(results.path(), docs.path(), "test").unwrap();
+        assert!(
+            out.contains("| SIGKILL | kill(2) | 3 | 0 | 0 | 2 | 0 |"),
+            "{out}"
+        );
+        assert!(
+            out.contains("| 40 invalid specs | apply | 40 | 0 | 0 | 0 | 0 |"),
+            "{out}"
+        );
+        assert_eq!(out.matches("fault or input |").count(), 1, "{out}");
+        assert!(out.contains("`docs/reliability-badinput.md`"), "{out}");
+    }
+
+    #[test]
+    fn a_fact_without_its_binary_scan_is_an_error() {
+        let results = tempfile::tempdir().unwrap();
+        let docs = tempfile::tempdir().unwrap();
+        write(results.path(), FACTS_FILE, &fact("crash"));
+        write(results.path(), SCANS_FILE, "");
+        let err = render(results.path(), docs.path(), "test").unwrap_err();
+        assert!(err.contains("crash"), "{err}");
     }
 }
