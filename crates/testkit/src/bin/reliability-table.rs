@@ -163,7 +163,11 @@ fn render(results: &Path, docs: &Path, run: &str) -> Result<String, String> {
                     .map(|n| format!("`docs/{}`", n.to_string_lossy()))
             })
             .collect();
-        let _ = writeln!(out, "\nRows merged from {}.", names.join(", "));
+        let _ = writeln!(
+            out,
+            "\nRows merged from {} (how each was measured, and its notes, are there).",
+            names.join(", ")
+        );
     }
     Ok(out)
 }
