@@ -389,7 +389,7 @@ fn new_args(t: &str) -> Vec<&'static str> {
     match t {
         "apiKey" => vec![
             "--base-url",
-            "https://api.example.com",
+            "https://api.vaultconn.invalid",
             "--from-literal",
             "api_key=k",
         ],
@@ -409,7 +409,7 @@ fn new_args(t: &str) -> Vec<&'static str> {
         "stripe" => vec!["--from-literal", "secret_key=sk"],
         "oauth2" => vec![
             "--token-url",
-            "https://idp.example.com/token",
+            "https://idp.vaultconn.invalid/token",
             "--from-literal",
             "client_id=c",
             "--from-literal",
@@ -417,7 +417,7 @@ fn new_args(t: &str) -> Vec<&'static str> {
         ],
         "auth0" => vec![
             "--domain",
-            "t.eu.auth0.com",
+            "t.eu.auth0.invalid",
             "--audience",
             "https://api",
             "--from-literal",

@@ -7,11 +7,12 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, DynamicObject};
 use kube::ResourceExt;
 use serde_json::json;
 use support::objects::*;
-use support::operator::ensure_operator;
+use support::operator::{ensure_operator, writes_in_namespace};
 use support::{test_namespace, wait_for};
 use vaultconn::api::{Phase, VaultConnection};
 
@@ -47,7 +48,7 @@ async fn every_static_type_produces_exactly_its_output_keys() {
         ],
     )
     .await;
-    apply_vc(&ns, "apikey", json!({"type": "apiKey", "credentialsRef": {"name": "apikey-creds"}, "apiKey": {"baseUrl": "https://api.example", "headerName": "X-API-Key"}})).await;
+    apply_vc(&ns, "apikey", json!({"type": "apiKey", "credentialsRef": {"name": "apikey-creds"}, "apiKey": {"baseUrl": "https://api.vaultconn.invalid", "headerName": "X-API-Key"}})).await;
     apply_vc(
         &ns,
         "bearer",
@@ -68,7 +69,7 @@ async fn every_static_type_produces_exactly_its_output_keys() {
         "apikey",
         map(&[
             ("api_key", "ak-SECRET-1"),
-            ("base_url", "https://api.example"),
+            ("base_url", "https://api.vaultconn.invalid"),
             ("header_name", "X-API-Key"),
         ]),
     )
@@ -386,7 +387,7 @@ async fn invalid_specs_are_reported_with_the_field() {
         ),
         (
             "oauth-http",
-            json!({"type": "oauth2", "oauth2": {"tokenUrl": "http://idp.example/token"}}),
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "http://idp.vaultconn.invalid/token"}}),
             "spec.oauth2.tokenUrl",
         ),
         (
@@ -401,7 +402,7 @@ async fn invalid_specs_are_reported_with_the_field() {
         ),
         (
             "renew-both",
-            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/t", "renewBefore": "5m", "renewBeforePercentage": 10}}),
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.vaultconn.invalid/t", "renewBefore": "5m", "renewBeforePercentage": 10}}),
             "mutually exclusive",
         ),
         // The schema rejects a percentage out of 1–99 and what is no duration at all (see
@@ -409,17 +410,17 @@ async fn invalid_specs_are_reported_with_the_field() {
         // pattern lets through can still be too short.
         (
             "renew-dur",
-            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/t", "renewBefore": "500ms"}}),
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.vaultconn.invalid/t", "renewBefore": "500ms"}}),
             "at least 1s",
         ),
         (
             "auth0-aud",
-            json!({"type": "auth0", "auth0": {"domain": "t.auth0.com"}}),
+            json!({"type": "auth0", "auth0": {"domain": "t.auth0.invalid"}}),
             "spec.auth0.audience is required",
         ),
         (
             "auth0-domain",
-            json!({"type": "auth0", "auth0": {"domain": "https://t.auth0.com/x", "audience": "a"}}),
+            json!({"type": "auth0", "auth0": {"domain": "https://t.auth0.invalid/x", "audience": "a"}}),
             "bare host name",
         ),
         (
@@ -439,7 +440,7 @@ async fn invalid_specs_are_reported_with_the_field() {
         ),
         (
             "extra-param",
-            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.example/t", "extraParams": {"client_secret": "x"}}}),
+            json!({"type": "oauth2", "oauth2": {"tokenUrl": "https://idp.vaultconn.invalid/t", "extraParams": {"client_secret": "x"}}}),
             "extraParams",
         ),
     ];
@@ -548,44 +549,40 @@ async fn a_reconcile_that_changes_nothing_writes_nothing() {
         map(&[("token", "t1"), ("authorization", "Bearer t1")]),
     )
     .await;
-    // Let the operator's own follow-up reconciles (after its writes) settle.
-    let vcs: Api<VaultConnection> = ns.api();
-    let secrets: Api<Secret> = ns.api();
-    let rvs = || async {
-        (
-            vcs.get("q").await.unwrap().resource_version().unwrap(),
-            secrets.get("q").await.unwrap().resource_version().unwrap(),
-        )
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut last = rvs().await;
+    // Counted where the writes arrive: the operator reaches the API server through a proxy
+    // that records every request. (The resourceVersion cannot tell: the API server does not
+    // bump it for an identical write.) First let the operator's own follow-up reconciles
+    // (after its writes) settle: until a forced reconcile passes without a write.
+    let writes = || writes_in_namespace(&ns.name);
+    let mut settle = 0;
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = rvs().await;
-        if now == last {
+        let before = writes().await.len();
+        force_reconcile(&ns, "c", "q").await;
+        if writes().await.len() == before {
             break;
         }
+        settle += 1;
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "resourceVersions never settled"
+            settle < 10,
+            "the operator kept writing: {:#?}",
+            writes().await
         );
-        last = now;
     }
-    let (vc_rv, secret_rv) = last.clone();
+    let before = writes().await;
+    assert!(
+        before.iter().any(|w| w.contains("/secrets")),
+        "the proxy did not see the operator create the Secret: {before:#?}"
+    );
     // Force re-reconciles without changing anything the connection depends on: touch an
     // unrelated label on the credentials Secret (wakes the connection), twice.
     for _ in 0..2 {
         force_reconcile(&ns, "c", "q").await;
     }
+    let after = writes().await;
     assert_eq!(
-        vcs.get("q").await.unwrap().resource_version().unwrap(),
-        vc_rv,
-        "status was rewritten"
-    );
-    assert_eq!(
-        secrets.get("q").await.unwrap().resource_version().unwrap(),
-        secret_rv,
-        "Secret was rewritten"
+        after[before.len()..],
+        [] as [String; 0],
+        "reconciles that changed nothing wrote (status, Secret or Event)"
     );
 }
 
@@ -608,6 +605,115 @@ async fn credentials_ref_cannot_reach_another_namespace() {
     .await;
     let vc = with_reason(&ns, "y", "CredentialsMissing").await;
     assert!(message(&vc).contains(&format!("{}/shared-creds not found", ns.name)));
+}
+
+/// No spelling of a reference reaches into another namespace: not a `namespace` field on
+/// `credentialsRef` or `target` (the schema has none: refused or pruned), not `ns/name`, not
+/// `adopt`. Checked on what the API server saw: the operator sent no request at all for a path
+/// in the other namespace, and the other namespace's Secrets are as they were.
+#[tokio::test]
+async fn no_reference_reaches_another_namespace() {
+    ensure_operator().await;
+    let other = test_namespace("xns-other").await;
+    put_secret(&other, "shared-creds", &[("token", "xns-other-SECRET")]).await;
+    put_secret(&other, "victim", &[("token", "victim-SECRET-value")]).await;
+    let victim_before = other.api::<Secret>().get("victim").await.unwrap();
+    let ns = test_namespace("xns").await;
+    put_secret(&ns, "own", &[("token", "own-SECRET-value")]).await;
+
+    // Raw JSON, as a user could send it: fields the typed API does not have.
+    let ar = ApiResource::erase::<VaultConnection>(&());
+    let raw: Api<DynamicObject> = Api::namespaced_with(ns.client.clone(), &ns.name, &ar);
+    let create = |name: &str, spec: serde_json::Value| {
+        let raw = raw.clone();
+        let obj = json!({"apiVersion": "vaultconn.dev/v1alpha1", "kind": "VaultConnection",
+            "metadata": {"name": name}, "spec": spec});
+        async move {
+            let obj: DynamicObject = serde_json::from_value(obj).unwrap();
+            raw.create(&PostParams::default(), &obj).await
+        }
+    };
+    let cases = [
+        (
+            "cred-ns-field",
+            json!({"type": "bearerToken", "credentialsRef": {"name": "shared-creds", "namespace": other.name}}),
+        ),
+        (
+            "target-ns-field",
+            json!({"type": "bearerToken", "credentialsRef": {"name": "own"},
+                "target": {"name": "victim", "namespace": other.name, "adopt": true}}),
+        ),
+        (
+            "target-slash",
+            json!({"type": "bearerToken", "credentialsRef": {"name": "own"},
+                "target": {"name": format!("{}/victim", other.name), "adopt": true}}),
+        ),
+        (
+            "cred-slash",
+            json!({"type": "bearerToken", "credentialsRef": {"name": format!("{}/shared-creds", other.name)}}),
+        ),
+    ];
+    for (name, spec) in &cases {
+        match create(name, spec.clone()).await {
+            // Pruned: the stored object has no namespace field anywhere in its spec.
+            Ok(stored) => assert!(
+                !stored.data["spec"].to_string().contains("namespace"),
+                "{name}: stored with a namespace field: {}",
+                stored.data["spec"]
+            ),
+            Err(kube::Error::Api(e)) => assert!(e.code == 400 || e.code == 422, "{name}: {e:?}"),
+            Err(e) => panic!("{name}: {e}"),
+        }
+    }
+    let mut created: Vec<String> = Vec::new();
+    for (name, _) in &cases {
+        if raw.get_opt(name).await.unwrap().is_some() {
+            created.push(name.to_string());
+        }
+    }
+    if created.iter().any(|c| c == "cred-ns-field") {
+        let vc = with_reason(&ns, "cred-ns-field", "CredentialsMissing").await;
+        assert!(
+            message(&vc).contains(&format!("{}/shared-creds not found", ns.name)),
+            "{}",
+            message(&vc)
+        );
+    }
+    if created.iter().any(|c| c == "target-ns-field") {
+        // The target is a Secret of the connection's own namespace.
+        ready(&ns, "target-ns-field").await;
+        let own = ns.api::<Secret>().get("victim").await.unwrap();
+        assert_eq!(
+            data_of(&own).get("token").map(String::as_str),
+            Some("own-SECRET-value")
+        );
+    }
+    for slash in ["target-slash", "cred-slash"] {
+        if created.iter().any(|c| c == slash) {
+            with_reason(&ns, slash, "InvalidSpec").await;
+        }
+    }
+    let touched: Vec<String> = support::operator::api_requests()
+        .await
+        .into_iter()
+        .filter(|r| r.path.contains(&format!("/namespaces/{}/", other.name)))
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(
+        touched,
+        [] as [String; 0],
+        "the operator sent requests into the other namespace"
+    );
+    let victim_after = other.api::<Secret>().get("victim").await.unwrap();
+    assert_eq!(
+        victim_after.metadata.resource_version, victim_before.metadata.resource_version,
+        "the other namespace's Secret changed"
+    );
+    eprintln!(
+        "cross-namespace: stored (pruned) {created:?}, the others refused by the API server; \
+         0 requests into {}",
+        other.name
+    );
 }
 
 #[tokio::test]
@@ -650,8 +756,8 @@ async fn the_schema_rejects_what_can_never_be_valid_and_serves_the_columns() {
     // `type: block` with the block's required fields plus `extra`.
     let spec = |block: &str, extra: serde_json::Value| {
         let mut settings = match block {
-            "oauth2" => json!({"tokenUrl": "https://idp.example/t"}),
-            _ => json!({"domain": "t.eu.auth0.com", "audience": "https://api"}),
+            "oauth2" => json!({"tokenUrl": "https://idp.vaultconn.invalid/t"}),
+            _ => json!({"domain": "t.eu.auth0.invalid", "audience": "https://api"}),
         };
         settings
             .as_object_mut()

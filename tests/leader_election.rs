@@ -17,6 +17,7 @@ use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
 use vaultconn_testkit::provider_invariants::{
     assert_provider_invariants, scheduled_per_minute, Invariants,
 };
+use vaultconn_testkit::reliability::{record, Fact};
 use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 
 const CONNECTIONS: usize = 2;
@@ -225,6 +226,17 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
     // The schedule of 4 s tokens, plus the seed exchange.
     assert_no_replay(&ts, scheduled_per_minute(Duration::from_secs(4)) + 1);
     b.stop(Duration::from_secs(30));
+    record(
+        Fact::survived(
+            "SIGKILL of the leader while it refreshes (2 replicas, leader election)",
+            "kill(2) of the Lease holder; the standby takes over",
+            1,
+        )
+        .note(format!(
+            "{} connections, 4 s tokens: no replay at the provider",
+            names.len()
+        )),
+    );
 }
 
 #[tokio::test]
@@ -241,6 +253,10 @@ async fn sigterm_flushes_and_releases_the_lease() {
     assert!(a.stop(Duration::from_secs(30)), "clean exit on SIGTERM");
     // Released, not left to expire: the stored Lease has no holder right after the exit.
     assert_eq!(holder(&ns, lease).await, None, "the Lease was not released");
+    record(
+        Fact::survived("SIGTERM of the leader", "SIGTERM to the Lease holder", 1)
+            .note("clean exit; the Lease released, not left to expire"),
+    );
 }
 
 #[tokio::test]
@@ -310,6 +326,14 @@ async fn a_leader_that_cannot_renew_stops_writing_before_the_standby_starts() {
     // The schedule of 3 s tokens, plus the seed exchange.
     assert_no_replay(&ts, scheduled_per_minute(Duration::from_secs(3)) + 1);
     b.stop(Duration::from_secs(30));
+    record(
+        Fact::survived(
+            "The leader cut off from the Lease API while it can still write (fencing)",
+            "API fault proxy answers 503 to every Lease request of the leader",
+            proxy_a.injected(cut),
+        )
+        .note("no write after the standby acquired; no double leader; no replay"),
+    );
 }
 
 #[tokio::test]
@@ -448,4 +472,9 @@ async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replay
     assert_no_replay(&ts, 2);
     let _ = a.exit_status();
     b.stop(Duration::from_secs(30));
+    record(Fact::survived(
+        "Leadership lost with a token call in flight",
+        "token server holds the committed reply 10 s; proxy answers 503 to the leader's Lease requests",
+        proxy_a.injected(cut),
+    ).note("the in-flight refresh token sent exactly once; the rotated one stored"));
 }

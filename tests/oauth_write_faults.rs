@@ -34,6 +34,7 @@ use vaultconn::api::{Phase, VaultConnection};
 use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule, MethodMatch, RuleId};
 use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
 use vaultconn_testkit::provider_invariants::{assert_provider_invariants, Invariants};
+use vaultconn_testkit::reliability::{record, Fact};
 use vaultconn_testkit::token_server::{Fault, RecordedCall, TokenServer, TokenServerConfig};
 
 const CLIENT: &str = "app";
@@ -92,8 +93,25 @@ async fn harness() -> &'static Harness {
         .await
 }
 
+/// The operator's log; an unreadable or empty one fails the test (a leak check on "" passes
+/// for nothing).
 fn operator_logs(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.is_empty() => text,
+        other => panic!(
+            "the operator log {} is unreadable or empty: {other:?}",
+            path.display()
+        ),
+    }
+}
+
+/// Requests to `path` the proxy answered with an injected fault.
+fn injected_on(proxy: &ApiFaultProxy, path: &str) -> usize {
+    proxy
+        .requests()
+        .iter()
+        .filter(|r| r.injected && r.path.contains(path))
+        .count()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -333,6 +351,14 @@ async fn conflict_on_state_write_reapplies_the_same_tokens() {
         &operator_logs(&h.log_path),
         Invariants::new(2),
     );
+    record(
+        Fact::survived(
+            "409 Conflict on the state write right after a rotation",
+            "API fault proxy answers 409 to the state Secret write",
+            injected_on(&h.proxy, &path),
+        )
+        .note("each refresh token sent once; the rotated one stored and live"),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,6 +487,16 @@ async fn server_errors_on_state_write_retry_the_write_never_the_grant() {
         &operator_logs(&h.log_path),
         Invariants::new(4),
     );
+    record(
+        Fact::survived(
+            "429 (Retry-After), 503 and 500 outages on the state write right after a rotation",
+            "API fault proxy: 3 × 429, a 5 s 503 outage, a 500 outage past the 20 s write budget",
+            injected_on(&h.proxy, &path),
+        )
+        .note(
+            "only the write retried, never the grant; TokenPersistPending during the long outage",
+        ),
+    );
 }
 
 /// Seconds from the first injected response of `rule` to each of its injected responses.
@@ -541,6 +577,17 @@ async fn unavailable_past_the_budget_hands_over_in_time() {
         &issued_rt(&call),
         &operator_logs(&h.log_path),
         Invariants::new(2),
+    );
+    record(
+        Fact::survived(
+            "503 on the state write for longer than the 20 s write budget",
+            "API fault proxy answers 503 until cleared",
+            injected_on(&h.proxy, &path),
+        )
+        .note(format!(
+            "TokenPersistPending after {:.1?}; stored once the API server recovered",
+            pending.unwrap_or_default()
+        )),
     );
 }
 
@@ -693,6 +740,11 @@ async fn sigterm_while_tokens_are_unwritten_persists_them_before_exit() {
         &operator_logs(&h.log_path),
         Invariants::new(4),
     );
+    record(Fact::survived(
+        "SIGTERM while rotated tokens are not yet written",
+        "API fault proxy fails the state write (503, then 500 past the budget); SIGTERM meanwhile",
+        2,
+    ).note(format!("{} failed writes; tokens stored before exit both times, no RefreshResponseLost after restart", injected_on(&h.proxy, &path))));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ use support::objects::*;
 use support::operator::operator;
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use vaultconn_testkit::provider_invariants::{assert_provider_invariants, Invariants};
+use vaultconn_testkit::reliability::{record, Fact};
 use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 
 const CLIENT: &str = "app";
@@ -131,4 +132,9 @@ async fn a_lost_state_secret_never_replays_the_spent_seed() {
     // request for the seed and one for the new seed (1 h tokens, the rewrite and the restart
     // ask nothing).
     assert_provider_invariants(&ts.provider_record(), &Invariants::new(2));
+    record(Fact::survived(
+        "State Secret deleted (operator running; operator down)",
+        "DELETE of the state Secret by another client",
+        2,
+    ).note("running: rewritten, nothing sent; down: StateLost reported, the spent seed never replayed"));
 }

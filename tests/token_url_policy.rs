@@ -1,6 +1,7 @@
 //! Cluster tests of the token URL policy (issue 10): a token host on a private network is
 //! refused before anything is sent, with a reason that says what to do; transport failures
-//! reach the status and Events only as their class, the transport's own text only the log.
+//! reach the status and Events only as their class, the transport's own text only the log;
+//! TLS to the token endpoint is verified, against `caBundleRef` when given.
 //!
 //! Loopback only. The private hosts below are literals the operator refuses at validation, and
 //! the one the allow-list admits has no credentials, so no token request can be built for it:
@@ -21,6 +22,8 @@ use support::{test_namespace, wait_for_some, TestNs};
 use tokio::sync::OnceCell;
 use vaultconn::api::Phase;
 use vaultconn_testkit::operator::{fetch_metrics, parse_metric, OperatorOptions, OperatorProcess};
+use vaultconn_testkit::reliability::{record, Fact};
+use vaultconn_testkit::tls_front::{TlsFront, TEST_CA_PEM, TEST_LEAF_PEM};
 use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 
 const CLIENT: &str = "app";
@@ -181,6 +184,14 @@ async fn private_literal_token_host_is_refused_without_a_request() {
         .filter_map(|s| s.metadata.name)
         .collect();
     assert_eq!(secrets, ["creds"], "only the credentials Secret exists");
+    record(
+        Fact::survived(
+            "Token URL on a private network (IPv4 literal, IPv4-mapped IPv6)",
+            "VaultConnections naming https://10.1.2.3/… and https://[::ffff:10.1.2.3]/…",
+            2,
+        )
+        .note("TokenURLNotAllowed; 0 token requests, nothing written"),
+    );
 }
 
 #[tokio::test]
@@ -259,6 +270,14 @@ async fn transport_failures_show_only_their_class() {
         !logs.contains(CLIENT_SECRET),
         "the client secret was logged"
     );
+    record(
+        Fact::survived(
+            "Token endpoint unreachable (connection refused, TLS to a plain-HTTP server)",
+            "loopback port with no listener; https:// to the plain-HTTP token server",
+            2,
+        )
+        .note("status and Events name only the failure class; detail in the log only"),
+    );
 }
 
 /// A bad allow-list entry stops the operator at start-up with an error naming the entry.
@@ -285,9 +304,15 @@ fn bad_allow_list_entries_stop_the_operator_at_start() {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         if how == "flag" {
-            cmd.args(["--token-url-allow", &format!("idp.example,{entry}")]);
+            cmd.args([
+                "--token-url-allow",
+                &format!("idp.vaultconn.invalid,{entry}"),
+            ]);
         } else {
-            cmd.env("VAULTCONN_TOKEN_URL_ALLOW", format!("idp.example,{entry}"));
+            cmd.env(
+                "VAULTCONN_TOKEN_URL_ALLOW",
+                format!("idp.vaultconn.invalid,{entry}"),
+            );
         }
         let mut child = cmd.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -309,4 +334,116 @@ fn bad_allow_list_entries_stop_the_operator_at_start() {
             "{how} {entry}: {stderr}"
         );
     }
+}
+
+/// TLS verification of the token endpoint, over loopback: a certificate no trusted CA signed is
+/// refused during the handshake (nothing reaches the token server); the same endpoint is
+/// trusted once `caBundleRef` names the right CA; a `caBundleRef` whose Secret is absent from the
+/// connection's namespace (present only in another one) is `CABundleMissing` with no connection
+/// attempted; a bundle holding only the server's own certificate (not a CA) is refused too.
+/// Each connection gets its own TLS front, so what each front saw is that connection's doing.
+#[tokio::test]
+async fn token_endpoint_tls_is_verified_against_the_ca_bundle() {
+    let _serial = SERIAL.lock().await;
+    drop(operator().await);
+    let other = test_namespace("tls-other").await;
+    put_secret(&other, "ca", &[("ca.crt", TEST_CA_PEM)]).await;
+    let ns = test_namespace("tls").await;
+    creds(&ns).await;
+    put_secret(&ns, "leaf-only", &[("ca.crt", TEST_LEAF_PEM)]).await;
+    let ts = TokenServer::start(
+        TokenServerConfig::default()
+            .with_client(CLIENT, CLIENT_SECRET)
+            .with_ttl(Duration::from_secs(3600)),
+    )
+    .await
+    .unwrap();
+    let front = || async { TlsFront::start(ts.addr()).await.unwrap() };
+    let (untrusted, leaf, trusted, local) =
+        (front().await, front().await, front().await, front().await);
+    let with_ca = |url: String, secret: &str| {
+        json!({"type": "oauth2", "credentialsRef": {"name": "creds"},
+            "oauth2": {"tokenUrl": url, "caBundleRef": {"name": secret, "key": "ca.crt"}}})
+    };
+    apply_vc(
+        &ns,
+        "untrusted",
+        oauth2(&untrusted.url("127.0.0.1", "/oauth/token"), "creds"),
+    )
+    .await;
+    apply_vc(
+        &ns,
+        "leaf",
+        with_ca(leaf.url("127.0.0.1", "/oauth/token"), "leaf-only"),
+    )
+    .await;
+    apply_vc(
+        &ns,
+        "trusted",
+        with_ca(trusted.url("127.0.0.1", "/oauth/token"), "ca"),
+    )
+    .await;
+    apply_vc(
+        &ns,
+        "by-name",
+        with_ca(local.url("localhost", "/oauth/token"), "ca"),
+    )
+    .await;
+
+    for name in ["trusted", "by-name"] {
+        let vc = with_reason(&ns, name, "CABundleMissing").await;
+        assert_eq!(phase(&vc), Some(Phase::Failed));
+        let msg = message(&vc);
+        assert!(
+            msg.contains(&format!("Secret {}/ca has no key ca.crt", ns.name)),
+            "{msg}"
+        );
+    }
+    assert_eq!(
+        (trusted.connections(), local.connections()),
+        (0, 0),
+        "a connection without its CA bundle contacted the endpoint"
+    );
+    for (name, f) in [("untrusted", &untrusted), ("leaf", &leaf)] {
+        let vc = with_reason(&ns, name, "TLSError").await;
+        assert_no_transport_text(&format!("the status of {name}"), &message(&vc));
+        wait_for_some(WAIT, &format!("{name}: a refused handshake"), || async {
+            (f.failed_handshakes() > 0).then_some(())
+        })
+        .await;
+        assert_eq!(f.handshakes(), 0, "{name}: the handshake completed");
+    }
+    assert_eq!(
+        ts.call_count(),
+        0,
+        "a request got through an untrusted handshake"
+    );
+
+    // The CA arrives in the connections' own namespace: both turn Ready, trusting it.
+    put_secret(&ns, "ca", &[("ca.crt", TEST_CA_PEM)]).await;
+    for name in ["trusted", "by-name"] {
+        ready(&ns, name).await;
+        let out = ns.api::<Secret>().get(name).await.unwrap();
+        let at = data_of(&out)
+            .get("access_token")
+            .cloned()
+            .unwrap_or_default();
+        assert!(ts.is_access_token_valid(&at), "{name}: no valid token");
+    }
+    assert!(trusted.handshakes() >= 1 && local.handshakes() >= 1);
+    assert_eq!(
+        ts.call_count(),
+        2,
+        "one token request per trusted connection"
+    );
+    assert_eq!(
+        (untrusted.handshakes(), leaf.handshakes()),
+        (0, 0),
+        "an untrusted endpoint was trusted later"
+    );
+    record(Fact::survived(
+        "Token endpoint with a certificate no trusted CA signed (none, or only the leaf as bundle)",
+        "loopback TLS front with a test-CA certificate",
+        untrusted.failed_handshakes() + leaf.failed_handshakes(),
+    ).note("every handshake refused, 0 requests reached the server; CABundleMissing while the bundle was absent, Ready with it"));
 }

@@ -33,7 +33,12 @@ pub fn secret_obj(name: &str, data: &[(&str, &str)]) -> Secret {
     }
 }
 
+/// Create or replace the Secret `name`; its secret values join the binary's leak scan.
 pub async fn put_secret(ns: &TestNs, name: &str, data: &[(&str, &str)]) {
+    vaultconn_testkit::leak_scan::register_secret_data(
+        &format!("put_secret {}/{name}", ns.name),
+        data.iter().map(|(k, v)| (*k, v.as_bytes())),
+    );
     let api: Api<Secret> = ns.api();
     let s = secret_obj(name, data);
     match api.get_opt(name).await.unwrap() {

@@ -276,7 +276,10 @@ impl ControlPlane {
             .arg(format!("--initial-cluster=default={peer_url}"))
             .arg("--log-level=warn");
         cp.spawn_server("etcd", etcd)?;
+        // Probes go to loopback only and carry the admin token: never through an HTTP(S)_PROXY
+        // from the environment (as every other client of the test kit).
         let http = reqwest::Client::builder()
+            .no_proxy()
             .danger_accept_invalid_certs(true)
             .timeout(Duration::from_secs(2))
             .build()

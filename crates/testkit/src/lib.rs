@@ -10,11 +10,18 @@
 //! - [`api_proxy`]: a fault-injecting proxy in front of the real kube-apiserver (the real one
 //!   cannot fail one chosen write on demand).
 //! - [`operator`]: the `vaultconn` binary as a child process (kill, restart, logs, metrics).
+//! - [`leak_scan`]: every secret value the tests used, searched for in everything the operator
+//!   showed or logged, once per test binary at exit.
+//! - [`tls_front`]: a TLS listener with a test CA in front of the token server.
+//! - [`reliability`]: facts for `docs/RELIABILITY.md`, recorded by the tests that measured them.
 pub mod api_proxy;
+pub mod leak_scan;
 pub mod oidc;
 pub mod operator;
 pub mod provider_invariants;
+pub mod reliability;
 pub mod shared;
+pub mod tls_front;
 pub mod token_server;
 
 pub use vaultconn_local_cluster::{control_plane, install_crypto_provider, process};

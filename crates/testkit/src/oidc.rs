@@ -529,6 +529,9 @@ impl OidcProvider {
     /// loopback port and waits until it serves its discovery document.
     pub async fn start(options: OidcOptions) -> Result<Self, OidcError> {
         vaultconn_local_cluster::install_crypto_provider();
+        for c in [M2M, M2M_POST, M2M_SPECIAL, RT_CLIENT] {
+            crate::leak_scan::register_secret(c.secret, "an oidc-provider client secret");
+        }
         let node = node_binary().await?;
 
         let mut cmd = Command::new(&node);
@@ -667,6 +670,7 @@ impl OidcProvider {
             .send()
             .await?;
         let minted: Minted = expect_ok(resp, "POST /__mint_rt").await?.json().await?;
+        crate::leak_scan::register_secret(&minted.refresh_token, "an oidc-provider refresh token");
         Ok(minted.refresh_token)
     }
 

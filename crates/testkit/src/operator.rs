@@ -1,6 +1,7 @@
 //! The operator binary run as a separate process against a test cluster, as it runs for real:
 //! its own kubeconfig, its own logs (captured to a file so tests can scan them for secrets),
-//! killable with SIGKILL and restartable.
+//! killable with SIGKILL and restartable. Every process started here is watched by the test
+//! binary's secret-leak scan ([`crate::leak_scan`]): its log and its metrics.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -26,6 +27,8 @@ pub struct OperatorProcess {
     child: Option<Child>,
     metrics_port: u16,
     starts: u32,
+    /// This process's entry in the leak scan.
+    scan_id: usize,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -35,11 +38,14 @@ fn free_port() -> std::io::Result<u16> {
 impl OperatorProcess {
     /// Start the operator and wait until its metrics endpoint answers.
     pub async fn start(opts: OperatorOptions) -> std::io::Result<Self> {
+        let metrics_port = free_port()?;
+        let scan_id = crate::leak_scan::watch_operator(&opts.log_path, metrics_port);
         let mut op = OperatorProcess {
             opts,
             child: None,
-            metrics_port: free_port()?,
+            metrics_port,
             starts: 0,
+            scan_id,
         };
         op.spawn().await?;
         Ok(op)
@@ -114,8 +120,22 @@ impl OperatorProcess {
     }
 
     /// Everything the operator has logged so far.
+    ///
+    /// # Panics
+    /// If the log cannot be read or is empty: the operator logs at start-up, so either means the
+    /// capture is broken, and a check for secrets in it would pass for nothing.
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.opts.log_path).unwrap_or_default()
+        match std::fs::read_to_string(&self.opts.log_path) {
+            Ok(text) if !text.is_empty() => text,
+            Ok(_) => panic!(
+                "the operator log {} is empty: the capture is broken",
+                self.opts.log_path.display()
+            ),
+            Err(e) => panic!(
+                "cannot read the operator log {}: {e}",
+                self.opts.log_path.display()
+            ),
+        }
     }
 
     pub fn metrics_url(&self) -> String {
@@ -124,7 +144,9 @@ impl OperatorProcess {
 
     /// The operator's /metrics text, or None if it does not answer.
     pub async fn metrics(&self) -> Option<String> {
-        fetch_metrics(&self.metrics_url()).await
+        let text = fetch_metrics(&self.metrics_url()).await?;
+        crate::leak_scan::record_metrics(self.scan_id, &text);
+        Some(text)
     }
 
     /// The value of an unlabelled counter/gauge (OpenMetrics `name` or `name_total`).
@@ -146,6 +168,10 @@ impl OperatorProcess {
         let Some(mut c) = self.child.take() else {
             return true;
         };
+        // The last look at the metrics for the leak scan (it runs after the process is gone).
+        if let Some(text) = crate::leak_scan::scrape_blocking(self.metrics_port) {
+            crate::leak_scan::record_metrics(self.scan_id, &text);
+        }
         if let Ok(pid) = libc::pid_t::try_from(c.id()) {
             // SAFETY: plain kill(2) on our own child.
             unsafe {

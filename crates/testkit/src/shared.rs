@@ -34,6 +34,12 @@ pub async fn cluster() -> &'static ControlPlane {
         .await
 }
 
+/// The control plane of this test binary if some test started it (for the exit scan, which
+/// must not start one).
+pub fn cluster_if_started() -> Option<&'static ControlPlane> {
+    CLUSTER.get()
+}
+
 /// A fresh admin client for the calling test's runtime.
 pub async fn client() -> kube::Client {
     cluster().await.client().await

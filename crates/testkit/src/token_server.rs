@@ -100,7 +100,9 @@ impl TokenServerConfig {
         client_id: impl Into<String>,
         client_secret: impl Into<String>,
     ) -> Self {
-        self.clients.insert(client_id.into(), client_secret.into());
+        let (id, secret) = (client_id.into(), client_secret.into());
+        crate::leak_scan::register_secret(&secret, "a token server client secret");
+        self.clients.insert(id, secret);
         self
     }
 
@@ -403,10 +405,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Every access and refresh token the server mints or issues (the leak scan looks for each).
 fn random_token() -> String {
     let mut buf = [0u8; 32];
     rand::rng().fill_bytes(&mut buf);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf);
+    crate::leak_scan::register_secret(&token, "a token the token server issued");
+    token
 }
 
 /// Decrements the in-flight counters when the request's processing task ends.

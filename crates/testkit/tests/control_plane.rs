@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{LazyLock, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
@@ -95,13 +95,19 @@ async fn controller_manager_creates_default_service_account_and_token() {
     assert!(token.data.unwrap().contains_key("token"));
 }
 
-// Two tests that really run at the same time (libtest runs tests in parallel by default): both
-// meet at a barrier while their objects exist, then check what each one can see.
-static RENDEZVOUS: LazyLock<tokio::sync::Barrier> = LazyLock::new(|| tokio::sync::Barrier::new(2));
-static ISOLATION_NAMESPACES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+// Two tests' worth of work really running at the same time, each in its own namespace with a
+// client of its own: both meet at a barrier while their objects exist, then check what each one
+// can see. Both run inside one test (joined on a multi-threaded runtime), so the check does not
+// depend on libtest running tests in parallel: `--test-threads=1` used to leave one of two
+// separate tests waiting at the barrier for the other, which never started.
 const SHARED_NAME: &str = "same-name";
 
-async fn isolation_check(who: &str) {
+struct Rendezvous {
+    barrier: tokio::sync::Barrier,
+    namespaces: Mutex<Vec<String>>,
+}
+
+async fn isolation_check(who: &str, meet: &Rendezvous) {
     let ns = test_namespace("iso").await;
     let cms: Api<ConfigMap> = ns.api();
     cms.create(
@@ -118,14 +124,13 @@ async fn isolation_check(who: &str) {
     )
     .await
     .unwrap();
-    ISOLATION_NAMESPACES.lock().unwrap().push(ns.name.clone());
+    meet.namespaces.lock().unwrap().push(ns.name.clone());
 
-    // Needs both isolation tests running at once (not with --test-threads=1).
-    tokio::time::timeout(Duration::from_secs(120), RENDEZVOUS.wait())
+    tokio::time::timeout(Duration::from_secs(120), meet.barrier.wait())
         .await
-        .expect("the other isolation test never arrived (are tests running in parallel?)");
+        .expect("the other isolation check never arrived");
 
-    let names = ISOLATION_NAMESPACES.lock().unwrap().clone();
+    let names = meet.namespaces.lock().unwrap().clone();
     assert_eq!(names.len(), 2, "{names:?}");
     assert_ne!(names[0], names[1]);
 
@@ -150,20 +155,19 @@ async fn isolation_check(who: &str) {
     expected.sort();
     assert_eq!(where_, expected);
 
-    // Let the other test list before this one ends.
-    tokio::time::timeout(Duration::from_secs(60), RENDEZVOUS.wait())
+    // Let the other check list before this one ends.
+    tokio::time::timeout(Duration::from_secs(60), meet.barrier.wait())
         .await
-        .expect("the other isolation test did not finish its checks");
+        .expect("the other isolation check did not finish its checks");
 }
 
-#[tokio::test]
-async fn isolation_a() {
-    isolation_check("a").await;
-}
-
-#[tokio::test]
-async fn isolation_b() {
-    isolation_check("b").await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tests_at_once_are_isolated() {
+    let meet = Rendezvous {
+        barrier: tokio::sync::Barrier::new(2),
+        namespaces: Mutex::new(Vec::new()),
+    };
+    tokio::join!(isolation_check("a", &meet), isolation_check("b", &meet));
 }
 
 /// Alive and not a zombie (a killed child reparented to a non-reaping init stays a zombie).
@@ -407,4 +411,92 @@ async fn control_plane_dies_with_a_sigkilled_owner() {
         async move { done }
     })
     .await;
+}
+
+const PROXY_HELPER_ENV: &str = "VAULTCONN_CP_PROXY_HELPER";
+
+/// Not a test on its own: run by `control_plane_probes_ignore_proxy_variables` in a child
+/// process whose environment names a proxy. Starts and stops a control plane.
+#[tokio::test]
+#[ignore = "helper process for control_plane_probes_ignore_proxy_variables"]
+async fn proxy_helper() {
+    if std::env::var_os(PROXY_HELPER_ENV).is_none() {
+        return;
+    }
+    let mut cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .expect("the control plane starts with proxy variables set");
+    cp.stop();
+    println!("\nSTARTED");
+}
+
+/// The start-up probes carry the admin token to loopback: they must never go through a proxy
+/// named in the environment. A trap listens where the proxy variables point and counts every
+/// connection; the control plane starts in a child process with those variables set.
+#[tokio::test]
+async fn control_plane_probes_ignore_proxy_variables() {
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = format!("http://{}", trap.local_addr().unwrap());
+    let caught = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let caught = std::sync::Arc::clone(&caught);
+        std::thread::spawn(move || {
+            for conn in trap.incoming() {
+                caught.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(conn);
+            }
+        });
+    }
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--ignored",
+        "--exact",
+        "proxy_helper",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(PROXY_HELPER_ENV, "1")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    // reqwest takes HTTP_PROXY for http:// (etcd's /health) and ALL_PROXY for https://
+    // (kube-apiserver's /readyz, with the admin token). HTTPS_PROXY stays unset: kube's own
+    // client reads that one and refuses to start without its http-proxy feature, which is
+    // not what this test is about.
+    for var in ["HTTP_PROXY", "ALL_PROXY"] {
+        cmd.env(var, &proxy).env(var.to_lowercase(), &proxy);
+    }
+    for var in ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"] {
+        cmd.env_remove(var);
+    }
+    let mut helper = cmd.spawn().unwrap();
+    let stdout = helper.stdout.take().unwrap();
+    let started = tokio::task::spawn_blocking(move || {
+        // Read to the end: a closed pipe would fail the helper's last lines of output.
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l == "STARTED")
+            .count()
+            > 0
+    });
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !started.is_finished() {
+        let through_proxy = caught.load(std::sync::atomic::Ordering::SeqCst);
+        if through_proxy > 0 || Instant::now() > deadline {
+            let _ = helper.kill();
+            let _ = helper.wait();
+            panic!(
+                "{through_proxy} connection(s) went to the proxy from the environment \
+                 (or the start took over 180 s)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = helper.wait().unwrap();
+    assert!(
+        started.await.unwrap(),
+        "the helper did not start a control plane"
+    );
+    assert!(status.success(), "helper: {status}");
+    assert_eq!(caught.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

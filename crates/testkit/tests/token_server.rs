@@ -1011,8 +1011,12 @@ async fn one_shot_faults_are_fifo_and_sticky_fault_applies_to_all() {
 async fn call_recording_and_concurrency_maxima() {
     let (server, http) = start(config().with_rotation(false)).await;
     let rt = server.mint_refresh_token(APP);
+    // Every reply is held long enough that all five requests are in flight together even on a
+    // loaded machine; the test waits for that before it looks at the maxima (a 300 ms hold
+    // was not always enough on a busy 2-core runner).
+    let hold = Duration::from_secs(5);
     server.set_sticky_fault(Some(Fault::SlowReply {
-        delay: Duration::from_millis(300),
+        delay: hold,
         after_commit: false,
     }));
 
@@ -1029,8 +1033,26 @@ async fn call_recording_and_concurrency_maxima() {
                 .map(|r| r.status().as_u16())
         }));
     }
-    let cc_status = cc(&http, &server).await.unwrap().status();
-    assert_eq!(cc_status, 200);
+    let cc_call = {
+        let (http, server_url) = (http.clone(), server.token_url());
+        tokio::spawn(async move {
+            http.post(server_url)
+                .header(reqwest::header::AUTHORIZATION, basic("m2m", "m2m-secret"))
+                .form(&[("grant_type", "client_credentials")])
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    let deadline = Instant::now() + hold;
+    while server.in_flight() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the five requests were not in flight together within the {hold:?} hold"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cc_call.await.unwrap().unwrap(), 200);
     for t in tasks {
         assert_eq!(t.await.unwrap().unwrap(), 200);
     }
