@@ -62,6 +62,24 @@ async fn valid_token(ns: &TestNs, ts: &TokenServer, name: &str, not: Option<&str
     .await
 }
 
+/// The stored refresh token, read so that a rotation between reading it and asking the
+/// provider about it cannot make a live chain look dead: a dead token counts only if it is
+/// still the stored one when read again.
+async fn settled_stored_refresh_token(ns: &TestNs, ts: &TokenServer, name: &str) -> Option<String> {
+    let mut rt = stored_refresh_token(ns, name).await?;
+    for _ in 0..50 {
+        if ts.is_refresh_token_live(&rt) {
+            return Some(rt);
+        }
+        let again = stored_refresh_token(ns, name).await?;
+        if again == rt {
+            return Some(rt);
+        }
+        rt = again;
+    }
+    Some(rt)
+}
+
 /// The invariants of every test; `secrets` are strings that must never be visible; `provider`
 /// is what the token server's record must show (see `provider_invariants`).
 async fn assert_invariants(
@@ -72,7 +90,7 @@ async fn assert_invariants(
     provider: Invariants,
 ) -> Report {
     let vc = ns.api::<VaultConnection>().get(name).await.unwrap();
-    if let Some(rt) = stored_refresh_token(ns, name).await {
+    if let Some(rt) = settled_stored_refresh_token(ns, ts, name).await {
         // A dead stored refresh token is excused only by the one loss the test provoked and
         // declared (`lost_response`, which the provider record must match exactly) and the
         // connection reports as such — never by any `Failed` phase.
