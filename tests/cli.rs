@@ -634,14 +634,20 @@ async fn new_then_fill_in_then_kubectl_wait_turns_ready() {
     assert_eq!(made.code, 0, "{}", made.stderr);
     let applied = kubectl(&["apply", "-f", "-"], Some(&made.stdout)).await;
     assert_eq!(applied.code, 0, "{applied:?}");
-    let vc = with_reason(&ns, "legacy", "CredentialsMissing").await;
-    assert_eq!(
-        message(&vc),
-        format!(
-            "Secret {}/legacy-credentials has no keys username, password (or it is empty)",
-            ns.name
-        )
+    // `kubectl apply` creates the connection and its empty Secret one after the other: the
+    // first reconcile may still see no Secret, so wait for the message about the empty one.
+    let want = format!(
+        "Secret {}/legacy-credentials has no keys username, password (or it is empty)",
+        ns.name
     );
+    let vc = vc_where(
+        &ns,
+        "legacy",
+        "the empty credentials Secret is reported",
+        |v| reason(v) == "CredentialsMissing" && message(v) == want,
+    )
+    .await;
+    assert_eq!(message(&vc), want);
     // The dashboard's "fill in" step.
     put_secret(
         &ns,
