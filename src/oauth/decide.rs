@@ -1962,4 +1962,26 @@ mod props {
             prop_assert!(n > counted.max(status.unwrap_or(0)) || n == u32::MAX);
         }
     }
+
+    /// Known gap, not fixed (see docs/reliability-props.md): the evidence that the seed was
+    /// refused for good (`RefreshResponseLost`) lives only in the state Secret. With that
+    /// Secret deleted while the operator restarts, the seed is sent once more. A fix needs the
+    /// status to record the refused token too (`Decider::terminal` and the README's
+    /// `spentSeedFingerprint`), which is the lead's call.
+    #[test]
+    fn a_lost_state_after_a_refused_retry_never_resends_it() {
+        let mut w = World::new();
+        w.apply(Step::Call(Answer::LostAfterRotation))
+            .expect("the lost response and the refused retry");
+        assert_eq!(
+            w.state.as_ref().and_then(|s| s.failed_reason.as_deref()),
+            Some("RefreshResponseLost")
+        );
+        // The state Secret is deleted while the operator restarts.
+        w.state = None;
+        w.memory = None;
+        if let Err(e) = w.apply(Step::Call(Answer::Rotated)) {
+            panic!("{e}");
+        }
+    }
 }
