@@ -67,10 +67,6 @@ impl LeaderGate {
         s.holder && s.valid_until.is_some_and(|until| now < until)
     }
 
-    pub fn is_electing(&self) -> bool {
-        self.electing
-    }
-
     /// Resolves once this process may write.
     pub async fn opened(&self) {
         while !self.may_write() {

@@ -87,28 +87,8 @@ async fn holder(ns: &TestNs, lease: &str) -> Option<String> {
 async fn oauth_connections(ns: &TestNs, ts: &TokenServer, prefix: &str) -> Vec<String> {
     let mut names = Vec::new();
     for i in 0..CONNECTIONS {
-        let client = format!("{prefix}-client-{i}");
-        ts.add_client(&client, "s3cret-value");
-        let rt = ts.mint_refresh_token(&client);
-        let creds = format!("{prefix}-{i}-creds");
-        put_secret(
-            ns,
-            &creds,
-            &[
-                ("client_id", &client),
-                ("client_secret", "s3cret-value"),
-                ("refresh_token", &rt),
-            ],
-        )
-        .await;
         let name = format!("{prefix}-{i}");
-        apply_vc(
-            ns,
-            &name,
-            json!({"type": "oauth2", "credentialsRef": {"name": creds},
-                "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}}),
-        )
-        .await;
+        refresh_token_connection(ns, ts, &format!("{prefix}-client-{i}"), &name).await;
         names.push(name);
     }
     names

@@ -50,28 +50,8 @@ async fn rotated_but_unstored(
 ) -> (Vec<String>, vaultconn_testkit::api_proxy::RuleId) {
     let mut names = Vec::new();
     for i in 0..CONNECTIONS {
-        let client = format!("{}-client-{i}", ns.name);
-        ts.add_client(&client, "s3cret-value");
-        let rt = ts.mint_refresh_token(&client);
-        let creds = format!("c{i}-creds");
-        put_secret(
-            ns,
-            &creds,
-            &[
-                ("client_id", &client),
-                ("client_secret", "s3cret-value"),
-                ("refresh_token", &rt),
-            ],
-        )
-        .await;
         let name = format!("c{i}");
-        apply_vc(
-            ns,
-            &name,
-            json!({"type": "oauth2", "credentialsRef": {"name": creds},
-                "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}}),
-        )
-        .await;
+        refresh_token_connection(ns, ts, &format!("{}-client-{i}", ns.name), &name).await;
         ready(ns, &name).await;
         names.push(name);
     }

@@ -220,3 +220,34 @@ pub async fn stored_refresh_token(ns: &TestNs, name: &str) -> Option<String> {
         .ok()??;
     data_of(&s).get("refresh_token").cloned()
 }
+
+/// A refresh-token-grant connection `name` against `ts`: registers `client` at the token
+/// server, mints it a seed and puts it in the credentials Secret `<name>-creds`.
+#[allow(dead_code)]
+pub async fn refresh_token_connection(
+    ns: &TestNs,
+    ts: &vaultconn_testkit::token_server::TokenServer,
+    client: &str,
+    name: &str,
+) {
+    ts.add_client(client, "s3cret-value");
+    let rt = ts.mint_refresh_token(client);
+    let creds = format!("{name}-creds");
+    put_secret(
+        ns,
+        &creds,
+        &[
+            ("client_id", client),
+            ("client_secret", "s3cret-value"),
+            ("refresh_token", &rt),
+        ],
+    )
+    .await;
+    apply_vc(
+        ns,
+        name,
+        json!({"type": "oauth2", "credentialsRef": {"name": creds},
+            "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}}),
+    )
+    .await;
+}
