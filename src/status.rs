@@ -375,7 +375,7 @@ mod props {
             outcomes.push(d.salvaged(failures, &state).outcome);
             outcomes.push(d.persist_pending(failures).outcome);
             for reason in Reason::ALL {
-                outcomes.push(d.terminal(*reason, failures % 2 == 0).outcome);
+                outcomes.push(d.terminal(*reason, failures % 2 == 0, Some("0123456789abcdef".into())).outcome);
             }
             // A token endpoint echoing the request's secrets back in its error.
             let body = serde_json::json!({"error": "invalid_request", "error_description": secrets.join(" ")});

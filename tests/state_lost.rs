@@ -2,7 +2,8 @@
 //! or lost in a restore) after the provider rotated the seed away. The spent seed must never be
 //! sent again: a rotating provider treats that as token theft and revokes the grant.
 //!
-//! One test, in its own binary, because it restarts the operator: while the operator still holds
+//! Two tests, in their own binary, because they restart the operator (one at a time:
+//! `RESTARTS`): while the operator still holds
 //! the state it rewrites the Secret without a provider call; after a restart it knows nothing
 //! and reports `StateLost` instead of replaying the seed. Everything is checked against the
 //! token server's own record.
@@ -17,7 +18,10 @@ use support::operator::operator;
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use vaultconn_testkit::provider_invariants::{assert_provider_invariants, Invariants};
 use vaultconn_testkit::reliability::{record, Fact};
-use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
+use vaultconn_testkit::token_server::{Fault, TokenServer, TokenServerConfig};
+
+/// The tests restart the one operator of this binary; they take turns.
+static RESTARTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const CLIENT: &str = "app";
 const CLIENT_SECRET: &str = "client-SECRET-value";
@@ -54,6 +58,7 @@ fn sends_of(ts: &TokenServer, token: &str) -> usize {
 // operator meanwhile, and holding it keeps anyone from seeing it half started.
 #[allow(clippy::await_holding_lock)]
 async fn a_lost_state_secret_never_replays_the_spent_seed() {
+    let _turn = RESTARTS.lock().await;
     drop(operator().await);
     let ns = test_namespace("statelost").await;
     let ts = TokenServer::start(
@@ -137,4 +142,74 @@ async fn a_lost_state_secret_never_replays_the_spent_seed() {
         "DELETE of the state Secret by another client",
         2,
     ).note("running: rewritten, nothing sent; down: StateLost reported, the spent seed never replayed"));
+}
+
+/// Found by the refresh model (`decide::props`): the seed's response was lost after the provider
+/// rotated it, and the one retry was refused (no overlap window): `RefreshResponseLost`. The
+/// state Secret was then the only record that the seed is spent; deleted while the operator was
+/// down, the seed was sent once more. The status now records it as spent too.
+#[tokio::test]
+#[allow(clippy::await_holding_lock)]
+async fn a_seed_refused_after_a_lost_response_is_not_resent_when_the_state_is_lost() {
+    let _turn = RESTARTS.lock().await;
+    drop(operator().await);
+    let ns = test_namespace("seedlost").await;
+    let ts = TokenServer::start(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_client(CLIENT, CLIENT_SECRET),
+    )
+    .await
+    .unwrap();
+    let seed = ts.mint_refresh_token(CLIENT);
+    // The provider rotates the seed, then the connection drops before the answer.
+    ts.push_fault(Fault::ResetAfterCommit);
+    put_creds(&ns, &seed).await;
+    let spec = serde_json::json!({
+        "type": "oauth2",
+        "credentialsRef": {"name": "creds"},
+        "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"},
+    });
+    apply_vc(&ns, "crm", spec).await;
+    with_reason(&ns, "crm", "RefreshResponseLost").await;
+    wait_for(
+        WAIT,
+        "the status to record the refused seed as spent",
+        || async {
+            let vc = ns
+                .api::<vaultconn::api::VaultConnection>()
+                .get("crm")
+                .await
+                .unwrap();
+            vc.status.and_then(|s| s.spent_seed_fingerprint).is_some()
+        },
+    )
+    .await;
+    assert_eq!(sends_of(&ts, &seed), 2, "the lost call and its one retry");
+
+    assert!(operator().await.stop(Duration::from_secs(20)), "clean stop");
+    delete_state(&ns).await;
+    operator().await.start_again().await.unwrap();
+    with_reason(&ns, "crm", "StateLost").await;
+    force_reconcile(&ns, "creds", "crm").await;
+    assert_eq!(
+        sends_of(&ts, &seed),
+        2,
+        "the refused seed was not sent again after the restart"
+    );
+    let text = visible_text(&ns).await;
+    for secret in [&seed, &CLIENT_SECRET.to_string()] {
+        assert!(!text.contains(secret.as_str()), "a token leaked");
+    }
+    // The provider's record: the lost call and its retry, no other request; the one lost
+    // response was reported as such.
+    assert_provider_invariants(
+        &ts.provider_record(),
+        &Invariants::new(2).lost_response(CLIENT),
+    );
+    record(Fact::survived(
+        "State Secret deleted after a refused seed (RefreshResponseLost), operator down",
+        "reset after the provider committed a rotation, no overlap window; DELETE of the state Secret while stopped",
+        1,
+    ).note("StateLost reported; the refused seed never sent a third time"));
 }

@@ -111,6 +111,28 @@ pub fn spent_seed(state: &TokenState) -> Option<String> {
     (current != seed).then(|| seed.chars().take(16).collect())
 }
 
+/// The status's record of the spent seed after a terminal failure of the refresh that started
+/// from `before` and stored `after`: as after a success, except when the provider refused the
+/// credentials Secret's seed (`seed_fp`, the token the in-flight mark names) after a lost
+/// response: it may have rotated it then, so that seed is the one a restart must never send.
+/// Without this the only evidence of that refusal is the state Secret; deleted, a restart would
+/// send the seed once more.
+pub fn spent_after_terminal(
+    before: &TokenState,
+    after: &TokenState,
+    reason: Reason,
+    seed_fp: &str,
+) -> Option<String> {
+    let refused_seed = reason == Reason::RefreshResponseLost
+        && !seed_fp.is_empty()
+        && before.inflight.as_deref() == Some(seed_fp);
+    if refused_seed {
+        Some(seed_fp.chars().take(16).collect())
+    } else {
+        spent_seed(after)
+    }
+}
+
 /// With no state Secret, whether the credentials Secret's seed (`seed_fp`) is one the status
 /// says the provider already rotated away: sending it would be a replay.
 pub fn seed_already_spent(grant: GrantType, status_spent: Option<&str>, seed_fp: &str) -> bool {
@@ -487,7 +509,7 @@ impl Decider<'_> {
         let (ns, name) = (self.ns(), self.name());
         let state = state_secret_name(name);
         Decision {
-            outcome: self.keep(Reason::StateLost, format!("Secret {ns}/{state} (the token state) is gone and the refresh_token in the credentials Secret of {ns}/{name} was already spent (the provider rotated it); it is not sent again, because replaying a spent refresh token makes a rotating provider revoke the grant. Re-authorize and put a new refresh_token in the credentials Secret")),
+            outcome: self.keep(Reason::StateLost, format!("Secret {ns}/{state} (the token state) is gone and the refresh_token in the credentials Secret of {ns}/{name} was already spent (the provider rotated it, or refused it after a lost response); it is not sent again, because replaying a spent refresh token makes a rotating provider revoke the grant. Re-authorize and put a new refresh_token in the credentials Secret")),
             requeue: Requeue::OnChange,
         }
     }
@@ -502,16 +524,22 @@ impl Decider<'_> {
 
     /// A token call ended in a terminal failure (already stored by the caller). `reseed`: the
     /// token refused was a new one from the credentials Secret, not the chain's own.
-    pub fn terminal(&self, reason: Reason, reseed: bool) -> Decision {
+    /// `spent`: the status's spent-seed record (see [`spent_after_terminal`]).
+    pub fn terminal(&self, reason: Reason, reseed: bool, spent: Option<String>) -> Decision {
         let message = if reseed && reason == Reason::RefreshTokenRejected {
             format!("The token endpoint rejected the new refresh_token in the credentials Secret of {}/{} (invalid_grant). The connection's current refresh token is kept but not used while that Secret holds the rejected one: put a valid refresh_token there, or restore the previous value", self.ns(), self.name())
         } else {
             failure_message(reason, self.ns(), self.name())
         };
         let mut outcome = self.keep(reason, message);
-        if let Some(oauth) = outcome.oauth.as_mut() {
-            oauth.last_failure_reason = Some(reason.as_str().to_string());
-            oauth.next_refresh_time = None;
+        // A first refresh that fails has no OAuth status to keep yet; the spent seed must be
+        // recorded all the same.
+        let oauth = outcome.oauth.get_or_insert_with(Default::default);
+        oauth.state_secret_name = Some(state_secret_name(self.name()));
+        oauth.last_failure_reason = Some(reason.as_str().to_string());
+        oauth.next_refresh_time = None;
+        if spent.is_some() {
+            oauth.spent_seed_fingerprint = spent;
         }
         Decision {
             outcome,
@@ -820,7 +848,7 @@ mod tests {
             vc: &v,
             now: t("2026-01-01T00:00:00Z"),
         };
-        let dec = d.terminal(Reason::InvalidClient, false);
+        let dec = d.terminal(Reason::InvalidClient, false, None);
         assert_eq!(dec.outcome.reason, Reason::InvalidClient);
         assert_eq!(dec.requeue, Requeue::After(Duration::from_secs(3600)));
         // Remembered under the current inputs, so a restart does not retry it either.
@@ -1225,7 +1253,7 @@ mod tests {
             vc: &v,
             now: t("2026-01-01T00:00:00Z"),
         };
-        let dec = d.terminal(Reason::RefreshTokenRejected, true);
+        let dec = d.terminal(Reason::RefreshTokenRejected, true, None);
         assert!(dec
             .outcome
             .message
@@ -1275,6 +1303,68 @@ mod tests {
             });
             assert_eq!(p, Plan::Refresh(RefreshCause::Reseeded));
         }
+    }
+
+    #[test]
+    fn a_seed_refused_after_a_lost_response_is_recorded_as_spent() {
+        let now = t("2026-01-01T00:00:00Z");
+        let seed = rt("the-seed");
+        let seed_fp = token_fingerprint(&seed);
+        let fps = Fingerprints {
+            seed: &seed_fp,
+            ..FPS
+        };
+        // The seed itself was sent (its in-flight mark), the response lost, the retry refused.
+        let mut before = TokenState {
+            refresh_token: Some(seed.clone()),
+            seed_fingerprint: Some(seed_fp.clone()),
+            ..Default::default()
+        };
+        before.mark_inflight(seed_fp.clone(), "me", now);
+        let after = terminal_state(&before, Reason::RefreshResponseLost, fps, now);
+        let spent = spent_after_terminal(&before, &after, Reason::RefreshResponseLost, &seed_fp);
+        assert!(seed_already_spent(
+            GrantType::RefreshToken,
+            spent.as_deref(),
+            &seed_fp
+        ));
+        let v = vc();
+        let d = Decider { vc: &v, now };
+        let o = d
+            .terminal(Reason::RefreshResponseLost, false, spent)
+            .outcome;
+        let oauth = o.oauth.expect("an OAuth status even on a first refresh");
+        assert_eq!(
+            oauth.spent_seed_fingerprint.as_deref(),
+            Some(&seed_fp[..16])
+        );
+        // A plain refusal of the seed (no lost response) spends nothing: it may be retried.
+        let after = terminal_state(&before, Reason::RefreshTokenRejected, fps, now);
+        assert_eq!(
+            spent_after_terminal(&before, &after, Reason::RefreshTokenRejected, &seed_fp),
+            None
+        );
+        // A re-seed refused after a lost response: the new seed is the one recorded, the
+        // chain's token stays.
+        let reseed = rt("new-seed");
+        let reseed_fp = token_fingerprint(&reseed);
+        let mut chain_state = chain("chain");
+        chain_state.mark_inflight(reseed_fp.clone(), "me", now);
+        let fps = Fingerprints {
+            seed: &reseed_fp,
+            ..FPS
+        };
+        let after = terminal_state(&chain_state, Reason::RefreshResponseLost, fps, now);
+        assert_eq!(after.refresh_token, Some(rt("chain")));
+        assert_eq!(
+            spent_after_terminal(
+                &chain_state,
+                &after,
+                Reason::RefreshResponseLost,
+                &reseed_fp
+            ),
+            Some(reseed_fp[..16].to_string())
+        );
     }
 
     #[test]
@@ -1832,6 +1922,11 @@ mod props {
                 let seed_fp = seed_fp.clone();
                 let fps = w.fps(&seed_fp);
                 let next = terminal_state(st, reason, fps, w.now);
+                let spent = spent_after_terminal(st, &next, reason, &seed_fp);
+                let o = w.decider().terminal(reason, false, spent).outcome;
+                if let Some(spent) = o.oauth.and_then(|o| o.spent_seed_fingerprint) {
+                    w.status_spent = Some(spent);
+                }
                 w.store(next);
             };
             match self.provider.refresh(&sent, rotate) {
@@ -1922,15 +2017,12 @@ mod props {
                     }
                 }
                 Step::Reseed => self.seed = self.provider.issue(),
-                // Known gap (report of issue 13's property tests): the evidence that a token
-                // was spent or refused (the in-flight mark, a recorded refusal) lives only in the
-                // state Secret; with it deleted and the process memory gone, the seed is sent
-                // once more. Modelled here only while the state carries no such evidence.
-                Step::LoseState
-                    if self
-                        .state
-                        .as_ref()
-                        .is_some_and(|s| s.inflight.is_some() || s.failed_reason.is_some()) => {}
+                // Known gap, left open (see README "Rotation without loss"): an in-flight mark
+                // lives only in the state Secret. A crash after sending *and* the state Secret
+                // deleted before the restart send the seed once more; recording every mark in
+                // the status too would cost a write per refresh. Not modelled while a mark is
+                // stored. (A recorded refusal is modelled: the status records the seed as spent.)
+                Step::LoseState if self.state.as_ref().is_some_and(|s| s.inflight.is_some()) => {}
                 Step::LoseState => self.state = None,
             }
             Ok(())
@@ -1963,11 +2055,10 @@ mod props {
         }
     }
 
-    /// Known gap, not fixed (see docs/reliability-props.md): the evidence that the seed was
-    /// refused for good (`RefreshResponseLost`) lives only in the state Secret. With that
-    /// Secret deleted while the operator restarts, the seed is sent once more. A fix needs the
-    /// status to record the refused token too (`Decider::terminal` and the README's
-    /// `spentSeedFingerprint`), which is the lead's call.
+    /// Found by the model: the evidence that the seed was refused for good
+    /// (`RefreshResponseLost`) lived only in the state Secret; deleted while the operator
+    /// restarted, the seed was sent once more. `Decider::terminal` now records it in the status
+    /// (`spentSeedFingerprint`).
     #[test]
     fn a_lost_state_after_a_refused_retry_never_resends_it() {
         let mut w = World::new();

@@ -554,9 +554,10 @@ impl OAuthEngine {
             AfterFailure::Terminal(reason) => {
                 let st = decide::terminal_state(&r.state, reason, r.fps, r.decider.now);
                 self.set_failures(&r.key, 0);
+                let spent = decide::spent_after_terminal(&r.state, &st, reason, r.fps.seed);
                 let terminal = r
                     .decider
-                    .terminal(reason, r.cause == RefreshCause::Reseeded);
+                    .terminal(reason, r.cause == RefreshCause::Reseeded, spent);
                 if let Err(e) = self.persist(w, r.vc, &st, guard.as_ref()).await {
                     // Until the failure is stored, a requeue or wake-up would re-run the
                     // refused request: hold it like tokens, for write-only retries.
