@@ -99,7 +99,7 @@ async fn apiserver_and_etcd_restart_in_place_and_clients_keep_working() {
     assert!(!process_alive(etcd_pid), "etcd still runs");
     assert!(cp.is_running("kube-apiserver"));
     let during = tokio::time::timeout(
-        Duration::from_secs(5),
+        Duration::from_secs(3),
         cms.create(&PostParams::default(), &config_map("during")),
     )
     .await;
