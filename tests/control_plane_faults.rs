@@ -157,6 +157,15 @@ async fn operator(
     .expect("operator starts")
 }
 
+/// SIGTERM and wait for a clean exit, off the test's runtime: `OperatorProcess::stop` blocks,
+/// and the token server the operator is still talking to runs on this runtime.
+async fn stop_cleanly(op: OperatorProcess, timeout: Duration) -> bool {
+    let mut op = op;
+    tokio::task::spawn_blocking(move || op.stop(timeout))
+        .await
+        .expect("stopping the operator")
+}
+
 /// CPU seconds (user + system) the process `pid` has used so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -391,7 +400,10 @@ async fn restart_converges(which: Outage, prefix: &str) {
         &ts.provider_record(),
         &Invariants::new(scheduled_per_minute(TTL) + 1),
     );
-    assert!(op.stop(Duration::from_secs(30)), "a clean exit on SIGTERM");
+    assert!(
+        stop_cleanly(op, Duration::from_secs(30)).await,
+        "a clean exit on SIGTERM"
+    );
 }
 
 #[tokio::test]
@@ -578,7 +590,10 @@ async fn dropped_and_stalled_state_writes_after_a_rotation_keep_the_token() {
     // The seed exchange and two forced refreshes of 1 h tokens; the faults add no request.
     assert_provider_invariants(&ts.provider_record(), &Invariants::new(3));
     assert_eq!(op.exit_status(), None, "the operator exited");
-    assert!(op.stop(Duration::from_secs(60)), "a clean exit on SIGTERM");
+    assert!(
+        stop_cleanly(op, Duration::from_secs(60)).await,
+        "a clean exit on SIGTERM"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -789,8 +804,8 @@ async fn lease_write_faults_never_make_two_writers_and_only_delay() {
         &ts.provider_record(),
         &Invariants::new(scheduled_per_minute(ttl) + 1),
     );
-    a.stop(Duration::from_secs(30));
-    b.stop(Duration::from_secs(30));
+    stop_cleanly(a, Duration::from_secs(30)).await;
+    stop_cleanly(b, Duration::from_secs(30)).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1023,5 +1038,8 @@ async fn concurrent_editors_lose_no_update_and_cause_no_flapping() {
         during.len()
     );
     assert_eq!(op.exit_status(), None, "the operator exited");
-    assert!(op.stop(Duration::from_secs(30)), "a clean exit on SIGTERM");
+    assert!(
+        stop_cleanly(op, Duration::from_secs(30)).await,
+        "a clean exit on SIGTERM"
+    );
 }
