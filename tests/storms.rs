@@ -50,7 +50,7 @@ async fn operator() -> OperatorProcess {
         kubeconfig: cp.kubeconfig_path().to_path_buf(),
         log_path: logs.join("operator-storm.log"),
         extra_args: vec!["--allow-http-loopback".into()],
-        log_filter: "info".into(),
+        log_filter: "info,vaultconn=debug".into(),
     })
     .await
     .expect("operator starts")
@@ -63,6 +63,25 @@ async fn stop_cleanly(op: OperatorProcess, timeout: Duration) -> bool {
     tokio::task::spawn_blocking(move || op.stop(timeout))
         .await
         .expect("stopping the operator")
+}
+
+/// No token the provider issued or saw, and no client secret, is in the operator's log. An
+/// empty or unreadable log fails: the scan would pass vacuously.
+fn assert_no_secret_in_log(log: &str, ts: &TokenServer, secrets: &[&str]) {
+    assert!(!log.is_empty(), "the operator log is empty or unreadable");
+    let mut values: Vec<String> = secrets.iter().map(|s| s.to_string()).collect();
+    for c in ts.calls() {
+        values.extend(c.refresh_token);
+        if let Some(o) = c.outcome {
+            values.extend(o.access_token);
+            values.extend(o.refresh_token);
+        }
+    }
+    let leaked = values
+        .iter()
+        .filter(|v| v.len() >= 8 && log.contains(v.as_str()))
+        .count();
+    assert_eq!(leaked, 0, "{leaked} secret values are in the operator log");
 }
 
 /// What a connection should end up as, from the last spec the test gave it.
@@ -345,6 +364,7 @@ async fn restart_storm_leaves_every_connection_correct_with_no_replay_and_no_orp
         report.replays.len(),
         report.max_per_minute.values().collect::<Vec<_>>()
     );
+    assert_no_secret_in_log(&op.logs(), &ts, &[CLIENT_SECRET]);
     assert_eq!(op.exit_status(), None, "the operator exited by itself");
     assert!(
         stop_cleanly(op, Duration::from_secs(30)).await,
