@@ -477,6 +477,7 @@ async fn run_scope(
     .applied_objects()
     .predicate_filter(trigger_hash, Default::default());
 
+    let api_back = watches.api_back.clone();
     let secret_triggers = secret_triggers(scoped_api(client, namespace), ctx.clone(), watches);
 
     let mut controller = Controller::for_stream(vc_stream, reader)
@@ -486,6 +487,10 @@ async fn run_scope(
         // on every watch error: after an outage it stopped reading both watches for up to a
         // minute, even when the API server was back.
         .trigger_backoff(NoTriggerBackoff)
+        // Once the API server answers again after an outage, reconcile everything at once: the
+        // connections retried during the outage have backed off (for minutes after a long
+        // one), and their tokens may have fallen due or expired meanwhile.
+        .reconcile_all_on(api_back_events(api_back))
         .graceful_shutdown_on(shutdown);
     if ctx.config.concurrency > 0 {
         controller = controller.with_config(
@@ -501,6 +506,16 @@ async fn run_scope(
             }
         })
         .await;
+}
+
+/// One item each time the readiness probe finds the API server answering again.
+fn api_back_events(
+    api_back: tokio::sync::watch::Receiver<u64>,
+) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(api_back, |mut api_back| async move {
+        api_back.changed().await.ok()?;
+        Some(((), api_back))
+    })
 }
 
 /// No pause: see `run_scope` (the watch streams pause themselves after an error).
@@ -947,6 +962,23 @@ mod tests {
         assert_eq!(s.next().await, Some(Err("down")));
         let paused = tokio::time::timeout(Duration::from_millis(200), s.next()).await;
         assert!(paused.is_err(), "an old recovery cut the pause short");
+    }
+
+    #[tokio::test]
+    async fn every_recovery_is_one_reconcile_all_event() {
+        let (tx, _) = tokio::sync::watch::channel(0u64);
+        tx.send_modify(|n| *n += 1);
+        let mut events = std::pin::pin!(api_back_events(tx.subscribe()));
+        // A recovery from before the receiver existed is no event.
+        let early = tokio::time::timeout(Duration::from_millis(100), events.next()).await;
+        assert!(
+            early.is_err(),
+            "an old recovery triggered a reconcile of everything"
+        );
+        tx.send_modify(|n| *n += 1);
+        assert_eq!(events.next().await, Some(()));
+        drop(tx);
+        assert_eq!(events.next().await, None, "ends with the readiness tracker");
     }
 
     #[test]
