@@ -914,7 +914,7 @@ async fn concurrent_editors_lose_no_update_and_cause_no_flapping() {
     let secrets = ns.api::<Secret>();
     let vcs = ns.api::<VaultConnection>();
     let state = format!("{oauth}-vaultconn-state");
-    let mut last_creds = vec!["creds-a"; STATIC_CONNECTIONS];
+    let mut last_creds = ["creds-a"; STATIC_CONNECTIONS];
     // What the editor put where, which must all be there at the end.
     let mut secret_labels: BTreeMap<String, String> = BTreeMap::new();
     let mut vc_labels: BTreeMap<String, String> = BTreeMap::new();
