@@ -981,6 +981,45 @@ mod tests {
         assert_eq!(events.next().await, None, "ends with the readiness tracker");
     }
 
+    fn status(code: u16) -> Box<kube::core::Status> {
+        kube::core::Status::failure("injected", "Test")
+            .with_code(code)
+            .boxed()
+    }
+
+    #[test]
+    fn a_forbidden_watch_stays_not_ready_and_is_no_recovery() {
+        // RBAC without `watch`: the API server answers everything else. The operator cannot
+        // sync, so it must not look ready, and must not make up for the watch by
+        // reconciling everything after every probe.
+        let mut r = listed(2);
+        let forbidden = Err::<watcher::Event<()>, _>(watcher::Error::WatchStartFailed(
+            kube::Error::Api(status(403)),
+        ));
+        r.observe(1, WatchSignal::of(&forbidden));
+        let p = r.probe_started();
+        assert!(!r.probe_finished(p, true), "a forbidden watch is no outage");
+        assert!(!r.is_ready(), "a forbidden watch was cleared by a probe");
+        r.observe(1, WatchSignal::Alive);
+        assert!(r.is_ready());
+    }
+
+    #[test]
+    fn only_a_probe_after_a_failed_probe_is_a_recovery() {
+        // A watch error while every probe succeeds (a server error on the watch, a blip
+        // between two probes) clears for readiness, but waking every watch and reconciling
+        // everything each time would turn a persistent watch error into a loop.
+        let mut r = listed(1);
+        let blip = Err::<watcher::Event<()>, _>(watcher::Error::WatchError(status(500)));
+        r.observe(0, WatchSignal::of(&blip));
+        let p = r.probe_started();
+        assert!(
+            !r.probe_finished(p, true),
+            "a watch error alone is no outage"
+        );
+        assert!(r.is_ready(), "a server error is cleared by a later probe");
+    }
+
     #[test]
     fn signals_of_watcher_events() {
         type Ev = std::result::Result<watcher::Event<()>, watcher::Error>;
