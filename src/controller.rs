@@ -272,10 +272,12 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 ///
 /// Ready when every watch has completed its first list, the last probe succeeded, and no watch
 /// is failing. A watch fails on an error event and recovers on the next sign of life (an
-/// object listed or changed) — or on a successful probe that *began after* its last error:
-/// kube-runtime's watcher resumes a broken watch from its resourceVersion without emitting
-/// anything, so on a quiet cluster the probe is the only way to learn the API is back (the
-/// watcher replays what it missed once its backoff, at most 30 s, lets it reconnect).
+/// object listed or changed). If the error was transient (the API server unreachable, a 5xx or
+/// 429 answer), a successful probe that *began after* it clears it too: kube-runtime's watcher
+/// resumes a broken watch from its resourceVersion without emitting anything, so on a quiet
+/// cluster the probe is the only way to learn the API is back (the watcher replays what it
+/// missed when it reconnects). Any other answer (403 without `watch` in the RBAC rules, 404…)
+/// stays until the watch itself works: the operator cannot sync, and says so.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Readiness {
     /// Orders errors and probes (a logical clock: every observation advances it).
@@ -289,8 +291,9 @@ struct Readiness {
 struct WatchHealth {
     /// The first list has completed.
     listed: bool,
-    /// `seq` of the last error not yet followed by a sign of life.
-    failed_at: Option<u64>,
+    /// `seq` of the last error not yet followed by a sign of life, and whether a probe may
+    /// clear it (a transient error).
+    failed_at: Option<(u64, bool)>,
 }
 
 /// What one watcher event says about its watch.
@@ -302,8 +305,9 @@ enum WatchSignal {
     Alive,
     /// A list completed.
     Listed,
-    /// The list or watch request failed.
-    Failed,
+    /// The list or watch request failed; `transient`: for want of the API server (no
+    /// answer, a 5xx or 429), not because it refused the request.
+    Failed { transient: bool },
 }
 
 impl WatchSignal {
@@ -312,8 +316,26 @@ impl WatchSignal {
             Ok(watcher::Event::Init) => WatchSignal::Starting,
             Ok(watcher::Event::InitDone) => WatchSignal::Listed,
             Ok(_) => WatchSignal::Alive,
-            Err(_) => WatchSignal::Failed,
+            Err(e) => WatchSignal::Failed {
+                transient: transient(e),
+            },
         }
+    }
+}
+
+/// Whether a watch error is for want of the API server rather than its refusal.
+fn transient(error: &watcher::Error) -> bool {
+    let server_trouble = |code: u16| code >= 500 || code == 429;
+    match error {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => match e {
+            kube::Error::Api(status) => server_trouble(status.code),
+            // Connection refused or reset, TLS, a timeout: no answer at all.
+            _ => true,
+        },
+        watcher::Error::WatchError(status) => server_trouble(status.code),
+        watcher::Error::NoResourceVersion => false,
     }
 }
 
@@ -343,7 +365,7 @@ impl Readiness {
                 w.listed = true;
                 w.failed_at = None;
             }
-            WatchSignal::Failed => w.failed_at = Some(seq),
+            WatchSignal::Failed { transient } => w.failed_at = Some((seq, transient)),
         }
     }
 
@@ -352,18 +374,21 @@ impl Readiness {
         self.tick()
     }
 
-    /// Record a probe's result. True when it shows the API server answering again after a
-    /// failed probe or a watch error: the moment to wake watches that are backing off.
+    /// Record a probe's result. True when it succeeds after a failed one: the API server is
+    /// back from an outage, the moment to wake the watches that are backing off and to
+    /// reconcile everything. (Not after a watch error alone: a watch that keeps failing while
+    /// the API server answers would then be retried, and everything reconciled, every probe.)
     fn probe_finished(&mut self, started: u64, ok: bool) -> bool {
         self.tick();
-        let mut recovered = ok && !self.probe_ok;
+        let recovered = ok && !self.probe_ok;
         self.probe_ok = ok;
         if ok {
-            // Errors from before the probe began: the API server has answered since.
+            // Transient errors from before the probe began: the API server has answered since.
             for w in &mut self.watches {
-                if w.failed_at.is_some_and(|at| at < started) {
+                if w.failed_at
+                    .is_some_and(|(at, transient)| transient && at < started)
+                {
                     w.failed_at = None;
-                    recovered = true;
                 }
             }
         }
@@ -534,25 +559,33 @@ impl kube::runtime::utils::Backoff for NoTriggerBackoff {
 
 /// kube-runtime's default watch backoff (800 ms doubling to 30 s, with jitter, reset by any
 /// success), except that a pause ends early when the readiness probe finds the API server
-/// answering again. Without that, a watch that gave up during a long outage stays deaf for up
-/// to 30 s after the API server is back, while `/readyz` already says ready. Like kube's
+/// answering again, and that "too old resource version" (410) re-lists at once: the API server
+/// answered, and the watch is deaf until it has re-listed. Without these, a watch that gave up
+/// during a long outage stays deaf for up to 30 s after the API server is back. Like kube's
 /// `StreamBackoff`, an error is passed on at once and the pause comes before the next poll.
-fn watch_backoff<S, T, E>(
+fn watch_backoff<S, T>(
     stream: S,
     api_back: tokio::sync::watch::Receiver<u64>,
-) -> impl Stream<Item = std::result::Result<T, E>> + Send + 'static
+) -> impl Stream<Item = std::result::Result<T, watcher::Error>> + Send + 'static
 where
-    S: Stream<Item = std::result::Result<T, E>> + Send + 'static,
+    S: Stream<Item = std::result::Result<T, watcher::Error>> + Send + 'static,
     T: Send + 'static,
-    E: Send + 'static,
 {
-    backoff_until_back(stream, watcher::DefaultBackoff::default(), api_back)
+    let expired = |e: &watcher::Error| matches!(e, watcher::Error::WatchError(s) if s.code == 410);
+    backoff_until_back(
+        stream,
+        watcher::DefaultBackoff::default(),
+        expired,
+        api_back,
+    )
 }
 
-/// [`watch_backoff`] with any backoff (tests use their own).
+/// [`watch_backoff`] with any backoff, and `resync` saying which errors need no pause (tests
+/// use their own).
 fn backoff_until_back<S, T, E, B>(
     stream: S,
     backoff: B,
+    resync: fn(&E) -> bool,
     api_back: tokio::sync::watch::Receiver<u64>,
 ) -> impl Stream<Item = std::result::Result<T, E>> + Send + 'static
 where
@@ -564,7 +597,7 @@ where
     let state = (Box::pin(stream), backoff, api_back, None::<Duration>);
     futures::stream::unfold(
         state,
-        |(mut stream, mut backoff, mut api_back, pause)| async move {
+        move |(mut stream, mut backoff, mut api_back, pause)| async move {
             if let Some(pause) = pause {
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
@@ -575,6 +608,10 @@ where
             let item = stream.next().await?;
             let pause = match &item {
                 Ok(_) => {
+                    backoff.reset();
+                    None
+                }
+                Err(e) if resync(e) => {
                     backoff.reset();
                     None
                 }
@@ -801,6 +838,9 @@ pub fn error_policy(vc: Arc<VaultConnection>, error: &Error, ctx: Arc<Context>) 
 mod tests {
     use super::*;
 
+    /// A watch that lost its connection.
+    const BLIP: WatchSignal = WatchSignal::Failed { transient: true };
+
     fn listed(n: usize) -> Readiness {
         let mut r = Readiness::new(n);
         for w in 0..n {
@@ -827,7 +867,7 @@ mod tests {
     #[test]
     fn a_failing_watch_is_not_ready_until_it_delivers_again() {
         let mut r = listed(2);
-        r.observe(1, WatchSignal::Failed);
+        r.observe(1, BLIP);
         assert!(!r.is_ready(), "a broken watch after the first list");
         r.observe(1, WatchSignal::Starting);
         assert!(!r.is_ready(), "a re-list that has not listed anything yet");
@@ -838,7 +878,7 @@ mod tests {
     #[test]
     fn a_probe_that_began_after_the_error_clears_it() {
         let mut r = listed(2);
-        r.observe(0, WatchSignal::Failed);
+        r.observe(0, BLIP);
         // The watcher resumes silently; a probe that started later and succeeded shows the
         // API is back.
         let p = r.probe_started();
@@ -850,7 +890,7 @@ mod tests {
     fn a_probe_that_began_before_the_error_does_not_clear_it() {
         let mut r = listed(2);
         let p = r.probe_started();
-        r.observe(0, WatchSignal::Failed);
+        r.observe(0, BLIP);
         r.probe_finished(p, true);
         assert!(!r.is_ready(), "the error came after the probe was sent");
         let p = r.probe_started();
@@ -873,11 +913,11 @@ mod tests {
     #[test]
     fn a_failed_probe_clears_nothing() {
         let mut r = listed(1);
-        r.observe(0, WatchSignal::Failed);
+        r.observe(0, BLIP);
         let p = r.probe_started();
         r.probe_finished(p, false);
         let p = r.probe_started();
-        r.observe(0, WatchSignal::Failed);
+        r.observe(0, BLIP);
         r.probe_finished(p, true);
         assert!(!r.is_ready(), "the latest error is newer than the probe");
     }
@@ -893,12 +933,6 @@ mod tests {
         assert!(
             r.probe_finished(p, true),
             "the first success after a failure"
-        );
-        r.observe(0, WatchSignal::Failed);
-        let p = r.probe_started();
-        assert!(
-            r.probe_finished(p, true),
-            "a success that clears a watch error"
         );
         let p = r.probe_started();
         assert!(!r.probe_finished(p, true), "already recovered");
@@ -920,13 +954,31 @@ mod tests {
         }
     }
 
+    fn never(_: &&str) -> bool {
+        false
+    }
+
+    #[tokio::test]
+    async fn watch_backoff_resyncs_at_once() {
+        let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (_tx, rx) = tokio::sync::watch::channel(0u64);
+        let items = futures::stream::iter([Err::<u32, &str>("gone"), Ok(1)]);
+        let backoff = Fixed(Duration::from_secs(600), resets.clone());
+        let gone = |e: &&str| *e == "gone";
+        let mut s = std::pin::pin!(backoff_until_back(items, backoff, gone, rx));
+        assert_eq!(s.next().await, Some(Err("gone")));
+        let next = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+        assert_eq!(next, Ok(Some(Ok(1))), "a re-list waited out a pause");
+        assert_eq!(resets.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn watch_backoff_pauses_after_an_error_until_the_api_is_back() {
         let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (tx, rx) = tokio::sync::watch::channel(0u64);
         let items = futures::stream::iter([Err::<u32, &str>("down"), Ok(1), Ok(2)]);
         let backoff = Fixed(Duration::from_secs(600), resets.clone());
-        let mut s = std::pin::pin!(backoff_until_back(items, backoff, rx));
+        let mut s = std::pin::pin!(backoff_until_back(items, backoff, never, rx));
         let t = Instant::now();
         assert_eq!(s.next().await, Some(Err("down")));
         assert!(
@@ -958,7 +1010,7 @@ mod tests {
         tx.send_modify(|n| *n += 1);
         let items = futures::stream::iter([Err::<u32, &str>("down"), Ok(1)]);
         let backoff = Fixed(Duration::from_secs(600), Arc::default());
-        let mut s = std::pin::pin!(backoff_until_back(items, backoff, rx));
+        let mut s = std::pin::pin!(backoff_until_back(items, backoff, never, rx));
         assert_eq!(s.next().await, Some(Err("down")));
         let paused = tokio::time::timeout(Duration::from_millis(200), s.next()).await;
         assert!(paused.is_err(), "an old recovery cut the pause short");
@@ -1031,7 +1083,21 @@ mod tests {
         assert_eq!(of(Ok(watcher::Event::Delete(()))), WatchSignal::Alive);
         assert_eq!(
             of(Err(watcher::Error::NoResourceVersion)),
-            WatchSignal::Failed
+            WatchSignal::Failed { transient: false }
+        );
+        let refused = |code| {
+            of(Err(watcher::Error::WatchStartFailed(kube::Error::Api(
+                status(code),
+            ))))
+        };
+        assert_eq!(refused(403), WatchSignal::Failed { transient: false });
+        assert_eq!(refused(404), WatchSignal::Failed { transient: false });
+        assert_eq!(refused(503), WatchSignal::Failed { transient: true });
+        assert_eq!(refused(429), WatchSignal::Failed { transient: true });
+        assert_eq!(
+            of(Err(watcher::Error::WatchError(status(410)))),
+            WatchSignal::Failed { transient: false },
+            "a re-list follows and clears it"
         );
     }
 }

@@ -290,6 +290,9 @@ fn outage() -> Duration {
         .unwrap_or(30);
     Duration::from_secs(secs)
 }
+/// `/readyz` is 200 again this soon after the server is back (within seconds: the watches
+/// resume at once, not when their backoff from the outage runs out).
+const READY_AFTER_RESTART: Duration = Duration::from_secs(15);
 /// Every connection refreshed, on good tokens, this soon after `/readyz` is 200 again.
 const CONVERGED_AFTER_READY: Duration = Duration::from_secs(15);
 const TTL: Duration = Duration::from_secs(6);
@@ -384,7 +387,7 @@ async fn restart_converges(which: Outage, prefix: &str) {
     let back = SystemTime::now();
     let back_at = Instant::now();
     wait_for(
-        Duration::from_secs(60),
+        READY_AFTER_RESTART,
         "/readyz 200 again after the restart",
         || async { op.probe("/readyz").await == Some(200) },
     )
