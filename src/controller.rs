@@ -165,7 +165,8 @@ const FLUSH_FLOOR: Duration = Duration::from_secs(5);
 /// Run the controller until `shutdown` resolves: one watch scope for the whole cluster, or
 /// one per namespace in `config.namespaces` (so that Roles in those namespaces are enough).
 /// Every scope has its own caches and in-memory state; they share the client, the metrics and
-/// the leader gate. `health` turns ready once every scope's caches are synced.
+/// the leader gate. `health` is ready while every scope's caches are synced and the API
+/// server answers (see [`Readiness`]).
 pub async fn run(
     client: Client,
     config: ControllerConfig,
@@ -208,18 +209,20 @@ pub async fn run(
             let _ = stop_tx.send(true);
         }
     });
-    let synced: Vec<Arc<std::sync::atomic::AtomicBool>> =
-        scopes.iter().map(|_| Arc::default()).collect();
+    // Two watches per scope: its connections (2i) and its Secrets' metadata (2i + 1).
+    let watches = Arc::new(Mutex::new(Readiness::new(scopes.len() * 2)));
+    let (api_back_tx, api_back) = tokio::sync::watch::channel(0u64);
     let readiness = tokio::spawn(track_readiness(
-        contexts.clone(),
-        synced.clone(),
+        watches.clone(),
+        probe,
         health.clone(),
+        api_back_tx,
     ));
     let runs = scopes
         .iter()
         .zip(&contexts)
-        .zip(&synced)
-        .map(|((scope, ctx), synced)| {
+        .enumerate()
+        .map(|(i, (scope, ctx))| {
             let mut stop = stop_rx.clone();
             let stopped = async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -228,7 +231,11 @@ pub async fn run(
                 client.clone(),
                 scope.as_deref(),
                 ctx.clone(),
-                synced.clone(),
+                WatchSlot {
+                    readiness: watches.clone(),
+                    index: 2 * i,
+                    api_back: api_back.clone(),
+                },
                 stopped,
             )
         });
@@ -266,19 +273,193 @@ where
     }
 }
 
-/// Ready once every scope has listed its connections and Secrets.
+/// How often `/readyz` is recomputed from the watches' last signals.
+const READINESS_EVERY: Duration = Duration::from_millis(250);
+/// How often the API server is probed (one `list` of at most one connection), and how long a
+/// probe may take. A live read (no resourceVersion) reaches etcd, so an etcd outage behind a
+/// running API server shows too; watches alone stay silently open then.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `/readyz` says, from what the watches and a periodic probe of the API server showed.
+/// Pure (no I/O, no clock), so its rules are unit-tested below.
+///
+/// Ready when every watch has completed its first list, the last probe succeeded, and no watch
+/// is failing. A watch fails on an error event and recovers on the next sign of life (an
+/// object listed or changed). If the error was transient (the API server unreachable, a 5xx or
+/// 429 answer), a successful probe that *began after* it clears it too: kube-runtime's watcher
+/// resumes a broken watch from its resourceVersion without emitting anything, so on a quiet
+/// cluster the probe is the only way to learn the API is back (the watcher replays what it
+/// missed when it reconnects). Any other answer (403 without `watch` in the RBAC rules, 404…)
+/// stays until the watch itself works: the operator cannot sync, and says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Readiness {
+    /// Orders errors and probes (a logical clock: every observation advances it).
+    seq: u64,
+    watches: Vec<WatchHealth>,
+    /// The last probe succeeded (true until the first probe says otherwise).
+    probe_ok: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct WatchHealth {
+    /// The first list has completed.
+    listed: bool,
+    /// `seq` of the last error not yet followed by a sign of life, and whether a probe may
+    /// clear it (a transient error).
+    failed_at: Option<(u64, bool)>,
+}
+
+/// What one watcher event says about its watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchSignal {
+    /// A (re-)list is about to start: says nothing about the API yet.
+    Starting,
+    /// An object arrived (listed, created, changed or deleted): the watch works.
+    Alive,
+    /// A list completed.
+    Listed,
+    /// The list or watch request failed; `transient`: for want of the API server (no
+    /// answer, a 5xx or 429), not because it refused the request.
+    Failed { transient: bool },
+}
+
+impl WatchSignal {
+    fn of<K>(event: &std::result::Result<watcher::Event<K>, watcher::Error>) -> Self {
+        match event {
+            Ok(watcher::Event::Init) => WatchSignal::Starting,
+            Ok(watcher::Event::InitDone) => WatchSignal::Listed,
+            Ok(_) => WatchSignal::Alive,
+            Err(e) => WatchSignal::Failed {
+                transient: transient(e),
+            },
+        }
+    }
+}
+
+/// Whether a watch error is for want of the API server rather than its refusal.
+fn transient(error: &watcher::Error) -> bool {
+    let server_trouble = |code: u16| code >= 500 || code == 429;
+    match error {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => match e {
+            kube::Error::Api(status) => server_trouble(status.code),
+            // Connection refused or reset, TLS, a timeout: no answer at all.
+            _ => true,
+        },
+        watcher::Error::WatchError(status) => server_trouble(status.code),
+        watcher::Error::NoResourceVersion => false,
+    }
+}
+
+impl Readiness {
+    fn new(watches: usize) -> Self {
+        Readiness {
+            seq: 0,
+            watches: vec![WatchHealth::default(); watches],
+            probe_ok: true,
+        }
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn observe(&mut self, watch: usize, signal: WatchSignal) {
+        let seq = self.tick();
+        let Some(w) = self.watches.get_mut(watch) else {
+            return;
+        };
+        match signal {
+            WatchSignal::Starting => {}
+            WatchSignal::Alive => w.failed_at = None,
+            WatchSignal::Listed => {
+                w.listed = true;
+                w.failed_at = None;
+            }
+            WatchSignal::Failed { transient } => w.failed_at = Some((seq, transient)),
+        }
+    }
+
+    /// A probe begins; pass the returned mark to [`Readiness::probe_finished`].
+    fn probe_started(&mut self) -> u64 {
+        self.tick()
+    }
+
+    /// Record a probe's result. True when it succeeds after a failed one: the API server is
+    /// back from an outage, the moment to wake the watches that are backing off and to
+    /// reconcile everything. (Not after a watch error alone: a watch that keeps failing while
+    /// the API server answers would then be retried, and everything reconciled, every probe.)
+    fn probe_finished(&mut self, started: u64, ok: bool) -> bool {
+        self.tick();
+        let recovered = ok && !self.probe_ok;
+        self.probe_ok = ok;
+        if ok {
+            // Transient errors from before the probe began: the API server has answered since.
+            for w in &mut self.watches {
+                if w.failed_at
+                    .is_some_and(|(at, transient)| transient && at < started)
+                {
+                    w.failed_at = None;
+                }
+            }
+        }
+        recovered
+    }
+
+    fn is_ready(&self) -> bool {
+        self.probe_ok
+            && self
+                .watches
+                .iter()
+                .all(|w| w.listed && w.failed_at.is_none())
+    }
+}
+
+/// Where a scope reports its two watches' signals.
+#[derive(Clone)]
+struct WatchSlot {
+    readiness: Arc<Mutex<Readiness>>,
+    /// The connections' watch; the Secrets' watch is `index + 1`.
+    index: usize,
+    /// Bumped when a probe finds the API server answering again (see [`watch_backoff`]).
+    api_back: tokio::sync::watch::Receiver<u64>,
+}
+
+impl WatchSlot {
+    fn observe(&self, offset: usize, signal: WatchSignal) {
+        lock(&self.readiness).observe(self.index + offset, signal);
+    }
+}
+
+/// Keep `/readyz` up to date: every [`READINESS_EVERY`] from the watches' signals, and probe
+/// the API server every [`PROBE_EVERY`].
 async fn track_readiness(
-    contexts: Vec<Arc<Context>>,
-    synced: Vec<Arc<std::sync::atomic::AtomicBool>>,
+    readiness: Arc<Mutex<Readiness>>,
+    probe: Api<VaultConnection>,
     health: Arc<Health>,
+    api_back: tokio::sync::watch::Sender<u64>,
 ) {
+    let mut last_probe: Option<Instant> = None;
     loop {
-        let ready = synced
-            .iter()
-            .all(|s| s.load(std::sync::atomic::Ordering::Relaxed))
-            && contexts.iter().all(|c| c.writer.index.is_synced());
-        health.set_ready(ready);
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        if last_probe.is_none_or(|t| t.elapsed() >= PROBE_EVERY) {
+            let started = lock(&readiness).probe_started();
+            let one = kube::api::ListParams::default().limit(1);
+            let list = probe.list_metadata(&one);
+            let ok = matches!(tokio::time::timeout(PROBE_TIMEOUT, list).await, Ok(Ok(_)));
+            if !ok {
+                debug!("readiness probe: the API server did not answer a list");
+            }
+            if lock(&readiness).probe_finished(started, ok) {
+                info!("the API server answers again: resuming the watches now");
+                api_back.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            last_probe = Some(Instant::now());
+        }
+        health.set_ready(lock(&readiness).is_ready());
+        tokio::time::sleep(READINESS_EVERY).await;
     }
 }
 
@@ -287,24 +468,29 @@ async fn run_scope(
     client: Client,
     namespace: Option<&str>,
     ctx: Arc<Context>,
-    synced: Arc<std::sync::atomic::AtomicBool>,
+    watches: WatchSlot,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let connections: Api<VaultConnection> = scoped_api(client.clone(), namespace);
     let (reader, writer) = reflector::store();
-    let vc_stream = watcher(connections, watcher::Config::default())
-        .default_backoff()
-        // managedFields are the largest part of a stored object and never read here.
-        .modify(|vc| vc.managed_fields_mut().clear())
-        .reflect(writer)
-        .inspect({
-            // Without a finalizer a deleted connection is never reconciled: forget it here.
-            // After a re-list, the connections of this scope it no longer holds were deleted
-            // while the watch was down (no Delete event comes for them).
-            let ctx = ctx.clone();
-            let scope = namespace.map(str::to_string);
-            let mut relisted: Option<HashSet<Key>> = None;
-            move |ev| match ev {
+    let vc_stream = watch_backoff(
+        watcher(connections, watcher::Config::default()),
+        watches.api_back.clone(),
+    )
+    // managedFields are the largest part of a stored object and never read here.
+    .modify(|vc| vc.managed_fields_mut().clear())
+    .reflect(writer)
+    .inspect({
+        // Without a finalizer a deleted connection is never reconciled: forget it here.
+        // After a re-list, the connections of this scope it no longer holds were deleted
+        // while the watch was down (no Delete event comes for them).
+        let ctx = ctx.clone();
+        let scope = namespace.map(str::to_string);
+        let mut relisted: Option<HashSet<Key>> = None;
+        let watches = watches.clone();
+        move |ev| {
+            watches.observe(0, WatchSignal::of(ev));
+            match ev {
                 Ok(watcher::Event::Apply(vc)) => ctx.seen(vc),
                 Ok(watcher::Event::Delete(vc)) => {
                     ctx.forget(&vc.namespace().unwrap_or_default(), &vc.name_any())
@@ -322,18 +508,28 @@ async fn run_scope(
                     for (ns, name) in known.difference(&listed) {
                         ctx.forget(ns, name);
                     }
-                    synced.store(true, std::sync::atomic::Ordering::Relaxed)
                 }
-                Err(_) => {}
+                Err(e) => warn!(error = %e, "connection watch error"),
             }
-        })
-        .applied_objects()
-        .predicate_filter(trigger_hash, Default::default());
+        }
+    })
+    .applied_objects()
+    .predicate_filter(trigger_hash, Default::default());
 
-    let secret_triggers = secret_triggers(scoped_api(client, namespace), ctx.clone());
+    let api_back = watches.api_back.clone();
+    let secret_triggers = secret_triggers(scoped_api(client, namespace), ctx.clone(), watches);
 
     let mut controller = Controller::for_stream(vc_stream, reader)
         .reconcile_on(secret_triggers)
+        // The watches back off by themselves (`watch_backoff`). Left at its default, the
+        // Controller adds a second backoff (800 ms doubling to 30 s) around *all* its triggers
+        // on every watch error: after an outage it stopped reading both watches for up to a
+        // minute, even when the API server was back.
+        .trigger_backoff(NoTriggerBackoff)
+        // Once the API server answers again after an outage, reconcile everything at once: the
+        // connections retried during the outage have backed off (for minutes after a long
+        // one), and their tokens may have fallen due or expired meanwhile.
+        .reconcile_all_on(api_back_events(api_back))
         .graceful_shutdown_on(shutdown);
     if ctx.config.concurrency > 0 {
         controller = controller.with_config(
@@ -351,14 +547,109 @@ async fn run_scope(
         .await;
 }
 
+/// One item each time the readiness probe finds the API server answering again.
+fn api_back_events(
+    api_back: tokio::sync::watch::Receiver<u64>,
+) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(api_back, |mut api_back| async move {
+        api_back.changed().await.ok()?;
+        Some(((), api_back))
+    })
+}
+
+/// No pause: see `run_scope` (the watch streams pause themselves after an error).
+struct NoTriggerBackoff;
+
+impl Iterator for NoTriggerBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoTriggerBackoff {
+    fn reset(&mut self) {}
+}
+
+/// kube-runtime's default watch backoff (800 ms doubling to 30 s, with jitter, reset by any
+/// success), except that a pause ends early when the readiness probe finds the API server
+/// answering again, and that "too old resource version" (410) re-lists at once: the API server
+/// answered, and the watch is deaf until it has re-listed. Without these, a watch that gave up
+/// during a long outage stays deaf for up to 30 s after the API server is back. Like kube's
+/// `StreamBackoff`, an error is passed on at once and the pause comes before the next poll.
+fn watch_backoff<S, T>(
+    stream: S,
+    api_back: tokio::sync::watch::Receiver<u64>,
+) -> impl Stream<Item = std::result::Result<T, watcher::Error>> + Send + 'static
+where
+    S: Stream<Item = std::result::Result<T, watcher::Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    let expired = |e: &watcher::Error| matches!(e, watcher::Error::WatchError(s) if s.code == 410);
+    backoff_until_back(
+        stream,
+        watcher::DefaultBackoff::default(),
+        expired,
+        api_back,
+    )
+}
+
+/// [`watch_backoff`] with any backoff, and `resync` saying which errors need no pause (tests
+/// use their own).
+fn backoff_until_back<S, T, E, B>(
+    stream: S,
+    backoff: B,
+    resync: fn(&E) -> bool,
+    api_back: tokio::sync::watch::Receiver<u64>,
+) -> impl Stream<Item = std::result::Result<T, E>> + Send + 'static
+where
+    S: Stream<Item = std::result::Result<T, E>> + Send + 'static,
+    T: Send + 'static,
+    E: Send + 'static,
+    B: kube::runtime::utils::Backoff + 'static,
+{
+    let state = (Box::pin(stream), backoff, api_back, None::<Duration>);
+    futures::stream::unfold(
+        state,
+        move |(mut stream, mut backoff, mut api_back, pause)| async move {
+            if let Some(pause) = pause {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    // A closed channel (the tracker stopped) just means: no early wake-up.
+                    Ok(()) = api_back.changed() => debug!("watch backoff cut short: the API server is back"),
+                }
+            }
+            let item = stream.next().await?;
+            let pause = match &item {
+                Ok(_) => {
+                    backoff.reset();
+                    None
+                }
+                Err(e) if resync(e) => {
+                    backoff.reset();
+                    None
+                }
+                Err(_) => {
+                    // Only a recovery seen from now on ends the coming pause early.
+                    api_back.borrow_and_update();
+                    backoff.next()
+                }
+            };
+            Some((item, (stream, backoff, api_back, pause)))
+        },
+    )
+}
+
 /// One metadata-only watch of the scope's Secrets, turned into reconcile requests for the
 /// connections they concern (see `secret_index`).
 fn secret_triggers(
     api: Api<PartialObjectMeta<Secret>>,
     ctx: Arc<Context>,
+    watches: WatchSlot,
 ) -> impl Stream<Item = ObjectRef<VaultConnection>> + Send + 'static {
-    watcher(api, watcher::Config::default())
-        .default_backoff()
+    let api_back = watches.api_back.clone();
+    watch_backoff(watcher(api, watcher::Config::default()), api_back)
+        .inspect(move |ev| watches.observe(1, WatchSignal::of(ev)))
         .filter_map(move |ev| {
             let ctx = ctx.clone();
             async move {
@@ -555,4 +846,272 @@ pub fn error_policy(vc: Arc<VaultConnection>, error: &Error, ctx: Arc<Context>) 
     let delay = error.backoff().delay(attempt);
     warn!(namespace = vc.namespace().unwrap_or_default(), name = %vc.name_any(), category, attempt, retry_in_ms = delay.as_millis() as u64, error = %error, "reconcile failed; will retry");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A watch that lost its connection.
+    const BLIP: WatchSignal = WatchSignal::Failed { transient: true };
+
+    fn listed(n: usize) -> Readiness {
+        let mut r = Readiness::new(n);
+        for w in 0..n {
+            r.observe(w, WatchSignal::Starting);
+            r.observe(w, WatchSignal::Alive);
+            r.observe(w, WatchSignal::Listed);
+        }
+        r
+    }
+
+    #[test]
+    fn ready_only_once_every_watch_has_listed() {
+        let mut r = Readiness::new(2);
+        assert!(!r.is_ready());
+        r.observe(0, WatchSignal::Starting);
+        r.observe(0, WatchSignal::Alive);
+        assert!(!r.is_ready(), "still listing");
+        r.observe(0, WatchSignal::Listed);
+        assert!(!r.is_ready(), "the other watch has not listed");
+        r.observe(1, WatchSignal::Listed);
+        assert!(r.is_ready());
+    }
+
+    #[test]
+    fn a_failing_watch_is_not_ready_until_it_delivers_again() {
+        let mut r = listed(2);
+        r.observe(1, BLIP);
+        assert!(!r.is_ready(), "a broken watch after the first list");
+        r.observe(1, WatchSignal::Starting);
+        assert!(!r.is_ready(), "a re-list that has not listed anything yet");
+        r.observe(1, WatchSignal::Alive);
+        assert!(r.is_ready());
+    }
+
+    #[test]
+    fn a_probe_that_began_after_the_error_clears_it() {
+        let mut r = listed(2);
+        r.observe(0, BLIP);
+        // The watcher resumes silently; a probe that started later and succeeded shows the
+        // API is back.
+        let p = r.probe_started();
+        r.probe_finished(p, true);
+        assert!(r.is_ready());
+    }
+
+    #[test]
+    fn a_probe_that_began_before_the_error_does_not_clear_it() {
+        let mut r = listed(2);
+        let p = r.probe_started();
+        r.observe(0, BLIP);
+        r.probe_finished(p, true);
+        assert!(!r.is_ready(), "the error came after the probe was sent");
+        let p = r.probe_started();
+        r.probe_finished(p, true);
+        assert!(r.is_ready());
+    }
+
+    #[test]
+    fn a_failed_probe_is_not_ready_even_with_quiet_watches() {
+        // etcd down behind a running API server: watches stay open and silent.
+        let mut r = listed(2);
+        let p = r.probe_started();
+        r.probe_finished(p, false);
+        assert!(!r.is_ready());
+        let p = r.probe_started();
+        r.probe_finished(p, true);
+        assert!(r.is_ready());
+    }
+
+    #[test]
+    fn a_failed_probe_clears_nothing() {
+        let mut r = listed(1);
+        r.observe(0, BLIP);
+        let p = r.probe_started();
+        r.probe_finished(p, false);
+        let p = r.probe_started();
+        r.observe(0, BLIP);
+        r.probe_finished(p, true);
+        assert!(!r.is_ready(), "the latest error is newer than the probe");
+    }
+
+    #[test]
+    fn a_probe_reports_recovery_once() {
+        let mut r = listed(1);
+        let p = r.probe_started();
+        assert!(!r.probe_finished(p, true), "nothing was wrong");
+        let p = r.probe_started();
+        assert!(!r.probe_finished(p, false), "a failure is no recovery");
+        let p = r.probe_started();
+        assert!(
+            r.probe_finished(p, true),
+            "the first success after a failure"
+        );
+        let p = r.probe_started();
+        assert!(!r.probe_finished(p, true), "already recovered");
+    }
+
+    /// A backoff of fixed pauses that counts its resets.
+    struct Fixed(Duration, Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Iterator for Fixed {
+        type Item = Duration;
+        fn next(&mut self) -> Option<Duration> {
+            Some(self.0)
+        }
+    }
+
+    impl kube::runtime::utils::Backoff for Fixed {
+        fn reset(&mut self) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn never(_: &&str) -> bool {
+        false
+    }
+
+    #[tokio::test]
+    async fn watch_backoff_resyncs_at_once() {
+        let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (_tx, rx) = tokio::sync::watch::channel(0u64);
+        let items = futures::stream::iter([Err::<u32, &str>("gone"), Ok(1)]);
+        let backoff = Fixed(Duration::from_secs(600), resets.clone());
+        let gone = |e: &&str| *e == "gone";
+        let mut s = std::pin::pin!(backoff_until_back(items, backoff, gone, rx));
+        assert_eq!(s.next().await, Some(Err("gone")));
+        let next = tokio::time::timeout(Duration::from_secs(5), s.next()).await;
+        assert_eq!(next, Ok(Some(Ok(1))), "a re-list waited out a pause");
+        assert_eq!(resets.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn watch_backoff_pauses_after_an_error_until_the_api_is_back() {
+        let resets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        let items = futures::stream::iter([Err::<u32, &str>("down"), Ok(1), Ok(2)]);
+        let backoff = Fixed(Duration::from_secs(600), resets.clone());
+        let mut s = std::pin::pin!(backoff_until_back(items, backoff, never, rx));
+        let t = Instant::now();
+        assert_eq!(s.next().await, Some(Err("down")));
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "an error is passed on at once"
+        );
+        // The pause after it (600 s) lasts until a probe sees the API server again.
+        let paused = tokio::time::timeout(Duration::from_millis(200), s.next()).await;
+        assert!(paused.is_err(), "no pause after the error");
+        tx.send_modify(|n| *n += 1);
+        let t = Instant::now();
+        assert_eq!(s.next().await, Some(Ok(1)));
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "not woken by the recovery"
+        );
+        assert_eq!(
+            resets.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "a success resets"
+        );
+        assert_eq!(s.next().await, Some(Ok(2)), "no pause after a success");
+        assert_eq!(s.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn watch_backoff_ignores_a_recovery_seen_before_the_error() {
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        tx.send_modify(|n| *n += 1);
+        let items = futures::stream::iter([Err::<u32, &str>("down"), Ok(1)]);
+        let backoff = Fixed(Duration::from_secs(600), Arc::default());
+        let mut s = std::pin::pin!(backoff_until_back(items, backoff, never, rx));
+        assert_eq!(s.next().await, Some(Err("down")));
+        let paused = tokio::time::timeout(Duration::from_millis(200), s.next()).await;
+        assert!(paused.is_err(), "an old recovery cut the pause short");
+    }
+
+    #[tokio::test]
+    async fn every_recovery_is_one_reconcile_all_event() {
+        let (tx, _) = tokio::sync::watch::channel(0u64);
+        tx.send_modify(|n| *n += 1);
+        let mut events = std::pin::pin!(api_back_events(tx.subscribe()));
+        // A recovery from before the receiver existed is no event.
+        let early = tokio::time::timeout(Duration::from_millis(100), events.next()).await;
+        assert!(
+            early.is_err(),
+            "an old recovery triggered a reconcile of everything"
+        );
+        tx.send_modify(|n| *n += 1);
+        assert_eq!(events.next().await, Some(()));
+        drop(tx);
+        assert_eq!(events.next().await, None, "ends with the readiness tracker");
+    }
+
+    fn status(code: u16) -> Box<kube::core::Status> {
+        kube::core::Status::failure("injected", "Test")
+            .with_code(code)
+            .boxed()
+    }
+
+    #[test]
+    fn a_forbidden_watch_stays_not_ready_and_is_no_recovery() {
+        // RBAC without `watch`: the API server answers everything else. The operator cannot
+        // sync, so it must not look ready, and must not make up for the watch by
+        // reconciling everything after every probe.
+        let mut r = listed(2);
+        let forbidden = Err::<watcher::Event<()>, _>(watcher::Error::WatchStartFailed(
+            kube::Error::Api(status(403)),
+        ));
+        r.observe(1, WatchSignal::of(&forbidden));
+        let p = r.probe_started();
+        assert!(!r.probe_finished(p, true), "a forbidden watch is no outage");
+        assert!(!r.is_ready(), "a forbidden watch was cleared by a probe");
+        r.observe(1, WatchSignal::Alive);
+        assert!(r.is_ready());
+    }
+
+    #[test]
+    fn only_a_probe_after_a_failed_probe_is_a_recovery() {
+        // A watch error while every probe succeeds (a server error on the watch, a blip
+        // between two probes) clears for readiness, but waking every watch and reconciling
+        // everything each time would turn a persistent watch error into a loop.
+        let mut r = listed(1);
+        let blip = Err::<watcher::Event<()>, _>(watcher::Error::WatchError(status(500)));
+        r.observe(0, WatchSignal::of(&blip));
+        let p = r.probe_started();
+        assert!(
+            !r.probe_finished(p, true),
+            "a watch error alone is no outage"
+        );
+        assert!(r.is_ready(), "a server error is cleared by a later probe");
+    }
+
+    #[test]
+    fn signals_of_watcher_events() {
+        type Ev = std::result::Result<watcher::Event<()>, watcher::Error>;
+        let of = |e: Ev| WatchSignal::of(&e);
+        assert_eq!(of(Ok(watcher::Event::Init)), WatchSignal::Starting);
+        assert_eq!(of(Ok(watcher::Event::InitApply(()))), WatchSignal::Alive);
+        assert_eq!(of(Ok(watcher::Event::InitDone)), WatchSignal::Listed);
+        assert_eq!(of(Ok(watcher::Event::Apply(()))), WatchSignal::Alive);
+        assert_eq!(of(Ok(watcher::Event::Delete(()))), WatchSignal::Alive);
+        assert_eq!(
+            of(Err(watcher::Error::NoResourceVersion)),
+            WatchSignal::Failed { transient: false }
+        );
+        let refused = |code| {
+            of(Err(watcher::Error::WatchStartFailed(kube::Error::Api(
+                status(code),
+            ))))
+        };
+        assert_eq!(refused(403), WatchSignal::Failed { transient: false });
+        assert_eq!(refused(404), WatchSignal::Failed { transient: false });
+        assert_eq!(refused(503), WatchSignal::Failed { transient: true });
+        assert_eq!(refused(429), WatchSignal::Failed { transient: true });
+        assert_eq!(
+            of(Err(watcher::Error::WatchError(status(410)))),
+            WatchSignal::Failed { transient: false },
+            "a re-list follows and clears it"
+        );
+    }
 }

@@ -105,8 +105,8 @@ const NEEDED: &[(&str, &str, Step, &str)] = &[
     (
         "secrets",
         "watch",
-        Step::Propagates,
-        "a change of the credentials is never noticed",
+        Step::Readyz,
+        "the Secret watch is refused, so the operator never reports ready (and a change of the credentials is never noticed)",
     ),
     (
         "secrets",

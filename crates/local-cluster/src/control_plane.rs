@@ -55,6 +55,8 @@ use tempfile::TempDir;
 pub const FIELD_MANAGER: &str = "vaultconn-testkit";
 
 const POLL: Duration = Duration::from_millis(50);
+/// How long `stop_apiserver`/`stop_etcd` wait after SIGTERM before SIGKILL.
+const RESTART_STOP_GRACE: Duration = Duration::from_secs(3);
 /// Where the binaries are built and cached when no folder is given (see `locate`).
 const PROVISION_SCRIPT_ENV: &str = "VAULTCONN_PROVISION_SCRIPT";
 /// The folder `scripts/provision-control-plane.sh` fills, under `$VAULTCONN_CACHE` (default
@@ -145,11 +147,15 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ControlPlaneErro
     move |source| ControlPlaneError::Io { what, source }
 }
 
-/// One running server process.
+/// One server process: running, or stopped by [`ControlPlane::stop_apiserver`] /
+/// [`ControlPlane::stop_etcd`] and restartable with the same command line.
 struct Server {
     name: &'static str,
-    child: Child,
+    /// `None` while stopped on purpose (a reaped child's pid must never be signalled).
+    child: Option<Child>,
     log: PathBuf,
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
 }
 
 struct Watchdog {
@@ -423,16 +429,33 @@ current-context: vaultconn-test
         fs::write(&self.kubeconfig, kubeconfig).map_err(io_err("writing kubeconfig"))
     }
 
-    fn spawn_server(
-        &mut self,
-        name: &'static str,
-        mut cmd: Command,
-    ) -> Result<(), ControlPlaneError> {
+    fn spawn_server(&mut self, name: &'static str, cmd: Command) -> Result<(), ControlPlaneError> {
         let log = self.dir_path.join(format!("{name}.log"));
         let out = File::create(&log).map_err(io_err(format!("creating {}", log.display())))?;
         let err = out
             .try_clone()
             .map_err(io_err(format!("opening {}", log.display())))?;
+        let program = cmd.get_program().to_os_string();
+        let args = cmd.get_args().map(|a| a.to_os_string()).collect();
+        let child = self.spawn_child(name, cmd, out, err)?;
+        self.servers.push(Server {
+            name,
+            child: Some(child),
+            log,
+            program,
+            args,
+        });
+        Ok(())
+    }
+
+    /// Spawn `cmd` as a server in the watchdog's group (see the module docs), logging to `out`.
+    fn spawn_child(
+        &self,
+        name: &'static str,
+        mut cmd: Command,
+        out: File,
+        err: File,
+    ) -> Result<Child, ControlPlaneError> {
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let pgid = self
             .watchdog
@@ -442,7 +465,132 @@ current-context: vaultconn-test
         let child = spawn_supervised(cmd, Role::Server { pgid })
             .map_err(io_err(format!("spawning {name}")))?;
         live_register(self.id, child.id(), &self.dir_path);
-        self.servers.push(Server { name, child, log });
+        Ok(child)
+    }
+
+    /// Stop kube-apiserver (SIGTERM; SIGKILL after 3 s). etcd and the controller
+    /// manager keep running; every client sees connection refused until
+    /// [`Self::start_apiserver`]. Blocking (up to 3 s). A no-op if it is stopped already.
+    pub fn stop_apiserver(&mut self) -> Result<(), ControlPlaneError> {
+        self.stop_server("kube-apiserver")
+    }
+
+    /// Start the stopped kube-apiserver again with the same command line: same port, certs,
+    /// token file and etcd data, so existing kubeconfigs and clients keep working. Waits until
+    /// its `/readyz` answers 200 (at most `timeout`). A no-op if it runs.
+    pub async fn start_apiserver(&mut self, timeout: Duration) -> Result<(), ControlPlaneError> {
+        self.start_server("kube-apiserver")?;
+        self.wait_apiserver_ready(timeout).await
+    }
+
+    /// Stop etcd (SIGTERM; SIGKILL after 3 s). kube-apiserver keeps running and
+    /// keeps accepting connections, but its requests that need etcd fail or time out until
+    /// [`Self::start_etcd`]. Blocking. A no-op if it is stopped already.
+    pub fn stop_etcd(&mut self) -> Result<(), ControlPlaneError> {
+        self.stop_server("etcd")
+    }
+
+    /// Start the stopped etcd again on the same ports and data dir, wait until it is healthy
+    /// and then until kube-apiserver (if running) is ready again (at most `timeout` in all).
+    pub async fn start_etcd(&mut self, timeout: Duration) -> Result<(), ControlPlaneError> {
+        let deadline = Instant::now() + timeout;
+        self.start_server("etcd")?;
+        let http = probe_client()?;
+        let health = format!("{}/health", self.etcd_url);
+        let idx = self.server_index("etcd")?;
+        self.wait_until(idx, deadline, "etcd /health after a restart", || async {
+            match http.get(&health).send().await {
+                Ok(r) => r.text().await.is_ok_and(|t| t.contains("\"true\"")),
+                Err(_) => false,
+            }
+        })
+        .await?;
+        if self.is_running("kube-apiserver") {
+            self.wait_apiserver_ready(deadline.saturating_duration_since(Instant::now()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the server called `name` (`etcd`, `kube-apiserver`, `kube-controller-manager`)
+    /// is running (not stopped with `stop_*`, and not exited by itself).
+    pub fn is_running(&mut self, name: &str) -> bool {
+        self.servers
+            .iter_mut()
+            .find(|s| s.name == name)
+            .and_then(|s| s.child.as_mut())
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    async fn wait_apiserver_ready(&mut self, timeout: Duration) -> Result<(), ControlPlaneError> {
+        let deadline = Instant::now() + timeout;
+        let http = probe_client()?;
+        let readyz = format!("{}/readyz", self.server_url);
+        let token = self.token.clone();
+        let idx = self.server_index("kube-apiserver")?;
+        self.wait_until(
+            idx,
+            deadline,
+            "kube-apiserver /readyz after a restart",
+            || async {
+                match http.get(&readyz).bearer_auth(&token).send().await {
+                    Ok(r) => r.status().is_success(),
+                    Err(_) => false,
+                }
+            },
+        )
+        .await
+    }
+
+    fn server_index(&self, name: &str) -> Result<usize, ControlPlaneError> {
+        self.servers
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| ControlPlaneError::Binaries(format!("this control plane has no {name}")))
+    }
+
+    fn stop_server(&mut self, name: &str) -> Result<(), ControlPlaneError> {
+        let idx = self.server_index(name)?;
+        let s = &mut self.servers[idx];
+        let Some(mut child) = s.child.take() else {
+            return Ok(());
+        };
+        signal(&child, libc::SIGTERM);
+        // Not the full stop timeout: with kube-controller-manager still connected, the
+        // apiserver's graceful shutdown waits on its long-running requests far longer.
+        if !wait_child(&mut child, Instant::now() + RESTART_STOP_GRACE) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            live_forget_pid(self.id, pid);
+        }
+        tracing::info!(component = name, "stopped (to be restarted)");
+        Ok(())
+    }
+
+    fn start_server(&mut self, name: &str) -> Result<(), ControlPlaneError> {
+        let idx = self.server_index(name)?;
+        if self.servers[idx].child.is_some() {
+            return Ok(());
+        }
+        let s = &self.servers[idx];
+        let (program, args, log) = (s.program.clone(), s.args.clone(), s.log.clone());
+        // Appended, so the log tells the whole story across restarts.
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io_err(format!("opening {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(io_err(format!("opening {}", log.display())))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        let name = self.servers[idx].name;
+        let child = self.spawn_child(name, cmd, out, err)?;
+        self.servers[idx].child = Some(child);
+        tracing::info!(component = name, "restarted");
         Ok(())
     }
 
@@ -461,8 +609,8 @@ current-context: vaultconn-test
     }
 
     fn check_alive(&mut self, idx: usize) -> Result<(), ControlPlaneError> {
-        let status = match self.servers.get_mut(idx) {
-            Some(s) => s.child.try_wait(),
+        let status = match self.servers.get_mut(idx).and_then(|s| s.child.as_mut()) {
+            Some(c) => c.try_wait(),
             None => return Ok(()),
         };
         match status {
@@ -526,7 +674,7 @@ current-context: vaultconn-test
         let mut pids: Vec<_> = self
             .servers
             .iter()
-            .map(|s| (s.name, s.child.id()))
+            .filter_map(|s| Some((s.name, s.child.as_ref()?.id())))
             .collect();
         if let Some(w) = &self.watchdog {
             pids.push(("watchdog", w.child.id()));
@@ -624,11 +772,14 @@ current-context: vaultconn-test
         // One at a time, in reverse start order: the apiserver's graceful shutdown talks to etcd
         // and hangs (until SIGKILL) when etcd goes first; in order it takes about a second.
         for s in self.servers.iter_mut().rev() {
-            signal(&s.child, libc::SIGTERM);
-            if !wait_child(&mut s.child, Instant::now() + self.stop_timeout) {
+            let Some(child) = s.child.as_mut() else {
+                continue;
+            };
+            signal(child, libc::SIGTERM);
+            if !wait_child(child, Instant::now() + self.stop_timeout) {
                 tracing::warn!(component = s.name, "did not stop on SIGTERM; killing it");
-                let _ = s.child.kill();
-                let _ = s.child.wait();
+                let _ = child.kill();
+                let _ = child.wait();
             }
         }
         self.servers.clear();
@@ -737,6 +888,17 @@ async fn provision(script: &Path) -> Result<PathBuf, ControlPlaneError> {
         )));
     }
     Ok(PathBuf::from(dir))
+}
+
+/// The client that polls etcd's `/health` and the apiserver's `/readyz` (self-signed
+/// certificate; loopback only, so no proxy: the requests carry the admin token).
+fn probe_client() -> Result<reqwest::Client, ControlPlaneError> {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| ControlPlaneError::Binaries(format!("building an HTTP client: {e}")))
 }
 
 async fn run_openssl(args: &[&str]) -> Result<(), ControlPlaneError> {
@@ -849,6 +1011,14 @@ fn live_register(id: u64, pid: u32, dir: &Path) {
     match live.iter_mut().find(|(i, _, _)| *i == id) {
         Some((_, pids, _)) => pids.push(pid),
         None => live.push((id, vec![pid], dir.to_path_buf())),
+    }
+}
+
+/// `pid` (a server stopped on purpose, already reaped) is no longer ours to kill at exit.
+fn live_forget_pid(id: u64, pid: libc::pid_t) {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, pids, _)) = live.iter_mut().find(|(i, _, _)| *i == id) {
+        pids.retain(|p| *p != pid);
     }
 }
 

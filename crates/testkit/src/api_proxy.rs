@@ -21,6 +21,13 @@
 //!   ([`ApiFaultProxy::wait_held`] says when) to crash it right after a chosen write.
 //! - Rules can also match on the request body ([`FaultRule::body_contains`],
 //!   [`FaultRule::body_lacks`]), to tell apart two writes to the same object.
+//! - Network faults: [`FaultRule::drop_connection`] closes the connection with an RST and
+//!   no response, before forwarding (nothing is committed) or, with
+//!   [`FaultRule::drop_after_commit`], after the API server answered (committed, but the client
+//!   sees only a connection error). [`FaultRule::stall`] forwards nothing and answers nothing
+//!   for a while, then resets: a request that times out on the client's side.
+//! - 429 and 503 answers carry `Retry-After` (1 s unless [`FaultRule::retry_after`] says
+//!   otherwise), like the API server's priority-and-fairness rejections.
 //! - Every request is recorded ([`RecordedRequest`]) with the status returned and whether it
 //!   was injected or held.
 //!
@@ -49,6 +56,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use axum::response::Response;
+use axum::Extension;
 use axum::Router;
 use futures::TryStreamExt as _;
 use tokio::sync::{oneshot, Notify};
@@ -111,6 +119,23 @@ pub struct FaultRule {
     /// dry run is a fault worth injecting); false for hold rules, since a dry run commits
     /// nothing and holding its answer would model no crash point.
     pub dry_runs: bool,
+    /// A network fault instead of an HTTP answer (see [`NetFault`]).
+    pub net: Option<NetFault>,
+    /// `Retry-After` seconds of a 429/503 answer (default 1).
+    pub retry_after_secs: Option<u64>,
+}
+
+/// A fault below HTTP: the client gets no status at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetFault {
+    /// Close the connection (RST) without forwarding the request: nothing is committed.
+    Reset,
+    /// Forward the request, then close the connection (RST) instead of returning the API
+    /// server's answer: the write is committed, the client only sees a connection error.
+    ResetAfterCommit,
+    /// Forward nothing and answer nothing for this long, then close the connection (RST): a
+    /// request that times out on the client's side unless its own timeout is longer.
+    Stall(Duration),
 }
 
 impl FaultRule {
@@ -135,7 +160,54 @@ impl FaultRule {
             body_contains: None,
             body_lacks: None,
             dry_runs: true,
+            net: None,
+            retry_after_secs: None,
         }
+    }
+
+    /// Close the connection (RST) of the next request of `method` to a path containing
+    /// `path_contains`, without forwarding it: the client sees a connection error, the API
+    /// server sees nothing.
+    pub fn drop_connection(
+        path_contains: impl Into<String>,
+        method: impl Into<MethodMatch>,
+    ) -> Self {
+        FaultRule {
+            net: Some(NetFault::Reset),
+            ..Self::requests(method, path_contains, 0)
+        }
+    }
+
+    /// Forward the next matching request (so a write is committed), then close the connection
+    /// (RST) instead of returning the answer. Dry runs are not matched (they commit nothing).
+    pub fn drop_after_commit(
+        path_contains: impl Into<String>,
+        method: impl Into<MethodMatch>,
+    ) -> Self {
+        FaultRule {
+            net: Some(NetFault::ResetAfterCommit),
+            dry_runs: false,
+            ..Self::requests(method, path_contains, 0)
+        }
+    }
+
+    /// Hold the next matching request for `stall` without forwarding or answering it, then
+    /// close the connection (RST): a timeout as the client sees it, and nothing committed.
+    pub fn stall(
+        path_contains: impl Into<String>,
+        method: impl Into<MethodMatch>,
+        stall: Duration,
+    ) -> Self {
+        FaultRule {
+            net: Some(NetFault::Stall(stall)),
+            ..Self::requests(method, path_contains, 0)
+        }
+    }
+
+    /// `Retry-After: secs` on a 429 or 503 answer (builder style; default 1).
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
     }
 
     /// Forward the next request of `method` to a path containing `path_contains` to the API
@@ -210,8 +282,10 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// What a matching rule does with a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Action {
-    Answer(u16),
+    /// Status and `Retry-After` seconds (for 429/503).
+    Answer(u16, u64),
     Hold(Duration),
+    Net(NetFault),
 }
 
 /// Identifies a rule added with [`ApiFaultProxy::fail`] or [`ApiFaultProxy::fail_until_cleared`].
@@ -233,18 +307,23 @@ pub struct RecordedRequest {
     pub method: Method,
     pub path: String,
     pub query: Option<String>,
-    /// Status returned to the client: injected, upstream's, or 502 when upstream failed.
+    /// Status returned to the client: injected, upstream's, or 502 when upstream failed. For
+    /// a dropped connection: 0 if nothing was forwarded, else the API server's status that
+    /// the client never saw.
     pub status: u16,
     /// Answered by a rule without being forwarded.
     pub injected: bool,
     /// Forwarded, and its response then held back by `rule`.
     pub held: bool,
-    /// The rule that answered or held it.
+    /// The connection was closed (RST) instead of answering ([`NetFault`]).
+    pub dropped: bool,
+    /// The rule that answered, held or dropped it.
     pub rule: Option<RuleId>,
 }
 
 impl RecordedRequest {
-    /// A 2xx status.
+    /// A 2xx status: the API server accepted it (for a request dropped after the commit, the
+    /// client never learned that).
     pub fn succeeded(&self) -> bool {
         (200..300).contains(&self.status)
     }
@@ -298,9 +377,10 @@ impl Shared {
         let mut rules = lock(&self.rules);
         let idx = rules.active.iter().position(|r| r.rule.matches(req))?;
         let r = &mut rules.active[idx];
-        let action = match r.rule.hold_response {
-            Some(d) => Action::Hold(d),
-            None => Action::Answer(r.rule.status),
+        let action = match (r.rule.net, r.rule.hold_response) {
+            (Some(net), _) => Action::Net(net),
+            (None, Some(d)) => Action::Hold(d),
+            (None, None) => Action::Answer(r.rule.status, r.rule.retry_after_secs.unwrap_or(1)),
         };
         let hit = (r.id, action);
         if let Some(n) = r.remaining.as_mut() {
@@ -314,10 +394,11 @@ impl Shared {
 
     fn record(&self, req: &RequestView<'_>, status: u16, by: By) {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let (rule, injected, held) = match by {
-            By::Upstream => (None, false, false),
-            By::Injected(id) => (Some(id), true, false),
-            By::Held(id) => (Some(id), false, true),
+        let (rule, injected, held, dropped) = match by {
+            By::Upstream => (None, false, false, false),
+            By::Injected(id) => (Some(id), true, false, false),
+            By::Held(id) => (Some(id), false, true, false),
+            By::Dropped { rule, forwarded } => (Some(rule), !forwarded, false, true),
         };
         let rec = RecordedRequest {
             seq,
@@ -328,6 +409,7 @@ impl Shared {
             status,
             injected,
             held,
+            dropped,
             rule,
         };
         let mut log = lock(&self.log);
@@ -343,6 +425,7 @@ enum By {
     Upstream,
     Injected(RuleId),
     Held(RuleId),
+    Dropped { rule: RuleId, forwarded: bool },
 }
 
 /// A running fault-injecting proxy; see the module documentation.
@@ -474,7 +557,7 @@ current-context: api-fault-proxy
         lock(&self.shared.rules).active.iter().any(|r| r.id == id)
     }
 
-    /// How many requests `id` answered.
+    /// How many requests `id` answered (or dropped, stalled) without forwarding them.
     pub fn injected(&self, id: RuleId) -> usize {
         lock(&self.shared.log)
             .iter()
@@ -484,10 +567,21 @@ current-context: api-fault-proxy
 
     /// How many requests the hold rule `id` forwarded and then held (or holds now): each of
     /// them is committed at the API server.
+    ///
+    /// Requests a [`FaultRule::drop_after_commit`] rule forwarded are counted by
+    /// [`ApiFaultProxy::dropped`].
     pub fn held(&self, id: RuleId) -> usize {
         lock(&self.shared.log)
             .iter()
             .filter(|r| r.rule == Some(id) && r.held)
+            .count()
+    }
+
+    /// How many connections rule `id` closed instead of answering (forwarded or not).
+    pub fn dropped(&self, id: RuleId) -> usize {
+        lock(&self.shared.log)
+            .iter()
+            .filter(|r| r.rule == Some(id) && r.dropped)
             .count()
     }
 
@@ -587,15 +681,75 @@ fn serve_thread(
         let app = Router::new().fallback(handle).with_state(shared);
         // Not a graceful shutdown: watch streams never end on their own.
         tokio::select! {
-            res = axum::serve(listener, app) => {
-                if let Err(e) = res {
-                    tracing::warn!(error = %e, "api fault proxy stopped");
-                }
-            }
+            () = accept_loop(listener, app) => {}
             _ = shutdown => {}
         }
     });
     // Dropping the runtime here cancels every in-flight (watch) request.
+}
+
+/// Our own accept loop on hyper rather than `axum::serve`: a handler must be able to close its
+/// connection with an RST and no response ([`NetFault`]), which axum cannot express.
+async fn accept_loop(listener: tokio::net::TcpListener, router: Router) {
+    // Dropping this set (with the runtime) aborts every connection task.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(serve_connection(stream, router.clone()));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "api fault proxy: accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Lets a handler close its own connection with an RST (as the token server's does).
+#[derive(Clone)]
+struct ConnectionKiller(Arc<Notify>);
+
+impl ConnectionKiller {
+    async fn kill(&self) -> Response {
+        self.0.notify_one();
+        // The connection task drops this future together with the connection.
+        std::future::pending::<Response>().await
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, router: Router) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    let _ = stream.set_nodelay(true);
+    // A duplicate of the socket so that a reset can set SO_LINGER=0 after hyper owns the stream.
+    let socket_dup = {
+        use std::os::fd::AsFd as _;
+        stream.as_fd().try_clone_to_owned().ok()
+    };
+    let notify = Arc::new(Notify::new());
+    let killer = ConnectionKiller(Arc::clone(&notify));
+    let tower = hyper_util::service::TowerToHyperService::new(router);
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(killer.clone());
+        hyper::service::Service::call(&tower, req)
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut connection = Box::pin(builder.serve_connection(TokioIo::new(stream), service));
+    let killed = tokio::select! {
+        _ = &mut connection => false,
+        () = notify.notified() => true,
+    };
+    if killed {
+        if let Some(fd) = &socket_dup {
+            // Closing with a zero linger sends RST instead of FIN.
+            let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
+        }
+    }
+    // `connection` drops first (closing hyper's descriptor), then `socket_dup` (the last one).
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Host`.
@@ -659,9 +813,9 @@ fn status_reason(code: u16) -> &'static str {
     }
 }
 
-/// A Kubernetes `Status` failure response. 429 and 503 carry `Retry-After: 1` like the API
-/// server's priority-and-fairness rejections.
-fn status_response(code: u16, message: &str) -> Response {
+/// A Kubernetes `Status` failure response. 429 and 503 carry `Retry-After: retry_after` like
+/// the API server's priority-and-fairness rejections.
+fn status_response(code: u16, message: &str, retry_after: u64) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let code = status.as_u16();
     let retry = matches!(code, 429 | 503);
@@ -675,7 +829,7 @@ fn status_response(code: u16, message: &str) -> Response {
         "message": message,
     });
     if retry {
-        body["details"] = serde_json::json!({"retryAfterSeconds": 1});
+        body["details"] = serde_json::json!({"retryAfterSeconds": retry_after});
     }
     let mut resp = Response::new(Body::from(body.to_string()));
     *resp.status_mut() = status;
@@ -685,12 +839,16 @@ fn status_response(code: u16, message: &str) -> Response {
     );
     if retry {
         resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
     }
     resp
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Response {
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    Extension(killer): Extension<ConnectionKiller>,
+    req: Request<Body>,
+) -> Response {
     let (parts, body) = req.into_parts();
     let method = parts.method;
     let path = parts.uri.path().to_string();
@@ -706,7 +864,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Respon
                 body: &[],
             };
             shared.record(&view, 400, By::Upstream);
-            return status_response(400, &format!("api fault proxy: reading the body: {e}"));
+            return status_response(400, &format!("api fault proxy: reading the body: {e}"), 1);
         }
     };
     let view = RequestView {
@@ -717,12 +875,31 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Respon
     };
 
     let mut hold = None;
+    let mut drop_after_commit = None;
     match shared.take_fault(&view) {
-        Some((rule, Action::Answer(code))) => {
-            let resp = status_response(code, "injected by test");
+        Some((rule, Action::Answer(code, retry_after))) => {
+            let resp = status_response(code, "injected by test", retry_after);
             shared.record(&view, resp.status().as_u16(), By::Injected(rule));
             return resp;
         }
+        Some((rule, Action::Net(NetFault::Reset))) => {
+            let by = By::Dropped {
+                rule,
+                forwarded: false,
+            };
+            shared.record(&view, 0, by);
+            return killer.kill().await;
+        }
+        Some((rule, Action::Net(NetFault::Stall(d)))) => {
+            let by = By::Dropped {
+                rule,
+                forwarded: false,
+            };
+            shared.record(&view, 0, by);
+            tokio::time::sleep(d).await;
+            return killer.kill().await;
+        }
+        Some((rule, Action::Net(NetFault::ResetAfterCommit))) => drop_after_commit = Some(rule),
         Some((rule, Action::Hold(d))) => hold = Some((rule, d)),
         None => {}
     }
@@ -743,10 +920,20 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request<Body>) -> Respon
         Err(e) => {
             shared.record(&view, 502, By::Upstream);
             let message = format!("api fault proxy: upstream request failed: {e}");
-            return status_response(502, &message);
+            return status_response(502, &message, 1);
         }
     };
     let status = upstream.status();
+    if let Some(rule) = drop_after_commit {
+        // Read the whole answer first, so the API server has finished with the request.
+        let _ = upstream.bytes().await;
+        let by = By::Dropped {
+            rule,
+            forwarded: true,
+        };
+        shared.record(&view, status.as_u16(), by);
+        return killer.kill().await;
+    }
     let headers = end_to_end(upstream.headers(), &[]);
     match hold {
         Some((rule, d)) => {
@@ -793,6 +980,120 @@ mod tests {
         let out = end_to_end(&h, &[header::CONTENT_LENGTH]);
         assert_eq!(out.len(), 1);
         assert!(out.contains_key(header::AUTHORIZATION));
+    }
+
+    /// An upstream that counts the requests it answered (200, `{}`).
+    async fn counting_upstream() -> (String, Arc<AtomicU64>) {
+        let hits = Arc::new(AtomicU64::new(0));
+        let counter = hits.clone();
+        let app = Router::new().fallback(move || {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                "{}"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, hits)
+    }
+
+    #[tokio::test]
+    async fn network_faults_reset_stall_and_drop_after_commit() {
+        let (upstream, hits) = counting_upstream().await;
+        let proxy = ApiFaultProxy::start(&upstream).unwrap();
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let url = |p: &str| format!("{}{p}", proxy.url());
+
+        // Reset before forwarding: no status, nothing reaches the API server.
+        let reset = proxy.fail(FaultRule::drop_connection(
+            "/secrets/a",
+            MethodMatch::AnyWrite,
+        ));
+        let err = client
+            .put(url("/api/v1/namespaces/n/secrets/a"))
+            .send()
+            .await;
+        assert!(err.is_err(), "a reset connection gave a response: {err:?}");
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+        assert_eq!((proxy.dropped(reset), proxy.injected(reset)), (1, 1));
+
+        // Reset after the commit: the API server answered, the client saw only the reset.
+        let commit = proxy.fail(FaultRule::drop_after_commit("/secrets/a", Method::PUT));
+        let err = client
+            .put(url("/api/v1/namespaces/n/secrets/a"))
+            .send()
+            .await;
+        assert!(err.is_err(), "a dropped answer arrived: {err:?}");
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            1,
+            "the request was forwarded once"
+        );
+        assert_eq!((proxy.dropped(commit), proxy.injected(commit)), (1, 0));
+        let rec = proxy.requests().pop().unwrap();
+        assert!(rec.dropped && rec.succeeded(), "{rec:?}");
+
+        // Stall: nothing for a while, then a reset; a client with a shorter timeout times out.
+        let stall = proxy
+            .fail(FaultRule::stall("/secrets/a", Method::GET, Duration::from_millis(600)).times(2));
+        let quick = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_millis(150))
+            .build()
+            .unwrap();
+        let err = quick
+            .get(url("/api/v1/namespaces/n/secrets/a"))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(err.is_timeout(), "{err}");
+        let began = std::time::Instant::now();
+        let err = client
+            .get(url("/api/v1/namespaces/n/secrets/a"))
+            .send()
+            .await;
+        assert!(err.is_err(), "a stalled request got an answer: {err:?}");
+        assert!(
+            began.elapsed() >= Duration::from_millis(550),
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(proxy.dropped(stall), 2);
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            1,
+            "a stalled request was forwarded"
+        );
+
+        // Rules used up: forwarded normally, also on a fresh connection after the resets.
+        let ok = client
+            .put(url("/api/v1/namespaces/n/secrets/a"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200);
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn retry_after_is_configurable() {
+        let proxy = ApiFaultProxy::start("http://127.0.0.1:9").unwrap();
+        proxy.fail(FaultRule::writes("/leases/x", 429).retry_after(7));
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let r = client
+            .put(format!(
+                "{}/apis/coordination.k8s.io/v1/namespaces/n/leases/x",
+                proxy.url()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "7");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["details"]["retryAfterSeconds"], 7);
     }
 
     #[tokio::test]
