@@ -46,6 +46,43 @@ async fn delete_state(ns: &TestNs) {
         .unwrap();
 }
 
+/// A rotating token server (no overlap window) and connection `crm` seeded from it; `first`:
+/// a fault for its first token request. Returns the server and the seed.
+async fn rotating_connection(ns: &TestNs, first: Option<Fault>) -> (TokenServer, String) {
+    let ts = TokenServer::start(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_client(CLIENT, CLIENT_SECRET),
+    )
+    .await
+    .unwrap();
+    let seed = ts.mint_refresh_token(CLIENT);
+    if let Some(fault) = first {
+        ts.push_fault(fault);
+    }
+    put_creds(ns, &seed).await;
+    let spec = serde_json::json!({
+        "type": "oauth2",
+        "credentialsRef": {"name": "creds"},
+        "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"},
+    });
+    apply_vc(ns, "crm", spec).await;
+    (ts, seed)
+}
+
+/// Waits until the status of `crm` records a spent seed.
+async fn spent_seed_recorded(ns: &TestNs, what: &str) {
+    wait_for(WAIT, what, || async {
+        let vc = ns
+            .api::<vaultconn::api::VaultConnection>()
+            .get("crm")
+            .await
+            .unwrap();
+        vc.status.and_then(|s| s.spent_seed_fingerprint).is_some()
+    })
+    .await;
+}
+
 fn sends_of(ts: &TokenServer, token: &str) -> usize {
     ts.calls()
         .iter()
@@ -61,21 +98,7 @@ async fn a_lost_state_secret_never_replays_the_spent_seed() {
     let _turn = RESTARTS.lock().await;
     drop(operator().await);
     let ns = test_namespace("statelost").await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_client(CLIENT, CLIENT_SECRET),
-    )
-    .await
-    .unwrap();
-    let seed = ts.mint_refresh_token(CLIENT);
-    put_creds(&ns, &seed).await;
-    let spec = serde_json::json!({
-        "type": "oauth2",
-        "credentialsRef": {"name": "creds"},
-        "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"},
-    });
-    apply_vc(&ns, "crm", spec).await;
+    let (ts, seed) = rotating_connection(&ns, None).await;
     ready(&ns, "crm").await;
     let chain = wait_for_some(WAIT, "the rotated token stored", || async {
         stored_refresh_token(&ns, "crm")
@@ -83,15 +106,7 @@ async fn a_lost_state_secret_never_replays_the_spent_seed() {
             .filter(|t| *t != seed)
     })
     .await;
-    wait_for(WAIT, "the status to know the seed is spent", || async {
-        let vc = ns
-            .api::<vaultconn::api::VaultConnection>()
-            .get("crm")
-            .await
-            .unwrap();
-        vc.status.and_then(|s| s.spent_seed_fingerprint).is_some()
-    })
-    .await;
+    spent_seed_recorded(&ns, "the status to know the seed is spent").await;
     let calls = ts.call_count();
 
     // 1. Deleted while the operator runs: rewritten from its own copy, nothing sent.
@@ -154,37 +169,10 @@ async fn a_seed_refused_after_a_lost_response_is_not_resent_when_the_state_is_lo
     let _turn = RESTARTS.lock().await;
     drop(operator().await);
     let ns = test_namespace("seedlost").await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_client(CLIENT, CLIENT_SECRET),
-    )
-    .await
-    .unwrap();
-    let seed = ts.mint_refresh_token(CLIENT);
     // The provider rotates the seed, then the connection drops before the answer.
-    ts.push_fault(Fault::ResetAfterCommit);
-    put_creds(&ns, &seed).await;
-    let spec = serde_json::json!({
-        "type": "oauth2",
-        "credentialsRef": {"name": "creds"},
-        "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"},
-    });
-    apply_vc(&ns, "crm", spec).await;
+    let (ts, seed) = rotating_connection(&ns, Some(Fault::ResetAfterCommit)).await;
     with_reason(&ns, "crm", "RefreshResponseLost").await;
-    wait_for(
-        WAIT,
-        "the status to record the refused seed as spent",
-        || async {
-            let vc = ns
-                .api::<vaultconn::api::VaultConnection>()
-                .get("crm")
-                .await
-                .unwrap();
-            vc.status.and_then(|s| s.spent_seed_fingerprint).is_some()
-        },
-    )
-    .await;
+    spent_seed_recorded(&ns, "the status to record the refused seed as spent").await;
     assert_eq!(sends_of(&ts, &seed), 2, "the lost call and its one retry");
 
     assert!(operator().await.stop(Duration::from_secs(20)), "clean stop");
