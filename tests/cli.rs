@@ -8,6 +8,8 @@ mod support;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, PostParams};
@@ -1218,5 +1220,72 @@ fn the_krew_manifest_installs_this_binary_as_kubectl_vaultconn() {
     assert!(
         help.stdout.contains("Usage: kubectl vaultconn <COMMAND>"),
         "{help:?}"
+    );
+}
+
+/// A CONNECT proxy on loopback that tunnels to the loopback address it is asked for (anything
+/// else is refused) and counts the tunnels it opened.
+async fn connect_proxy() -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let tunnels = Arc::new(AtomicUsize::new(0));
+    let counted = tunnels.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if head.len() > 8192 || client.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head
+                    .strip_prefix("CONNECT ")
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|t| t.parse::<std::net::SocketAddr>().ok())
+                    .filter(|a| a.ip().is_loopback());
+                let Some(target) = target else { return };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                if client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .is_ok()
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    (url, tunnels)
+}
+
+/// A user behind a proxy (HTTPS_PROXY in the shell) reaches the cluster through it, as kubectl
+/// does, and NO_PROXY bypasses it. (kube refused to build a client at all while HTTPS_PROXY was
+/// set, unless its proxy features were on.)
+#[tokio::test]
+async fn the_cli_goes_through_https_proxy_and_honours_no_proxy() {
+    let ns = test_namespace("cliproxy").await;
+    let (proxy, tunnels) = connect_proxy().await;
+    let bin = env!("CARGO_BIN_EXE_vaultconn");
+    let args = ["status", "-n", ns.name.as_str()];
+    let out = against_cluster(bin, &args, None, &[("HTTPS_PROXY", &proxy)]).await;
+    assert_eq!(out.code, 0, "through the proxy: {}", out.stderr);
+    let through = tunnels.load(Ordering::SeqCst);
+    assert!(through >= 1, "the API requests went through the proxy");
+    let env = [("HTTPS_PROXY", proxy.as_str()), ("NO_PROXY", "127.0.0.1")];
+    let out = against_cluster(bin, &args, None, &env).await;
+    assert_eq!(out.code, 0, "with NO_PROXY: {}", out.stderr);
+    assert_eq!(
+        tunnels.load(Ordering::SeqCst),
+        through,
+        "NO_PROXY bypassed the proxy"
     );
 }
