@@ -1,0 +1,243 @@
+//! Write fights: another writer keeps putting its own content into the connection's generated
+//! Secret (a second controller, a GitOps self-heal, a script). The operator must not answer
+//! every revert with a repair forever: it repairs at most its budget (3 repairs within 10 min),
+//! then stops, says so in the status (`SecretContested`, naming the Secret and what to do) and
+//! retries with a backoff; a change by the user (here: a spec edit) gives it a new budget.
+//!
+//! What the API server saw is the proof: the operator reaches it through the recording proxy
+//! of `tests/support/operator.rs`, whose log counts the operator's writes to the Secret, its
+//! status writes and its Events. The fighter uses its own client (not behind the proxy), so
+//! its writes are not counted as the operator's; it counts its own.
+//!
+//! The state Secret of an OAuth connection is fought over too (labels, annotations and data
+//! reverted to a snapshot), counting token requests at the token server: the rotation code must
+//! not spend tokens in a fight.
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{Api, PostParams};
+use kube::runtime::{watcher, WatchStreamExt};
+use serde_json::json;
+use support::objects::*;
+use support::operator::{ensure_operator, writes_in_namespace};
+use support::{test_namespace, TestNs};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use vaultconn_testkit::leak_scan::register_secret;
+use vaultconn_testkit::reliability::{self, Fact};
+
+/// The operator's repair budget (README, "Write fights"): repairs within the window.
+const REPAIR_BUDGET: usize = 3;
+/// How long the fight is watched. The operator's first backoff (1 min) is longer, so no
+/// retry falls into it: every write the operator makes in it is one of its budget.
+const FIGHT: Duration = Duration::from_secs(15);
+const REASON: &str = "SecretContested";
+
+/// A writer that puts `content` back into Secret `name` whenever its data differs, as soon as
+/// its own watch shows the change (no timers). Keeps the Secret's metadata (labels,
+/// annotations, owners) as it finds it, like a tool that manages only `data`. Returns how many
+/// writes the API server accepted from it.
+fn fighter(
+    client: kube::Client,
+    ns: &str,
+    name: &str,
+    content: BTreeMap<String, ByteString>,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<usize> {
+    let api: Api<Secret> = Api::namespaced(client, ns);
+    let name = name.to_string();
+    tokio::spawn(async move {
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut events = watcher(api.clone(), cfg).default_backoff().applied_objects().boxed();
+        let mut writes = 0;
+        loop {
+            let live = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return writes,
+                ev = events.try_next() => match ev {
+                    Ok(Some(s)) => s,
+                    Ok(None) => return writes,
+                    Err(_) => continue,
+                },
+            };
+            if live.data.as_ref() == Some(&content) {
+                continue;
+            }
+            let mut mine = live;
+            mine.data = Some(content.clone());
+            mine.metadata.managed_fields = None;
+            // A 409 means the Secret changed meanwhile: its watch event comes next.
+            if api.replace(&name, &PostParams::default(), &mine).await.is_ok() {
+                writes += 1;
+            }
+        }
+    })
+}
+
+fn bytes(pairs: &[(&str, &str)]) -> BTreeMap<String, ByteString> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+        .collect()
+}
+
+/// The operator's writes to Secret `name` (a create is a POST to the collection, counted when
+/// the Secret did not exist: `creates`), its status writes and its Events, so far.
+struct Writes {
+    secret: usize,
+    status: usize,
+    events: usize,
+}
+
+async fn operator_writes(ns: &TestNs, secret: &str, vc: &str) -> Writes {
+    let all = writes_in_namespace(&ns.name).await;
+    let secret_path = format!("/namespaces/{}/secrets/{secret}", ns.name);
+    let create = format!("POST /api/v1/namespaces/{}/secrets", ns.name);
+    Writes {
+        secret: all
+            .iter()
+            .filter(|w| w.ends_with(&secret_path) || **w == create)
+            .count(),
+        status: all
+            .iter()
+            .filter(|w| w.ends_with(&format!("/vaultconnections/{vc}/status")))
+            .count(),
+        events: all.iter().filter(|w| w.contains("/events")).count(),
+    }
+}
+
+/// One fight over the generated Secret `target` of bearerToken connection `vc`, whose
+/// fighter's content is `theirs`. `adopt`: the Secret existed before (with `theirs`) and is
+/// adopted; else the operator creates it.
+async fn fight_over_the_target(ns: &TestNs, adopt: bool) {
+    ensure_operator().await;
+    let (vc, target) = ("conn", "out");
+    let ours = format!("ours-{}", rand::random::<u64>());
+    let theirs = format!("theirs-{}", rand::random::<u64>());
+    register_secret(&theirs, "the fighter's token");
+    put_secret(ns, "creds", &[("token", &ours)]).await;
+    let fighter_content = bytes(&[("token", &theirs)]);
+    if adopt {
+        let s = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(target.into()),
+                ..Default::default()
+            },
+            data: Some(fighter_content.clone()),
+            type_: Some("Opaque".into()),
+            ..Default::default()
+        };
+        ns.api::<Secret>()
+            .create(&PostParams::default(), &s)
+            .await
+            .unwrap();
+    }
+    let spec = json!({"type": "bearerToken", "credentialsRef": {"name": "creds"},
+        "target": {"name": target, "adopt": adopt}});
+    apply_vc(ns, vc, spec.clone()).await;
+    ready(ns, vc).await;
+    let our_data = map(&[("token", &ours), ("authorization", &format!("Bearer {ours}"))]);
+    secret_data_eq(ns, target, our_data.clone()).await;
+    let before = operator_writes(ns, target, vc).await;
+    // (An adoption may first try a create, answered 409: every request counts.)
+    assert!(before.secret >= 1, "the operator wrote {target} before the fight");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let fight = fighter(
+        support::client().await,
+        &ns.name,
+        target,
+        fighter_content.clone(),
+        stop_rx,
+    );
+    // The measured window (not a synchronisation: the counts over it are the result).
+    tokio::time::sleep(FIGHT).await;
+    let during = operator_writes(ns, target, vc).await;
+    let _ = stop_tx.send(true);
+    let fighter_writes = fight.await.unwrap();
+    let repairs = during.secret - before.secret;
+    eprintln!(
+        "fight over {target} (adopt {adopt}): operator {repairs} writes to it, {} status writes, {} Event writes; fighter {fighter_writes} writes",
+        during.status - before.status,
+        during.events - before.events,
+    );
+    assert!(
+        repairs <= REPAIR_BUDGET,
+        "the operator wrote {target} {repairs} times in the fight (the fighter {fighter_writes} times); at most {REPAIR_BUDGET} repairs"
+    );
+    assert!(fighter_writes >= repairs, "the fighter answered every repair");
+    assert!(
+        during.status - before.status <= 3,
+        "status writes in the fight: {}",
+        during.status - before.status
+    );
+    assert!(
+        during.events - before.events <= REPAIR_BUDGET + 2,
+        "Event writes in the fight: {} (one per repair and one per state change at most)",
+        during.events - before.events
+    );
+    // The operator gave up within its budget, and the status says so.
+    let contested = with_reason(ns, vc, REASON).await;
+    let msg = message(&contested);
+    assert!(
+        msg.contains(&format!("Secret {}/{target}", ns.name))
+            && msg.contains("another writer")
+            && msg.contains("spec.target.name"),
+        "message names the Secret, the other writer and what to do: {msg}"
+    );
+    for value in [&ours, &theirs] {
+        assert!(!msg.contains(value.as_str()), "no secret value in {msg}");
+    }
+    let visible = visible_text(ns).await;
+    for value in [&ours, &theirs] {
+        assert!(
+            !visible.contains(value.as_str()),
+            "a secret value in the status, Events or log"
+        );
+    }
+
+    // The fighter is gone; the user edits the spec (a field that changes nothing written):
+    // the operator repairs the Secret once and is Ready again.
+    let mut edited = spec;
+    edited["suspend"] = json!(false);
+    apply_vc(ns, vc, edited).await;
+    ready(ns, vc).await;
+    secret_data_eq(ns, target, our_data).await;
+    let after = operator_writes(ns, target, vc).await;
+    assert_eq!(
+        after.secret - during.secret,
+        1,
+        "one repair after the spec edit"
+    );
+    reliability::record(
+        Fact::survived(
+            format!(
+                "Another writer reverting the {} Secret's data on every change",
+                if adopt { "adopted (Opaque, ownerless)" } else { "generated" }
+            ),
+            format!("a watch-driven fighter with its own client, {}s fight; operator writes counted by the API proxy", FIGHT.as_secs()),
+            fighter_writes,
+        )
+        .note(format!(
+            "{repairs} repairs (budget {REPAIR_BUDGET}), then `{REASON}`; {} status and {} Event writes in the fight; 1 repair after the spec edit",
+            during.status - before.status,
+            during.events - before.events
+        )),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_secret_another_writer_reverts_is_repaired_only_within_the_budget() {
+    let ns = test_namespace("fight-adopt").await;
+    fight_over_the_target(&ns, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generated_secret_another_writer_rewrites_is_repaired_only_within_the_budget() {
+    let ns = test_namespace("fight-gen").await;
+    fight_over_the_target(&ns, false).await;
+}
