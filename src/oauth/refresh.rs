@@ -274,10 +274,11 @@ impl OAuthEngine {
         });
         let cause = match plan {
             Plan::Wait { next_refresh } => {
-                let o = self
+                let (o, retry) = self
                     .publish_access(w, &decider, &token_state, Some(next_refresh))
                     .await?;
-                return Ok((o, action(decider.requeue_at(next_refresh))));
+                let at = retry.map_or(next_refresh, |r| r.min(next_refresh));
+                return Ok((o, action(decider.requeue_at(at))));
             }
             Plan::Failed { reason, retry_at } => {
                 let reason = Reason::parse(&reason).unwrap_or(Reason::TokenRequestRejected);
@@ -347,16 +348,17 @@ impl OAuthEngine {
         }
     }
 
-    /// Make the generated Secret hold the current access token; Ready while it is valid.
+    /// Make the generated Secret hold the current access token; Ready while it is valid. The
+    /// time is when to try again if another writer holds the Secret (`SecretContested`).
     async fn publish_access(
         &self,
         w: &SecretWriter,
         d: &Decider<'_>,
         st: &TokenState,
         next_refresh: Option<Timestamp>,
-    ) -> Result<Outcome> {
+    ) -> Result<(Outcome, Option<Timestamp>)> {
         let Some(access) = &st.access else {
-            return Ok(d.access_outcome(st, "", None));
+            return Ok((d.access_outcome(st, "", None), None));
         };
         let data = secret::oauth_outputs(
             &access.token.expose_str(),
@@ -365,11 +367,24 @@ impl OAuthEngine {
             access.scope.as_deref(),
         );
         let desired = secret::desired_output_secret(d.vc, data);
-        if let SecretWrite::Conflict(msg) = w.ensure(d.vc, &desired, false).await? {
-            return Ok(Outcome::new(Reason::SecretConflict, msg));
+        let outcome = d.access_outcome(st, &desired.name, next_refresh);
+        match w.ensure(d.vc, &desired, false).await? {
+            SecretWrite::Conflict(msg) => Ok((Outcome::new(Reason::SecretConflict, msg), None)),
+            // The tokens stay valid and refreshed on schedule; the status keeps saying so.
+            SecretWrite::Contested { message, retry_at } => {
+                let contested = Outcome::new(Reason::SecretContested, message)
+                    .with_secret(Some(desired.name.clone()));
+                let o = Outcome {
+                    oauth: outcome.oauth,
+                    ..contested
+                };
+                Ok((o, Some(retry_at)))
+            }
+            // The expiry series follows from the outcome's `expiresAt` (metrics::Metrics::report).
+            SecretWrite::Unchanged | SecretWrite::Created | SecretWrite::Updated => {
+                Ok((outcome, None))
+            }
         }
-        // The expiry series follows from the outcome's `expiresAt` (metrics::Metrics::report).
-        Ok(d.access_outcome(st, &desired.name, next_refresh))
     }
 
     /// Steps 2–5 of the module docs for one connection whose plan says "refresh now".
@@ -608,7 +623,7 @@ impl OAuthEngine {
             .as_ref()
             .map(|a| r.decider.next_refresh(a, &r.settings.renew));
         let outcome = self.publish_access(w, &r.decider, &st, next).await;
-        let outcome = match outcome {
+        let (outcome, retry) = match outcome {
             Ok(o) => o,
             Err(e) => {
                 self.set_writes_proven(&r.key, false);
@@ -616,7 +631,11 @@ impl OAuthEngine {
             }
         };
         self.set_writes_proven(&r.key, outcome.ready);
-        let requeue = next.map_or(decide::Requeue::OnChange, |t| r.decider.requeue_at(t));
+        let at = match (next, retry) {
+            (Some(n), Some(r)) => Some(n.min(r)),
+            (n, r) => n.or(r),
+        };
+        let requeue = at.map_or(decide::Requeue::OnChange, |t| r.decider.requeue_at(t));
         Ok(Decision { outcome, requeue })
     }
 
