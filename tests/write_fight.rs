@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use vaultconn_testkit::leak_scan::register_secret;
 use vaultconn_testkit::reliability::{self, Fact};
+use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 
 /// The operator's repair budget (README, "Write fights"): repairs within the window.
 const REPAIR_BUDGET: usize = 3;
@@ -38,15 +39,14 @@ const REPAIR_BUDGET: usize = 3;
 const FIGHT: Duration = Duration::from_secs(15);
 const REASON: &str = "SecretContested";
 
-/// A writer that puts `content` back into Secret `name` whenever its data differs, as soon as
-/// its own watch shows the change (no timers). Keeps the Secret's metadata (labels,
-/// annotations, owners) as it finds it, like a tool that manages only `data`. Returns how many
-/// writes the API server accepted from it.
+/// A writer that rewrites Secret `name` whenever `fix` says it differs from what it wants
+/// (`fix` returns the object to write), as soon as its own watch shows the change (no timers).
+/// Returns how many writes the API server accepted from it.
 fn fighter(
     client: kube::Client,
     ns: &str,
     name: &str,
-    content: BTreeMap<String, ByteString>,
+    fix: impl Fn(&Secret) -> Option<Secret> + Send + 'static,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<usize> {
     let api: Api<Secret> = Api::namespaced(client, ns);
@@ -64,11 +64,7 @@ fn fighter(
                     Err(_) => continue,
                 },
             };
-            if live.data.as_ref() == Some(&content) {
-                continue;
-            }
-            let mut mine = live;
-            mine.data = Some(content.clone());
+            let Some(mut mine) = fix(&live) else { continue };
             mine.metadata.managed_fields = None;
             // A 409 means the Secret changed meanwhile: its watch event comes next.
             if api.replace(&name, &PostParams::default(), &mine).await.is_ok() {
@@ -76,6 +72,17 @@ fn fighter(
             }
         }
     })
+}
+
+/// A fighter's `fix` that keeps the metadata as it finds it and puts `content` into `data`,
+/// like a tool that manages only `data`.
+fn data_is(content: BTreeMap<String, ByteString>) -> impl Fn(&Secret) -> Option<Secret> {
+    move |live| {
+        (live.data.as_ref() != Some(&content)).then(|| Secret {
+            data: Some(content.clone()),
+            ..live.clone()
+        })
+    }
 }
 
 fn bytes(pairs: &[(&str, &str)]) -> BTreeMap<String, ByteString> {
@@ -151,7 +158,7 @@ async fn fight_over_the_target(ns: &TestNs, adopt: bool) {
         support::client().await,
         &ns.name,
         target,
-        fighter_content.clone(),
+        data_is(fighter_content.clone()),
         stop_rx,
     );
     // The measured window (not a synchronisation: the counts over it are the result).
@@ -240,4 +247,122 @@ async fn an_adopted_secret_another_writer_reverts_is_repaired_only_within_the_bu
 async fn a_generated_secret_another_writer_rewrites_is_repaired_only_within_the_budget() {
     let ns = test_namespace("fight-gen").await;
     fight_over_the_target(&ns, false).await;
+}
+
+const CLIENT: &str = "fight-app";
+const CLIENT_SECRET: &str = "fight-client-SECRET";
+
+/// A client-credentials connection `conn` against a fresh token server issuing tokens that
+/// live `ttl`; returns the server once the connection is Ready.
+async fn oauth_connection(ns: &TestNs, ttl: Duration) -> TokenServer {
+    ensure_operator().await;
+    let ts = TokenServer::start(
+        TokenServerConfig::default()
+            .with_client(CLIENT, CLIENT_SECRET)
+            .with_ttl(ttl),
+    )
+    .await
+    .unwrap();
+    put_secret(
+        ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+    apply_vc(
+        ns,
+        "conn",
+        json!({"type": "oauth2", "credentialsRef": {"name": "creds"},
+            "oauth2": {"tokenUrl": ts.token_url()}}),
+    )
+    .await;
+    ready(ns, "conn").await;
+    ts
+}
+
+/// The operator's writes to the state Secret of `conn` (its creates are not expected here).
+async fn state_writes(ns: &TestNs) -> usize {
+    let path = format!("/namespaces/{}/secrets/conn-vaultconn-state", ns.name);
+    writes_in_namespace(&ns.name)
+        .await
+        .iter()
+        .filter(|w| w.ends_with(&path))
+        .count()
+}
+
+/// Another writer keeps the state Secret's labels and annotations its way (its own label, and
+/// vaultconn's content-hash annotation and role label overwritten): the operator writes the
+/// state Secret only to store new tokens, so a metadata fight costs it nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_secret_metadata_fight_costs_no_write_and_no_token() {
+    let ns = test_namespace("fight-state-meta").await;
+    let ts = oauth_connection(&ns, Duration::from_secs(3600)).await;
+    let (calls, writes) = (ts.call_count(), state_writes(&ns).await);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let fix = |live: &Secret| {
+        let mut s = live.clone();
+        let labels = s.metadata.labels.get_or_insert_with(Default::default);
+        labels.insert("fighter.example/owner".into(), "me".into());
+        labels.insert("vaultconn.dev/secret-role".into(), "mine".into());
+        let ann = s.metadata.annotations.get_or_insert_with(Default::default);
+        ann.insert("vaultconn.dev/content-hash".into(), "mine".into());
+        (s.metadata.labels != live.metadata.labels
+            || s.metadata.annotations != live.metadata.annotations)
+            .then_some(s)
+    };
+    let fight = fighter(
+        support::client().await,
+        &ns.name,
+        "conn-vaultconn-state",
+        fix,
+        stop_rx,
+    );
+    // The measured window.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (calls, writes) = (ts.call_count() - calls, state_writes(&ns).await - writes);
+    let _ = stop_tx.send(true);
+    let fighter_writes = fight.await.unwrap();
+    eprintln!("state metadata fight: operator {writes} state writes, {calls} token calls; fighter {fighter_writes} writes");
+    assert!(fighter_writes >= 1, "the fighter changed the metadata");
+    assert_eq!((writes, calls), (0, 0), "state writes and token calls in the fight");
+    ready(&ns, "conn").await;
+}
+
+/// Another writer keeps rolling the state Secret's data back to a snapshot (a backup restore
+/// or a GitOps self-heal that captured it once) whose access token is due for refresh: every
+/// rollback would make the operator request a token and store it, forever. The token server
+/// counts the requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_secret_rolled_back_to_a_snapshot_spends_tokens_only_within_the_budget() {
+    let ns = test_namespace("fight-state-data").await;
+    // Tokens of 6 s are renewed after 4 s: the snapshot is due for refresh within the fight.
+    let ts = oauth_connection(&ns, Duration::from_secs(6)).await;
+    let snapshot = ns
+        .api::<Secret>()
+        .get("conn-vaultconn-state")
+        .await
+        .unwrap()
+        .data
+        .unwrap_or_default();
+    let (calls, writes) = (ts.call_count(), state_writes(&ns).await);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let fight = fighter(
+        support::client().await,
+        &ns.name,
+        "conn-vaultconn-state",
+        data_is(snapshot),
+        stop_rx,
+    );
+    tokio::time::sleep(FIGHT).await;
+    let (calls, writes) = (ts.call_count() - calls, state_writes(&ns).await - writes);
+    let _ = stop_tx.send(true);
+    let fighter_writes = fight.await.unwrap();
+    eprintln!("state data fight: operator {writes} state writes, {calls} token calls; fighter {fighter_writes} writes");
+    // On schedule alone: a refresh every ~4 s, 4 in the window; the rest are repairs.
+    let bound = FIGHT.as_secs() as usize / 4 + REPAIR_BUDGET + 1;
+    assert!(
+        calls <= bound,
+        "{calls} token requests in the {FIGHT:?} fight (the fighter wrote {fighter_writes} times); at most {bound}"
+    );
+    assert!(writes <= bound, "{writes} state writes in the fight; at most {bound}");
 }
