@@ -203,6 +203,22 @@ pub fn contested_message(
     )
 }
 
+/// The status message while token requests caused by rollbacks of the state Secret are
+/// stopped: names the Secret and what to do, never its content.
+pub fn state_contested_message(
+    namespace: &str,
+    name: &str,
+    policy: &RepairPolicy,
+    repairs: usize,
+    until: Timestamp,
+) -> String {
+    let window = policy.window.as_secs() / 60;
+    let until = until.strftime("%Y-%m-%dT%H:%M:%SZ");
+    format!(
+        "Secret {namespace}/{name} (the token state) keeps being rolled back by another writer: vaultconn requested new tokens {repairs} times in the last {window} minutes because of it and requests none for that reason until {until} (then it tries once more, waiting longer each time). Find and stop the other writer (a backup restore, a GitOps sync or a script that writes this Secret): the token state belongs to vaultconn alone; an edit of the VaultConnection or of its credentials Secret lets it refresh at once"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,7 +326,10 @@ mod tests {
             else {
                 panic!("blocked again: {v:?}");
             };
-            waits.push(u.duration_since(until + SignedDuration::from_secs(1)).as_secs());
+            waits.push(
+                u.duration_since(until + SignedDuration::from_secs(1))
+                    .as_secs(),
+            );
             until = u;
             h = next;
         }
@@ -362,6 +381,13 @@ mod tests {
             m,
             "Secret ns/out keeps being changed by another writer: vaultconn put its content back 3 times in the last 10 minutes and stops repairing it until 2023-11-14T22:14:23Z (then it tries once more, waiting longer each time). Find and stop the other writer (another controller, a GitOps sync or a script that writes this Secret), or choose another spec.target.name; an edit of the VaultConnection or of its credentials Secret repairs it at once"
         );
+    }
+
+    #[test]
+    fn the_state_message_names_the_secret_and_what_to_do() {
+        let m = state_contested_message("ns", "c-vaultconn-state", &POLICY, 3, t(63));
+        assert!(m.starts_with("Secret ns/c-vaultconn-state (the token state) keeps being rolled back by another writer: vaultconn requested new tokens 3 times in the last 10 minutes"), "{m}");
+        assert!(m.contains("Find and stop the other writer"), "{m}");
     }
 
     #[test]

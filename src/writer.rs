@@ -40,6 +40,15 @@ pub enum SecretWrite {
     },
 }
 
+/// Which of a connection's Secrets a repair history is about (see `repair`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Repairing {
+    /// The generated Secret: repairs are writes.
+    Target,
+    /// The state Secret: repairs are token requests a rollback of it asks for.
+    State,
+}
+
 /// What a dry run says about a write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DryRun {
@@ -83,7 +92,7 @@ pub struct SecretWriter {
     /// re-created connection starts afresh). Kept in memory: a restart forgets it, which costs
     /// at most one budget per start; keeping it in the cluster would take writes to an object
     /// under contention, or to the status on every repair.
-    repairs: Mutex<HashMap<(String, String), (String, RepairHistory)>>,
+    repairs: Mutex<HashMap<(String, String, Repairing), (String, RepairHistory)>>,
 }
 
 impl SecretWriter {
@@ -104,44 +113,83 @@ impl SecretWriter {
     }
 
     /// What the user controls of `vc` now (its generation, its credentials Secret): a change
-    /// gives its generated Secret a new repair budget.
+    /// gives its Secrets a new repair budget.
     pub fn note_user_inputs(&self, vc: &VaultConnection, credentials: Option<&Secret>) {
         let inputs = UserInputs {
             generation: vc.metadata.generation,
             credentials_version: credentials.and_then(|s| s.metadata.resource_version.clone()),
         };
-        self.update_history(vc, |h| h.with_inputs(inputs));
+        for role in [Repairing::Target, Repairing::State] {
+            self.update_history(vc, role, |h| h.with_inputs(inputs.clone()));
+        }
     }
 
-    /// Drop the repair history of a deleted connection.
+    /// Drop the repair histories of a deleted connection.
     pub fn forget_repairs(&self, namespace: &str, name: &str) {
-        lock(&self.repairs).remove(&(namespace.to_string(), name.to_string()));
+        let mut repairs = lock(&self.repairs);
+        for role in [Repairing::Target, Repairing::State] {
+            repairs.remove(&(namespace.to_string(), name.to_string(), role));
+        }
     }
 
-    fn history(&self, vc: &VaultConnection) -> RepairHistory {
-        let uid = vc.metadata.uid.as_deref().unwrap_or_default();
-        let key = (
+    fn history_key(vc: &VaultConnection, role: Repairing) -> (String, String, Repairing) {
+        (
             vc.metadata.namespace.clone().unwrap_or_default(),
             vc.metadata.name.clone().unwrap_or_default(),
-        );
-        match lock(&self.repairs).get(&key) {
+            role,
+        )
+    }
+
+    fn history(&self, vc: &VaultConnection, role: Repairing) -> RepairHistory {
+        let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+        match lock(&self.repairs).get(&Self::history_key(vc, role)) {
             Some((u, h)) if u == uid => h.clone(),
             _ => RepairHistory::default(),
         }
     }
 
-    fn set_history(&self, vc: &VaultConnection, h: RepairHistory) {
+    fn set_history(&self, vc: &VaultConnection, role: Repairing, h: RepairHistory) {
         let uid = vc.metadata.uid.clone().unwrap_or_default();
-        let key = (
-            vc.metadata.namespace.clone().unwrap_or_default(),
-            vc.metadata.name.clone().unwrap_or_default(),
-        );
-        lock(&self.repairs).insert(key, (uid, h));
+        lock(&self.repairs).insert(Self::history_key(vc, role), (uid, h));
     }
 
-    fn update_history(&self, vc: &VaultConnection, f: impl FnOnce(RepairHistory) -> RepairHistory) {
-        let h = f(self.history(vc));
-        self.set_history(vc, h);
+    fn update_history(
+        &self,
+        vc: &VaultConnection,
+        role: Repairing,
+        f: impl FnOnce(RepairHistory) -> RepairHistory,
+    ) {
+        let h = f(self.history(vc, role));
+        self.set_history(vc, role, h);
+    }
+
+    /// Another writer rolled the state Secret back from what this process stored (content
+    /// hash `stored`) to something that asks for a token request ours did not: may the
+    /// refresh go ahead? `Some((message, retry_at))` when the budget is spent.
+    pub fn may_refresh_after_rollback(
+        &self,
+        vc: &VaultConnection,
+        stored: &str,
+    ) -> Option<(String, jiff::Timestamp)> {
+        let now = jiff::Timestamp::now();
+        let history = self.history(vc, Repairing::State).known_good(stored);
+        let (verdict, next) = history.decide(&repair::POLICY, stored, now);
+        self.set_history(vc, Repairing::State, next);
+        let Verdict::Blocked {
+            until,
+            repairs,
+            started,
+        } = verdict
+        else {
+            return None;
+        };
+        let ns = vc.metadata.namespace.as_deref().unwrap_or_default();
+        let name = crate::names::state_secret_name(vc.metadata.name.as_deref().unwrap_or_default());
+        if started {
+            warn!(namespace = %ns, secret = %name, repairs, retry_at = %until, "another writer keeps rolling the token state Secret back; no token is requested for that until the backoff passes");
+        }
+        let message = repair::state_contested_message(ns, &name, &repair::POLICY, repairs, until);
+        Some((message, until))
     }
 
     /// The generated Secret does not hold `desired`: may it be written now? `Err` carries the
@@ -152,9 +200,11 @@ impl SecretWriter {
         desired: &DesiredSecret,
     ) -> std::result::Result<RepairHistory, SecretWrite> {
         let now = jiff::Timestamp::now();
-        let (verdict, next) = self
-            .history(vc)
-            .decide(&repair::POLICY, desired.content_hash(), now);
+        let (verdict, next) = self.history(vc, Repairing::Target).decide(
+            &repair::POLICY,
+            desired.content_hash(),
+            now,
+        );
         match verdict {
             Verdict::Write | Verdict::Repair => Ok(next.known_good(desired.content_hash())),
             Verdict::Blocked {
@@ -162,7 +212,7 @@ impl SecretWriter {
                 repairs,
                 started,
             } => {
-                self.set_history(vc, next);
+                self.set_history(vc, Repairing::Target, next);
                 let (ns, name) = (&desired.namespace, &desired.name);
                 if started {
                     warn!(namespace = %ns, secret = %name, repairs, retry_at = %until, "another writer keeps changing the generated Secret; repairs stop until the backoff passes");
@@ -231,7 +281,9 @@ impl SecretWriter {
             .index
             .is_verified(ns, &desired.name, uid, desired.content_hash())
         {
-            self.update_history(vc, |h| h.known_good(desired.content_hash()));
+            self.update_history(vc, Repairing::Target, |h| {
+                h.known_good(desired.content_hash())
+            });
             return Ok(SecretWrite::Unchanged);
         }
         // A target the watch has never seen as ours is most likely new: create it straight
@@ -278,7 +330,7 @@ impl SecretWriter {
             .await
         {
             Ok(created) => {
-                self.set_history(vc, after);
+                self.set_history(vc, Repairing::Target, after);
                 self.written(desired, created.metadata.resource_version);
                 let note = format!("Created Secret {ns}/{}", desired.name);
                 self.publish(vc, EventType::Normal, "SecretCreated", note);
@@ -304,7 +356,9 @@ impl SecretWriter {
         if desired.matches(&live) {
             self.index
                 .mark_verified(ns, &desired.name, live.metadata.resource_version);
-            self.update_history(vc, |h| h.known_good(desired.content_hash()));
+            self.update_history(vc, Repairing::Target, |h| {
+                h.known_good(desired.content_hash())
+            });
             return Ok(SecretWrite::Unchanged);
         }
         let after = match self.may_repair(vc, desired) {
@@ -321,7 +375,7 @@ impl SecretWriter {
                 &desired.merged_into(&live),
             )
             .await?;
-        self.set_history(vc, after);
+        self.set_history(vc, Repairing::Target, after);
         self.written(desired, updated.metadata.resource_version);
         if announce_updates {
             let note = format!("Updated Secret {ns}/{}", desired.name);

@@ -234,6 +234,10 @@ impl OAuthEngine {
         let config_fp = state::config_fingerprint(&settings, &inputs);
         let seed_fp = state::seed_fingerprint(&inputs);
         let now = decider.now;
+        // What this process stored, if someone else has changed the state Secret since.
+        let overwritten = live_state
+            .as_ref()
+            .and_then(|live| self.stored_if_overwritten(vc, &key, live));
         let mut token_state = match &live_state {
             Some(live) => {
                 let probe = secret::desired_state_secret(vc, SecretData::default());
@@ -263,15 +267,18 @@ impl OAuthEngine {
             seed: &seed_fp,
             refresh_request: refresh_request.as_deref(),
         };
-        let plan = state::plan(&state::DecisionInput {
-            now,
-            state: &token_state,
-            config_fp: &config_fp,
-            seed_fp: &seed_fp,
-            refresh_request: fps.refresh_request,
-            renew: &settings.renew,
-            jitter_key: &decider.jitter_key(),
-        });
+        let plan_for = |st: &TokenState| {
+            state::plan(&state::DecisionInput {
+                now,
+                state: st,
+                config_fp: &config_fp,
+                seed_fp: &seed_fp,
+                refresh_request: fps.refresh_request,
+                renew: &settings.renew,
+                jitter_key: &decider.jitter_key(),
+            })
+        };
+        let plan = plan_for(&token_state);
         let cause = match plan {
             Plan::Wait { next_refresh } => {
                 let (o, retry) = self
@@ -286,6 +293,30 @@ impl OAuthEngine {
             }
             Plan::Refresh(cause) => cause,
         };
+        // A refresh only a rollback of the state Secret asks for (what this process stored
+        // would wait) is a repair: within the budget, or not at all (a fight over the state
+        // Secret must not spend a token per rollback).
+        if let Some(mut ours) = overwritten {
+            decide::seed_from_inputs(&mut ours, &settings, &inputs, &config_fp, now);
+            let ours_plan = plan_for(&ours);
+            if !matches!(ours_plan, Plan::Refresh(_)) {
+                let stored = secret::desired_state_secret(vc, ours.to_data());
+                if let Some((message, until)) =
+                    w.may_refresh_after_rollback(vc, stored.content_hash())
+                {
+                    // Refreshes on our own schedule go on meanwhile (they are not repairs).
+                    let at = match ours_plan {
+                        Plan::Wait { next_refresh } => until.min(next_refresh),
+                        _ => until,
+                    };
+                    let o = Outcome::new(Reason::SecretContested, message);
+                    return Ok(carry_out(Decision {
+                        outcome: crate::status::keep_known_fields(vc, o),
+                        requeue: decider.requeue_at(at),
+                    }));
+                }
+            }
+        }
         let r = Refresh {
             vc,
             key,
@@ -670,6 +701,20 @@ impl OAuthEngine {
         let key: Key = (vc.namespace().unwrap_or_default(), vc.name_any());
         let uid = vc.metadata.uid.clone().unwrap_or_default();
         lock(&self.last_stored).insert(key, (uid, st.clone()));
+    }
+
+    /// What this process last stored for this very connection (same UID), if the live state
+    /// Secret no longer holds it.
+    fn stored_if_overwritten(
+        &self,
+        vc: &VaultConnection,
+        key: &Key,
+        live: &k8s_openapi::api::core::v1::Secret,
+    ) -> Option<TokenState> {
+        let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+        let known = lock(&self.last_stored).get(key).cloned();
+        let (_, ours) = known.filter(|(u, _)| u == uid)?;
+        (ours.to_data() != SecretData::from_secret(live)).then_some(ours)
     }
 
     /// The state Secret is missing: rewrite what this process last stored for this very
