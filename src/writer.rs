@@ -49,6 +49,9 @@ enum Repairing {
     State,
 }
 
+/// (namespace, connection, which Secret)
+type RepairKey = (String, String, Repairing);
+
 /// What a dry run says about a write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DryRun {
@@ -92,7 +95,7 @@ pub struct SecretWriter {
     /// re-created connection starts afresh). Kept in memory: a restart forgets it, which costs
     /// at most one budget per start; keeping it in the cluster would take writes to an object
     /// under contention, or to the status on every repair.
-    repairs: Mutex<HashMap<(String, String, Repairing), (String, RepairHistory)>>,
+    repairs: Mutex<HashMap<RepairKey, (String, RepairHistory)>>,
 }
 
 impl SecretWriter {
@@ -132,7 +135,7 @@ impl SecretWriter {
         }
     }
 
-    fn history_key(vc: &VaultConnection, role: Repairing) -> (String, String, Repairing) {
+    fn history_key(vc: &VaultConnection, role: Repairing) -> RepairKey {
         (
             vc.metadata.namespace.clone().unwrap_or_default(),
             vc.metadata.name.clone().unwrap_or_default(),
