@@ -401,10 +401,11 @@ mod tests {
 #[cfg(test)]
 mod props {
     use super::*;
+    use crate::oauth::token::response::fuzz::proptest_config;
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(proptest_config(64))]
         /// Whatever the timing of the reverts, no 10-minute window holds more than the budget
         /// plus one retry per backoff that ended in it; a block always lies ahead.
         #[test]
