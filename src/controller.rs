@@ -138,6 +138,7 @@ impl Context {
     /// backoff, the last status written, its metric series).
     fn forget(&self, ns: &str, name: &str) {
         self.writer.index.forget_connection(ns, name);
+        self.writer.forget_repairs(ns, name);
         self.oauth.forget(ns, name);
         self.writer.metrics.connection_gone(ns, name);
         let key = (ns.to_string(), name.to_string());
@@ -739,6 +740,7 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
         Some(r) => ctx.writer.get(ns, &r.name).await?,
         None => None,
     };
+    ctx.writer.note_user_inputs(vc, creds.as_ref());
     let inputs = secret::extract_inputs(vc, creds.as_ref());
 
     if vc.spec.type_.is_oauth() {
@@ -760,6 +762,15 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
                     Outcome::new(Reason::SecretConflict, msg),
                     Action::await_change(),
                 )),
+                SecretWrite::Contested { message, retry_at } => {
+                    let wait = retry_at.duration_since(jiff_now());
+                    let wait = Duration::try_from(wait).unwrap_or_default();
+                    Ok((
+                        Outcome::new(Reason::SecretContested, message)
+                            .with_secret(Some(desired.name.clone())),
+                        Action::requeue(wait.max(Duration::from_secs(1))),
+                    ))
+                }
                 _ => Ok((
                     Outcome::new(
                         Reason::Reconciled,

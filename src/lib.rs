@@ -19,6 +19,7 @@ pub mod names;
 pub mod oauth;
 pub mod operator;
 pub mod reason;
+pub mod repair;
 pub mod secret;
 pub mod secret_index;
 pub mod status;

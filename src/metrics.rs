@@ -77,7 +77,9 @@ pub fn refresh_scheduled(reason: Reason) -> bool {
         | Reason::RateLimited
         | Reason::TokenEndpointUnreachable
         | Reason::TokenResponseLost
-        | Reason::TlsError => true,
+        | Reason::TlsError
+        // Refreshes go on while another writer holds the generated Secret.
+        | Reason::SecretContested => true,
         Reason::CredentialsMissing
         | Reason::InvalidSpec
         | Reason::SecretConflict

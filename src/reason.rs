@@ -18,6 +18,9 @@ pub enum Reason {
     InvalidSpec,
     /// The target or state Secret belongs to something else.
     SecretConflict,
+    /// Another writer keeps changing the generated Secret: the repair budget is spent and
+    /// repairs wait for a backoff (see `repair`).
+    SecretContested,
     /// `spec.suspend` is true.
     Suspended,
     /// A token request failed transiently while the current token is still valid.
@@ -81,6 +84,7 @@ impl Reason {
         Reason::CredentialsMissing,
         Reason::InvalidSpec,
         Reason::SecretConflict,
+        Reason::SecretContested,
         Reason::Suspended,
         Reason::RefreshRetrying,
         Reason::TokenEndpointUnavailable,
@@ -116,6 +120,7 @@ impl Reason {
             Reason::CredentialsMissing => "CredentialsMissing",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::SecretConflict => "SecretConflict",
+            Reason::SecretContested => "SecretContested",
             Reason::Suspended => "Suspended",
             Reason::RefreshRetrying => "RefreshRetrying",
             Reason::TokenEndpointUnavailable => "TokenEndpointUnavailable",
@@ -158,6 +163,7 @@ impl Reason {
             | Reason::RefreshTokenAdopted => Phase::Pending,
             Reason::InvalidSpec
             | Reason::SecretConflict
+            | Reason::SecretContested
             | Reason::TokenEndpointUnavailable
             | Reason::RateLimited
             | Reason::TokenEndpointUnreachable

@@ -4,12 +4,14 @@
 //! Event queue and the metrics. The controller and the OAuth engine both write through it, so
 //! neither needs the other's state.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Client, Resource};
+use tracing::warn;
 
 use crate::api::VaultConnection;
 use crate::error::{Error, Result};
@@ -17,8 +19,10 @@ use crate::events::EventSink;
 use crate::leader::LeaderGate;
 use crate::metrics::Metrics;
 use crate::names::FIELD_MANAGER;
+use crate::repair::{self, RepairHistory, UserInputs, Verdict};
 use crate::secret::{self, DesiredSecret};
 use crate::secret_index::SecretIndex;
+use crate::sync::lock;
 
 /// What [`SecretWriter::ensure`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +32,25 @@ pub enum SecretWrite {
     Updated,
     /// Another object controls the Secret; nothing was written. The message says which.
     Conflict(String),
+    /// Another writer keeps changing the Secret and the repair budget is spent (see
+    /// `repair`): nothing was written. The message says so; try again at `retry_at`.
+    Contested {
+        message: String,
+        retry_at: jiff::Timestamp,
+    },
 }
+
+/// Which of a connection's Secrets a repair history is about (see `repair`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Repairing {
+    /// The generated Secret: repairs are writes.
+    Target,
+    /// The state Secret: repairs are token requests a rollback of it asks for.
+    State,
+}
+
+/// (namespace, connection, which Secret)
+type RepairKey = (String, String, Repairing);
 
 /// What a dry run says about a write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +91,11 @@ pub struct SecretWriter {
     pub metrics: Arc<Metrics>,
     /// Asked before every write: only the leader writes (see `leader`).
     pub gate: Arc<LeaderGate>,
+    /// Repair history of each connection's generated Secret, with the connection's UID (a
+    /// re-created connection starts afresh). Kept in memory: a restart forgets it, which costs
+    /// at most one budget per start; keeping it in the cluster would take writes to an object
+    /// under contention, or to the status on every repair.
+    repairs: Mutex<HashMap<RepairKey, (String, RepairHistory)>>,
 }
 
 impl SecretWriter {
@@ -84,6 +111,121 @@ impl SecretWriter {
             events,
             metrics,
             gate,
+            repairs: Mutex::default(),
+        }
+    }
+
+    /// What the user controls of `vc` now (its generation, its credentials Secret): a change
+    /// gives its Secrets a new repair budget.
+    pub fn note_user_inputs(&self, vc: &VaultConnection, credentials: Option<&Secret>) {
+        let inputs = UserInputs {
+            generation: vc.metadata.generation,
+            credentials_version: credentials.and_then(|s| s.metadata.resource_version.clone()),
+        };
+        for role in [Repairing::Target, Repairing::State] {
+            self.update_history(vc, role, |h| h.with_inputs(inputs.clone()));
+        }
+    }
+
+    /// Drop the repair histories of a deleted connection.
+    pub fn forget_repairs(&self, namespace: &str, name: &str) {
+        let mut repairs = lock(&self.repairs);
+        for role in [Repairing::Target, Repairing::State] {
+            repairs.remove(&(namespace.to_string(), name.to_string(), role));
+        }
+    }
+
+    fn history_key(vc: &VaultConnection, role: Repairing) -> RepairKey {
+        (
+            vc.metadata.namespace.clone().unwrap_or_default(),
+            vc.metadata.name.clone().unwrap_or_default(),
+            role,
+        )
+    }
+
+    fn history(&self, vc: &VaultConnection, role: Repairing) -> RepairHistory {
+        let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+        match lock(&self.repairs).get(&Self::history_key(vc, role)) {
+            Some((u, h)) if u == uid => h.clone(),
+            _ => RepairHistory::default(),
+        }
+    }
+
+    fn set_history(&self, vc: &VaultConnection, role: Repairing, h: RepairHistory) {
+        let uid = vc.metadata.uid.clone().unwrap_or_default();
+        lock(&self.repairs).insert(Self::history_key(vc, role), (uid, h));
+    }
+
+    fn update_history(
+        &self,
+        vc: &VaultConnection,
+        role: Repairing,
+        f: impl FnOnce(RepairHistory) -> RepairHistory,
+    ) {
+        let h = f(self.history(vc, role));
+        self.set_history(vc, role, h);
+    }
+
+    /// Another writer rolled the state Secret back from what this process stored (content
+    /// hash `stored`) to something that asks for a token request ours did not: may the
+    /// refresh go ahead? `Some((message, retry_at))` when the budget is spent.
+    pub fn may_refresh_after_rollback(
+        &self,
+        vc: &VaultConnection,
+        stored: &str,
+    ) -> Option<(String, jiff::Timestamp)> {
+        let now = jiff::Timestamp::now();
+        let history = self.history(vc, Repairing::State).known_good(stored);
+        let (verdict, next) = history.decide(&repair::POLICY, stored, now);
+        self.set_history(vc, Repairing::State, next);
+        let Verdict::Blocked {
+            until,
+            repairs,
+            started,
+        } = verdict
+        else {
+            return None;
+        };
+        let ns = vc.metadata.namespace.as_deref().unwrap_or_default();
+        let name = crate::names::state_secret_name(vc.metadata.name.as_deref().unwrap_or_default());
+        if started {
+            warn!(namespace = %ns, secret = %name, repairs, retry_at = %until, "another writer keeps rolling the token state Secret back; no token is requested for that until the backoff passes");
+        }
+        let message = repair::state_contested_message(ns, &name, &repair::POLICY, repairs, until);
+        Some((message, until))
+    }
+
+    /// The generated Secret does not hold `desired`: may it be written now? `Err` carries the
+    /// `Contested` answer; `Ok` the history to keep once the write succeeded.
+    fn may_repair(
+        &self,
+        vc: &VaultConnection,
+        desired: &DesiredSecret,
+    ) -> std::result::Result<RepairHistory, SecretWrite> {
+        let now = jiff::Timestamp::now();
+        let (verdict, next) = self.history(vc, Repairing::Target).decide(
+            &repair::POLICY,
+            desired.content_hash(),
+            now,
+        );
+        match verdict {
+            Verdict::Write | Verdict::Repair => Ok(next.known_good(desired.content_hash())),
+            Verdict::Blocked {
+                until,
+                repairs,
+                started,
+            } => {
+                self.set_history(vc, Repairing::Target, next);
+                let (ns, name) = (&desired.namespace, &desired.name);
+                if started {
+                    warn!(namespace = %ns, secret = %name, repairs, retry_at = %until, "another writer keeps changing the generated Secret; repairs stop until the backoff passes");
+                }
+                let message = repair::contested_message(ns, name, &repair::POLICY, repairs, until);
+                Err(SecretWrite::Contested {
+                    message,
+                    retry_at: until,
+                })
+            }
         }
     }
 
@@ -142,6 +284,9 @@ impl SecretWriter {
             .index
             .is_verified(ns, &desired.name, uid, desired.content_hash())
         {
+            self.update_history(vc, Repairing::Target, |h| {
+                h.known_good(desired.content_hash())
+            });
             return Ok(SecretWrite::Unchanged);
         }
         // A target the watch has never seen as ours is most likely new: create it straight
@@ -170,19 +315,25 @@ impl SecretWriter {
             .await
     }
 
-    /// Create `desired`; `None` when it already exists (409).
+    /// Create `desired` (within the repair budget: a Secret this process wrote before was
+    /// deleted); `None` when it already exists (409).
     async fn create(
         &self,
         vc: &VaultConnection,
         desired: &DesiredSecret,
     ) -> Result<Option<SecretWrite>> {
         let ns = &desired.namespace;
+        let after = match self.may_repair(vc, desired) {
+            Ok(h) => h,
+            Err(contested) => return Ok(Some(contested)),
+        };
         match self
             .api(ns)
             .create(&Self::params(false), &desired.to_new_secret())
             .await
         {
             Ok(created) => {
+                self.set_history(vc, Repairing::Target, after);
                 self.written(desired, created.metadata.resource_version);
                 let note = format!("Created Secret {ns}/{}", desired.name);
                 self.publish(vc, EventType::Normal, "SecretCreated", note);
@@ -208,8 +359,15 @@ impl SecretWriter {
         if desired.matches(&live) {
             self.index
                 .mark_verified(ns, &desired.name, live.metadata.resource_version);
+            self.update_history(vc, Repairing::Target, |h| {
+                h.known_good(desired.content_hash())
+            });
             return Ok(SecretWrite::Unchanged);
         }
+        let after = match self.may_repair(vc, desired) {
+            Ok(h) => h,
+            Err(contested) => return Ok(contested),
+        };
         // Replace with the resourceVersion we read: a concurrent writer makes this fail (409)
         // instead of being overwritten blindly.
         let updated = self
@@ -220,6 +378,7 @@ impl SecretWriter {
                 &desired.merged_into(&live),
             )
             .await?;
+        self.set_history(vc, Repairing::Target, after);
         self.written(desired, updated.metadata.resource_version);
         if announce_updates {
             let note = format!("Updated Secret {ns}/{}", desired.name);

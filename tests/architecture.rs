@@ -18,6 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "validation",
             "secret",
             "status",
+            "repair",
             "oauth::schedule",
             "oauth::state",
             "oauth::decide",

@@ -234,6 +234,10 @@ impl OAuthEngine {
         let config_fp = state::config_fingerprint(&settings, &inputs);
         let seed_fp = state::seed_fingerprint(&inputs);
         let now = decider.now;
+        // What this process stored, if someone else has changed the state Secret since.
+        let overwritten = live_state
+            .as_ref()
+            .and_then(|live| self.stored_if_overwritten(vc, &key, live));
         let mut token_state = match &live_state {
             Some(live) => {
                 let probe = secret::desired_state_secret(vc, SecretData::default());
@@ -263,21 +267,25 @@ impl OAuthEngine {
             seed: &seed_fp,
             refresh_request: refresh_request.as_deref(),
         };
-        let plan = state::plan(&state::DecisionInput {
-            now,
-            state: &token_state,
-            config_fp: &config_fp,
-            seed_fp: &seed_fp,
-            refresh_request: fps.refresh_request,
-            renew: &settings.renew,
-            jitter_key: &decider.jitter_key(),
-        });
+        let plan_for = |st: &TokenState| {
+            state::plan(&state::DecisionInput {
+                now,
+                state: st,
+                config_fp: &config_fp,
+                seed_fp: &seed_fp,
+                refresh_request: fps.refresh_request,
+                renew: &settings.renew,
+                jitter_key: &decider.jitter_key(),
+            })
+        };
+        let plan = plan_for(&token_state);
         let cause = match plan {
             Plan::Wait { next_refresh } => {
-                let o = self
+                let (o, retry) = self
                     .publish_access(w, &decider, &token_state, Some(next_refresh))
                     .await?;
-                return Ok((o, action(decider.requeue_at(next_refresh))));
+                let at = retry.map_or(next_refresh, |r| r.min(next_refresh));
+                return Ok((o, action(decider.requeue_at(at))));
             }
             Plan::Failed { reason, retry_at } => {
                 let reason = Reason::parse(&reason).unwrap_or(Reason::TokenRequestRejected);
@@ -285,6 +293,30 @@ impl OAuthEngine {
             }
             Plan::Refresh(cause) => cause,
         };
+        // A refresh only a rollback of the state Secret asks for (what this process stored
+        // would wait) is a repair: within the budget, or not at all (a fight over the state
+        // Secret must not spend a token per rollback).
+        if let Some(mut ours) = overwritten {
+            decide::seed_from_inputs(&mut ours, &settings, &inputs, &config_fp, now);
+            let ours_plan = plan_for(&ours);
+            if !matches!(ours_plan, Plan::Refresh(_)) {
+                let stored = secret::desired_state_secret(vc, ours.to_data());
+                if let Some((message, until)) =
+                    w.may_refresh_after_rollback(vc, stored.content_hash())
+                {
+                    // Refreshes on our own schedule go on meanwhile (they are not repairs).
+                    let at = match ours_plan {
+                        Plan::Wait { next_refresh } => until.min(next_refresh),
+                        _ => until,
+                    };
+                    let o = Outcome::new(Reason::SecretContested, message);
+                    return Ok(carry_out(Decision {
+                        outcome: crate::status::keep_known_fields(vc, o),
+                        requeue: decider.requeue_at(at),
+                    }));
+                }
+            }
+        }
         let r = Refresh {
             vc,
             key,
@@ -347,16 +379,17 @@ impl OAuthEngine {
         }
     }
 
-    /// Make the generated Secret hold the current access token; Ready while it is valid.
+    /// Make the generated Secret hold the current access token; Ready while it is valid. The
+    /// time is when to try again if another writer holds the Secret (`SecretContested`).
     async fn publish_access(
         &self,
         w: &SecretWriter,
         d: &Decider<'_>,
         st: &TokenState,
         next_refresh: Option<Timestamp>,
-    ) -> Result<Outcome> {
+    ) -> Result<(Outcome, Option<Timestamp>)> {
         let Some(access) = &st.access else {
-            return Ok(d.access_outcome(st, "", None));
+            return Ok((d.access_outcome(st, "", None), None));
         };
         let data = secret::oauth_outputs(
             &access.token.expose_str(),
@@ -365,11 +398,24 @@ impl OAuthEngine {
             access.scope.as_deref(),
         );
         let desired = secret::desired_output_secret(d.vc, data);
-        if let SecretWrite::Conflict(msg) = w.ensure(d.vc, &desired, false).await? {
-            return Ok(Outcome::new(Reason::SecretConflict, msg));
+        let outcome = d.access_outcome(st, &desired.name, next_refresh);
+        match w.ensure(d.vc, &desired, false).await? {
+            SecretWrite::Conflict(msg) => Ok((Outcome::new(Reason::SecretConflict, msg), None)),
+            // The tokens stay valid and refreshed on schedule; the status keeps saying so.
+            SecretWrite::Contested { message, retry_at } => {
+                let contested = Outcome::new(Reason::SecretContested, message)
+                    .with_secret(Some(desired.name.clone()));
+                let o = Outcome {
+                    oauth: outcome.oauth,
+                    ..contested
+                };
+                Ok((o, Some(retry_at)))
+            }
+            // The expiry series follows from the outcome's `expiresAt` (metrics::Metrics::report).
+            SecretWrite::Unchanged | SecretWrite::Created | SecretWrite::Updated => {
+                Ok((outcome, None))
+            }
         }
-        // The expiry series follows from the outcome's `expiresAt` (metrics::Metrics::report).
-        Ok(d.access_outcome(st, &desired.name, next_refresh))
     }
 
     /// Steps 2–5 of the module docs for one connection whose plan says "refresh now".
@@ -609,7 +655,7 @@ impl OAuthEngine {
             .as_ref()
             .map(|a| r.decider.next_refresh(a, &r.settings.renew));
         let outcome = self.publish_access(w, &r.decider, &st, next).await;
-        let outcome = match outcome {
+        let (outcome, retry) = match outcome {
             Ok(o) => o,
             Err(e) => {
                 self.set_writes_proven(&r.key, false);
@@ -617,7 +663,11 @@ impl OAuthEngine {
             }
         };
         self.set_writes_proven(&r.key, outcome.ready);
-        let requeue = next.map_or(decide::Requeue::OnChange, |t| r.decider.requeue_at(t));
+        let at = match (next, retry) {
+            (Some(n), Some(r)) => Some(n.min(r)),
+            (n, r) => n.or(r),
+        };
+        let requeue = at.map_or(decide::Requeue::OnChange, |t| r.decider.requeue_at(t));
         Ok(Decision { outcome, requeue })
     }
 
@@ -652,6 +702,20 @@ impl OAuthEngine {
         let key: Key = (vc.namespace().unwrap_or_default(), vc.name_any());
         let uid = vc.metadata.uid.clone().unwrap_or_default();
         lock(&self.last_stored).insert(key, (uid, st.clone()));
+    }
+
+    /// What this process last stored for this very connection (same UID), if the live state
+    /// Secret no longer holds it.
+    fn stored_if_overwritten(
+        &self,
+        vc: &VaultConnection,
+        key: &Key,
+        live: &k8s_openapi::api::core::v1::Secret,
+    ) -> Option<TokenState> {
+        let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+        let known = lock(&self.last_stored).get(key).cloned();
+        let (_, ours) = known.filter(|(u, _)| u == uid)?;
+        (ours.to_data() != SecretData::from_secret(live)).then_some(ours)
     }
 
     /// The state Secret is missing: rewrite what this process last stored for this very
