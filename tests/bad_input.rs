@@ -22,11 +22,12 @@ use kube::core::ApiResource;
 use kube::ResourceExt;
 use serde_json::{json, Value};
 use support::objects::*;
+use support::own_operator::{own_operator_options, proxied_kubeconfig, start_own_operator};
 use support::{test_namespace, wait_for_some, TestNs};
 use tokio::sync::OnceCell;
 use vaultconn::api::VaultConnection;
 use vaultconn_testkit::api_proxy::{ApiFaultProxy, MethodMatch};
-use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::operator::OperatorProcess;
 use vaultconn_testkit::token_server::{Fault, TokenServer, TokenServerConfig};
 
 /// The recording proxy and the operator behind it, shared by the tests of this binary.
@@ -44,27 +45,15 @@ async fn harness() -> &'static Harness {
     HARNESS
         .get_or_init(|| async {
             support::ensure_crds().await;
-            let cp = support::cluster().await;
-            let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
-            let kubeconfig = cp.dir().join("kubeconfig-bad-input");
-            proxy
-                .write_kubeconfig(&kubeconfig, cp.admin_token())
-                .expect("writing the proxy kubeconfig");
-            let log_path = cp.dir().join("operator-bad-input.log");
-            let operator = OperatorProcess::start(OperatorOptions {
-                binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-                kubeconfig,
-                log_path: log_path.clone(),
-                // A short token timeout lets the slow-loris reply run past it quickly.
-                extra_args: vec![
-                    "--allow-http-loopback".into(),
-                    "--token-request-timeout".into(),
-                    "3s".into(),
-                ],
-                log_filter: "info,vaultconn=debug".into(),
-            })
-            .await
-            .expect("operator starts");
+            let (proxy, kubeconfig) = proxied_kubeconfig("bad-input").await;
+            let log_path = support::cluster()
+                .await
+                .dir()
+                .join("operator-bad-input.log");
+            // A short token timeout lets the slow-loris reply run past it quickly.
+            let args = ["--token-request-timeout", "3s"];
+            let operator =
+                start_own_operator(own_operator_options(kubeconfig, log_path.clone(), &args)).await;
             let pid = operator.pid().expect("the operator runs");
             Harness {
                 proxy,

@@ -30,16 +30,20 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use support::objects::*;
+use support::own_operator::{
+    assert_no_secret_in_log, log_dir, named_operator, proxied_kubeconfig, rotating_token_server,
+    stop_cleanly,
+};
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use tokio::sync::{Mutex, OnceCell};
 use vaultconn::api::{Phase, VaultConnection};
 use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule, MethodMatch};
 use vaultconn_testkit::control_plane::{ControlPlane, ControlPlaneOptions};
-use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::operator::OperatorProcess;
 use vaultconn_testkit::provider_invariants::{
     assert_provider_invariants, scheduled_per_minute, Invariants,
 };
-use vaultconn_testkit::token_server::{Fault, RecordedCall, TokenServer, TokenServerConfig};
+use vaultconn_testkit::token_server::{Fault, RecordedCall, TokenServer};
 
 // ---------------------------------------------------------------------------------------------
 // Harness: a restartable control plane for the restart tests, the shared one for the rest
@@ -125,64 +129,6 @@ async fn plane_namespace(prefix: &str) -> TestNs {
         .await
         .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
     TestNs { client, name }
-}
-
-/// Where operator logs go: `VAULTCONN_TEST_LOG_DIR` (kept after the run), else `dir` (a
-/// control plane's temp dir, removed with it).
-fn log_dir(dir: &std::path::Path) -> PathBuf {
-    std::env::var_os("VAULTCONN_TEST_LOG_DIR").map_or_else(|| dir.to_path_buf(), PathBuf::from)
-}
-
-/// An operator process named `instance`, talking to `kubeconfig` (direct or via a proxy).
-async fn operator(
-    logs: &std::path::Path,
-    instance: &str,
-    kubeconfig: PathBuf,
-    args: &[&str],
-) -> OperatorProcess {
-    let mut extra: Vec<String> = vec![
-        "--allow-http-loopback".into(),
-        "--instance".into(),
-        instance.into(),
-    ];
-    extra.extend(args.iter().map(|a| a.to_string()));
-    OperatorProcess::start(OperatorOptions {
-        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-        kubeconfig,
-        log_path: logs.join(format!("operator-{instance}.log")),
-        extra_args: extra,
-        log_filter: "info,vaultconn=debug".into(),
-    })
-    .await
-    .expect("operator starts")
-}
-
-/// SIGTERM and wait for a clean exit, off the test's runtime: `OperatorProcess::stop` blocks,
-/// and the token server the operator is still talking to runs on this runtime.
-async fn stop_cleanly(op: OperatorProcess, timeout: Duration) -> bool {
-    let mut op = op;
-    tokio::task::spawn_blocking(move || op.stop(timeout))
-        .await
-        .expect("stopping the operator")
-}
-
-/// No token the provider issued or saw, and no client secret, is in the operator's log. An
-/// empty or unreadable log fails: the scan would pass vacuously.
-fn assert_no_secret_in_log(log: &str, ts: &TokenServer, secrets: &[&str]) {
-    assert!(!log.is_empty(), "the operator log is empty or unreadable");
-    let mut values: Vec<String> = secrets.iter().map(|s| s.to_string()).collect();
-    for c in ts.calls() {
-        values.extend(c.refresh_token);
-        if let Some(o) = c.outcome {
-            values.extend(o.access_token);
-            values.extend(o.refresh_token);
-        }
-    }
-    let leaked = values
-        .iter()
-        .filter(|v| v.len() >= 8 && log.contains(v.as_str()))
-        .count();
-    assert_eq!(leaked, 0, "{leaked} secret values are in the operator log");
 }
 
 /// CPU seconds (user + system) the process `pid` has used so far.
@@ -311,13 +257,7 @@ async fn restart_converges(which: Outage, prefix: &str) {
     let p = plane().await;
     let _exclusive = exclusive().await;
     let ns = plane_namespace(prefix).await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(TTL),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(TTL).await;
     let names = oauth_connections(&ns, &ts, prefix, RESTART_CONNECTIONS).await;
     put_secret(&ns, "static-creds", &[("api_key", "key-before")]).await;
     apply_vc(
@@ -326,7 +266,7 @@ async fn restart_converges(which: Outage, prefix: &str) {
         json!({"type": "apiKey", "credentialsRef": {"name": "static-creds"}}),
     )
     .await;
-    let mut op = operator(
+    let mut op = named_operator(
         &p.dir,
         prefix,
         p.kubeconfig.clone(),
@@ -475,15 +415,11 @@ async fn proxied_operator(
     extra: &[&str],
 ) -> (ApiFaultProxy, OperatorProcess) {
     support::ensure_crds().await;
-    let cp = support::cluster().await;
-    let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
-    let kubeconfig = cp.dir().join(format!("kubeconfig-{instance}"));
-    proxy
-        .write_kubeconfig(&kubeconfig, cp.admin_token())
-        .expect("writing the proxy kubeconfig");
+    let (proxy, kubeconfig) = proxied_kubeconfig(instance).await;
     let mut args = vec!["--namespaces", ns.name.as_str()];
     args.extend_from_slice(extra);
-    let op = operator(&log_dir(cp.dir()), instance, kubeconfig, &args).await;
+    let logs = log_dir(support::cluster().await.dir());
+    let op = named_operator(&logs, instance, kubeconfig, &args).await;
     (proxy, op)
 }
 
@@ -571,13 +507,7 @@ async fn request_refresh(ns: &TestNs, name: &str, value: &str) {
 #[tokio::test]
 async fn dropped_and_stalled_state_writes_after_a_rotation_keep_the_token() {
     let ns = test_namespace("cp-wf").await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3600)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(3600)).await;
     let (proxy, mut op) = proxied_operator("cp-wf", &ns, &[]).await;
     let name = "wf-0";
     let path = state_path(&ns, name);
@@ -728,13 +658,7 @@ async fn lease_write_faults_never_make_two_writers_and_only_delay() {
     use rand::{Rng, SeedableRng};
     let ns = test_namespace("cp-lease").await;
     let ttl = Duration::from_secs(4);
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(ttl),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(ttl).await;
     let lease = "vaultconn-cp-lease";
     let secs = format!("{}s", LEASE_DURATION.as_secs());
     let args = [
@@ -907,13 +831,7 @@ fn writes_since(proxy: &ApiFaultProxy, from: usize) -> Vec<String> {
 async fn concurrent_editors_lose_no_update_and_cause_no_flapping() {
     use rand::{Rng, SeedableRng};
     let ns = test_namespace("cp-edit").await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3600)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(3600)).await;
     let oauth = oauth_connections(&ns, &ts, "edit", 1).await.remove(0);
     put_secret(&ns, "creds-a", &[("api_key", "key-a")]).await;
     put_secret(&ns, "creds-b", &[("api_key", "key-b")]).await;

@@ -11,54 +11,29 @@ use http::Method;
 use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::json;
 use support::objects::*;
+use support::own_operator::{
+    log_dir, named_operator, proxied_kubeconfig, rotating_token_server, writes_besides_leases,
+};
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
-use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule, MethodMatch};
-use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::api_proxy::{FaultRule, MethodMatch};
+use vaultconn_testkit::operator::OperatorProcess;
 use vaultconn_testkit::provider_invariants::{
     assert_provider_invariants, scheduled_per_minute, Invariants,
 };
 use vaultconn_testkit::reliability::{record, Fact};
-use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
+use vaultconn_testkit::token_server::TokenServer;
 
 const CONNECTIONS: usize = 2;
 
 /// Start an operator named `instance`, talking to `kubeconfig` (direct or via a proxy).
 async fn operator(instance: &str, kubeconfig: PathBuf, args: &[&str]) -> OperatorProcess {
     support::ensure_crds().await;
-    let cp = support::cluster().await;
-    let mut extra: Vec<String> = vec![
-        "--allow-http-loopback".into(),
-        "--instance".into(),
-        instance.into(),
-    ];
-    extra.extend(args.iter().map(|a| a.to_string()));
-    OperatorProcess::start(OperatorOptions {
-        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-        kubeconfig,
-        // VAULTCONN_TEST_LOG_DIR keeps the logs after the run (the control plane's dir goes).
-        log_path: std::env::var_os("VAULTCONN_TEST_LOG_DIR")
-            .map_or_else(|| cp.dir().to_path_buf(), PathBuf::from)
-            .join(format!("operator-{instance}.log")),
-        extra_args: extra,
-        log_filter: "info,vaultconn=debug".into(),
-    })
-    .await
-    .expect("operator starts")
+    let logs = log_dir(support::cluster().await.dir());
+    named_operator(&logs, instance, kubeconfig, args).await
 }
 
 async fn direct_kubeconfig() -> PathBuf {
     support::cluster().await.kubeconfig_path().to_path_buf()
-}
-
-/// A kubeconfig through a fresh API fault proxy (to count and fail that process's requests).
-async fn proxied_kubeconfig(name: &str) -> (ApiFaultProxy, PathBuf) {
-    let cp = support::cluster().await;
-    let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
-    let path = cp.dir().join(format!("kubeconfig-{name}"));
-    proxy
-        .write_kubeconfig(&path, cp.admin_token())
-        .expect("writing the proxy kubeconfig");
-    (proxy, path)
 }
 
 /// Tests in this binary run in parallel, each with its own operators: each watches only its
@@ -139,13 +114,7 @@ fn refreshes_since(ts: &TokenServer, since: SystemTime) -> Vec<usize> {
 #[tokio::test]
 async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_without_replay() {
     let ns = test_namespace("ha-kill").await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(4)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(4)).await;
     let lease = "vaultconn-ha-kill";
     let args = election_args(&ns, lease, "6s");
     // The standby-to-be runs through a proxy, so that what it sends can be counted.
@@ -173,12 +142,7 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
     assert_eq!(a.metric("vaultconn_leader").await, Some(1.0));
     assert_eq!(b.metric("vaultconn_leader").await, Some(0.0));
     // The standby wrote nothing but the Lease (the API server saw no other write from it).
-    let b_writes: Vec<String> = proxy_b
-        .requests()
-        .into_iter()
-        .filter(|r| MethodMatch::AnyWrite.matches(&r.method) && !r.path.contains("/leases"))
-        .map(|r| format!("{} {}", r.method, r.path))
-        .collect();
+    let b_writes = writes_besides_leases(&proxy_b);
     assert!(b_writes.is_empty(), "the standby wrote: {b_writes:?}");
 
     a.kill();
@@ -242,13 +206,7 @@ async fn sigterm_flushes_and_releases_the_lease() {
 #[tokio::test]
 async fn a_leader_that_cannot_renew_stops_writing_before_the_standby_starts() {
     let ns = test_namespace("ha-fence").await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(3)).await;
     let lease = "vaultconn-ha-fence";
     let args = election_args(&ns, lease, "6s");
     let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-fence-a").await;
@@ -373,13 +331,7 @@ async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replay
     let ns = test_namespace("ha-mark").await;
     // Rotation without an overlap window, reuse detection on: a second use of a refresh
     // token revokes the whole family.
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3600)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(3600)).await;
     let lease = "vaultconn-ha-mark";
     let args = election_args(&ns, lease, "6s");
     let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-mark-a").await;

@@ -28,6 +28,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use support::objects::*;
+use support::own_operator::{
+    own_operator_options, proxied_kubeconfig, rotating_token_server_with, start_own_operator,
+};
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use tokio::sync::{Mutex, OnceCell, RwLock};
 use vaultconn::api::{Phase, VaultConnection};
@@ -68,22 +71,16 @@ async fn harness() -> &'static Harness {
     HARNESS
         .get_or_init(|| async {
             support::ensure_crds().await;
-            let cp = support::cluster().await;
-            let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
-            let kubeconfig = cp.dir().join("kubeconfig-via-fault-proxy");
-            proxy
-                .write_kubeconfig(&kubeconfig, cp.admin_token())
-                .expect("writing the proxy kubeconfig");
-            let log_path = cp.dir().join("operator-write-faults.log");
-            let operator = OperatorProcess::start(OperatorOptions {
-                binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-                kubeconfig,
-                log_path: log_path.clone(),
-                extra_args: vec!["--allow-http-loopback".into()],
+            let (proxy, kubeconfig) = proxied_kubeconfig("via-fault-proxy").await;
+            let log_path = support::cluster()
+                .await
+                .dir()
+                .join("operator-write-faults.log");
+            let operator = start_own_operator(OperatorOptions {
                 log_filter: "info".into(),
+                ..own_operator_options::<&str>(kubeconfig, log_path.clone(), &[])
             })
-            .await
-            .expect("operator starts");
+            .await;
             Harness {
                 proxy,
                 operator: Mutex::new(operator),
@@ -122,14 +119,11 @@ fn injected_on(proxy: &ApiFaultProxy, path: &str) -> usize {
 /// seeded with a fresh refresh token, which is returned.
 async fn setup(prefix: &str) -> (TestNs, TokenServer, String) {
     let ns = test_namespace(prefix).await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_client(CLIENT, CLIENT_SECRET)
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3600)),
+    let ts = rotating_token_server_with(
+        TokenServerConfig::default().with_client(CLIENT, CLIENT_SECRET),
+        Duration::from_secs(3600),
     )
-    .await
-    .expect("token server starts");
+    .await;
     let rt = ts.mint_refresh_token(CLIENT);
     put_secret(
         &ns,

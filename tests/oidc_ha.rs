@@ -14,10 +14,10 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::json;
 use support::objects::{apply_vc, put_secret, ready, stored_refresh_token};
+use support::own_operator::{log_dir, own_operator_options, writes_besides_leases};
 use support::{cluster, test_namespace, wait_for, TestNs};
-use vaultconn_testkit::api_proxy::MethodMatch;
 use vaultconn_testkit::oidc::{OidcOptions, OidcProvider, RT_CLIENT};
-use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::operator::OperatorProcess;
 use vaultconn_testkit::provider_invariants::{
     assert_provider_invariants, scheduled_per_minute, Invariants,
 };
@@ -57,23 +57,19 @@ async fn operator(
             "6s",
             "--token-request-timeout",
             "3s",
-            "--allow-http-loopback",
             "--instance",
             instance,
         ]
         .map(String::from),
     );
-    let cluster = cluster().await;
-    OperatorProcess::start(OperatorOptions {
-        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-        kubeconfig: kubeconfig.to_path_buf(),
-        // VAULTCONN_TEST_LOG_DIR keeps the logs after the run (the control plane's dir goes).
-        log_path: std::env::var_os("VAULTCONN_TEST_LOG_DIR")
-            .map_or_else(|| cluster.dir().to_path_buf(), std::path::PathBuf::from)
-            .join(format!("operator-oidc-ha-{instance}.log")),
-        extra_args: args,
-        log_filter: "info,vaultconn=debug".into(),
-    })
+    let logs = log_dir(cluster().await.dir());
+    let log_path = logs.join(format!("operator-oidc-ha-{instance}.log"));
+    // `own_operator_options` adds `--allow-http-loopback` (the provider is on 127.0.0.1).
+    OperatorProcess::start(own_operator_options(
+        kubeconfig.to_path_buf(),
+        log_path,
+        &args,
+    ))
     .await
     .expect("the operator starts as the chart's ServiceAccount")
 }
@@ -205,12 +201,7 @@ async fn after_sigkill_of_the_leader_the_standby_refreshes_on_without_replay_at_
     // its Lease requests (no state Secret, no in-flight mark, no status, no Event).
     assert_eq!(a.metric("vaultconn_leader").await, Some(1.0));
     assert_eq!(b.metric("vaultconn_leader").await, Some(0.0));
-    let b_writes: Vec<String> = proxy_b
-        .requests()
-        .into_iter()
-        .filter(|r| MethodMatch::AnyWrite.matches(&r.method) && !r.path.contains("/leases"))
-        .map(|r| format!("{} {}", r.method, r.path))
-        .collect();
+    let b_writes = writes_besides_leases(&proxy_b);
     assert!(b_writes.is_empty(), "the standby wrote: {b_writes:?}");
 
     a.kill();
