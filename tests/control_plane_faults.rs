@@ -426,29 +426,6 @@ async fn proxied_operator(
 /// How long the token server holds a committed reply while the test arms an API fault.
 const HOLD: Duration = Duration::from_secs(3);
 
-fn state_path(ns: &TestNs, name: &str) -> String {
-    format!(
-        "/api/v1/namespaces/{}/secrets/{name}-vaultconn-state",
-        ns.name
-    )
-}
-
-/// Wait until the token server has decided call number `index`: the refresh token it carried
-/// is rotated at the provider from then on.
-async fn committed_call(ts: &TokenServer, index: usize) -> RecordedCall {
-    wait_for_some(
-        Duration::from_secs(60),
-        &format!("token call #{index}"),
-        || async move {
-            ts.calls()
-                .get(index)
-                .filter(|c| c.outcome.is_some())
-                .cloned()
-        },
-    )
-    .await
-}
-
 fn issued(call: &RecordedCall) -> (String, String) {
     let o = call.outcome.as_ref().expect("a decided call");
     assert_eq!(o.status, Some(200), "the token call succeeded");
@@ -458,13 +435,6 @@ fn issued(call: &RecordedCall) -> (String, String) {
             .expect("rotation issues a refresh token"),
         o.access_token.clone().expect("an access token"),
     )
-}
-
-fn calls_with(ts: &TokenServer, rt: &str) -> usize {
-    ts.calls()
-        .iter()
-        .filter(|c| c.refresh_token.as_deref() == Some(rt))
-        .count()
 }
 
 /// `name` ends up Ready on exactly the tokens of `call`: its refresh token stored, its access
@@ -489,14 +459,6 @@ async fn persisted(ns: &TestNs, name: &str, call: &RecordedCall, within: Duratio
         },
     )
     .await;
-}
-
-async fn request_refresh(ns: &TestNs, name: &str, value: &str) {
-    let patch = json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": value}}});
-    ns.api::<VaultConnection>()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("annotating the connection");
 }
 
 /// The state write right after a rotation meets, in turn: two connections reset before the

@@ -326,7 +326,6 @@ async fn with_namespaces_the_operator_watches_and_touches_only_those() {
 
 #[tokio::test]
 async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replaying_its_token() {
-    use kube::api::{Patch, PatchParams};
     use vaultconn_testkit::token_server::Fault;
     let ns = test_namespace("ha-mark").await;
     // Rotation without an overlap window, reuse detection on: a second use of a refresh
@@ -355,12 +354,7 @@ async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replay
         delay: Duration::from_secs(10),
         after_commit: true,
     });
-    let annotate =
-        json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": "1"}}});
-    ns.api::<vaultconn::api::VaultConnection>()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&annotate))
-        .await
-        .expect("annotate");
+    request_refresh(&ns, name, "1").await;
     wait_for(
         Duration::from_secs(30),
         "a's token call is in flight",

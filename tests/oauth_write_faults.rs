@@ -143,26 +143,9 @@ fn spec(ts: &TokenServer) -> serde_json::Value {
         "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}})
 }
 
-/// Path of the connection's state Secret (replace/patch/delete; a create posts to the
-/// collection).
-fn state_path(ns: &TestNs, name: &str) -> String {
-    format!(
-        "/api/v1/namespaces/{}/secrets/{name}-vaultconn-state",
-        ns.name
-    )
-}
-
 async fn access_token(ns: &TestNs, name: &str) -> Option<String> {
     let s = ns.api::<Secret>().get_opt(name).await.ok()??;
     data_of(&s).get("access_token").cloned()
-}
-
-async fn request_refresh(ns: &TestNs, name: &str, value: &str) {
-    let patch = json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": value}}});
-    ns.api::<VaultConnection>()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("annotating the connection");
 }
 
 /// Make the token server hold its next reply for `HOLD` after committing the exchange.
@@ -171,22 +154,6 @@ fn hold_next_reply(ts: &TokenServer) {
         delay: HOLD,
         after_commit: true,
     });
-}
-
-/// Wait until the token server has decided call number `index` (0-based), i.e. the refresh
-/// token it carried is rotated at the provider, and return it.
-async fn committed_call(ts: &TokenServer, index: usize) -> RecordedCall {
-    wait_for_some(
-        Duration::from_secs(60),
-        &format!("token call #{index}"),
-        || async move {
-            ts.calls()
-                .get(index)
-                .filter(|c| c.outcome.is_some())
-                .cloned()
-        },
-    )
-    .await
 }
 
 /// The refresh token the provider issued in `call` (now the only live one of the family).
@@ -203,14 +170,6 @@ fn issued_at(call: &RecordedCall) -> String {
         .as_ref()
         .and_then(|o| o.access_token.clone())
         .expect("an issued access token")
-}
-
-/// Token endpoint calls that presented `rt`.
-fn calls_with(ts: &TokenServer, rt: &str) -> usize {
-    ts.calls()
-        .iter()
-        .filter(|c| c.refresh_token.as_deref() == Some(rt))
-        .count()
 }
 
 /// Wait until the connection is Ready on the tokens of `call`: its refresh token in the state

@@ -8,8 +8,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use kube::api::{Patch, PatchParams};
-use serde_json::json;
 use support::objects::*;
 use support::own_operator::{
     own_operator_options, proxy_kubeconfig, rotating_token_server, start_own_operator,
@@ -61,13 +59,8 @@ async fn rotated_but_unstored(
             after_commit: true,
         });
     }
-    let annotate =
-        json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": "1"}}});
     for name in &names {
-        ns.api::<VaultConnection>()
-            .patch(name, &PatchParams::default(), &Patch::Merge(&annotate))
-            .await
-            .expect("annotate");
+        request_refresh(ns, name, "1").await;
     }
     wait_for(
         Duration::from_secs(30),

@@ -8,6 +8,7 @@ use k8s_openapi::ByteString;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use vaultconn::api::{Phase, VaultConnection};
+use vaultconn_testkit::token_server::{RecordedCall, TokenServer};
 
 use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
@@ -224,12 +225,7 @@ pub async fn stored_refresh_token(ns: &TestNs, name: &str) -> Option<String> {
 /// A refresh-token-grant connection `name` against `ts`: registers `client` at the token
 /// server, mints it a seed and puts it in the credentials Secret `<name>-creds`.
 #[allow(dead_code)]
-pub async fn refresh_token_connection(
-    ns: &TestNs,
-    ts: &vaultconn_testkit::token_server::TokenServer,
-    client: &str,
-    name: &str,
-) {
+pub async fn refresh_token_connection(ns: &TestNs, ts: &TokenServer, client: &str, name: &str) {
     ts.add_client(client, "s3cret-value");
     let rt = ts.mint_refresh_token(client);
     let creds = format!("{name}-creds");
@@ -250,4 +246,47 @@ pub async fn refresh_token_connection(
             "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}}),
     )
     .await;
+}
+
+/// Ask for a refresh now: set the `vaultconn.dev/refresh-requested-at` annotation to `value`
+/// (a new value each time: the operator acts on a change).
+pub async fn request_refresh(ns: &TestNs, name: &str, value: &str) {
+    let patch = json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": value}}});
+    ns.api::<VaultConnection>()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotating the connection");
+}
+
+/// The API path of connection `name`'s state Secret (what a replace, patch or delete of it
+/// targets; a create posts to the collection).
+pub fn state_path(ns: &TestNs, name: &str) -> String {
+    format!(
+        "/api/v1/namespaces/{}/secrets/{name}-vaultconn-state",
+        ns.name
+    )
+}
+
+/// Wait until the token server has decided call number `index` (0-based), i.e. the refresh
+/// token it carried is rotated at the provider from then on, and return it.
+pub async fn committed_call(ts: &TokenServer, index: usize) -> RecordedCall {
+    wait_for_some(
+        Duration::from_secs(60),
+        &format!("token call #{index}"),
+        || async move {
+            ts.calls()
+                .get(index)
+                .filter(|c| c.outcome.is_some())
+                .cloned()
+        },
+    )
+    .await
+}
+
+/// Token endpoint calls that presented the refresh token `rt`.
+pub fn calls_with(ts: &TokenServer, rt: &str) -> usize {
+    ts.calls()
+        .iter()
+        .filter(|c| c.refresh_token.as_deref() == Some(rt))
+        .count()
 }
