@@ -31,8 +31,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use support::objects::*;
 use support::own_operator::{
-    assert_no_secret_in_log, log_dir, named_operator, proxied_kubeconfig, rotating_token_server,
-    stop_cleanly,
+    assert_no_secret_in_log, lease_holder, log_dir, named_operator, proxied_kubeconfig,
+    rotating_token_server, stop_cleanly,
 };
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use tokio::sync::{Mutex, OnceCell};
@@ -545,16 +545,6 @@ async fn dropped_and_stalled_state_writes_after_a_rotation_keep_the_token() {
 const LEASE_STORM: Duration = Duration::from_secs(30);
 const LEASE_DURATION: Duration = Duration::from_secs(6);
 
-/// The Lease's holder as the API server stores it (`None` while unheld or missing).
-async fn holder(ns: &TestNs, lease: &str) -> Option<String> {
-    let l = ns
-        .api::<k8s_openapi::api::coordination::v1::Lease>()
-        .get_opt(lease)
-        .await
-        .ok()??;
-    l.spec?.holder_identity.filter(|h| !h.is_empty())
-}
-
 /// Writes of Secrets and connection status the API server accepted from one process (dry
 /// runs commit nothing and are left out), as `(time, process, "METHOD path")`.
 fn committed_writes(
@@ -634,7 +624,7 @@ async fn lease_write_faults_never_make_two_writers_and_only_delay() {
     ];
     let (proxy_a, mut a) = proxied_operator("lease-a", &ns, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease)
+        lease_holder(&ns, lease)
             .await
             .is_some_and(|h| h.starts_with("lease-a_"))
     })
@@ -706,7 +696,7 @@ async fn lease_write_faults_never_make_two_writers_and_only_delay() {
                 op.restart().await.expect("restarting an operator");
             }
         }
-        if holder(&ns, lease).await.is_some() {
+        if lease_holder(&ns, lease).await.is_some() {
             break;
         }
         assert!(Instant::now() < deadline, "no leader 60 s after the storm");

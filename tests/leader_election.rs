@@ -12,7 +12,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::json;
 use support::objects::*;
 use support::own_operator::{
-    log_dir, named_operator, proxied_kubeconfig, rotating_token_server, writes_besides_leases,
+    assert_one_leads, lease_holder, log_dir, named_operator, proxied_kubeconfig,
+    rotating_token_server,
 };
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use vaultconn_testkit::api_proxy::{FaultRule, MethodMatch};
@@ -50,12 +51,6 @@ fn election_args<'a>(ns: &'a TestNs, lease: &'a str, duration: &'a str) -> Vec<&
         "--lease-duration",
         duration,
     ]
-}
-
-/// The Lease's holder as the API server stores it (`None` while unheld or missing).
-async fn holder(ns: &TestNs, lease: &str) -> Option<String> {
-    let l = ns.api::<Lease>().get_opt(lease).await.ok()??;
-    l.spec?.holder_identity.filter(|h| !h.is_empty())
 }
 
 /// Connections against `ts` with the refresh-token grant, one client each.
@@ -121,7 +116,7 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
     let (proxy_b, kubeconfig_b) = proxied_kubeconfig("ha-kill-b").await;
     let mut a = operator("a", direct_kubeconfig().await, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease)
+        lease_holder(&ns, lease)
             .await
             .is_some_and(|h| h.starts_with("a_"))
     })
@@ -138,12 +133,8 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
         || async { a.probe("/readyz").await == Some(200) && b.probe("/readyz").await == Some(200) },
     )
     .await;
-    // Each reports its role where the NoLeader alert reads it.
-    assert_eq!(a.metric("vaultconn_leader").await, Some(1.0));
-    assert_eq!(b.metric("vaultconn_leader").await, Some(0.0));
-    // The standby wrote nothing but the Lease (the API server saw no other write from it).
-    let b_writes = writes_besides_leases(&proxy_b);
-    assert!(b_writes.is_empty(), "the standby wrote: {b_writes:?}");
+    // Each reports its role; the standby wrote nothing but the Lease.
+    assert_one_leads(&a, &b, &proxy_b).await;
 
     a.kill();
     let killed_at = SystemTime::now();
@@ -151,7 +142,7 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
         Duration::from_secs(40),
         "b takes over the Lease",
         || async {
-            holder(&ns, lease)
+            lease_holder(&ns, lease)
                 .await
                 .is_some_and(|h| h.starts_with("b_"))
         },
@@ -190,13 +181,17 @@ async fn sigterm_flushes_and_releases_the_lease() {
     let args = election_args(&ns, lease, "30s");
     let mut a = operator("term-a", direct_kubeconfig().await, &args).await;
     let h = wait_for_some(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease).await
+        lease_holder(&ns, lease).await
     })
     .await;
     assert!(h.starts_with("term-a_"), "holder {h}");
     assert!(a.stop(Duration::from_secs(30)), "clean exit on SIGTERM");
     // Released, not left to expire: the stored Lease has no holder right after the exit.
-    assert_eq!(holder(&ns, lease).await, None, "the Lease was not released");
+    assert_eq!(
+        lease_holder(&ns, lease).await,
+        None,
+        "the Lease was not released"
+    );
     record(
         Fact::survived("SIGTERM of the leader", "SIGTERM to the Lease holder", 1)
             .note("clean exit; the Lease released, not left to expire"),
@@ -212,7 +207,7 @@ async fn a_leader_that_cannot_renew_stops_writing_before_the_standby_starts() {
     let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-fence-a").await;
     let mut a = operator("fence-a", kubeconfig_a, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease)
+        lease_holder(&ns, lease)
             .await
             .is_some_and(|h| h.starts_with("fence-a_"))
     })
@@ -336,7 +331,7 @@ async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replay
     let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-mark-a").await;
     let mut a = operator("mark-a", kubeconfig_a, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease)
+        lease_holder(&ns, lease)
             .await
             .is_some_and(|h| h.starts_with("mark-a_"))
     })
@@ -364,7 +359,7 @@ async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replay
     // Now a loses its Lease mid-call; b takes over while a's call is still running.
     let cut = proxy_a.fail_until_cleared(FaultRule::requests(MethodMatch::Any, "/leases", 503));
     wait_for(Duration::from_secs(30), "b takes over", || async {
-        holder(&ns, lease)
+        lease_holder(&ns, lease)
             .await
             .is_some_and(|h| h.starts_with("mark-b_"))
     })

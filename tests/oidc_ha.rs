@@ -11,11 +11,10 @@ mod support;
 
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::json;
 use support::objects::{apply_vc, put_secret, ready, stored_refresh_token};
-use support::own_operator::{log_dir, own_operator_options, writes_besides_leases};
-use support::{cluster, test_namespace, wait_for, TestNs};
+use support::own_operator::{assert_one_leads, lease_holder, log_dir, own_operator_options};
+use support::{cluster, test_namespace, wait_for};
 use vaultconn_testkit::oidc::{OidcOptions, OidcProvider, RT_CLIENT};
 use vaultconn_testkit::operator::OperatorProcess;
 use vaultconn_testkit::provider_invariants::{
@@ -31,12 +30,6 @@ const RELEASE: &str = "ha";
 const LEASE: &str = "ha-vaultconn";
 const CONNECTIONS: usize = 2;
 const ACCESS_TOKEN_TTL: Duration = Duration::from_secs(4);
-
-/// The Lease's holder as the API server stores it.
-async fn holder(ns: &TestNs) -> Option<String> {
-    let l = ns.api::<Lease>().get_opt(LEASE).await.ok()??;
-    l.spec?.holder_identity.filter(|h| !h.is_empty())
-}
 
 /// An operator named `instance` with the chart's arguments for this namespace, electing on a
 /// 6 s Lease. The token request timeout is cut from the chart's 15 s to 3 s: a new leader waits
@@ -131,7 +124,9 @@ async fn after_sigkill_of_the_leader_the_standby_refreshes_on_without_replay_at_
 
     let mut a = operator("a", &chart_args, &kubeconfig_a).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns).await.is_some_and(|h| h.starts_with("a_"))
+        lease_holder(&ns, LEASE)
+            .await
+            .is_some_and(|h| h.starts_with("a_"))
     })
     .await;
     let mut b = operator("b", &chart_args, &kubeconfig_b).await;
@@ -199,17 +194,18 @@ async fn after_sigkill_of_the_leader_the_standby_refreshes_on_without_replay_at_
     .await;
     // Exactly one leads: the other stands by, and the API server saw no write from it but
     // its Lease requests (no state Secret, no in-flight mark, no status, no Event).
-    assert_eq!(a.metric("vaultconn_leader").await, Some(1.0));
-    assert_eq!(b.metric("vaultconn_leader").await, Some(0.0));
-    let b_writes = writes_besides_leases(&proxy_b);
-    assert!(b_writes.is_empty(), "the standby wrote: {b_writes:?}");
+    assert_one_leads(&a, &b, &proxy_b).await;
 
     a.kill();
     let killed_at = SystemTime::now();
     wait_for(
         Duration::from_secs(40),
         "b takes over the Lease",
-        || async { holder(&ns).await.is_some_and(|h| h.starts_with("b_")) },
+        || async {
+            lease_holder(&ns, LEASE)
+                .await
+                .is_some_and(|h| h.starts_with("b_"))
+        },
     )
     .await;
     let took_over = killed_at.elapsed().unwrap_or_default();

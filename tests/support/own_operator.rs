@@ -5,9 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use vaultconn_testkit::api_proxy::{ApiFaultProxy, MethodMatch};
 use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
 use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
+
+use super::TestNs;
 
 /// Where a test's own operators log: `VAULTCONN_TEST_LOG_DIR` (kept after the run), else `dir`
 /// (a control plane's temp dir, removed with it).
@@ -127,4 +130,25 @@ pub fn writes_besides_leases(proxy: &ApiFaultProxy) -> Vec<String> {
         .filter(|r| MethodMatch::AnyWrite.matches(&r.method) && !r.path.contains("/leases"))
         .map(|r| format!("{} {}", r.method, r.path))
         .collect()
+}
+
+/// The holder of the Lease `lease` as the API server stores it (`None` while unheld or
+/// missing).
+pub async fn lease_holder(ns: &TestNs, lease: &str) -> Option<String> {
+    let l = ns.api::<Lease>().get_opt(lease).await.ok()??;
+    l.spec?.holder_identity.filter(|h| !h.is_empty())
+}
+
+/// Exactly one of two electing operators leads: each reports its role where the NoLeader
+/// alert reads it, and the API server saw no write from the standby (through its
+/// `standby_proxy`) but its Lease requests.
+pub async fn assert_one_leads(
+    leader: &OperatorProcess,
+    standby: &OperatorProcess,
+    standby_proxy: &ApiFaultProxy,
+) {
+    assert_eq!(leader.metric("vaultconn_leader").await, Some(1.0));
+    assert_eq!(standby.metric("vaultconn_leader").await, Some(0.0));
+    let writes = writes_besides_leases(standby_proxy);
+    assert!(writes.is_empty(), "the standby wrote: {writes:?}");
 }
