@@ -25,8 +25,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use support::objects::*;
@@ -115,20 +115,7 @@ async fn plane_client() -> kube::Client {
 
 /// A fresh namespace `<prefix>-<random>` on the restartable control plane.
 async fn plane_namespace(prefix: &str) -> TestNs {
-    let client = plane_client().await;
-    let name = format!("{prefix}-{:08x}", rand::random::<u32>());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
-    TestNs { client, name }
+    support::namespace_with(plane_client().await, prefix).await
 }
 
 /// CPU seconds (user + system) the process `pid` has used so far.

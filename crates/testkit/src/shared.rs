@@ -95,7 +95,12 @@ impl TestNs {
 /// and `-`), after making sure the project's CRDs are installed.
 pub async fn test_namespace(prefix: &str) -> TestNs {
     ensure_crds().await;
-    let client = client().await;
+    namespace_with(client().await, prefix).await
+}
+
+/// Create a uniquely named namespace `<prefix>-<random>` through `client`, on whichever control
+/// plane it talks to (a test binary may run one of its own besides [`cluster`]).
+pub async fn namespace_with(client: kube::Client, prefix: &str) -> TestNs {
     let suffix: u32 = rand::rng().random();
     let name = format!("{prefix}-{suffix:08x}");
     let ns = Namespace {
