@@ -21,6 +21,7 @@ use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::core::ApiResource;
 use kube::ResourceExt;
 use serde_json::{json, Value};
+use support::corpus::{expectations, problems_of, Problem};
 use support::objects::*;
 use support::own_operator::{own_operator_options, proxied_kubeconfig, start_own_operator};
 use support::{test_namespace, wait_for_some, TestNs};
@@ -345,51 +346,6 @@ fn corpus_files(dir: &str) -> Vec<PathBuf> {
     files
 }
 
-/// One problem `vaultconn validate` reported (or a corpus file's `# expect:` line states).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Problem {
-    error: bool,
-    document: usize,
-    path: String,
-    /// `schema`, `validation`, `credentials` or `conflict` (empty for an `# expect:` line).
-    check: String,
-    message: String,
-}
-
-impl Problem {
-    /// The same problem without the check, to compare with `# expect:` lines.
-    fn stated(&self) -> Problem {
-        Problem {
-            check: String::new(),
-            ..self.clone()
-        }
-    }
-}
-
-fn expectations(text: &str) -> Vec<Problem> {
-    text.lines()
-        .filter_map(|l| {
-            let (error, rest) = match l.strip_prefix("# expect: ") {
-                Some(r) => (true, r),
-                None => (false, l.strip_prefix("# expect-warning: ")?),
-            };
-            let (place, message) = rest.split_once(" | ").expect("DOCUMENT PATH | MESSAGE");
-            let (doc, path) = place.split_once(' ').expect("DOCUMENT PATH");
-            Some(Problem {
-                error,
-                document: doc.parse().expect("a document number"),
-                path: if path == "-" {
-                    String::new()
-                } else {
-                    path.into()
-                },
-                check: String::new(),
-                message: message.into(),
-            })
-        })
-        .collect()
-}
-
 /// `# cluster: NAME REASON` lines: what the controller says where `validate` cannot know
 /// (the token endpoint's answer, a rejected Secret the connection then misses).
 fn cluster_lines(text: &str) -> BTreeMap<String, String> {
@@ -437,18 +393,7 @@ fn validate(text: &str, namespace: &str) -> Vec<Problem> {
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    report["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Problem {
-            error: p["severity"] == "error",
-            document: p["document"].as_u64().unwrap() as usize,
-            path: p["path"].as_str().unwrap().to_string(),
-            check: p["check"].as_str().unwrap().to_string(),
-            message: p["message"].as_str().unwrap().to_string(),
-        })
-        .collect()
+    problems_of(&report)
 }
 
 #[test]

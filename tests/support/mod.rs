@@ -4,6 +4,7 @@
 #[allow(unused_imports)]
 pub use vaultconn_testkit::shared::*;
 
+pub mod corpus;
 pub mod objects;
 pub mod operator;
 pub mod own_operator;
