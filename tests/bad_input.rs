@@ -745,7 +745,7 @@ async fn the_corpus_ends_in_rejections_or_specific_reasons_without_loops() {
     assert!(!logs.is_empty(), "the operator's log is readable");
     let mut seen = logs;
     for case in &cases {
-        seen.push_str(&visible_text_of(&case.ns).await);
+        seen.push_str(&status_and_event_text(&case.ns).await);
     }
     for s in CORPUS_SECRETS {
         assert!(
@@ -759,32 +759,6 @@ async fn the_corpus_ends_in_rejections_or_specific_reasons_without_loops() {
         cases.len(),
         ts.call_count()
     );
-}
-
-/// Statuses and Events of one namespace (the operator's log is read once by the caller).
-async fn visible_text_of(ns: &TestNs) -> String {
-    let mut out = String::new();
-    for vc in ns
-        .api::<VaultConnection>()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-    {
-        out.push_str(&serde_json::to_string(&vc.status).unwrap());
-    }
-    for ev in ns
-        .api::<k8s_openapi::api::events::v1::Event>()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-    {
-        out.push_str(&format!(
-            "{} {}\n",
-            ev.reason.unwrap_or_default(),
-            ev.note.unwrap_or_default()
-        ));
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1049,7 +1023,7 @@ async fn run_bad_response(case: BadResponse) -> String {
         }
     };
     let mut seen = serde_json::to_string(&vc.status).unwrap();
-    seen.push_str(&visible_text_of(&ns).await);
+    seen.push_str(&status_and_event_text(&ns).await);
     seen.push_str(&std::fs::read_to_string(&h.log_path).unwrap());
     for s in secrets_of(&ts, seed.as_deref()) {
         assert!(

@@ -159,8 +159,16 @@ pub async fn secret_data_eq(ns: &TestNs, name: &str, want: BTreeMap<String, Stri
     .await
 }
 
-/// Every text the operator showed the user or logged: statuses, Events and logs.
+/// Every text the operator showed the user or logged: statuses, Events and (the shared
+/// operator's) logs.
 pub async fn visible_text(ns: &TestNs) -> String {
+    let mut out = status_and_event_text(ns).await;
+    out.push_str(&super::operator::operator_logs().await);
+    out
+}
+
+/// The statuses and Events of namespace `ns` as text (what any operator showed there).
+pub async fn status_and_event_text(ns: &TestNs) -> String {
     let mut out = String::new();
     for vc in ns
         .api::<VaultConnection>()
@@ -182,7 +190,6 @@ pub async fn visible_text(ns: &TestNs) -> String {
             ev.note.unwrap_or_default()
         ));
     }
-    out.push_str(&super::operator::operator_logs().await);
     out
 }
 
