@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::ByteString;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use vaultconn::api::{Phase, VaultConnection};
@@ -16,23 +15,10 @@ use kube::api::ListParams;
 #[allow(unused_imports)]
 use super::wait_for;
 use super::{wait_for_some, TestNs};
+/// Kept here too: tests import the object helpers from this module.
+pub use vaultconn_testkit::shared::{data_of, secret_obj};
 
 pub const WAIT: Duration = Duration::from_secs(20);
-
-pub fn secret_obj(name: &str, data: &[(&str, &str)]) -> Secret {
-    Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        data: Some(
-            data.iter()
-                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-                .collect(),
-        ),
-        ..Default::default()
-    }
-}
 
 /// Create or replace the Secret `name`; its secret values join the binary's leak scan.
 pub async fn put_secret(ns: &TestNs, name: &str, data: &[(&str, &str)]) {
@@ -121,15 +107,6 @@ pub async fn with_reason(ns: &TestNs, name: &str, r: &str) -> VaultConnection {
             && v.status.as_ref().and_then(|s| s.observed_generation) == v.metadata.generation
     })
     .await
-}
-
-pub fn data_of(s: &Secret) -> BTreeMap<String, String> {
-    s.data
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-        .collect()
 }
 
 pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
