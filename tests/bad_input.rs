@@ -21,12 +21,14 @@ use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::core::ApiResource;
 use kube::ResourceExt;
 use serde_json::{json, Value};
+use support::corpus::{expectations, problems_of, Problem};
 use support::objects::*;
+use support::own_operator::{own_operator_options, proxied_kubeconfig, start_own_operator};
 use support::{test_namespace, wait_for_some, TestNs};
 use tokio::sync::OnceCell;
 use vaultconn::api::VaultConnection;
 use vaultconn_testkit::api_proxy::{ApiFaultProxy, MethodMatch};
-use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::operator::OperatorProcess;
 use vaultconn_testkit::token_server::{Fault, TokenServer, TokenServerConfig};
 
 /// The recording proxy and the operator behind it, shared by the tests of this binary.
@@ -44,27 +46,15 @@ async fn harness() -> &'static Harness {
     HARNESS
         .get_or_init(|| async {
             support::ensure_crds().await;
-            let cp = support::cluster().await;
-            let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
-            let kubeconfig = cp.dir().join("kubeconfig-bad-input");
-            proxy
-                .write_kubeconfig(&kubeconfig, cp.admin_token())
-                .expect("writing the proxy kubeconfig");
-            let log_path = cp.dir().join("operator-bad-input.log");
-            let operator = OperatorProcess::start(OperatorOptions {
-                binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-                kubeconfig,
-                log_path: log_path.clone(),
-                // A short token timeout lets the slow-loris reply run past it quickly.
-                extra_args: vec![
-                    "--allow-http-loopback".into(),
-                    "--token-request-timeout".into(),
-                    "3s".into(),
-                ],
-                log_filter: "info,vaultconn=debug".into(),
-            })
-            .await
-            .expect("operator starts");
+            let (proxy, kubeconfig) = proxied_kubeconfig("bad-input").await;
+            let log_path = support::cluster()
+                .await
+                .dir()
+                .join("operator-bad-input.log");
+            // A short token timeout lets the slow-loris reply run past it quickly.
+            let args = ["--token-request-timeout", "3s"];
+            let operator =
+                start_own_operator(own_operator_options(kubeconfig, log_path.clone(), &args)).await;
             let pid = operator.pid().expect("the operator runs");
             Harness {
                 proxy,
@@ -356,51 +346,6 @@ fn corpus_files(dir: &str) -> Vec<PathBuf> {
     files
 }
 
-/// One problem `vaultconn validate` reported (or a corpus file's `# expect:` line states).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Problem {
-    error: bool,
-    document: usize,
-    path: String,
-    /// `schema`, `validation`, `credentials` or `conflict` (empty for an `# expect:` line).
-    check: String,
-    message: String,
-}
-
-impl Problem {
-    /// The same problem without the check, to compare with `# expect:` lines.
-    fn stated(&self) -> Problem {
-        Problem {
-            check: String::new(),
-            ..self.clone()
-        }
-    }
-}
-
-fn expectations(text: &str) -> Vec<Problem> {
-    text.lines()
-        .filter_map(|l| {
-            let (error, rest) = match l.strip_prefix("# expect: ") {
-                Some(r) => (true, r),
-                None => (false, l.strip_prefix("# expect-warning: ")?),
-            };
-            let (place, message) = rest.split_once(" | ").expect("DOCUMENT PATH | MESSAGE");
-            let (doc, path) = place.split_once(' ').expect("DOCUMENT PATH");
-            Some(Problem {
-                error,
-                document: doc.parse().expect("a document number"),
-                path: if path == "-" {
-                    String::new()
-                } else {
-                    path.into()
-                },
-                check: String::new(),
-                message: message.into(),
-            })
-        })
-        .collect()
-}
-
 /// `# cluster: NAME REASON` lines: what the controller says where `validate` cannot know
 /// (the token endpoint's answer, a rejected Secret the connection then misses).
 fn cluster_lines(text: &str) -> BTreeMap<String, String> {
@@ -448,18 +393,7 @@ fn validate(text: &str, namespace: &str) -> Vec<Problem> {
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    report["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Problem {
-            error: p["severity"] == "error",
-            document: p["document"].as_u64().unwrap() as usize,
-            path: p["path"].as_str().unwrap().to_string(),
-            check: p["check"].as_str().unwrap().to_string(),
-            message: p["message"].as_str().unwrap().to_string(),
-        })
-        .collect()
+    problems_of(&report)
 }
 
 #[test]
@@ -811,7 +745,7 @@ async fn the_corpus_ends_in_rejections_or_specific_reasons_without_loops() {
     assert!(!logs.is_empty(), "the operator's log is readable");
     let mut seen = logs;
     for case in &cases {
-        seen.push_str(&visible_text_of(&case.ns).await);
+        seen.push_str(&status_and_event_text(&case.ns).await);
     }
     for s in CORPUS_SECRETS {
         assert!(
@@ -825,32 +759,6 @@ async fn the_corpus_ends_in_rejections_or_specific_reasons_without_loops() {
         cases.len(),
         ts.call_count()
     );
-}
-
-/// Statuses and Events of one namespace (the operator's log is read once by the caller).
-async fn visible_text_of(ns: &TestNs) -> String {
-    let mut out = String::new();
-    for vc in ns
-        .api::<VaultConnection>()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-    {
-        out.push_str(&serde_json::to_string(&vc.status).unwrap());
-    }
-    for ev in ns
-        .api::<k8s_openapi::api::events::v1::Event>()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-    {
-        out.push_str(&format!(
-            "{} {}\n",
-            ev.reason.unwrap_or_default(),
-            ev.note.unwrap_or_default()
-        ));
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1115,7 +1023,7 @@ async fn run_bad_response(case: BadResponse) -> String {
         }
     };
     let mut seen = serde_json::to_string(&vc.status).unwrap();
-    seen.push_str(&visible_text_of(&ns).await);
+    seen.push_str(&status_and_event_text(&ns).await);
     seen.push_str(&std::fs::read_to_string(&h.log_path).unwrap());
     for s in secrets_of(&ts, seed.as_deref()) {
         assert!(

@@ -16,6 +16,7 @@ use kube::api::{Api, DynamicObject, PostParams};
 use kube::core::ApiResource;
 use kube::ResourceExt;
 use serde_json::Value;
+use support::corpus::{expectations, problems_of, Problem};
 use support::objects::*;
 use support::operator::ensure_operator;
 use support::{cluster, test_namespace, wait_for_some, TestNs};
@@ -122,51 +123,11 @@ async fn kubectl(args: &[&str], stdin: Option<&str>) -> Out {
     against_cluster(kubectl_path(), args, stdin, &[]).await
 }
 
-/// One `# expect:` line of a corpus file.
-#[derive(Debug, PartialEq)]
-struct Expected {
-    error: bool,
-    document: usize,
-    path: String,
-    message: String,
-}
-
-fn expectations(text: &str) -> Vec<Expected> {
-    text.lines()
-        .filter_map(|l| {
-            let (error, rest) = match l.strip_prefix("# expect: ") {
-                Some(r) => (true, r),
-                None => (false, l.strip_prefix("# expect-warning: ")?),
-            };
-            let (place, message) = rest.split_once(" | ").expect("DOCUMENT PATH | MESSAGE");
-            let (doc, path) = place.split_once(' ').expect("DOCUMENT PATH");
-            Some(Expected {
-                error,
-                document: doc.parse().expect("a document number"),
-                path: if path == "-" {
-                    String::new()
-                } else {
-                    path.to_string()
-                },
-                message: message.to_string(),
-            })
-        })
-        .collect()
-}
-
-fn reported(stdout: &str) -> Vec<Expected> {
+/// The problems of a `validate -o json` report, without their check (as `# expect:` lines
+/// state them).
+fn reported(stdout: &str) -> Vec<Problem> {
     let report: Value = serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
-    report["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| Expected {
-            error: p["severity"] == "error",
-            document: p["document"].as_u64().unwrap() as usize,
-            path: p["path"].as_str().unwrap().to_string(),
-            message: p["message"].as_str().unwrap().to_string(),
-        })
-        .collect()
+    problems_of(&report).iter().map(Problem::stated).collect()
 }
 
 /// `text` with runs of spaces collapsed, so assertions do not depend on column widths.

@@ -25,21 +25,25 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::json;
 use support::objects::*;
+use support::own_operator::{
+    assert_no_secret_in_log, lease_holder, log_dir, named_operator, proxied_kubeconfig,
+    rotating_token_server, stop_cleanly,
+};
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use tokio::sync::{Mutex, OnceCell};
 use vaultconn::api::{Phase, VaultConnection};
 use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule, MethodMatch};
 use vaultconn_testkit::control_plane::{ControlPlane, ControlPlaneOptions};
-use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::operator::OperatorProcess;
 use vaultconn_testkit::provider_invariants::{
     assert_provider_invariants, scheduled_per_minute, Invariants,
 };
-use vaultconn_testkit::token_server::{Fault, RecordedCall, TokenServer, TokenServerConfig};
+use vaultconn_testkit::token_server::{Fault, RecordedCall, TokenServer};
 
 // ---------------------------------------------------------------------------------------------
 // Harness: a restartable control plane for the restart tests, the shared one for the rest
@@ -111,78 +115,7 @@ async fn plane_client() -> kube::Client {
 
 /// A fresh namespace `<prefix>-<random>` on the restartable control plane.
 async fn plane_namespace(prefix: &str) -> TestNs {
-    let client = plane_client().await;
-    let name = format!("{prefix}-{:08x}", rand::random::<u32>());
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
-    TestNs { client, name }
-}
-
-/// Where operator logs go: `VAULTCONN_TEST_LOG_DIR` (kept after the run), else `dir` (a
-/// control plane's temp dir, removed with it).
-fn log_dir(dir: &std::path::Path) -> PathBuf {
-    std::env::var_os("VAULTCONN_TEST_LOG_DIR").map_or_else(|| dir.to_path_buf(), PathBuf::from)
-}
-
-/// An operator process named `instance`, talking to `kubeconfig` (direct or via a proxy).
-async fn operator(
-    logs: &std::path::Path,
-    instance: &str,
-    kubeconfig: PathBuf,
-    args: &[&str],
-) -> OperatorProcess {
-    let mut extra: Vec<String> = vec![
-        "--allow-http-loopback".into(),
-        "--instance".into(),
-        instance.into(),
-    ];
-    extra.extend(args.iter().map(|a| a.to_string()));
-    OperatorProcess::start(OperatorOptions {
-        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-        kubeconfig,
-        log_path: logs.join(format!("operator-{instance}.log")),
-        extra_args: extra,
-        log_filter: "info,vaultconn=debug".into(),
-    })
-    .await
-    .expect("operator starts")
-}
-
-/// SIGTERM and wait for a clean exit, off the test's runtime: `OperatorProcess::stop` blocks,
-/// and the token server the operator is still talking to runs on this runtime.
-async fn stop_cleanly(op: OperatorProcess, timeout: Duration) -> bool {
-    let mut op = op;
-    tokio::task::spawn_blocking(move || op.stop(timeout))
-        .await
-        .expect("stopping the operator")
-}
-
-/// No token the provider issued or saw, and no client secret, is in the operator's log. An
-/// empty or unreadable log fails: the scan would pass vacuously.
-fn assert_no_secret_in_log(log: &str, ts: &TokenServer, secrets: &[&str]) {
-    assert!(!log.is_empty(), "the operator log is empty or unreadable");
-    let mut values: Vec<String> = secrets.iter().map(|s| s.to_string()).collect();
-    for c in ts.calls() {
-        values.extend(c.refresh_token);
-        if let Some(o) = c.outcome {
-            values.extend(o.access_token);
-            values.extend(o.refresh_token);
-        }
-    }
-    let leaked = values
-        .iter()
-        .filter(|v| v.len() >= 8 && log.contains(v.as_str()))
-        .count();
-    assert_eq!(leaked, 0, "{leaked} secret values are in the operator log");
+    support::namespace_with(plane_client().await, prefix).await
 }
 
 /// CPU seconds (user + system) the process `pid` has used so far.
@@ -311,13 +244,7 @@ async fn restart_converges(which: Outage, prefix: &str) {
     let p = plane().await;
     let _exclusive = exclusive().await;
     let ns = plane_namespace(prefix).await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(TTL),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(TTL).await;
     let names = oauth_connections(&ns, &ts, prefix, RESTART_CONNECTIONS).await;
     put_secret(&ns, "static-creds", &[("api_key", "key-before")]).await;
     apply_vc(
@@ -326,7 +253,7 @@ async fn restart_converges(which: Outage, prefix: &str) {
         json!({"type": "apiKey", "credentialsRef": {"name": "static-creds"}}),
     )
     .await;
-    let mut op = operator(
+    let mut op = named_operator(
         &p.dir,
         prefix,
         p.kubeconfig.clone(),
@@ -475,43 +402,16 @@ async fn proxied_operator(
     extra: &[&str],
 ) -> (ApiFaultProxy, OperatorProcess) {
     support::ensure_crds().await;
-    let cp = support::cluster().await;
-    let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
-    let kubeconfig = cp.dir().join(format!("kubeconfig-{instance}"));
-    proxy
-        .write_kubeconfig(&kubeconfig, cp.admin_token())
-        .expect("writing the proxy kubeconfig");
+    let (proxy, kubeconfig) = proxied_kubeconfig(instance).await;
     let mut args = vec!["--namespaces", ns.name.as_str()];
     args.extend_from_slice(extra);
-    let op = operator(&log_dir(cp.dir()), instance, kubeconfig, &args).await;
+    let logs = log_dir(support::cluster().await.dir());
+    let op = named_operator(&logs, instance, kubeconfig, &args).await;
     (proxy, op)
 }
 
 /// How long the token server holds a committed reply while the test arms an API fault.
 const HOLD: Duration = Duration::from_secs(3);
-
-fn state_path(ns: &TestNs, name: &str) -> String {
-    format!(
-        "/api/v1/namespaces/{}/secrets/{name}-vaultconn-state",
-        ns.name
-    )
-}
-
-/// Wait until the token server has decided call number `index`: the refresh token it carried
-/// is rotated at the provider from then on.
-async fn committed_call(ts: &TokenServer, index: usize) -> RecordedCall {
-    wait_for_some(
-        Duration::from_secs(60),
-        &format!("token call #{index}"),
-        || async move {
-            ts.calls()
-                .get(index)
-                .filter(|c| c.outcome.is_some())
-                .cloned()
-        },
-    )
-    .await
-}
 
 fn issued(call: &RecordedCall) -> (String, String) {
     let o = call.outcome.as_ref().expect("a decided call");
@@ -522,13 +422,6 @@ fn issued(call: &RecordedCall) -> (String, String) {
             .expect("rotation issues a refresh token"),
         o.access_token.clone().expect("an access token"),
     )
-}
-
-fn calls_with(ts: &TokenServer, rt: &str) -> usize {
-    ts.calls()
-        .iter()
-        .filter(|c| c.refresh_token.as_deref() == Some(rt))
-        .count()
 }
 
 /// `name` ends up Ready on exactly the tokens of `call`: its refresh token stored, its access
@@ -555,14 +448,6 @@ async fn persisted(ns: &TestNs, name: &str, call: &RecordedCall, within: Duratio
     .await;
 }
 
-async fn request_refresh(ns: &TestNs, name: &str, value: &str) {
-    let patch = json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": value}}});
-    ns.api::<VaultConnection>()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("annotating the connection");
-}
-
 /// The state write right after a rotation meets, in turn: two connections reset before the
 /// API server sees them; a reset after the API server committed the write (the operator's
 /// retry must recognise its own write, not refuse it as someone else's rotation); and a stall
@@ -571,13 +456,7 @@ async fn request_refresh(ns: &TestNs, name: &str, value: &str) {
 #[tokio::test]
 async fn dropped_and_stalled_state_writes_after_a_rotation_keep_the_token() {
     let ns = test_namespace("cp-wf").await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3600)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(3600)).await;
     let (proxy, mut op) = proxied_operator("cp-wf", &ns, &[]).await;
     let name = "wf-0";
     let path = state_path(&ns, name);
@@ -653,16 +532,6 @@ async fn dropped_and_stalled_state_writes_after_a_rotation_keep_the_token() {
 const LEASE_STORM: Duration = Duration::from_secs(30);
 const LEASE_DURATION: Duration = Duration::from_secs(6);
 
-/// The Lease's holder as the API server stores it (`None` while unheld or missing).
-async fn holder(ns: &TestNs, lease: &str) -> Option<String> {
-    let l = ns
-        .api::<k8s_openapi::api::coordination::v1::Lease>()
-        .get_opt(lease)
-        .await
-        .ok()??;
-    l.spec?.holder_identity.filter(|h| !h.is_empty())
-}
-
 /// Writes of Secrets and connection status the API server accepted from one process (dry
 /// runs commit nothing and are left out), as `(time, process, "METHOD path")`.
 fn committed_writes(
@@ -728,13 +597,7 @@ async fn lease_write_faults_never_make_two_writers_and_only_delay() {
     use rand::{Rng, SeedableRng};
     let ns = test_namespace("cp-lease").await;
     let ttl = Duration::from_secs(4);
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(ttl),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(ttl).await;
     let lease = "vaultconn-cp-lease";
     let secs = format!("{}s", LEASE_DURATION.as_secs());
     let args = [
@@ -748,7 +611,7 @@ async fn lease_write_faults_never_make_two_writers_and_only_delay() {
     ];
     let (proxy_a, mut a) = proxied_operator("lease-a", &ns, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease)
+        lease_holder(&ns, lease)
             .await
             .is_some_and(|h| h.starts_with("lease-a_"))
     })
@@ -820,7 +683,7 @@ async fn lease_write_faults_never_make_two_writers_and_only_delay() {
                 op.restart().await.expect("restarting an operator");
             }
         }
-        if holder(&ns, lease).await.is_some() {
+        if lease_holder(&ns, lease).await.is_some() {
             break;
         }
         assert!(Instant::now() < deadline, "no leader 60 s after the storm");
@@ -907,13 +770,7 @@ fn writes_since(proxy: &ApiFaultProxy, from: usize) -> Vec<String> {
 async fn concurrent_editors_lose_no_update_and_cause_no_flapping() {
     use rand::{Rng, SeedableRng};
     let ns = test_namespace("cp-edit").await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3600)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(3600)).await;
     let oauth = oauth_connections(&ns, &ts, "edit", 1).await.remove(0);
     put_secret(&ns, "creds-a", &[("api_key", "key-a")]).await;
     put_secret(&ns, "creds-b", &[("api_key", "key-b")]).await;

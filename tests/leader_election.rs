@@ -11,54 +11,30 @@ use http::Method;
 use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::json;
 use support::objects::*;
+use support::own_operator::{
+    assert_one_leads, lease_holder, log_dir, named_operator, proxied_kubeconfig,
+    rotating_token_server,
+};
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
-use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule, MethodMatch};
-use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::api_proxy::{FaultRule, MethodMatch};
+use vaultconn_testkit::operator::OperatorProcess;
 use vaultconn_testkit::provider_invariants::{
     assert_provider_invariants, scheduled_per_minute, Invariants,
 };
 use vaultconn_testkit::reliability::{record, Fact};
-use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
+use vaultconn_testkit::token_server::TokenServer;
 
 const CONNECTIONS: usize = 2;
 
 /// Start an operator named `instance`, talking to `kubeconfig` (direct or via a proxy).
 async fn operator(instance: &str, kubeconfig: PathBuf, args: &[&str]) -> OperatorProcess {
     support::ensure_crds().await;
-    let cp = support::cluster().await;
-    let mut extra: Vec<String> = vec![
-        "--allow-http-loopback".into(),
-        "--instance".into(),
-        instance.into(),
-    ];
-    extra.extend(args.iter().map(|a| a.to_string()));
-    OperatorProcess::start(OperatorOptions {
-        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-        kubeconfig,
-        // VAULTCONN_TEST_LOG_DIR keeps the logs after the run (the control plane's dir goes).
-        log_path: std::env::var_os("VAULTCONN_TEST_LOG_DIR")
-            .map_or_else(|| cp.dir().to_path_buf(), PathBuf::from)
-            .join(format!("operator-{instance}.log")),
-        extra_args: extra,
-        log_filter: "info,vaultconn=debug".into(),
-    })
-    .await
-    .expect("operator starts")
+    let logs = log_dir(support::cluster().await.dir());
+    named_operator(&logs, instance, kubeconfig, args).await
 }
 
 async fn direct_kubeconfig() -> PathBuf {
     support::cluster().await.kubeconfig_path().to_path_buf()
-}
-
-/// A kubeconfig through a fresh API fault proxy (to count and fail that process's requests).
-async fn proxied_kubeconfig(name: &str) -> (ApiFaultProxy, PathBuf) {
-    let cp = support::cluster().await;
-    let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
-    let path = cp.dir().join(format!("kubeconfig-{name}"));
-    proxy
-        .write_kubeconfig(&path, cp.admin_token())
-        .expect("writing the proxy kubeconfig");
-    (proxy, path)
 }
 
 /// Tests in this binary run in parallel, each with its own operators: each watches only its
@@ -75,12 +51,6 @@ fn election_args<'a>(ns: &'a TestNs, lease: &'a str, duration: &'a str) -> Vec<&
         "--lease-duration",
         duration,
     ]
-}
-
-/// The Lease's holder as the API server stores it (`None` while unheld or missing).
-async fn holder(ns: &TestNs, lease: &str) -> Option<String> {
-    let l = ns.api::<Lease>().get_opt(lease).await.ok()??;
-    l.spec?.holder_identity.filter(|h| !h.is_empty())
 }
 
 /// Connections against `ts` with the refresh-token grant, one client each.
@@ -139,20 +109,14 @@ fn refreshes_since(ts: &TokenServer, since: SystemTime) -> Vec<usize> {
 #[tokio::test]
 async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_without_replay() {
     let ns = test_namespace("ha-kill").await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(4)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(4)).await;
     let lease = "vaultconn-ha-kill";
     let args = election_args(&ns, lease, "6s");
     // The standby-to-be runs through a proxy, so that what it sends can be counted.
     let (proxy_b, kubeconfig_b) = proxied_kubeconfig("ha-kill-b").await;
     let mut a = operator("a", direct_kubeconfig().await, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease)
+        lease_holder(&ns, lease)
             .await
             .is_some_and(|h| h.starts_with("a_"))
     })
@@ -169,17 +133,8 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
         || async { a.probe("/readyz").await == Some(200) && b.probe("/readyz").await == Some(200) },
     )
     .await;
-    // Each reports its role where the NoLeader alert reads it.
-    assert_eq!(a.metric("vaultconn_leader").await, Some(1.0));
-    assert_eq!(b.metric("vaultconn_leader").await, Some(0.0));
-    // The standby wrote nothing but the Lease (the API server saw no other write from it).
-    let b_writes: Vec<String> = proxy_b
-        .requests()
-        .into_iter()
-        .filter(|r| MethodMatch::AnyWrite.matches(&r.method) && !r.path.contains("/leases"))
-        .map(|r| format!("{} {}", r.method, r.path))
-        .collect();
-    assert!(b_writes.is_empty(), "the standby wrote: {b_writes:?}");
+    // Each reports its role; the standby wrote nothing but the Lease.
+    assert_one_leads(&a, &b, &proxy_b).await;
 
     a.kill();
     let killed_at = SystemTime::now();
@@ -187,7 +142,7 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
         Duration::from_secs(40),
         "b takes over the Lease",
         || async {
-            holder(&ns, lease)
+            lease_holder(&ns, lease)
                 .await
                 .is_some_and(|h| h.starts_with("b_"))
         },
@@ -226,13 +181,17 @@ async fn sigterm_flushes_and_releases_the_lease() {
     let args = election_args(&ns, lease, "30s");
     let mut a = operator("term-a", direct_kubeconfig().await, &args).await;
     let h = wait_for_some(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease).await
+        lease_holder(&ns, lease).await
     })
     .await;
     assert!(h.starts_with("term-a_"), "holder {h}");
     assert!(a.stop(Duration::from_secs(30)), "clean exit on SIGTERM");
     // Released, not left to expire: the stored Lease has no holder right after the exit.
-    assert_eq!(holder(&ns, lease).await, None, "the Lease was not released");
+    assert_eq!(
+        lease_holder(&ns, lease).await,
+        None,
+        "the Lease was not released"
+    );
     record(
         Fact::survived("SIGTERM of the leader", "SIGTERM to the Lease holder", 1)
             .note("clean exit; the Lease released, not left to expire"),
@@ -242,19 +201,13 @@ async fn sigterm_flushes_and_releases_the_lease() {
 #[tokio::test]
 async fn a_leader_that_cannot_renew_stops_writing_before_the_standby_starts() {
     let ns = test_namespace("ha-fence").await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(3)).await;
     let lease = "vaultconn-ha-fence";
     let args = election_args(&ns, lease, "6s");
     let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-fence-a").await;
     let mut a = operator("fence-a", kubeconfig_a, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease)
+        lease_holder(&ns, lease)
             .await
             .is_some_and(|h| h.starts_with("fence-a_"))
     })
@@ -368,24 +321,17 @@ async fn with_namespaces_the_operator_watches_and_touches_only_those() {
 
 #[tokio::test]
 async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replaying_its_token() {
-    use kube::api::{Patch, PatchParams};
     use vaultconn_testkit::token_server::Fault;
     let ns = test_namespace("ha-mark").await;
     // Rotation without an overlap window, reuse detection on: a second use of a refresh
     // token revokes the whole family.
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3600)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(3600)).await;
     let lease = "vaultconn-ha-mark";
     let args = election_args(&ns, lease, "6s");
     let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-mark-a").await;
     let mut a = operator("mark-a", kubeconfig_a, &args).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns, lease)
+        lease_holder(&ns, lease)
             .await
             .is_some_and(|h| h.starts_with("mark-a_"))
     })
@@ -403,12 +349,7 @@ async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replay
         delay: Duration::from_secs(10),
         after_commit: true,
     });
-    let annotate =
-        json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": "1"}}});
-    ns.api::<vaultconn::api::VaultConnection>()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&annotate))
-        .await
-        .expect("annotate");
+    request_refresh(&ns, name, "1").await;
     wait_for(
         Duration::from_secs(30),
         "a's token call is in flight",
@@ -418,7 +359,7 @@ async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replay
     // Now a loses its Lease mid-call; b takes over while a's call is still running.
     let cut = proxy_a.fail_until_cleared(FaultRule::requests(MethodMatch::Any, "/leases", 503));
     wait_for(Duration::from_secs(30), "b takes over", || async {
-        holder(&ns, lease)
+        lease_holder(&ns, lease)
             .await
             .is_some_and(|h| h.starts_with("mark-b_"))
     })

@@ -34,6 +34,30 @@ async fn server(cfg: TokenServerConfig) -> TokenServer {
         .unwrap()
 }
 
+/// The credentials Secret `creds` of the test client, for the client-credentials grant.
+async fn client_creds(ns: &TestNs) {
+    put_secret(
+        ns,
+        "creds",
+        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
+    )
+    .await;
+}
+
+/// The credentials Secret `creds` of the test client with the refresh token `rt`.
+async fn refresh_creds(ns: &TestNs, rt: &str) {
+    put_secret(
+        ns,
+        "creds",
+        &[
+            ("client_id", CLIENT),
+            ("client_secret", CLIENT_SECRET),
+            ("refresh_token", rt),
+        ],
+    )
+    .await;
+}
+
 fn cc_spec(ts: &TokenServer, extra: serde_json::Value) -> serde_json::Value {
     let mut oauth2 = json!({"tokenUrl": ts.token_url()});
     if let (Some(o), Some(e)) = (oauth2.as_object_mut(), extra.as_object()) {
@@ -157,12 +181,7 @@ async fn client_credentials_issue_and_schedule() {
     ensure_operator().await;
     let ns = test_namespace("cc").await;
     let ts = server(TokenServerConfig::default().with_ttl(Duration::from_secs(3600))).await;
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     apply_vc(&ns, "api", cc_spec(&ts, json!({"scopes": ["read", "write"], "audience": "https://api.example", "extraParams": {"organization": "org1"}}))).await;
     let token = valid_token(&ns, &ts, "api", None).await;
     let vc = ready(&ns, "api").await;
@@ -215,12 +234,7 @@ async fn client_auth_post_and_form_encoded_basic() {
     ensure_operator().await;
     let ns = test_namespace("auth").await;
     let ts = server(TokenServerConfig::default().with_client("m2m special/1", "s3cr:et+%&")).await;
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     put_secret(
         &ns,
         "special",
@@ -281,12 +295,7 @@ async fn wrong_client_secret_fails_without_hot_loop_and_recovers_when_fixed() {
         force_reconcile(&ns, "creds", "api").await;
     }
     assert_eq!(ts.call_count(), 1, "retried without any change");
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     valid_token(&ns, &ts, "api", None).await;
     ready(&ns, "api").await;
     assert_eq!(ts.call_count(), 2);
@@ -312,16 +321,7 @@ async fn refresh_token_rotation_through_several_cycles() {
     )
     .await;
     let seed = ts.mint_refresh_token(CLIENT);
-    put_secret(
-        &ns,
-        "creds",
-        &[
-            ("client_id", CLIENT),
-            ("client_secret", CLIENT_SECRET),
-            ("refresh_token", &seed),
-        ],
-    )
-    .await;
+    refresh_creds(&ns, &seed).await;
     apply_vc(&ns, "crm", rt_spec(&ts)).await;
     let mut token = valid_token(&ns, &ts, "crm", None).await;
     let mut seen = vec![seed.clone(), token.clone()];
@@ -363,16 +363,7 @@ async fn rotation_off_and_missing_refresh_token_keep_the_current_one() {
     )
     .await;
     let seed = ts.mint_refresh_token(CLIENT);
-    put_secret(
-        &ns,
-        "creds",
-        &[
-            ("client_id", CLIENT),
-            ("client_secret", CLIENT_SECRET),
-            ("refresh_token", &seed),
-        ],
-    )
-    .await;
+    refresh_creds(&ns, &seed).await;
     ts.push_fault(Fault::StripRefreshToken);
     ts.push_fault(Fault::StringExpiresIn);
     apply_vc(&ns, "crm", rt_spec(&ts)).await;
@@ -399,12 +390,7 @@ async fn missing_expires_in_uses_a_conservative_default() {
     let ns = test_namespace("noexp").await;
     let ts = server(TokenServerConfig::default()).await;
     ts.push_fault(Fault::StripExpiresIn);
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
     valid_token(&ns, &ts, "api", None).await;
     let vc = ready(&ns, "api").await;
@@ -427,16 +413,7 @@ async fn revoked_refresh_token_is_terminal_until_reseeded() {
     let ts = server(TokenServerConfig::default()).await;
     let seed = ts.mint_refresh_token(CLIENT);
     ts.revoke_family_of(&seed);
-    put_secret(
-        &ns,
-        "creds",
-        &[
-            ("client_id", CLIENT),
-            ("client_secret", CLIENT_SECRET),
-            ("refresh_token", &seed),
-        ],
-    )
-    .await;
+    refresh_creds(&ns, &seed).await;
     apply_vc(&ns, "crm", rt_spec(&ts)).await;
     let vc = with_reason(&ns, "crm", "RefreshTokenRejected").await;
     assert!(
@@ -449,16 +426,7 @@ async fn revoked_refresh_token_is_terminal_until_reseeded() {
     assert_eq!(ts.call_count(), 1, "no retry without a change");
     // Re-seeding with a new refresh token recovers.
     let fresh = ts.mint_refresh_token(CLIENT);
-    put_secret(
-        &ns,
-        "creds",
-        &[
-            ("client_id", CLIENT),
-            ("client_secret", CLIENT_SECRET),
-            ("refresh_token", &fresh),
-        ],
-    )
-    .await;
+    refresh_creds(&ns, &fresh).await;
     valid_token(&ns, &ts, "crm", None).await;
     ready(&ns, "crm").await;
     assert_eq!(
@@ -487,12 +455,7 @@ async fn rate_limit_retry_after_is_honoured() {
         )),
         body: FaultBody::Html,
     });
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
     let vc = vc_where(&ns, "api", "a failed attempt recorded", |v| {
         v.status
@@ -532,16 +495,7 @@ async fn reset_before_processing_is_retried_and_nothing_is_spent() {
     let ts = server(TokenServerConfig::default()).await;
     let seed = ts.mint_refresh_token(CLIENT);
     ts.push_fault(Fault::ResetBeforeProcessing);
-    put_secret(
-        &ns,
-        "creds",
-        &[
-            ("client_id", CLIENT),
-            ("client_secret", CLIENT_SECRET),
-            ("refresh_token", &seed),
-        ],
-    )
-    .await;
+    refresh_creds(&ns, &seed).await;
     apply_vc(&ns, "crm", rt_spec(&ts)).await;
     valid_token(&ns, &ts, "crm", None).await;
     ready(&ns, "crm").await;
@@ -560,16 +514,7 @@ async fn lost_response_without_overlap_is_reported_not_hidden() {
     let ts = server(TokenServerConfig::default().with_rotation(true)).await;
     let seed = ts.mint_refresh_token(CLIENT);
     ts.push_fault(Fault::ResetAfterCommit);
-    put_secret(
-        &ns,
-        "creds",
-        &[
-            ("client_id", CLIENT),
-            ("client_secret", CLIENT_SECRET),
-            ("refresh_token", &seed),
-        ],
-    )
-    .await;
+    refresh_creds(&ns, &seed).await;
     apply_vc(&ns, "crm", rt_spec(&ts)).await;
     let vc = with_reason(&ns, "crm", "RefreshResponseLost").await;
     assert!(message(&vc).contains("overlap"), "{}", message(&vc));
@@ -603,16 +548,7 @@ async fn lost_response_with_overlap_window_recovers() {
     .await;
     let seed = ts.mint_refresh_token(CLIENT);
     ts.push_fault(Fault::ResetAfterCommit);
-    put_secret(
-        &ns,
-        "creds",
-        &[
-            ("client_id", CLIENT),
-            ("client_secret", CLIENT_SECRET),
-            ("refresh_token", &seed),
-        ],
-    )
-    .await;
+    refresh_creds(&ns, &seed).await;
     apply_vc(&ns, "crm", rt_spec(&ts)).await;
     let t1 = valid_token(&ns, &ts, "crm", None).await;
     // The chain continues past the lost response.
@@ -638,12 +574,7 @@ async fn scope_change_and_refresh_annotation_reissue_right_away() {
     ensure_operator().await;
     let ns = test_namespace("reissue").await;
     let ts = server(TokenServerConfig::default()).await;
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     apply_vc(&ns, "api", cc_spec(&ts, json!({"scopes": ["read"]}))).await;
     let t1 = valid_token(&ns, &ts, "api", None).await;
     apply_vc(
@@ -676,12 +607,7 @@ async fn unwritable_secret_means_no_token_request() {
     ensure_operator().await;
     let ns = test_namespace("quota").await;
     let ts = server(TokenServerConfig::default()).await;
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     // A Secret quota that is used up (no resourcequota controller runs here, so the usage we
     // write stays): the API server refuses every new Secret with 403, which the operator's dry
     // run must see before any token is requested.
@@ -719,12 +645,7 @@ async fn tiny_ttl_refreshes_are_bounded_and_never_parallel() {
     ensure_operator().await;
     let ns = test_namespace("tinyttl").await;
     let ts = server(TokenServerConfig::default().with_ttl(Duration::from_secs(1))).await;
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
     valid_token(&ns, &ts, "api", None).await;
     let start = Instant::now();
@@ -755,12 +676,7 @@ async fn broken_json_and_huge_bodies_are_retried_for_client_credentials() {
     ts.push_fault(Fault::HugeBody {
         bytes: 10 * 1024 * 1024,
     });
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
     let vc = vc_where(&ns, "api", "the broken response recorded", |v| {
         v.status
@@ -793,16 +709,7 @@ async fn broken_json_after_rotation_is_an_unknown_outcome() {
     .await;
     let seed = ts.mint_refresh_token(CLIENT);
     ts.push_fault(Fault::BrokenJson { after_commit: true });
-    put_secret(
-        &ns,
-        "creds",
-        &[
-            ("client_id", CLIENT),
-            ("client_secret", CLIENT_SECRET),
-            ("refresh_token", &seed),
-        ],
-    )
-    .await;
+    refresh_creds(&ns, &seed).await;
     apply_vc(&ns, "crm", rt_spec(&ts)).await;
     // The retry with the same token is answered inside the provider's overlap window.
     valid_token(&ns, &ts, "crm", None).await;
@@ -836,16 +743,7 @@ async fn slow_reply_after_rotation_without_overlap_is_reported() {
         delay: Duration::from_secs(6),
         after_commit: true,
     });
-    put_secret(
-        &ns,
-        "creds",
-        &[
-            ("client_id", CLIENT),
-            ("client_secret", CLIENT_SECRET),
-            ("refresh_token", &seed),
-        ],
-    )
-    .await;
+    refresh_creds(&ns, &seed).await;
     apply_vc(&ns, "crm", rt_spec(&ts)).await;
     with_reason(&ns, "crm", "RefreshResponseLost").await;
     assert_eq!(ts.call_count(), 2);
@@ -870,12 +768,7 @@ async fn redirects_are_not_followed() {
     ts.set_sticky_fault(Some(Fault::Redirect {
         location: other.token_url(),
     }));
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
     let vc = with_reason(&ns, "api", "TokenEndpointRedirected").await;
     assert_eq!(phase(&vc), Some(Phase::Failed));
@@ -1045,16 +938,7 @@ async fn broken_200s_carrying_refresh_tokens_back_off() {
         hold: Duration::ZERO,
     }));
     let seed = ts.mint_refresh_token(CLIENT);
-    put_secret(
-        &ns,
-        "creds",
-        &[
-            ("client_id", CLIENT),
-            ("client_secret", CLIENT_SECRET),
-            ("refresh_token", &seed),
-        ],
-    )
-    .await;
+    refresh_creds(&ns, &seed).await;
     apply_vc(&ns, "crm", rt_spec(&ts)).await;
     wait_for(Duration::from_secs(40), "four token requests", || async {
         ts.call_count() >= 4
@@ -1108,12 +992,7 @@ async fn deleting_a_connection_forgets_its_series() {
     ensure_operator().await;
     let ns = test_namespace("forget").await;
     let ts = server(TokenServerConfig::default()).await;
-    put_secret(
-        &ns,
-        "creds",
-        &[("client_id", CLIENT), ("client_secret", CLIENT_SECRET)],
-    )
-    .await;
+    client_creds(&ns).await;
     apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
     ready(&ns, "api").await;
     let series = format!(

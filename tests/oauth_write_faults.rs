@@ -28,6 +28,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use support::objects::*;
+use support::own_operator::{
+    own_operator_options, proxied_kubeconfig, rotating_token_server_with, start_own_operator,
+};
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use tokio::sync::{Mutex, OnceCell, RwLock};
 use vaultconn::api::{Phase, VaultConnection};
@@ -68,22 +71,16 @@ async fn harness() -> &'static Harness {
     HARNESS
         .get_or_init(|| async {
             support::ensure_crds().await;
-            let cp = support::cluster().await;
-            let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
-            let kubeconfig = cp.dir().join("kubeconfig-via-fault-proxy");
-            proxy
-                .write_kubeconfig(&kubeconfig, cp.admin_token())
-                .expect("writing the proxy kubeconfig");
-            let log_path = cp.dir().join("operator-write-faults.log");
-            let operator = OperatorProcess::start(OperatorOptions {
-                binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-                kubeconfig,
-                log_path: log_path.clone(),
-                extra_args: vec!["--allow-http-loopback".into()],
+            let (proxy, kubeconfig) = proxied_kubeconfig("via-fault-proxy").await;
+            let log_path = support::cluster()
+                .await
+                .dir()
+                .join("operator-write-faults.log");
+            let operator = start_own_operator(OperatorOptions {
                 log_filter: "info".into(),
+                ..own_operator_options::<&str>(kubeconfig, log_path.clone(), &[])
             })
-            .await
-            .expect("operator starts");
+            .await;
             Harness {
                 proxy,
                 operator: Mutex::new(operator),
@@ -122,14 +119,11 @@ fn injected_on(proxy: &ApiFaultProxy, path: &str) -> usize {
 /// seeded with a fresh refresh token, which is returned.
 async fn setup(prefix: &str) -> (TestNs, TokenServer, String) {
     let ns = test_namespace(prefix).await;
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_client(CLIENT, CLIENT_SECRET)
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3600)),
+    let ts = rotating_token_server_with(
+        TokenServerConfig::default().with_client(CLIENT, CLIENT_SECRET),
+        Duration::from_secs(3600),
     )
-    .await
-    .expect("token server starts");
+    .await;
     let rt = ts.mint_refresh_token(CLIENT);
     put_secret(
         &ns,
@@ -149,26 +143,9 @@ fn spec(ts: &TokenServer) -> serde_json::Value {
         "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}})
 }
 
-/// Path of the connection's state Secret (replace/patch/delete; a create posts to the
-/// collection).
-fn state_path(ns: &TestNs, name: &str) -> String {
-    format!(
-        "/api/v1/namespaces/{}/secrets/{name}-vaultconn-state",
-        ns.name
-    )
-}
-
 async fn access_token(ns: &TestNs, name: &str) -> Option<String> {
     let s = ns.api::<Secret>().get_opt(name).await.ok()??;
     data_of(&s).get("access_token").cloned()
-}
-
-async fn request_refresh(ns: &TestNs, name: &str, value: &str) {
-    let patch = json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": value}}});
-    ns.api::<VaultConnection>()
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("annotating the connection");
 }
 
 /// Make the token server hold its next reply for `HOLD` after committing the exchange.
@@ -177,22 +154,6 @@ fn hold_next_reply(ts: &TokenServer) {
         delay: HOLD,
         after_commit: true,
     });
-}
-
-/// Wait until the token server has decided call number `index` (0-based), i.e. the refresh
-/// token it carried is rotated at the provider, and return it.
-async fn committed_call(ts: &TokenServer, index: usize) -> RecordedCall {
-    wait_for_some(
-        Duration::from_secs(60),
-        &format!("token call #{index}"),
-        || async move {
-            ts.calls()
-                .get(index)
-                .filter(|c| c.outcome.is_some())
-                .cloned()
-        },
-    )
-    .await
 }
 
 /// The refresh token the provider issued in `call` (now the only live one of the family).
@@ -209,14 +170,6 @@ fn issued_at(call: &RecordedCall) -> String {
         .as_ref()
         .and_then(|o| o.access_token.clone())
         .expect("an issued access token")
-}
-
-/// Token endpoint calls that presented `rt`.
-fn calls_with(ts: &TokenServer, rt: &str) -> usize {
-    ts.calls()
-        .iter()
-        .filter(|c| c.refresh_token.as_deref() == Some(rt))
-        .count()
 }
 
 /// Wait until the connection is Ready on the tokens of `call`: its refresh token in the state

@@ -11,13 +11,12 @@ mod support;
 
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::json;
 use support::objects::{apply_vc, put_secret, ready, stored_refresh_token};
-use support::{cluster, test_namespace, wait_for, TestNs};
-use vaultconn_testkit::api_proxy::MethodMatch;
+use support::own_operator::{assert_one_leads, lease_holder, log_dir, own_operator_options};
+use support::{cluster, test_namespace, wait_for};
 use vaultconn_testkit::oidc::{OidcOptions, OidcProvider, RT_CLIENT};
-use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::operator::OperatorProcess;
 use vaultconn_testkit::provider_invariants::{
     assert_provider_invariants, scheduled_per_minute, Invariants,
 };
@@ -31,12 +30,6 @@ const RELEASE: &str = "ha";
 const LEASE: &str = "ha-vaultconn";
 const CONNECTIONS: usize = 2;
 const ACCESS_TOKEN_TTL: Duration = Duration::from_secs(4);
-
-/// The Lease's holder as the API server stores it.
-async fn holder(ns: &TestNs) -> Option<String> {
-    let l = ns.api::<Lease>().get_opt(LEASE).await.ok()??;
-    l.spec?.holder_identity.filter(|h| !h.is_empty())
-}
 
 /// An operator named `instance` with the chart's arguments for this namespace, electing on a
 /// 6 s Lease. The token request timeout is cut from the chart's 15 s to 3 s: a new leader waits
@@ -57,23 +50,19 @@ async fn operator(
             "6s",
             "--token-request-timeout",
             "3s",
-            "--allow-http-loopback",
             "--instance",
             instance,
         ]
         .map(String::from),
     );
-    let cluster = cluster().await;
-    OperatorProcess::start(OperatorOptions {
-        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-        kubeconfig: kubeconfig.to_path_buf(),
-        // VAULTCONN_TEST_LOG_DIR keeps the logs after the run (the control plane's dir goes).
-        log_path: std::env::var_os("VAULTCONN_TEST_LOG_DIR")
-            .map_or_else(|| cluster.dir().to_path_buf(), std::path::PathBuf::from)
-            .join(format!("operator-oidc-ha-{instance}.log")),
-        extra_args: args,
-        log_filter: "info,vaultconn=debug".into(),
-    })
+    let logs = log_dir(cluster().await.dir());
+    let log_path = logs.join(format!("operator-oidc-ha-{instance}.log"));
+    // `own_operator_options` adds `--allow-http-loopback` (the provider is on 127.0.0.1).
+    OperatorProcess::start(own_operator_options(
+        kubeconfig.to_path_buf(),
+        log_path,
+        &args,
+    ))
     .await
     .expect("the operator starts as the chart's ServiceAccount")
 }
@@ -135,7 +124,9 @@ async fn after_sigkill_of_the_leader_the_standby_refreshes_on_without_replay_at_
 
     let mut a = operator("a", &chart_args, &kubeconfig_a).await;
     wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        holder(&ns).await.is_some_and(|h| h.starts_with("a_"))
+        lease_holder(&ns, LEASE)
+            .await
+            .is_some_and(|h| h.starts_with("a_"))
     })
     .await;
     let mut b = operator("b", &chart_args, &kubeconfig_b).await;
@@ -203,22 +194,18 @@ async fn after_sigkill_of_the_leader_the_standby_refreshes_on_without_replay_at_
     .await;
     // Exactly one leads: the other stands by, and the API server saw no write from it but
     // its Lease requests (no state Secret, no in-flight mark, no status, no Event).
-    assert_eq!(a.metric("vaultconn_leader").await, Some(1.0));
-    assert_eq!(b.metric("vaultconn_leader").await, Some(0.0));
-    let b_writes: Vec<String> = proxy_b
-        .requests()
-        .into_iter()
-        .filter(|r| MethodMatch::AnyWrite.matches(&r.method) && !r.path.contains("/leases"))
-        .map(|r| format!("{} {}", r.method, r.path))
-        .collect();
-    assert!(b_writes.is_empty(), "the standby wrote: {b_writes:?}");
+    assert_one_leads(&a, &b, &proxy_b).await;
 
     a.kill();
     let killed_at = SystemTime::now();
     wait_for(
         Duration::from_secs(40),
         "b takes over the Lease",
-        || async { holder(&ns).await.is_some_and(|h| h.starts_with("b_")) },
+        || async {
+            lease_holder(&ns, LEASE)
+                .await
+                .is_some_and(|h| h.starts_with("b_"))
+        },
     )
     .await;
     let took_over = killed_at.elapsed().unwrap_or_default();

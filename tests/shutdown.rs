@@ -8,16 +8,17 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use kube::api::{Patch, PatchParams};
-use serde_json::json;
 use support::objects::*;
+use support::own_operator::{
+    own_operator_options, proxy_kubeconfig, rotating_token_server, start_own_operator,
+};
 use support::{test_namespace, wait_for, TestNs};
 use vaultconn::api::VaultConnection;
 use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule};
 use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
 use vaultconn_testkit::provider_invariants::{assert_provider_invariants, Invariants};
 use vaultconn_testkit::reliability::{record, Fact};
-use vaultconn_testkit::token_server::{Fault, TokenServer, TokenServerConfig};
+use vaultconn_testkit::token_server::{Fault, TokenServer};
 
 const CONNECTIONS: usize = 3;
 /// The chart's terminationGracePeriodSeconds: after it, the kubelet sends SIGKILL.
@@ -25,20 +26,16 @@ const GRACE: Duration = Duration::from_secs(30);
 
 async fn operator(proxy: &ApiFaultProxy, name: &str) -> OperatorProcess {
     support::ensure_crds().await;
-    let cp = support::cluster().await;
-    let kubeconfig = cp.dir().join(format!("kubeconfig-{name}"));
-    proxy
-        .write_kubeconfig(&kubeconfig, cp.admin_token())
-        .expect("writing the proxy kubeconfig");
-    OperatorProcess::start(OperatorOptions {
-        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-        kubeconfig,
-        log_path: cp.dir().join(format!("operator-{name}.log")),
-        extra_args: vec!["--allow-http-loopback".into()],
+    let kubeconfig = proxy_kubeconfig(proxy, name).await;
+    let log_path = support::cluster()
+        .await
+        .dir()
+        .join(format!("operator-{name}.log"));
+    start_own_operator(OperatorOptions {
         log_filter: "info".into(),
+        ..own_operator_options::<&str>(kubeconfig, log_path, &[])
     })
     .await
-    .expect("operator starts")
 }
 
 /// Ready connections, then a refresh of each whose rotated tokens the API server refuses to
@@ -62,13 +59,8 @@ async fn rotated_but_unstored(
             after_commit: true,
         });
     }
-    let annotate =
-        json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": "1"}}});
     for name in &names {
-        ns.api::<VaultConnection>()
-            .patch(name, &PatchParams::default(), &Patch::Merge(&annotate))
-            .await
-            .expect("annotate");
+        request_refresh(ns, name, "1").await;
     }
     wait_for(
         Duration::from_secs(30),
@@ -103,13 +95,7 @@ fn sigterm(mut op: OperatorProcess) -> std::thread::JoinHandle<(bool, Duration)>
 async fn sigterm_writes_held_tokens_concurrently_and_exits_within_the_grace_period() {
     let cp = support::cluster().await;
     let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
-    let ts = TokenServer::start(
-        TokenServerConfig::default()
-            .with_rotation(true)
-            .with_ttl(Duration::from_secs(3600)),
-    )
-    .await
-    .expect("token server starts");
+    let ts = rotating_token_server(Duration::from_secs(3600)).await;
 
     // 1. The API server keeps refusing: the held tokens cannot be saved, but the process must
     //    still exit cleanly before the kubelet's SIGKILL, not after 3 × 20 s.

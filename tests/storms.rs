@@ -21,9 +21,12 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use support::objects::*;
+use support::own_operator::{
+    assert_no_secret_in_log, log_dir, own_operator_options, start_own_operator, stop_cleanly,
+};
 use support::{test_namespace, wait_for, TestNs};
 use vaultconn::api::{Phase, VaultConnection};
-use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
+use vaultconn_testkit::operator::OperatorProcess;
 use vaultconn_testkit::provider_invariants::{
     assert_provider_invariants, scheduled_per_minute, Invariants,
 };
@@ -43,45 +46,12 @@ fn storm_length() -> Duration {
 async fn operator() -> OperatorProcess {
     support::ensure_crds().await;
     let cp = support::cluster().await;
-    let logs = std::env::var_os("VAULTCONN_TEST_LOG_DIR")
-        .map_or_else(|| cp.dir().to_path_buf(), std::path::PathBuf::from);
-    OperatorProcess::start(OperatorOptions {
-        binary: env!("CARGO_BIN_EXE_vaultconn").into(),
-        kubeconfig: cp.kubeconfig_path().to_path_buf(),
-        log_path: logs.join("operator-storm.log"),
-        extra_args: vec!["--allow-http-loopback".into()],
-        log_filter: "info,vaultconn=debug".into(),
-    })
+    start_own_operator(own_operator_options::<&str>(
+        cp.kubeconfig_path().to_path_buf(),
+        log_dir(cp.dir()).join("operator-storm.log"),
+        &[],
+    ))
     .await
-    .expect("operator starts")
-}
-
-/// SIGTERM and wait for a clean exit, off the test's runtime: `OperatorProcess::stop` blocks,
-/// and the token server the operator is still talking to runs on this runtime.
-async fn stop_cleanly(op: OperatorProcess, timeout: Duration) -> bool {
-    let mut op = op;
-    tokio::task::spawn_blocking(move || op.stop(timeout))
-        .await
-        .expect("stopping the operator")
-}
-
-/// No token the provider issued or saw, and no client secret, is in the operator's log. An
-/// empty or unreadable log fails: the scan would pass vacuously.
-fn assert_no_secret_in_log(log: &str, ts: &TokenServer, secrets: &[&str]) {
-    assert!(!log.is_empty(), "the operator log is empty or unreadable");
-    let mut values: Vec<String> = secrets.iter().map(|s| s.to_string()).collect();
-    for c in ts.calls() {
-        values.extend(c.refresh_token);
-        if let Some(o) = c.outcome {
-            values.extend(o.access_token);
-            values.extend(o.refresh_token);
-        }
-    }
-    let leaked = values
-        .iter()
-        .filter(|v| v.len() >= 8 && log.contains(v.as_str()))
-        .count();
-    assert_eq!(leaked, 0, "{leaked} secret values are in the operator log");
 }
 
 /// What a connection should end up as, from the last spec the test gave it.

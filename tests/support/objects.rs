@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::ByteString;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use vaultconn::api::{Phase, VaultConnection};
+use vaultconn_testkit::token_server::{RecordedCall, TokenServer};
 
 use k8s_openapi::api::events::v1::Event;
 use kube::api::ListParams;
@@ -15,23 +15,10 @@ use kube::api::ListParams;
 #[allow(unused_imports)]
 use super::wait_for;
 use super::{wait_for_some, TestNs};
+/// Kept here too: tests import the object helpers from this module.
+pub use vaultconn_testkit::shared::{data_of, secret_obj};
 
 pub const WAIT: Duration = Duration::from_secs(20);
-
-pub fn secret_obj(name: &str, data: &[(&str, &str)]) -> Secret {
-    Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        data: Some(
-            data.iter()
-                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-                .collect(),
-        ),
-        ..Default::default()
-    }
-}
 
 /// Create or replace the Secret `name`; its secret values join the binary's leak scan.
 pub async fn put_secret(ns: &TestNs, name: &str, data: &[(&str, &str)]) {
@@ -122,15 +109,6 @@ pub async fn with_reason(ns: &TestNs, name: &str, r: &str) -> VaultConnection {
     .await
 }
 
-pub fn data_of(s: &Secret) -> BTreeMap<String, String> {
-    s.data
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-        .collect()
-}
-
 pub fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -158,8 +136,16 @@ pub async fn secret_data_eq(ns: &TestNs, name: &str, want: BTreeMap<String, Stri
     .await
 }
 
-/// Every text the operator showed the user or logged: statuses, Events and logs.
+/// Every text the operator showed the user or logged: statuses, Events and (the shared
+/// operator's) logs.
 pub async fn visible_text(ns: &TestNs) -> String {
+    let mut out = status_and_event_text(ns).await;
+    out.push_str(&super::operator::operator_logs().await);
+    out
+}
+
+/// The statuses and Events of namespace `ns` as text (what any operator showed there).
+pub async fn status_and_event_text(ns: &TestNs) -> String {
     let mut out = String::new();
     for vc in ns
         .api::<VaultConnection>()
@@ -181,7 +167,6 @@ pub async fn visible_text(ns: &TestNs) -> String {
             ev.note.unwrap_or_default()
         ));
     }
-    out.push_str(&super::operator::operator_logs().await);
     out
 }
 
@@ -224,12 +209,7 @@ pub async fn stored_refresh_token(ns: &TestNs, name: &str) -> Option<String> {
 /// A refresh-token-grant connection `name` against `ts`: registers `client` at the token
 /// server, mints it a seed and puts it in the credentials Secret `<name>-creds`.
 #[allow(dead_code)]
-pub async fn refresh_token_connection(
-    ns: &TestNs,
-    ts: &vaultconn_testkit::token_server::TokenServer,
-    client: &str,
-    name: &str,
-) {
+pub async fn refresh_token_connection(ns: &TestNs, ts: &TokenServer, client: &str, name: &str) {
     ts.add_client(client, "s3cret-value");
     let rt = ts.mint_refresh_token(client);
     let creds = format!("{name}-creds");
@@ -250,4 +230,47 @@ pub async fn refresh_token_connection(
             "oauth2": {"tokenUrl": ts.token_url(), "grantType": "refreshToken"}}),
     )
     .await;
+}
+
+/// Ask for a refresh now: set the `vaultconn.dev/refresh-requested-at` annotation to `value`
+/// (a new value each time: the operator acts on a change).
+pub async fn request_refresh(ns: &TestNs, name: &str, value: &str) {
+    let patch = json!({"metadata": {"annotations": {"vaultconn.dev/refresh-requested-at": value}}});
+    ns.api::<VaultConnection>()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("annotating the connection");
+}
+
+/// The API path of connection `name`'s state Secret (what a replace, patch or delete of it
+/// targets; a create posts to the collection).
+pub fn state_path(ns: &TestNs, name: &str) -> String {
+    format!(
+        "/api/v1/namespaces/{}/secrets/{name}-vaultconn-state",
+        ns.name
+    )
+}
+
+/// Wait until the token server has decided call number `index` (0-based), i.e. the refresh
+/// token it carried is rotated at the provider from then on, and return it.
+pub async fn committed_call(ts: &TokenServer, index: usize) -> RecordedCall {
+    wait_for_some(
+        Duration::from_secs(60),
+        &format!("token call #{index}"),
+        || async move {
+            ts.calls()
+                .get(index)
+                .filter(|c| c.outcome.is_some())
+                .cloned()
+        },
+    )
+    .await
+}
+
+/// Token endpoint calls that presented the refresh token `rt`.
+pub fn calls_with(ts: &TokenServer, rt: &str) -> usize {
+    ts.calls()
+        .iter()
+        .filter(|c| c.refresh_token.as_deref() == Some(rt))
+        .count()
 }

@@ -61,6 +61,8 @@ use axum::Router;
 use futures::TryStreamExt as _;
 use tokio::sync::{oneshot, Notify};
 
+use crate::resettable::{accept_loop, ConnectionKiller};
+
 /// Largest request body forwarded (the API server's own limit is 3 MiB for most objects).
 const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
 
@@ -681,75 +683,11 @@ fn serve_thread(
         let app = Router::new().fallback(handle).with_state(shared);
         // Not a graceful shutdown: watch streams never end on their own.
         tokio::select! {
-            () = accept_loop(listener, app) => {}
+            () = accept_loop(listener, app, "api fault proxy") => {}
             _ = shutdown => {}
         }
     });
     // Dropping the runtime here cancels every in-flight (watch) request.
-}
-
-/// Our own accept loop on hyper rather than `axum::serve`: a handler must be able to close its
-/// connection with an RST and no response ([`NetFault`]), which axum cannot express.
-async fn accept_loop(listener: tokio::net::TcpListener, router: Router) {
-    // Dropping this set (with the runtime) aborts every connection task.
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(serve_connection(stream, router.clone()));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "api fault proxy: accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-}
-
-/// Lets a handler close its own connection with an RST (as the token server's does).
-#[derive(Clone)]
-struct ConnectionKiller(Arc<Notify>);
-
-impl ConnectionKiller {
-    async fn kill(&self) -> Response {
-        self.0.notify_one();
-        // The connection task drops this future together with the connection.
-        std::future::pending::<Response>().await
-    }
-}
-
-async fn serve_connection(stream: tokio::net::TcpStream, router: Router) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto;
-    let _ = stream.set_nodelay(true);
-    // A duplicate of the socket so that a reset can set SO_LINGER=0 after hyper owns the stream.
-    let socket_dup = {
-        use std::os::fd::AsFd as _;
-        stream.as_fd().try_clone_to_owned().ok()
-    };
-    let notify = Arc::new(Notify::new());
-    let killer = ConnectionKiller(Arc::clone(&notify));
-    let tower = hyper_util::service::TowerToHyperService::new(router);
-    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(killer.clone());
-        hyper::service::Service::call(&tower, req)
-    });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let mut connection = Box::pin(builder.serve_connection(TokioIo::new(stream), service));
-    let killed = tokio::select! {
-        _ = &mut connection => false,
-        () = notify.notified() => true,
-    };
-    if killed {
-        if let Some(fd) = &socket_dup {
-            // Closing with a zero linger sends RST instead of FIN.
-            let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
-        }
-    }
-    // `connection` drops first (closing hyper's descriptor), then `socket_dup` (the last one).
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus `Host`.

@@ -13,6 +13,8 @@
 //! - [`leak_scan`]: every secret value the tests used, searched for in everything the operator
 //!   showed or logged, once per test binary at exit.
 //! - [`tls_front`]: a TLS listener with a test CA in front of the token server.
+//! - `resettable` (internal): the accept loop both fault servers share, whose handlers can
+//!   reset their own connection.
 //! - [`reliability`]: facts for `docs/RELIABILITY.md`, recorded by the tests that measured them.
 pub mod api_proxy;
 pub mod leak_scan;
@@ -20,6 +22,7 @@ pub mod oidc;
 pub mod operator;
 pub mod provider_invariants;
 pub mod reliability;
+mod resettable;
 pub mod shared;
 pub mod tls_front;
 pub mod token_server;

@@ -3,12 +3,14 @@
 //! The control plane is kept in a `static` and never dropped: its parent-death signal and
 //! watchdog clean up when the test binary exits. Each `#[tokio::test]` has its own runtime, so
 //! the static holds only the control plane (paths, token); every test builds its own client.
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::control_plane::{ControlPlane, ControlPlaneOptions};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::ByteString;
 use kube::api::{Api, ObjectMeta, PostParams};
 use rand::Rng;
 use tokio::sync::OnceCell;
@@ -95,7 +97,12 @@ impl TestNs {
 /// and `-`), after making sure the project's CRDs are installed.
 pub async fn test_namespace(prefix: &str) -> TestNs {
     ensure_crds().await;
-    let client = client().await;
+    namespace_with(client().await, prefix).await
+}
+
+/// Create a uniquely named namespace `<prefix>-<random>` through `client`, on whichever control
+/// plane it talks to (a test binary may run one of its own besides [`cluster`]).
+pub async fn namespace_with(client: kube::Client, prefix: &str) -> TestNs {
     let suffix: u32 = rand::rng().random();
     let name = format!("{prefix}-{suffix:08x}");
     let ns = Namespace {
@@ -111,6 +118,32 @@ pub async fn test_namespace(prefix: &str) -> TestNs {
         .await
         .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
     TestNs { client, name }
+}
+
+/// A Secret object `name` holding `data` (UTF-8 values), to create or replace.
+pub fn secret_obj(name: &str, data: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// A Secret's data as UTF-8 strings (panics on a value that is not UTF-8).
+pub fn data_of(s: &Secret) -> BTreeMap<String, String> {
+    s.data
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
+        .collect()
 }
 
 /// Poll `f` every 50 ms until it returns true; panic with `what` after `timeout`.

@@ -33,25 +33,20 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
 use axum::{Extension, Router};
 use base64::Engine as _;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use rand::RngCore as _;
 use serde_json::{Map, Value};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 use crate::provider_invariants::{
     fingerprint, Answer, ProviderCall, ProviderRecord, ProviderRevocation,
 };
+use crate::resettable::{accept_loop, ConnectionKiller};
 
 /// Path of the token endpoint, relative to [`TokenServer::url`].
 pub const TOKEN_PATH: &str = "/oauth/token";
@@ -1067,18 +1062,6 @@ fn huge_body_response(total: usize) -> Response {
 // Handler
 // -------------------------------------------------------------------------------------------------
 
-/// Lets a handler close its own connection without responding.
-#[derive(Clone)]
-struct ConnectionKiller(Arc<Notify>);
-
-impl ConnectionKiller {
-    async fn kill(&self) -> Response {
-        self.0.notify_one();
-        // The connection task drops this future together with the connection.
-        std::future::pending::<Response>().await
-    }
-}
-
 enum Reply {
     Respond(Response),
     Reset,
@@ -1272,56 +1255,6 @@ fn trickled(bytes: Vec<u8>, interval: Duration) -> Body {
 // Server
 // -------------------------------------------------------------------------------------------------
 
-async fn accept_loop(listener: TcpListener, router: Router) {
-    // Dropping this set (when the accept task is aborted) aborts every connection task.
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(serve_connection(stream, router.clone()));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "token server: accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-}
-
-async fn serve_connection(stream: TcpStream, router: Router) {
-    let _ = stream.set_nodelay(true);
-    // A duplicate of the socket so that a reset can set SO_LINGER=0 after hyper owns the stream.
-    #[cfg(unix)]
-    let socket_dup = {
-        use std::os::fd::AsFd as _;
-        stream.as_fd().try_clone_to_owned().ok()
-    };
-    let notify = Arc::new(Notify::new());
-    let killer = ConnectionKiller(Arc::clone(&notify));
-    let tower = TowerToHyperService::new(router);
-    let service = service_fn(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(killer.clone());
-        hyper::service::Service::call(&tower, req)
-    });
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let mut connection = Box::pin(builder.serve_connection(TokioIo::new(stream), service));
-    let killed = tokio::select! {
-        _ = &mut connection => false,
-        () = notify.notified() => true,
-    };
-    if killed {
-        #[cfg(unix)]
-        if let Some(fd) = &socket_dup {
-            // Closing with a zero linger sends RST instead of FIN.
-            let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
-        }
-    }
-    // `connection` drops first (closing hyper's descriptor), then `socket_dup` (the last one).
-}
-
 /// The running token server. Dropping it stops the server and closes all its connections.
 pub struct TokenServer {
     shared: Arc<Shared>,
@@ -1358,7 +1291,7 @@ impl TokenServer {
         let router = Router::new()
             .route(TOKEN_PATH, post(token_endpoint))
             .with_state(Arc::clone(&shared));
-        let task = tokio::spawn(accept_loop(listener, router));
+        let task = tokio::spawn(accept_loop(listener, router, "token server"));
         Ok(TokenServer { shared, addr, task })
     }
 

@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::ByteString;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use support::{test_namespace, TestNs};
+use support::{data_of, secret_obj, test_namespace, TestNs};
 use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,34 +31,10 @@ async fn proxied(ns: &TestNs) -> (ApiFaultProxy, Api<Secret>) {
     (proxy, Api::namespaced(client, &ns.name))
 }
 
-fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        data: Some(
-            data.iter()
-                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-                .collect(),
-        ),
-        ..Default::default()
-    }
-}
-
-fn data(s: &Secret) -> BTreeMap<String, String> {
-    s.data
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, String::from_utf8(v.0).unwrap()))
-        .collect()
-}
-
 /// `name` replaced with `data` through `api`, on the live resourceVersion.
 async fn replace(api: &Api<Secret>, name: &str, d: &[(&str, &str)], dry_run: bool) {
     let live = api.get(name).await.unwrap();
-    let mut s = secret(name, d);
+    let mut s = secret_obj(name, d);
     s.metadata.resource_version = live.metadata.resource_version;
     let pp = PostParams {
         dry_run,
@@ -70,12 +45,12 @@ async fn replace(api: &Api<Secret>, name: &str, d: &[(&str, &str)], dry_run: boo
 
 /// The Secret as the API server holds it, read directly (not through the proxy).
 async fn direct(ns: &TestNs, name: &str) -> BTreeMap<String, String> {
-    data(&ns.api::<Secret>().get(name).await.unwrap())
+    data_of(&ns.api::<Secret>().get(name).await.unwrap())
 }
 
 async fn create_direct(ns: &TestNs, name: &str, d: &[(&str, &str)]) {
     ns.api::<Secret>()
-        .create(&PostParams::default(), &secret(name, d))
+        .create(&PostParams::default(), &secret_obj(name, d))
         .await
         .unwrap();
 }
@@ -144,7 +119,7 @@ async fn body_matching_tells_two_writes_to_one_object_apart() {
     );
     let s = {
         let live = api.get("state").await.unwrap();
-        let mut s = secret("state", &[("token", "t1"), ("marker_key", "x")]);
+        let mut s = secret_obj("state", &[("token", "t1"), ("marker_key", "x")]);
         s.metadata.resource_version = live.metadata.resource_version;
         s
     };
@@ -159,7 +134,7 @@ async fn body_matching_tells_two_writes_to_one_object_apart() {
     assert_eq!(proxy.injected(refuse), 1);
     assert_eq!(
         direct(&ns, "state").await,
-        data(&secret("state", &[("token", "t1")]))
+        data_of(&secret_obj("state", &[("token", "t1")]))
     );
 
     // Hold only the write that lacks the marker.
