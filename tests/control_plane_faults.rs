@@ -759,8 +759,9 @@ fn writes_since(proxy: &ApiFaultProxy, from: usize) -> Vec<String> {
         .collect()
 }
 
-/// Another client edits, for `EDITING`, at random moments: the generated Secrets' data (and
-/// adds its own labels there), the state Secret's annotations, the connections' labels, and
+/// Another client edits, for `EDITING`, at random moments: the generated Secrets' data (at
+/// most the repair budget's number of times per Secret; more is a write fight, see
+/// tests/write_fight.rs) and adds its own labels there, the state Secret's annotations, the connections' labels, and
 /// their spec (which credentials Secret they read). Afterwards: every spec edit won (each
 /// generated Secret holds what its connection's *last* spec says), every hand-tampered value
 /// was repaired, none of the editor's labels and annotations was lost, the OAuth tokens were
@@ -799,6 +800,7 @@ async fn concurrent_editors_lose_no_update_and_cause_no_flapping() {
     let mut vc_labels: BTreeMap<String, String> = BTreeMap::new();
     let mut state_note = None;
     let mut edits = BTreeMap::<&str, usize>::new();
+    let mut tampered = BTreeMap::<String, usize>::new();
     let log_start = proxy.requests().len();
     let began = Instant::now();
     let mut n = 0u32;
@@ -806,7 +808,23 @@ async fn concurrent_editors_lose_no_update_and_cause_no_flapping() {
         n += 1;
         let i = rng.random_range(0..STATIC_CONNECTIONS);
         let st = &statics[i];
-        let kind = match rng.random_range(0..6) {
+        let mut pick = rng.random_range(0..6);
+        // Data tampering stays within the repair budget per Secret: beyond it the Secret is
+        // fought over and left alone for a while (`SecretContested`, tests/write_fight.rs).
+        let target = match pick {
+            0 => Some(st),
+            1 => Some(&oauth),
+            _ => None,
+        };
+        if let Some(target) = target {
+            let count = tampered.entry(target.clone()).or_default();
+            if *count >= vaultconn::repair::POLICY.budget {
+                pick = 3;
+            } else {
+                *count += 1;
+            }
+        }
+        let kind = match pick {
             0 => {
                 let label = format!("editor-{n}");
                 merge_patch(
