@@ -1110,6 +1110,20 @@ pub(crate) async fn scalefault(args: &Args, bin: &Path, rep: &mut Report) -> Res
         ),
         w.all() <= 10 * unreach_attempts_in_window,
     );
+    // Crashes: the process exited by itself, or a panic in its log.
+    let exited = op.exit_status();
+    let panics = op.logs().matches("panicked").count();
+    rep.invariant(
+        PHASE,
+        "operator crashes during the phase (exits, panics in its log)",
+        "0",
+        format!(
+            "{} (exited: {}, panics logged: {panics})",
+            usize::from(exited.is_some()) + panics,
+            exited.map_or("no".to_string(), |s| s.to_string())
+        ),
+        exited.is_none() && panics == 0,
+    );
     let (breakdown, max_conn) = audit.broken_breakdown(w0u, w1u);
     rep.detail(format!(
         "scalefault: API requests by connection kind (audit log, object requests in {NS}): \
