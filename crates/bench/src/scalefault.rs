@@ -645,7 +645,7 @@ pub(crate) async fn scalefault(args: &Args, bin: &Path, rep: &mut Report) -> Res
             .collect()
     };
     let settled = loop {
-        let left = unsettled(&*lock(&statuses.state));
+        let left = unsettled(&lock(&statuses.state));
         if left.is_empty() {
             break true;
         }
@@ -1218,6 +1218,7 @@ mod tests {
         // 1 s, 2 s, 4 s, … (less up to 20 % jitter): 6 or 7 attempts in the first minute.
         let first = max_in_span(&s, 60.0);
         assert!((6..=7).contains(&first), "{s:?}");
-        assert_eq!(max_in_span(&[0.0, 10.0, 59.9, 60.0, 61.0], 60.0), 3);
+        assert_eq!(max_in_span(&[0.0, 10.0, 59.9, 60.0, 61.0], 60.0), 4);
+        assert_eq!(max_in_span(&[0.0, 60.0, 120.0], 60.0), 1);
     }
 }
