@@ -14,10 +14,15 @@
 //! 4. `memory`: peak RSS (`VmHWM`) at N, with unrelated 10 KiB Secrets after a restart, and at
 //!    `--n-small` in a fresh control plane.
 //! 5. `refresh`: M oauth2 clientCredentials connections against the in-process `TokenServer`.
+//! 6. `scalefault`: in a fresh control plane, `--scale-n` connections created at once with 1 %
+//!    broken in each of three ways (bad credentials, unreachable token URL, invalid spec); the
+//!    healthy ones must stay Ready and refreshed, the broken ones within their request bounds
+//!    (see `scalefault.rs`).
 //!
 //! Exit status: 0 when every invariant holds (all connections converge, 0 idle writes, 0
-//! restart writes, 0 expired tokens seen, at most 1 concurrent refresh per connection), 1 when
-//! one fails (the table is still printed), 2 when the harness itself fails.
+//! restart writes, 0 expired tokens seen, at most 1 concurrent refresh per connection, the
+//! scale-fault bounds), 1 when one fails (the table is still printed), 2 when the harness
+//! itself fails.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -73,6 +78,9 @@ macro_rules! log {
     }};
 }
 
+// After `log!`: macros are visible to the modules declared below them.
+mod scalefault;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
 enum PhaseName {
     Cold,
@@ -80,6 +88,7 @@ enum PhaseName {
     Quiet,
     Memory,
     Refresh,
+    Scalefault,
 }
 
 /// Scale benchmark of the vaultconn operator against a local kube-apiserver.
@@ -119,11 +128,27 @@ struct Args {
     /// Concurrency of the harness's own (untimed) setup writes.
     #[arg(long, default_value_t = 64)]
     setup_concurrency: usize,
+    /// Scale faults: connections in all (healthy apiKey + healthy oauth2 + the broken ones).
+    #[arg(long, default_value_t = 10_000)]
+    scale_n: usize,
+    /// Scale faults: percentage of `--scale-n` broken in each of the three ways.
+    #[arg(long, default_value_t = 1.0)]
+    scale_broken_pct: f64,
+    /// Scale faults: healthy oauth2 clientCredentials connections (tokens of `--token-ttl-secs`).
+    #[arg(long, default_value_t = 500)]
+    scale_oauth: usize,
+    /// Scale faults: length of the measured window.
+    #[arg(long, default_value_t = 240)]
+    scale_window_secs: u64,
+    /// Scale faults: new apiKey connections created one at a time during the window.
+    #[arg(long, default_value_t = 100)]
+    scale_latency_count: usize,
     /// Run only these phases (comma-separated). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<PhaseName>,
     /// CI smoke sizes (N=50, n-small=20, 10 latency, idle 10 s, 50 unrelated, M=20, 30 s
-    /// refresh with a 15 s token lifetime); flags given explicitly still win.
+    /// refresh with a 15 s token lifetime; scale faults: 500 connections, 20 oauth2, 5 broken
+    /// each way, a 45 s window, 10 new connections); flags given explicitly still win.
     #[arg(long)]
     smoke: bool,
     /// The operator binary (default: `vaultconn` next to this binary).
@@ -199,6 +224,18 @@ impl Args {
             }
             if default("stable_secs") {
                 args.stable_secs = 3;
+            }
+            if default("scale_n") {
+                args.scale_n = 500;
+            }
+            if default("scale_oauth") {
+                args.scale_oauth = 20;
+            }
+            if default("scale_window_secs") {
+                args.scale_window_secs = 45;
+            }
+            if default("scale_latency_count") {
+                args.scale_latency_count = 10;
             }
         }
         args
@@ -291,7 +328,8 @@ impl Report {
         out.push('\n');
         out.push_str(&format!(
             "Sizes: N={} n-small={} latency-count={} idle={}s unrelated={}×{}KiB M={} refresh={}s \
-             token-ttl={}s concurrency={}; apiserver flags: `{}`; controller-manager: {}; harness \
+             token-ttl={}s concurrency={}; scale faults: {} connections, {} oauth2, {} % broken \
+             each way, {}s window, {} new; apiserver flags: `{}`; controller-manager: {}; harness \
              run time {:.0} s.\n\n",
             args.n,
             args.n_small,
@@ -303,6 +341,11 @@ impl Report {
             args.refresh_secs,
             args.token_ttl_secs,
             args.concurrency,
+            args.scale_n,
+            args.scale_oauth,
+            args.scale_broken_pct,
+            args.scale_window_secs,
+            args.scale_latency_count,
             args.apiserver_args.join(" "),
             if args.controller_manager { "on" } else { "off" },
             total.as_secs_f64()
@@ -527,10 +570,15 @@ type ReqCounts = HashMap<ReqKey, f64>;
 
 impl Cluster {
     async fn start(args: &Args) -> Result<Cluster> {
+        Cluster::start_with(args, &[]).await
+    }
+
+    /// With kube-apiserver flags added to `--apiserver-arg`'s.
+    async fn start_with(args: &Args, extra: &[String]) -> Result<Cluster> {
         let began = Instant::now();
         let cp = ControlPlane::start(ControlPlaneOptions {
             temp_root: Some("/dev/shm".into()),
-            extra_apiserver_args: args.apiserver_args.clone(),
+            extra_apiserver_args: args.apiserver_args.iter().chain(extra).cloned().collect(),
             controller_manager: args.controller_manager,
             ..Default::default()
         })
@@ -1721,6 +1769,7 @@ async fn run(args: &Args, rep: &mut Report) -> Result<()> {
         "operator-bench.log",
         "operator-small.log",
         "operator-refresh.log",
+        "operator-scalefault.log",
     ] {
         let _ = std::fs::remove_file(args.work_dir.join(f));
     }
@@ -1878,6 +1927,10 @@ async fn run(args: &Args, rep: &mut Report) -> Result<()> {
         op.stop(Duration::from_secs(30));
         drop(r);
         drop(c);
+    }
+
+    if args.runs(PhaseName::Scalefault) {
+        scalefault::scalefault(args, &bin, rep).await?;
     }
     Ok(())
 }
