@@ -98,6 +98,12 @@ pub struct RunConfig {
     #[arg(long, env = "VAULTCONN_ALLOW_HTTP_LOOPBACK")]
     pub allow_http_loopback: bool,
 
+    /// Address ranges to treat as private networks as well (hidden: end-to-end tests of the
+    /// token-URL policy put loopback addresses here, because a test must never contact a real
+    /// private address, not even when the policy is broken).
+    #[arg(long, value_delimiter = ',', hide = true)]
+    pub token_url_private_ranges_for_tests: Vec<ipnet::IpNet>,
+
     /// This process's name in Events and in the Lease (default: $POD_NAME, else the host name
     /// and process id).
     #[arg(long, env = "POD_NAME")]

@@ -31,7 +31,10 @@ impl From<&RunConfig> for ControllerConfig {
             namespaces: c.watched_namespaces(),
             shutdown_timeout: c.shutdown_timeout,
             identity: c.identity(),
-            token_url_policy: c.token_url_allow.clone(),
+            token_url_policy: c
+                .token_url_allow
+                .clone()
+                .with_private_ranges(c.token_url_private_ranges_for_tests.iter().copied()),
         }
     }
 }

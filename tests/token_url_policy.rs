@@ -3,10 +3,10 @@
 //! reach the status and Events only as their class, the transport's own text only the log;
 //! TLS to the token endpoint is verified, against `caBundleRef` when given.
 //!
-//! Loopback only. The private hosts below are literals the operator refuses at validation, and
-//! the one the allow-list admits has no credentials, so no token request can be built for it:
-//! nothing here ever opens a connection to a non-loopback address. What the operator did not
-//! do is read from its token-attempt counter (the private side cannot be observed).
+//! Loopback only, even if the policy were broken: the operator runs with
+//! `--token-url-private-ranges-for-tests` (hidden), so loopback addresses in [`PRIVATE`] stand
+//! in for a private network, and listeners there count every connection the operator opens.
+//! The allow-list below only configures the operator; no connection names its entries.
 mod support;
 
 use std::net::TcpListener;
@@ -30,6 +30,10 @@ const CLIENT: &str = "app";
 const CLIENT_SECRET: &str = "client-SECRET-value";
 /// The operator's allow-list here: a range no test connects to, and a name nothing resolves.
 const ALLOW: &str = "10.99.0.0/16,idp.corp.test";
+/// Loopback addresses the operator treats as a private network here.
+const PRIVATE: &str = "127.0.0.8/29";
+/// The address in [`PRIVATE`] the refused connections name.
+const PRIVATE_HOST: &str = "127.0.0.9";
 const ATTEMPTS: &str = "vaultconn_token_refresh_attempts_total";
 
 /// Transport wording that must never reach a status or an Event (OS, hyper, rustls texts).
@@ -64,6 +68,8 @@ async fn operator() -> MutexGuard<'static, OperatorProcess> {
                     "3s".into(),
                     "--token-url-allow".into(),
                     ALLOW.into(),
+                    "--token-url-private-ranges-for-tests".into(),
+                    PRIVATE.into(),
                 ],
                 log_filter: "info,vaultconn=debug".into(),
             };
@@ -133,22 +139,42 @@ async fn private_literal_token_host_is_refused_without_a_request() {
     creds(&ns).await;
     let before = attempts().await;
 
-    apply_vc(&ns, "literal", oauth2("https://10.1.2.3/token", "creds")).await;
+    // Whatever the policy does, a connection to the "private" host lands here and is counted.
+    let trap = tokio::net::TcpListener::bind((PRIVATE_HOST, 0))
+        .await
+        .unwrap();
+    let port = trap.local_addr().unwrap().port();
+    let trapped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = trapped.clone();
+    let trap_task = tokio::spawn(async move {
+        while trap.accept().await.is_ok() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    apply_vc(
+        &ns,
+        "literal",
+        oauth2(&format!("https://{PRIVATE_HOST}:{port}/token"), "creds"),
+    )
+    .await;
     apply_vc(
         &ns,
         "mapped",
-        oauth2("https://[::ffff:10.1.2.3]/t?x=1", "creds"),
+        oauth2(
+            &format!("https://[::ffff:{PRIVATE_HOST}]:{port}/t?x=1"),
+            "creds",
+        ),
     )
     .await;
-    // Admitted by the allow-list (10.99.0.0/16), so not refused; it has no credentials, so no
-    // request can be built for it and it waits for them.
-    apply_vc(&ns, "allowed", oauth2("https://10.99.0.1/token", "absent")).await;
 
     for name in ["literal", "mapped"] {
         let vc = with_reason(&ns, name, "TokenURLNotAllowed").await;
         assert_eq!(phase(&vc), Some(Phase::Failed));
         let msg = message(&vc);
-        assert!(msg.contains("private address (10.0.0.0/8)"), "{msg}");
+        assert!(
+            msg.contains("which the operator does not contact unless allowed"),
+            "{msg}"
+        );
         assert!(
             msg.contains("--token-url-allow") && msg.contains("tokenUrlAllow"),
             "the message says what to do: {msg}"
@@ -158,8 +184,6 @@ async fn private_literal_token_host_is_refused_without_a_request() {
         assert_eq!(ev.type_.as_deref(), Some("Warning"));
         assert_eq!(ev.note.as_deref(), Some(msg.as_str()));
     }
-    let allowed = with_reason(&ns, "allowed", "CredentialsMissing").await;
-    assert_eq!(phase(&allowed), Some(Phase::Pending));
     assert!(
         operator_logs()
             .await
@@ -167,7 +191,13 @@ async fn private_literal_token_host_is_refused_without_a_request() {
         "the operator reports the allow-list it was given"
     );
 
-    // Nothing was requested and nothing was written for the refused connections.
+    // Nothing was requested (the "private" side saw no connection) and nothing was written.
+    assert_eq!(
+        trapped.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the operator connected to the private host"
+    );
+    trap_task.abort();
     assert_eq!(
         attempts().await,
         before,
@@ -187,7 +217,7 @@ async fn private_literal_token_host_is_refused_without_a_request() {
     record(
         Fact::survived(
             "Token URL on a private network (IPv4 literal, IPv4-mapped IPv6)",
-            "VaultConnections naming https://10.1.2.3/… and https://[::ffff:10.1.2.3]/…",
+            "VaultConnections naming an IPv4 literal and its IPv4-mapped IPv6 spelling in a range the operator treats as private (loopback standing in, with a listener counting connections)",
             2,
         )
         .note("TokenURLNotAllowed; 0 token requests, nothing written"),

@@ -306,11 +306,17 @@ impl TokenUrlPolicy {
         classify(ip)
     }
 
-    /// Treat `net` as private too (tests: loopback under the allow-list).
-    #[cfg(test)]
-    pub(crate) fn with_private_range(mut self, net: &str) -> Self {
-        self.extra_private.push(net.parse().expect("a CIDR"));
+    /// Treat `nets` as private networks too. Tests must never contact a real private address,
+    /// so loopback ranges stand in for one (`--token-url-private-ranges-for-tests`).
+    pub fn with_private_ranges(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
+        self.extra_private.extend(nets);
         self
+    }
+
+    /// [`Self::with_private_ranges`] with one CIDR.
+    #[cfg(test)]
+    pub(crate) fn with_private_range(self, net: &str) -> Self {
+        self.with_private_ranges([net.parse().expect("a CIDR")])
     }
 
     fn parse_entry(&mut self, entry: &str) -> Result<(), AllowEntryError> {
