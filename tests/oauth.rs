@@ -5,11 +5,12 @@
 //! live at the server or the connection shows a specific reason; no token or secret string
 //! appears in operator logs, Events or status; and, from the token server's own call log
 //! (`provider_invariants`), no refresh token was replayed, no family was revoked unless the test
-//! saw the connection report `RefreshResponseLost`, and no client exceeded the request rate the
+//! saw the connection report `RefreshResponseLost` (or the provider withheld a rotated token and
+//! the connection reports the kept one refused), and no client exceeded the request rate the
 //! schedule and the test's fault mode allow (each test derives its bound).
 mod support;
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ResourceQuota, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -19,10 +20,11 @@ use support::operator::ensure_operator;
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use vaultconn::api::{Phase, VaultConnection};
 use vaultconn_testkit::provider_invariants::{
-    assert_provider_invariants, scheduled_per_minute, Invariants, Loss, Report,
+    assert_provider_invariants, fingerprint, scheduled_per_minute, Answer, Invariants, Loss,
+    Report, Sanction,
 };
 use vaultconn_testkit::token_server::{
-    Fault, FaultBody, RetryAfter, TokenServer, TokenServerConfig,
+    Fault, FaultBody, GrantEvent, RetryAfter, TokenServer, TokenServerConfig,
 };
 
 const CLIENT: &str = "app";
@@ -114,28 +116,45 @@ async fn assert_invariants(
     provider: Invariants,
 ) -> Report {
     let vc = ns.api::<VaultConnection>().get(name).await.unwrap();
+    let report = assert_provider_invariants(&ts.provider_record(), &provider);
+    // Presentations of a token the client kept because the provider left its rotated
+    // successor out of a 200 (`Sanction::Undelivered`), refused with the family revoked.
+    let withheld_revocations: Vec<String> = report
+        .replays
+        .iter()
+        .filter(|r| {
+            r.sanction == Some(Sanction::Undelivered)
+                && r.answer == (Answer::SpentRefused { revoked: true })
+        })
+        .map(|r| r.token.clone())
+        .collect();
     if let Some(rt) = settled_stored_refresh_token(ns, ts, name).await {
         // A dead stored refresh token is excused only by the one loss the test provoked and
         // declared (`lost_response`, which the provider record must match exactly) and the
-        // connection reports as such — never by any `Failed` phase.
+        // connection reports as such, or by the provider withholding its successor (the
+        // record shows it) and the connection reporting the refusal — never by any `Failed`
+        // phase.
         let declared_loss = provider.lost_responses.get(CLIENT).copied().unwrap_or(0) > 0;
+        let withheld = withheld_revocations.contains(&fingerprint(&rt));
         assert!(
             ts.is_refresh_token_live(&rt)
-                || (declared_loss && reason(&vc) == "RefreshResponseLost"),
+                || (declared_loss && reason(&vc) == "RefreshResponseLost")
+                || (withheld && reason(&vc) == "RefreshTokenRejected"),
             "the stored refresh token is dead ({:?} at the provider) but the test declared no \
              lost response and the connection says {:?}",
             ts.refresh_token_state(&rt),
             reason(&vc)
         );
     }
-    let report = assert_provider_invariants(&ts.provider_record(), &provider);
     // Said in so many words: the provider revoked exactly as many families as the test
-    // declared lost responses (none unless it provoked one).
+    // declared lost responses (none unless it provoked one), plus those it revoked because
+    // it had withheld a rotated token (none unless the test withheld one).
     let declared: usize = provider.lost_responses.values().sum();
     assert_eq!(
         ts.revocations() as usize,
-        declared,
-        "families revoked by reuse detection vs the lost responses the test declared"
+        declared + withheld_revocations.len(),
+        "families revoked by reuse detection vs the lost responses the test declared and the \
+         rotated tokens the provider withheld"
     );
     let text = visible_text(ns).await;
     let mut all: Vec<String> = secrets.to_vec();
@@ -384,6 +403,89 @@ async fn rotation_off_and_missing_refresh_token_keep_the_current_one() {
     assert_invariants(&ns, &ts, "crm", &[seed, t1, t2], Invariants::new(bound)).await;
 }
 
+/// Rotation on, but the provider leaves the new refresh token out of a 200: it considers the
+/// token it was sent spent, while the operator keeps that one (RFC 6749 §6: no `refresh_token`
+/// in the response means the client keeps the old one). The next refresh presents the kept
+/// token; the provider's reuse detection revokes the family. The operator must have presented
+/// exactly the kept token (not nothing, not the spent seed), once, and report the refusal with
+/// a specific reason and what to do, without asking again.
+#[tokio::test]
+async fn rotation_on_and_missing_refresh_token_reports_the_kept_token_refused() {
+    ensure_operator().await;
+    let ns = test_namespace("withheld").await;
+    let ts = server(
+        TokenServerConfig::default()
+            .with_rotation(true)
+            .with_ttl(Duration::from_secs(3)),
+    )
+    .await;
+    let seed = ts.mint_refresh_token(CLIENT);
+    // The first refresh rotates and delivers (the fault only sends `expires_in` as a string,
+    // which the operator accepts), so the kept token is the chain's, not the seed; the second
+    // rotates and withholds the new token.
+    ts.push_fault(Fault::StringExpiresIn);
+    ts.push_fault(Fault::StripRefreshToken);
+    refresh_creds(&ns, &seed).await;
+    apply_vc(&ns, "crm", rt_spec(&ts)).await;
+    let vc = with_reason(&ns, "crm", "RefreshTokenRejected").await;
+    let msg = message(&vc);
+    assert!(
+        msg.contains("new refresh_token in the credentials Secret"),
+        "says what to do: {msg}"
+    );
+    assert_eq!(phase(&vc), Some(Phase::Failed));
+
+    // What the provider saw: seed → r1 (delivered), r1 → r2 (withheld), r1 again (refused,
+    // family revoked). r2 never reached the operator, so it was never presented.
+    let calls = ts.calls();
+    assert_eq!(calls.len(), 3, "{calls:#?}");
+    let issued = |i: usize| {
+        calls[i]
+            .outcome
+            .as_ref()
+            .and_then(|o| o.refresh_token.clone())
+            .expect("the provider rotated")
+    };
+    let (r1, r2) = (issued(0), issued(1));
+    // Compared as fingerprints: a failure message shows no token.
+    let sent = |i: usize| calls[i].refresh_token.as_deref().map(fingerprint);
+    assert_eq!(sent(0), Some(fingerprint(&seed)));
+    assert_eq!(sent(1), Some(fingerprint(&r1)));
+    assert_eq!(
+        sent(2),
+        Some(fingerprint(&r1)),
+        "the next refresh presents the kept token (seed {}, r1 {})",
+        fingerprint(&seed),
+        fingerprint(&r1)
+    );
+    assert_eq!(
+        calls[2].outcome.as_ref().and_then(|o| o.event),
+        Some(GrantEvent::ReuseDetected)
+    );
+    assert!(calls
+        .iter()
+        .all(|c| c.refresh_token.as_deref() != Some(r2.as_str())));
+    assert_eq!(ts.revocations(), 1);
+    assert_eq!(
+        stored_refresh_token(&ns, "crm")
+            .await
+            .as_deref()
+            .map(fingerprint),
+        Some(fingerprint(&r1)),
+        "the kept refresh token is stored, not dropped"
+    );
+    // No hot loop: a refused token is not sent again without a change.
+    force_reconcile(&ns, "creds", "crm").await;
+    assert_eq!(ts.call_count(), 3, "asked again without a change");
+    // Three requests in all; the one replay is the provider's own doing (it withheld r2).
+    let report =
+        assert_invariants(&ns, &ts, "crm", &[seed, r1.clone(), r2], Invariants::new(3)).await;
+    assert_eq!(report.replays.len(), 1, "{report}");
+    assert_eq!(report.replays[0].call, calls[2].seq);
+    assert_eq!(report.replays[0].token, fingerprint(&r1));
+    assert_eq!(report.replays[0].sanction, Some(Sanction::Undelivered));
+}
+
 #[tokio::test]
 async fn missing_expires_in_uses_a_conservative_default() {
     ensure_operator().await;
@@ -443,16 +545,22 @@ async fn rate_limit_retry_after_is_honoured() {
     ensure_operator().await;
     let ns = test_namespace("ratelimit").await;
     let ts = server(TokenServerConfig::default()).await;
+    // Each Retry-After is well above what the backoff alone waits at that attempt (1 s, then
+    // 2 s, each less up to 20 %: `schedule::backoff`), so a gap this long shows it honoured.
+    // The 429 comes first (failure 1: ≤ 1 s without it).
+    let delta = Duration::from_secs(3);
     ts.push_fault(Fault::Status {
         code: 429,
-        retry_after: Some(RetryAfter::Seconds(2)),
+        retry_after: Some(RetryAfter::Seconds(delta.as_secs())),
         body: FaultBody::OAuthError("slow_down"),
     });
+    // The 503 second (failure 2: ≤ 2 s without it), with a date `date_in` after it is sent.
+    // HTTP-dates have whole seconds, rounded down, so the operator is told at least
+    // `date_in - 1 s` counted from the response, which comes after the request's arrival.
+    let date_in = Duration::from_secs(6);
     ts.push_fault(Fault::Status {
         code: 503,
-        retry_after: Some(RetryAfter::HttpDate(
-            SystemTime::now() + Duration::from_secs(3),
-        )),
+        retry_after: Some(RetryAfter::HttpDateIn(date_in)),
         body: FaultBody::Html,
     });
     client_creds(&ns).await;
@@ -473,12 +581,14 @@ async fn rate_limit_retry_after_is_honoured() {
     let gap1 = calls[1].at.duration_since(calls[0].at).unwrap();
     let gap2 = calls[2].at.duration_since(calls[1].at).unwrap();
     assert!(
-        gap1 >= Duration::from_secs(2),
-        "429 Retry-After: 2 not honoured ({gap1:?})"
+        gap1 >= delta,
+        "429 Retry-After: {} not honoured ({gap1:?})",
+        delta.as_secs()
     );
     assert!(
-        gap2 >= Duration::from_secs(1),
-        "503 Retry-After HTTP-date not honoured ({gap2:?})"
+        gap2 >= date_in - Duration::from_secs(1),
+        "503 Retry-After HTTP-date {}s ahead not honoured ({gap2:?})",
+        date_in.as_secs()
     );
     assert!(
         gap1 < Duration::from_secs(10) && gap2 < Duration::from_secs(10),

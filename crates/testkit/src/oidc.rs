@@ -346,6 +346,9 @@ impl OidcEvents {
                 grant_type: r.grant_type.clone(),
                 presented: r.refresh_token_fp.clone(),
                 issued: r.issued_refresh_token_fp.clone(),
+                withheld: r.fault.as_deref() == Some("strip_refresh_token")
+                    && r.status == Some(200)
+                    && r.issued_refresh_token_fp.is_some(),
                 family: r.grant_id.clone(),
                 status: r.status,
                 answer,

@@ -9,7 +9,12 @@
 //!    family (including in a response that never reached the client), except where the provider
 //!    itself sanctioned the reuse inside a rotation overlap window the test configured
 //!    ([`Invariants::overlap_window`]), or the test re-seeded a spent token by hand and says so
-//!    ([`Invariants::hand_reseeded`]).
+//!    ([`Invariants::hand_reseeded`]), or the provider itself withheld the newer token
+//!    ([`ProviderCall::withheld`]: it rotated but left `refresh_token` out of its 200, so the
+//!    client kept the one it sent, RFC 6749 §6): then the first presentation of that kept token,
+//!    up to the provider's first refusal of it, is the provider's doing
+//!    ([`Sanction::Undelivered`]), and so is a revocation it causes. Any later presentation is
+//!    a replay again.
 //! 2. **No revocation unless reported.** No family (grant) is revoked unless the operator reported
 //!    the lost response as `RefreshResponseLost`; the test passes the connections (client ids)
 //!    that did ([`Invariants::lost_response`]). The declaration is exact: each one must match one
@@ -76,6 +81,10 @@ pub struct ProviderCall {
     /// not the response reached the client (`None` when none was issued or the presented one was
     /// echoed).
     pub issued: Option<String>,
+    /// The provider committed `issued` but left it out of a 200 on purpose (a fault stripped
+    /// `refresh_token`): unlike a lost response, the client got an answer and was told nothing
+    /// new, so it rightly keeps the token it sent. `false` when nothing was issued.
+    pub withheld: bool,
     /// The provider's own family (grant) id of the presented token, when it knows it; otherwise
     /// the family is derived from the record (presented → issued links, minted seeds).
     pub family: Option<String>,
@@ -223,6 +232,10 @@ pub enum Sanction {
     /// Part of a lost response the operator reported as `RefreshResponseLost` (the one retry,
     /// and a retry after a transient answer to it, up to the provider's refusal).
     ReportedLoss,
+    /// Every newer token was withheld by the provider in its answer to the presentation of
+    /// this very token ([`ProviderCall::withheld`]), and this is a presentation of it up to the
+    /// provider's first refusal: the client kept what it was entitled to keep.
+    Undelivered,
 }
 
 /// A refresh token presented after the provider had issued a newer one in its family.
@@ -415,6 +428,8 @@ fn find_replays(
     let mut issued_by: HashMap<String, u64> = HashMap::new();
     // Per family: (issuing call, when decided, token).
     let mut issues: HashMap<String, Vec<(u64, SystemTime, String)>> = HashMap::new();
+    // Issuing calls whose new token was withheld → the token they were presented.
+    let mut withheld_for: HashMap<u64, String> = HashMap::new();
     let mut presented_family: HashMap<u64, String> = HashMap::new();
     for c in calls {
         let Some(x) = &c.presented else { continue };
@@ -428,6 +443,9 @@ fn find_replays(
         if let Some(y) = c.issued.as_ref().filter(|y| *y != x) {
             family_of.insert(y.clone(), fam.clone());
             issued_by.insert(y.clone(), c.seq);
+            if c.withheld {
+                withheld_for.insert(c.seq, x.clone());
+            }
             issues
                 .entry(fam)
                 .or_default()
@@ -436,6 +454,8 @@ fn find_replays(
     }
 
     let mut replays = Vec::new();
+    // Kept tokens (withheld successors) the provider has refused once: no longer excused.
+    let mut refused_kept: BTreeSet<String> = BTreeSet::new();
     for c in calls {
         let (Some(x), Some(fam)) = (&c.presented, presented_family.get(&c.seq)) else {
             continue;
@@ -447,18 +467,33 @@ fn find_replays(
             _ => c.decided_at.unwrap_or(c.at),
         };
         let born = issued_by.get(x).copied();
-        let newer = issues.get(fam).and_then(|list| {
-            list.iter().find(|(seq, decided, y)| {
-                *seq != c.seq && y != x && *decided < when && born.is_none_or(|b| b < *seq)
+        let newer: Vec<u64> = issues
+            .get(fam)
+            .map(|list| {
+                list.iter()
+                    .filter(|(seq, decided, y)| {
+                        *seq != c.seq && y != x && *decided < when && born.is_none_or(|b| b < *seq)
+                    })
+                    .map(|(seq, _, _)| *seq)
+                    .collect()
             })
-        });
-        let Some((superseded_by, _, _)) = newer else {
+            .unwrap_or_default();
+        let Some(&superseded_by) = newer.first() else {
             continue;
         };
+        let kept = newer
+            .iter()
+            .all(|s| withheld_for.get(s).is_some_and(|p| p == x));
+        let undelivered = kept && !refused_kept.contains(x);
+        if kept && !matches!(c.answer, Answer::Pending | Answer::NotProcessed) {
+            refused_kept.insert(x.clone());
+        }
         let sanction = if c.answer == Answer::OverlapReuse && inv.overlap_window {
             Some(Sanction::OverlapWindow)
         } else if inv.hand_reseeded.contains(x) {
             Some(Sanction::HandReseeded)
+        } else if undelivered {
+            Some(Sanction::Undelivered)
         } else {
             None
         };
@@ -466,7 +501,7 @@ fn find_replays(
             call: c.seq,
             client_id: c.client_id.clone(),
             token: x.clone(),
-            superseded_by: *superseded_by,
+            superseded_by,
             answer: c.answer.clone(),
             sanction,
         });
@@ -489,7 +524,12 @@ fn match_losses(
     for c in calls {
         let refused =
             matches!(c.answer, Answer::SpentRefused { .. }) || revoked_by.contains(&c.seq);
-        if !refused {
+        // The provider's own doing (it withheld the newer token): no loss of the operator's,
+        // no report owed.
+        let undelivered = replays
+            .iter()
+            .any(|r| r.call == c.seq && r.sanction == Some(Sanction::Undelivered));
+        if !refused || undelivered {
             continue;
         }
         let revoked = revoked_by.contains(&c.seq)

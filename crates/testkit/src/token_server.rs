@@ -143,6 +143,10 @@ pub enum RetryAfter {
     Seconds(u64),
     /// `Retry-After: <HTTP-date>`
     HttpDate(SystemTime),
+    /// `Retry-After: <HTTP-date>` of this long after the moment the response is sent (not when
+    /// the fault was queued, which may be long before the request arrives). HTTP-dates have
+    /// whole seconds, rounded down: the client sees between `d − 1 s` and `d`.
+    HttpDateIn(Duration),
 }
 
 /// Body of an injected [`Fault::Status`] response.
@@ -1007,6 +1011,7 @@ fn status_fault_response(
         let value = match ra {
             RetryAfter::Seconds(s) => s.to_string(),
             RetryAfter::HttpDate(t) => httpdate::fmt_http_date(*t),
+            RetryAfter::HttpDateIn(d) => httpdate::fmt_http_date(SystemTime::now() + *d),
         };
         if let Ok(v) = HeaderValue::from_str(&value) {
             res.headers_mut().insert(header::RETRY_AFTER, v);
@@ -1518,16 +1523,20 @@ impl TokenServer {
                 });
             }
             let presented = c.refresh_token.as_deref().map(fingerprint);
+            let issued = o
+                .and_then(|o| o.refresh_token.as_deref())
+                .map(fingerprint)
+                .filter(|i| Some(i) != presented.as_ref());
             record.calls.push(ProviderCall {
                 seq: c.seq,
                 at: c.at,
                 decided_at: o.map(|o| o.decided_at),
                 client_id: c.client_id.clone(),
                 grant_type: c.grant_type.clone(),
-                issued: o
-                    .and_then(|o| o.refresh_token.as_deref())
-                    .map(fingerprint)
-                    .filter(|i| Some(i) != presented.as_ref()),
+                withheld: matches!(c.fault, Some(Fault::StripRefreshToken))
+                    && o.and_then(|o| o.status) == Some(200)
+                    && issued.is_some(),
+                issued,
                 presented,
                 family: None,
                 status: o.and_then(|o| o.status),

@@ -35,6 +35,7 @@ fn refresh(
         grant_type: Some("refresh_token".into()),
         presented: Some(fingerprint(presented)),
         issued: issued.map(fingerprint),
+        withheld: false,
         family: None,
         status: Some(
             if answer == Answer::Issued || answer == Answer::OverlapReuse {
@@ -57,6 +58,7 @@ fn cc(seq: u64, ms: u64, client: &str) -> ProviderCall {
         grant_type: Some("client_credentials".into()),
         presented: None,
         issued: None,
+        withheld: false,
         family: None,
         status: Some(200),
         answer: Answer::Issued,
@@ -349,6 +351,106 @@ fn a_concurrent_double_spend_is_a_replay() {
     );
 }
 
+/// seed → r1 (delivered), r1 → r2 with `r2` withheld (a 200 without `refresh_token`, so the
+/// client keeps r1), then r1 presented again: refused, family revoked.
+fn withheld_then_kept() -> Vec<ProviderCall> {
+    let mut strip = refresh(1, 2000, "r1", Some("r2"), Answer::Issued);
+    strip.withheld = true;
+    vec![
+        refresh(0, 0, "seed", Some("r1"), Answer::Issued),
+        strip,
+        refresh(2, 4000, "r1", None, Answer::SpentRefused { revoked: true }),
+    ]
+}
+
+#[test]
+fn presenting_the_token_kept_after_a_withheld_rotation_is_the_providers_doing() {
+    let report = assert_provider_invariants(
+        &record(&["seed"], withheld_then_kept()),
+        &Invariants::new(3),
+    );
+    assert_eq!(report.replays.len(), 1, "{report}");
+    let r = &report.replays[0];
+    assert_eq!((r.call, r.superseded_by), (2, 1));
+    assert_eq!(r.sanction, Some(Sanction::Undelivered));
+    assert!(report.losses.is_empty(), "no loss of the operator's");
+}
+
+#[test]
+fn the_same_presentation_is_a_replay_when_the_newer_token_was_delivered() {
+    let mut calls = withheld_then_kept();
+    calls[1].withheld = false;
+    let report = record(&["seed"], calls).check(&Invariants::new(3));
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| matches!(v, Violation::Replay(r) if r.call == 2 && r.superseded_by == 1)),
+        "{report}"
+    );
+    assert!(
+        report.violations.iter().any(|v| matches!(
+            v,
+            Violation::UnexplainedRevocation {
+                by_call: Some(2),
+                ..
+            }
+        )),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_withheld_token_excuses_only_the_kept_token_and_only_until_refused() {
+    // The kept token presented again after the provider refused it: a replay.
+    let mut calls = withheld_then_kept();
+    calls.push(refresh(
+        3,
+        6000,
+        "r1",
+        None,
+        Answer::Refused("invalid_grant".into()),
+    ));
+    let report = record(&["seed"], calls).check(&Invariants::new(4));
+    assert!(
+        matches!(&report.violations[..], [Violation::Replay(r)] if r.call == 3),
+        "{report}"
+    );
+    // An older token than the kept one (the seed, superseded by a delivered r1): a replay.
+    let mut calls = withheld_then_kept();
+    calls[2] = refresh(
+        2,
+        4000,
+        "seed",
+        None,
+        Answer::SpentRefused { revoked: true },
+    );
+    let report = record(&["seed"], calls).check(&Invariants::new(3));
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| matches!(v, Violation::Replay(r) if r.call == 2 && r.superseded_by == 0)),
+        "{report}"
+    );
+    assert!(report
+        .violations
+        .iter()
+        .any(|v| matches!(v, Violation::UnexplainedRevocation { .. })));
+    // A transient answer before the refusal does not use the excuse up.
+    let mut calls = withheld_then_kept();
+    let mut busy = refresh(2, 4000, "r1", None, Answer::NotProcessed);
+    busy.status = Some(503);
+    calls[2].seq = 3;
+    calls.insert(2, busy);
+    let report = assert_provider_invariants(&record(&["seed"], calls), &Invariants::new(4));
+    assert!(report
+        .replays
+        .iter()
+        .all(|r| r.sanction == Some(Sanction::Undelivered)));
+    assert_eq!(report.replays.len(), 2);
+}
+
 #[test]
 fn an_unsolicited_revocation_fails_unless_the_test_made_it() {
     let mut rec = record(&["seed"], chain());
@@ -556,6 +658,41 @@ async fn token_server_record_overlap_reuse_and_reset_calls_gap() {
         .check(&Invariants::new(3).overlap_window());
     assert!(
         matches!(&report.violations[..], [Violation::IncompleteRecord(_)]),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn token_server_record_marks_a_withheld_refresh_token() {
+    let ts = TokenServer::start(TokenServerConfig::default().with_client(APP, "app-secret"))
+        .await
+        .unwrap();
+    let http = http();
+    let seed = ts.mint_refresh_token(APP);
+    let r1 = issued(post_refresh(&http, &ts, &seed).await.unwrap()).await;
+    ts.push_fault(Fault::StripRefreshToken);
+    let res = post_refresh(&http, &ts, &r1).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert!(body.get("refresh_token").is_none(), "stripped");
+    // The client keeps r1 (RFC 6749 §6); the provider had rotated it: reuse detection.
+    assert_eq!(post_refresh(&http, &ts, &r1).await.unwrap().status(), 400);
+    assert_eq!(ts.revocations(), 1);
+
+    let rec = ts.provider_record();
+    assert_eq!(
+        rec.calls.iter().map(|c| c.withheld).collect::<Vec<_>>(),
+        vec![false, true, false]
+    );
+    assert!(rec.calls[1].issued.is_some(), "the rotation was committed");
+    let report = assert_provider_invariants(&rec, &Invariants::new(3));
+    assert_eq!(report.replays.len(), 1);
+    assert_eq!(report.replays[0].sanction, Some(Sanction::Undelivered));
+    // Presenting it once more is the client's replay.
+    post_refresh(&http, &ts, &r1).await.unwrap();
+    let report = ts.provider_record().check(&Invariants::new(4));
+    assert!(
+        matches!(&report.violations[..], [Violation::Replay(r)] if r.call == 3),
         "{report}"
     );
 }

@@ -742,6 +742,28 @@ async fn fault_429_with_retry_after_seconds_and_503_with_http_date() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_http_date_retry_after_is_dated_when_sent() {
+    let (server, http) = start(config()).await;
+    let rt = server.mint_refresh_token(APP);
+    let d = Duration::from_secs(30);
+    server.push_fault(Fault::service_unavailable(Some(RetryAfter::HttpDateIn(d))));
+    // Queued well before the request: the date must not count from here.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = SystemTime::now();
+    let res = refresh(&http, &server, &rt).await.unwrap();
+    let after = SystemTime::now();
+    assert_eq!(res.status(), 503);
+    let ra = res.headers()[reqwest::header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let date = httpdate::parse_http_date(&ra).unwrap();
+    // Whole seconds, rounded down, of the moment the response was sent plus d.
+    assert!(date + Duration::from_secs(1) > before + d, "{ra} too early");
+    assert!(date <= after + d, "{ra} too late");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_html_500_and_custom_status() {
     let (server, http) = start(config()).await;
     server.push_fault(Fault::html_500());
