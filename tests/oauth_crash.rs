@@ -1,11 +1,18 @@
-//! The operator is SIGKILLed at random moments while it rotates refresh tokens (2 s access
-//! tokens, so a refresh is always close), then restarted. This binary runs its own operator
-//! process (the shared one would be killed under other tests' feet).
+//! The operator is SIGKILLed while it rotates refresh tokens (2 s access tokens, so a refresh
+//! is always close), then restarted. This binary runs its own operator process (the shared one
+//! would be killed under other tests' feet). Most kills come after a random pause; some are
+//! aimed at the vulnerable moment: the provider has committed a rotation and holds its reply
+//! (`SlowReply { after_commit: true }`), and the kill lands before the reply is sent, so the
+//! new refresh token never reaches the operator. The kill timing is seeded
+//! (`VAULTCONN_TEST_SEED` repeats it; the seed is printed first).
 //!
 //! - Against a provider with a rotation overlap window longer than a restart, no credential
-//!   is lost over 50 kills.
+//!   is lost over 50 kills, and each aimed kill shows at the provider as a reuse inside the
+//!   window (the restarted operator re-presented the token the held rotation spent).
 //! - Without a window, a kill between the provider's rotation and our write does lose the
-//!   chain; every such loss must show as `RefreshResponseLost`, never silently.
+//!   chain; every such loss must show as `RefreshResponseLost`, never silently. The aimed kills
+//!   make losses certain: each one's connection must report `RefreshResponseLost`, and the
+//!   provider must match each to a reported loss.
 //!
 //! Both phases end with the provider-side invariants on the token server's own call log: no
 //! replay (with the window, reuse the provider accepted inside it is allowed), no revocation
@@ -13,23 +20,34 @@
 //! rate the schedule and the kills explain.
 mod support;
 
+use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Secret;
-use rand::Rng;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::json;
 use support::objects::*;
-use support::{test_namespace, wait_for_some, TestNs};
+use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use vaultconn::api::{Phase, VaultConnection};
 use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
 use vaultconn_testkit::provider_invariants::{
-    assert_provider_invariants, max_in_any_minute, scheduled_per_minute, Invariants,
+    assert_provider_invariants, max_in_any_minute, scheduled_per_minute, Answer, Invariants,
 };
 use vaultconn_testkit::reliability::{record, Fact};
-use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
+use vaultconn_testkit::token_server::{
+    Fault, GrantEvent, RecordedCall, TokenServer, TokenServerConfig,
+};
 
 const KILLS: usize = 50;
+/// Of the `KILLS` of each phase, how many are aimed at a held reply (the rest are random).
+const AIMED: usize = 5;
 const CONNECTIONS: usize = 3;
+/// How long the token server holds an aimed reply after committing the rotation: far longer
+/// than noticing the commit (one 50 ms poll) and a kill take, far shorter than the operator's
+/// 15 s request timeout (which would lose the reply without any kill). Each aimed kill waits
+/// it out before the restart.
+const HOLD: Duration = Duration::from_secs(1);
 
 async fn operator() -> OperatorProcess {
     support::ensure_crds().await;
@@ -105,48 +123,141 @@ async fn settled(ns: &TestNs, ts: &TokenServer, name: &str) -> String {
     .await
 }
 
-/// What a kill storm did: when it killed, and how many `RefreshResponseLost` reports it saw
-/// (and re-seeded) per connection.
+/// A kill aimed at the vulnerable moment: call `call` of connection `connection` rotated its
+/// refresh token at the provider, and the operator died before the reply reached it.
+struct Aimed {
+    connection: usize,
+    call: u64,
+}
+
+/// What a kill storm did: when it killed, which kills it aimed, and how many
+/// `RefreshResponseLost` reports it saw (and re-seeded) per connection.
 struct Storm {
     kills: Vec<SystemTime>,
+    aimed: Vec<Aimed>,
     losses: [usize; CONNECTIONS],
 }
 
+fn connection_of(call: &RecordedCall) -> Option<usize> {
+    (0..CONNECTIONS).find(|i| call.client_id.as_deref() == Some(client(*i).as_str()))
+}
+
+/// Arm a held reply and wait until the provider has committed a rotation under it. Returns
+/// the connection, the call, and when the rotation was committed (the reply goes out `HOLD`
+/// later). A held reply that another kind of request took (a refused replay) is re-armed.
+async fn held_rotation(ts: &TokenServer) -> (usize, u64, SystemTime) {
+    loop {
+        let from = ts.call_count();
+        ts.push_fault(Fault::SlowReply {
+            delay: HOLD,
+            after_commit: true,
+        });
+        let call = wait_for_some(
+            Duration::from_secs(30),
+            "a token request under the held reply is decided",
+            || async move {
+                ts.calls()
+                    .into_iter()
+                    .skip(from)
+                    .find(|c| c.fault.is_some() && c.outcome.is_some())
+            },
+        )
+        .await;
+        let Some(outcome) = call.outcome.as_ref() else {
+            continue;
+        };
+        if let (Some(GrantEvent::Rotated), Some(i)) = (outcome.event, connection_of(&call)) {
+            return (i, call.seq, outcome.decided_at);
+        }
+    }
+}
+
+/// Re-seed every connection that reports `RefreshResponseLost` (counting each once).
+async fn reseed_reported_losses(ns: &TestNs, ts: &TokenServer, prefix: &str, storm: &mut Storm) {
+    for i in 0..CONNECTIONS {
+        let name = format!("{prefix}-{i}");
+        let vc = ns.api::<VaultConnection>().get(&name).await.unwrap();
+        if reason(&vc) == "RefreshResponseLost" {
+            storm.losses[i] += 1;
+            seed(ns, ts, prefix, i).await;
+            // Counted once: wait until the operator took up the new seed.
+            vc_where(
+                ns,
+                &name,
+                "the re-seeded connection leaves RefreshResponseLost",
+                |v| reason(v) != "RefreshResponseLost",
+            )
+            .await;
+        }
+    }
+}
+
+/// `KILLS` kills, `AIMED` of them (chosen by `rng`) at a held reply, the rest after a random
+/// pause. With `reseed_lost` (no overlap window), each aimed kill must end in
+/// `RefreshResponseLost` for its connection, and every lost connection is re-seeded.
 async fn kill_storm(
     op: &mut OperatorProcess,
     ns: &TestNs,
     ts: &TokenServer,
     prefix: &str,
     reseed_lost: bool,
+    rng: &mut StdRng,
 ) -> Storm {
     let mut storm = Storm {
         kills: Vec::with_capacity(KILLS),
+        aimed: Vec::with_capacity(AIMED),
         losses: [0; CONNECTIONS],
     };
-    for _ in 0..KILLS {
-        let pause = rand::rng().random_range(0..1500u64);
-        // The random moment of the kill (not a wait for a condition).
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+    let aimed: BTreeSet<usize> = rand::seq::index::sample(rng, KILLS, AIMED)
+        .into_iter()
+        .collect();
+    for k in 0..KILLS {
+        let mut held = None;
+        if aimed.contains(&k) {
+            if reseed_lost {
+                // A connection waiting for a new seed makes no request to aim at.
+                reseed_reported_losses(ns, ts, prefix, &mut storm).await;
+            }
+            held = Some(held_rotation(ts).await);
+        } else {
+            let pause = rng.random_range(0..1500u64);
+            // The random moment of the kill (not a wait for a condition).
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
         op.kill();
-        storm.kills.push(SystemTime::now());
+        let killed = SystemTime::now();
+        storm.kills.push(killed);
+        if let Some((connection, call, committed)) = held {
+            assert!(
+                killed < committed + HOLD,
+                "the aimed kill came {:?} after call #{call} committed its rotation, so the \
+                 held reply ({HOLD:?}) may have been sent",
+                killed.duration_since(committed).unwrap_or_default()
+            );
+            storm.aimed.push(Aimed { connection, call });
+            // The held request ends at the provider (its client is gone) before the operator
+            // comes back: a retry meeting it there is the hold's doing, not a second request
+            // of the operator's for the family.
+            wait_for(
+                Duration::from_secs(10),
+                "the token server drops the held request",
+                || async { ts.in_flight() == 0 },
+            )
+            .await;
+        }
         op.start_again().await.expect("operator restarts");
         if reseed_lost {
-            for i in 0..CONNECTIONS {
-                let name = format!("{prefix}-{i}");
-                let vc = ns.api::<VaultConnection>().get(&name).await.unwrap();
-                if reason(&vc) == "RefreshResponseLost" {
-                    storm.losses[i] += 1;
-                    seed(ns, ts, prefix, i).await;
-                    // Counted once: wait until the operator took up the new seed.
-                    vc_where(
-                        ns,
-                        &name,
-                        "the re-seeded connection leaves RefreshResponseLost",
-                        |v| reason(v) != "RefreshResponseLost",
-                    )
-                    .await;
-                }
+            if let Some((connection, call, _)) = held {
+                let name = format!("{prefix}-{connection}");
+                assert_eq!(
+                    settled(ns, ts, &name).await,
+                    "RefreshResponseLost",
+                    "{name}: the operator was killed while the provider held the reply of the \
+                     rotation it had committed (call #{call}); the lost chain must be reported \
+                     as RefreshResponseLost"
+                );
             }
+            reseed_reported_losses(ns, ts, prefix, &mut storm).await;
         }
     }
     storm
@@ -154,6 +265,12 @@ async fn kill_storm(
 
 #[tokio::test]
 async fn sigkill_during_rotation_never_loses_a_credential_silently() {
+    let seed: u64 = std::env::var("VAULTCONN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("crash storm seed {seed} (VAULTCONN_TEST_SEED={seed} repeats the kill timing)");
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut op = operator().await;
     let ns = test_namespace("crash").await;
 
@@ -173,7 +290,7 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
     for i in 0..CONNECTIONS {
         assert_eq!(settled(&ns, &ts, &format!("ov-{i}")).await, "Reconciled");
     }
-    let storm = kill_storm(&mut op, &ns, &ts, "ov", false).await;
+    let storm = kill_storm(&mut op, &ns, &ts, "ov", false, &mut rng).await;
     for i in 0..CONNECTIONS {
         assert_eq!(
             settled(&ns, &ts, &format!("ov-{i}")).await,
@@ -201,6 +318,20 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
         &ts.provider_record(),
         &Invariants::new(with_window_bound).overlap_window(),
     );
+    // Each aimed kill did land in the window: the restarted operator re-presented the token the
+    // held rotation had spent, and the provider accepted it inside its overlap window.
+    let aimed_with_window = storm.aimed.len();
+    for a in &storm.aimed {
+        assert!(
+            with_window.replays.iter().any(|r| r.superseded_by == a.call
+                && r.answer == Answer::OverlapReuse
+                && r.client_id.as_deref() == Some(client(a.connection).as_str())),
+            "ov-{}: no reuse inside the window of the token call #{} rotated while its reply \
+             was held and the operator killed",
+            a.connection,
+            a.call
+        );
+    }
 
     // Without a window: losses happen, and each one is reported.
     let ts2 = TokenServer::start(
@@ -214,7 +345,7 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
     .await
     .unwrap();
     create(&ns, &ts2, "nw").await;
-    let storm = kill_storm(&mut op, &ns, &ts2, "nw", true).await;
+    let storm = kill_storm(&mut op, &ns, &ts2, "nw", true, &mut rng).await;
     let reported: usize = storm.losses.iter().sum();
     let mut final_losses = 0;
     let mut reports = storm.losses;
@@ -242,6 +373,26 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
             inv.lost_responses(&client(i), *n)
         });
     let without_window = assert_provider_invariants(&ts2.provider_record(), &provider);
+    // The aimed kills made losses certain; the provider matched each (the chain its held
+    // rotation spent) to a `RefreshResponseLost` the connection reported.
+    assert_eq!(storm.aimed.len(), AIMED);
+    for a in &storm.aimed {
+        assert!(
+            without_window.losses.iter().any(|l| l.spent_by == a.call
+                && l.client_id.as_deref() == Some(client(a.connection).as_str())),
+            "nw-{}: the chain call #{} rotated (reply held, operator killed) is not among the \
+             losses reported as RefreshResponseLost: {:?}",
+            a.connection,
+            a.call,
+            without_window.losses
+        );
+    }
+    assert!(
+        without_window.losses.len() >= AIMED && reported + final_losses >= AIMED,
+        "{AIMED} aimed kills, yet the provider saw {} losses and the connections reported {}",
+        without_window.losses.len(),
+        reported + final_losses
+    );
     eprintln!(
         "provider record: with overlap {} reuses inside the window, busiest minute {:?} \
          (bound {}); without overlap {} losses, busiest minute {:?} (bound {bound})",
@@ -253,20 +404,20 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
     );
     // Every family the provider revoked corresponds to a reported loss.
     let revoked = ts2.revocations() as usize;
-    eprintln!("kill storm: {rotations} refreshes with overlap, 0 lost; without overlap {} refreshes, {revoked} chains lost and reported ({reported} during, {final_losses} at the end)", ts2.calls().len());
+    eprintln!("kill storm: {rotations} refreshes with overlap, 0 lost; without overlap {} refreshes, {revoked} chains lost and reported ({reported} during, {final_losses} at the end; {AIMED} kills aimed at a held reply in each phase)", ts2.calls().len());
     assert_eq!(
         revoked,
         reported + final_losses,
         "revocations: {revoked}, reported losses: {reported} during + {final_losses} at the end"
     );
     op.stop(Duration::from_secs(10));
-    let how =
-        "kill(2) SIGKILL after a random 0–1.5 s pause, restart; 3 connections, 2 s access tokens";
+    let how = "kill(2) SIGKILL after a random 0–1.5 s pause, or (5 of the 50) while the provider \
+               holds the reply of a committed rotation; restart; 3 connections, 2 s access tokens";
     record(Fact::survived(
         "SIGKILL at random moments while rotating refresh tokens (provider with a 60 s overlap window)",
         how,
         KILLS,
-    ).note(format!("{rotations} refreshes, 0 revocations, {} reuses inside the window", with_window.replays.len())));
+    ).note(format!("{rotations} refreshes, 0 revocations, {} reuses inside the window ({aimed_with_window} from aimed kills)", with_window.replays.len())));
     record(Fact::survived(
         "SIGKILL at random moments while rotating refresh tokens (no overlap window)",
         how,
