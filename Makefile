@@ -15,7 +15,8 @@ test:
 	bash scripts/provision-control-plane.sh >/dev/null
 	bash scripts/install-oidc-provider.sh
 	bash scripts/install-helm.sh >/dev/null
-	cargo test --workspace --all-targets
+	cargo test --workspace --all-targets --no-run
+	bash scripts/loopback-only.sh cargo test --workspace --all-targets
 
 # Regenerate the committed CRD from the Rust types.
 crd:

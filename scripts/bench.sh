@@ -15,4 +15,5 @@ cd "$(dirname "$0")/.."
 bash scripts/provision-control-plane.sh >/dev/null
 cargo build --release -p vaultconn -p vaultconn-bench --bins >&2
 target_dir="${CARGO_TARGET_DIR:-target}"
-exec "$target_dir/release/vaultconn-bench" --operator-binary "$target_dir/release/vaultconn" "$@"
+# Loopback only, kept by the kernel (scripts/loopback-only.sh).
+exec bash scripts/loopback-only.sh "$target_dir/release/vaultconn-bench" --operator-binary "$target_dir/release/vaultconn" "$@"

@@ -25,7 +25,8 @@ args=()
 for s in "${suites[@]}"; do args+=(--test "$s"); done
 echo "reliability: running ${suites[*]}" >&2
 started=$(date +%s)
-cargo test -p vaultconn "${args[@]}"
+cargo test -p vaultconn "${args[@]}" --no-run
+bash scripts/loopback-only.sh cargo test -p vaultconn "${args[@]}"
 minutes=$(( ($(date +%s) - started + 59) / 60 ))
 
 changes=""
