@@ -32,7 +32,7 @@ use serde_json::json;
 use support::objects::*;
 use support::own_operator::{
     assert_no_secret_in_log, lease_holder, log_dir, named_operator, proxied_kubeconfig,
-    rotating_token_server, stop_cleanly,
+    rotating_token_server, stop_cleanly, wait_for_holder,
 };
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use tokio::sync::{Mutex, OnceCell};
@@ -610,11 +610,13 @@ async fn lease_write_faults_never_make_two_writers_and_only_delay() {
         secs.as_str(),
     ];
     let (proxy_a, mut a) = proxied_operator("lease-a", &ns, &args).await;
-    wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        lease_holder(&ns, lease)
-            .await
-            .is_some_and(|h| h.starts_with("lease-a_"))
-    })
+    wait_for_holder(
+        &ns,
+        lease,
+        "lease-a",
+        Duration::from_secs(30),
+        "a holds the Lease",
+    )
     .await;
     let (proxy_b, mut b) = proxied_operator("lease-b", &ns, &args).await;
     let names = oauth_connections(&ns, &ts, "lease", 2).await;

@@ -13,7 +13,7 @@ use serde_json::json;
 use support::objects::*;
 use support::own_operator::{
     assert_one_leads, lease_holder, log_dir, named_operator, proxied_kubeconfig,
-    rotating_token_server,
+    rotating_token_server, wait_for_holder,
 };
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use vaultconn_testkit::api_proxy::{FaultRule, MethodMatch};
@@ -115,11 +115,13 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
     // The standby-to-be runs through a proxy, so that what it sends can be counted.
     let (proxy_b, kubeconfig_b) = proxied_kubeconfig("ha-kill-b").await;
     let mut a = operator("a", direct_kubeconfig().await, &args).await;
-    wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        lease_holder(&ns, lease)
-            .await
-            .is_some_and(|h| h.starts_with("a_"))
-    })
+    wait_for_holder(
+        &ns,
+        lease,
+        "a",
+        Duration::from_secs(30),
+        "a holds the Lease",
+    )
     .await;
     let mut b = operator("b", kubeconfig_b, &args).await;
     let names = oauth_connections(&ns, &ts, "ha").await;
@@ -138,14 +140,12 @@ async fn one_leader_refreshes_and_after_its_sigkill_the_standby_takes_over_witho
 
     a.kill();
     let killed_at = SystemTime::now();
-    wait_for(
+    wait_for_holder(
+        &ns,
+        lease,
+        "b",
         Duration::from_secs(40),
         "b takes over the Lease",
-        || async {
-            lease_holder(&ns, lease)
-                .await
-                .is_some_and(|h| h.starts_with("b_"))
-        },
     )
     .await;
     // The new leader keeps refreshing (4 s tokens: a refresh every few seconds).
@@ -206,11 +206,13 @@ async fn a_leader_that_cannot_renew_stops_writing_before_the_standby_starts() {
     let args = election_args(&ns, lease, "6s");
     let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-fence-a").await;
     let mut a = operator("fence-a", kubeconfig_a, &args).await;
-    wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        lease_holder(&ns, lease)
-            .await
-            .is_some_and(|h| h.starts_with("fence-a_"))
-    })
+    wait_for_holder(
+        &ns,
+        lease,
+        "fence-a",
+        Duration::from_secs(30),
+        "a holds the Lease",
+    )
     .await;
     let mut b = operator("fence-b", direct_kubeconfig().await, &args).await;
     let names = oauth_connections(&ns, &ts, "fence").await;
@@ -330,11 +332,13 @@ async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replay
     let args = election_args(&ns, lease, "6s");
     let (proxy_a, kubeconfig_a) = proxied_kubeconfig("ha-mark-a").await;
     let mut a = operator("mark-a", kubeconfig_a, &args).await;
-    wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        lease_holder(&ns, lease)
-            .await
-            .is_some_and(|h| h.starts_with("mark-a_"))
-    })
+    wait_for_holder(
+        &ns,
+        lease,
+        "mark-a",
+        Duration::from_secs(30),
+        "a holds the Lease",
+    )
     .await;
     let mut b = operator("mark-b", direct_kubeconfig().await, &args).await;
     let names = oauth_connections(&ns, &ts, "mark").await;
@@ -358,11 +362,13 @@ async fn a_new_leader_waits_for_the_old_leaders_call_in_flight_instead_of_replay
     .await;
     // Now a loses its Lease mid-call; b takes over while a's call is still running.
     let cut = proxy_a.fail_until_cleared(FaultRule::requests(MethodMatch::Any, "/leases", 503));
-    wait_for(Duration::from_secs(30), "b takes over", || async {
-        lease_holder(&ns, lease)
-            .await
-            .is_some_and(|h| h.starts_with("mark-b_"))
-    })
+    wait_for_holder(
+        &ns,
+        lease,
+        "mark-b",
+        Duration::from_secs(30),
+        "b takes over",
+    )
     .await;
     // The rotated token a received is stored (a's write is guarded by the token it sent, so
     // it cannot overwrite anything newer), and b carries on from it.

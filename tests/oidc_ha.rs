@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 use support::objects::{apply_vc, put_secret, ready, stored_refresh_token};
-use support::own_operator::{assert_one_leads, lease_holder, log_dir, own_operator_options};
+use support::own_operator::{assert_one_leads, log_dir, own_operator_options, wait_for_holder};
 use support::{cluster, test_namespace, wait_for};
 use vaultconn_testkit::oidc::{OidcOptions, OidcProvider, RT_CLIENT};
 use vaultconn_testkit::operator::OperatorProcess;
@@ -123,11 +123,13 @@ async fn after_sigkill_of_the_leader_the_standby_refreshes_on_without_replay_at_
     .expect("oidc-provider starts");
 
     let mut a = operator("a", &chart_args, &kubeconfig_a).await;
-    wait_for(Duration::from_secs(30), "a holds the Lease", || async {
-        lease_holder(&ns, LEASE)
-            .await
-            .is_some_and(|h| h.starts_with("a_"))
-    })
+    wait_for_holder(
+        &ns,
+        LEASE,
+        "a",
+        Duration::from_secs(30),
+        "a holds the Lease",
+    )
     .await;
     let mut b = operator("b", &chart_args, &kubeconfig_b).await;
 
@@ -198,14 +200,12 @@ async fn after_sigkill_of_the_leader_the_standby_refreshes_on_without_replay_at_
 
     a.kill();
     let killed_at = SystemTime::now();
-    wait_for(
+    wait_for_holder(
+        &ns,
+        LEASE,
+        "b",
         Duration::from_secs(40),
         "b takes over the Lease",
-        || async {
-            lease_holder(&ns, LEASE)
-                .await
-                .is_some_and(|h| h.starts_with("b_"))
-        },
     )
     .await;
     let took_over = killed_at.elapsed().unwrap_or_default();

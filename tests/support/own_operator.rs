@@ -10,7 +10,7 @@ use vaultconn_testkit::api_proxy::{ApiFaultProxy, MethodMatch};
 use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
 use vaultconn_testkit::token_server::{TokenServer, TokenServerConfig};
 
-use super::TestNs;
+use super::{wait_for, TestNs};
 
 /// Where a test's own operators log: `VAULTCONN_TEST_LOG_DIR` (kept after the run), else `dir`
 /// (a control plane's temp dir, removed with it).
@@ -137,6 +137,24 @@ pub fn writes_besides_leases(proxy: &ApiFaultProxy) -> Vec<String> {
 pub async fn lease_holder(ns: &TestNs, lease: &str) -> Option<String> {
     let l = ns.api::<Lease>().get_opt(lease).await.ok()??;
     l.spec?.holder_identity.filter(|h| !h.is_empty())
+}
+
+/// Waits until the Lease `lease` is held by the instance named `instance` (holder identities
+/// are `<instance>_<pid>`).
+pub async fn wait_for_holder(
+    ns: &TestNs,
+    lease: &str,
+    instance: &str,
+    within: Duration,
+    what: &str,
+) {
+    let prefix = format!("{instance}_");
+    wait_for(within, what, || async {
+        lease_holder(ns, lease)
+            .await
+            .is_some_and(|h| h.starts_with(&prefix))
+    })
+    .await;
 }
 
 /// Exactly one of two electing operators leads: each reports its role where the NoLeader
