@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -14,7 +14,6 @@ use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
-use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::api::{Phase, VaultConnection, VaultConnectionStatus};
@@ -206,6 +205,7 @@ pub async fn run(
         let stopping_since = stopping_since.clone();
         async move {
             shutdown.await;
+            info!("stopping: finishing the reconciles that are running");
             *lock(&stopping_since) = Some(std::time::Instant::now());
             let _ = stop_tx.send(true);
         }
@@ -520,6 +520,21 @@ async fn run_scope(
     let api_back = watches.api_back.clone();
     let secret_triggers = secret_triggers(scoped_api(client, namespace), ctx.clone(), watches);
 
+    // kube-runtime holds the reconcile runner until the store has listed, and its graceful
+    // shutdown stops reading the watch that would fill the store: a stop that comes before the
+    // first list never finishes (measured: SIGTERM right after start-up hung until SIGKILL).
+    // Nothing has been reconciled then, so such a stop ends the controller at once.
+    let shutdown = shutdown.shared();
+    let unlisted = reader.clone();
+    let stopped_before_listing = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.await;
+            if unlisted.wait_until_ready().now_or_never().is_some() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
     let mut controller = Controller::for_stream(vc_stream, reader)
         .reconcile_on(secret_triggers)
         // The watches back off by themselves (`watch_backoff`). Left at its default, the
@@ -538,14 +553,19 @@ async fn run_scope(
         );
     }
     info!(token_url_allow = %ctx.config.token_url_policy, "controller started");
-    controller
+    let running = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 debug!(error = %e, "reconcile failed");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = running => {}
+        () = stopped_before_listing => {
+            info!("stopped before the first list of connections: nothing was reconciled");
+        }
+    }
 }
 
 /// One item each time the readiness probe finds the API server answering again.
@@ -687,12 +707,22 @@ async fn reconcile_one(vc: &VaultConnection, ctx: &Context) -> Result<Action> {
     }
 
     let (outcome, action) = decide(vc, ctx, &ns).await?;
-    write_status(vc, ctx, &outcome).await?;
-    // What the status now says; ignored if the connection was deleted meanwhile.
-    let uid = vc.metadata.uid.as_deref().unwrap_or_default();
-    ctx.writer.metrics.report(&ns, &name, uid, &outcome);
-    lock(&ctx.errors).remove(&(ns.clone(), name.clone()));
-    debug!("reconcile finished: {ns}/{name} ({})", outcome.reason);
+    match write_status(vc, ctx, &outcome).await? {
+        StatusWrite::Current => {
+            // What the status now says; ignored if the connection was deleted meanwhile.
+            let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+            ctx.writer.metrics.report(&ns, &name, uid, &outcome);
+            debug!("reconcile finished: {ns}/{name} ({})", outcome.reason);
+        }
+        // The newer version reconciles next and reports.
+        StatusWrite::Outdated => {
+            debug!(
+                "reconcile finished: {ns}/{name} ({}, from an outdated copy: status not written)",
+                outcome.reason
+            );
+        }
+    }
+    lock(&ctx.errors).remove(&(ns, name));
     Ok(action)
 }
 
@@ -785,7 +815,20 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
     }
 }
 
-async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) -> Result<()> {
+/// What became of a status write.
+#[derive(Debug, PartialEq, Eq)]
+enum StatusWrite {
+    /// Written, or already what it should be.
+    Current,
+    /// Not written: the status was computed from an outdated copy of the connection.
+    Outdated,
+}
+
+async fn write_status(
+    vc: &VaultConnection,
+    ctx: &Context,
+    outcome: &Outcome,
+) -> Result<StatusWrite> {
     let ns = vc.namespace().unwrap_or_default();
     let name = vc.name_any();
     let now = Time(jiff_now());
@@ -794,7 +837,7 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
     let live = vc.status.clone().unwrap_or_default();
     let last_written = lock(&ctx.last_status).get(&key).cloned();
     if desired == live || last_written.as_ref() == Some(&desired) {
-        return Ok(());
+        return Ok(StatusWrite::Current);
     }
     // A replica without the lease never writes status: its view (e.g. NotLeader) would
     // overwrite the leader's.
@@ -803,17 +846,23 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
     }
     let previous_reason = status::current_reason(vc).map(str::to_string);
     let api: Api<VaultConnection> = Api::namespaced(ctx.client(), &ns);
-    let patch = json!({
-        "apiVersion": "vaultconn.dev/v1alpha1",
-        "kind": "VaultConnection",
-        "status": desired,
-    });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let patch = status::status_apply_patch(vc, &desired);
+    let written = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await;
+    match written {
+        Ok(_) => {}
+        // `vc` is older than the stored object: the newer version is on its way by watch and
+        // reconciles again; this status, worked out from the old one, is dropped.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            return Ok(StatusWrite::Outdated);
+        }
+        Err(e) => return Err(e.into()),
+    }
     lock(&ctx.last_status).insert(key, desired);
     let first_ready = previous_reason.is_none() && outcome.ready;
     if previous_reason.as_deref() != Some(outcome.reason.as_str()) && !first_ready {
@@ -828,7 +877,7 @@ async fn write_status(vc: &VaultConnection, ctx: &Context, outcome: &Outcome) ->
         ctx.writer
             .publish(vc, type_, outcome.reason.as_str(), outcome.message.clone());
     }
-    Ok(())
+    Ok(StatusWrite::Current)
 }
 
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {

@@ -69,25 +69,27 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Listens for SIGTERM and SIGINT from now on and resolves on the first. Called before the
+/// operator serves anything: a signal during start-up must stop it cleanly, and until a
+/// handler is registered the default action kills the process (a pod deleted right after it
+/// started would exit by signal).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = interrupt.recv() => {},
+            }
+        })
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 /// A cluster is "configured" as kubectl sees it: KUBECONFIG is set, ~/.kube/config exists,
@@ -122,6 +124,7 @@ fn operator_client(
 }
 
 async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal()?;
     // The local demo may turn on --allow-http-loopback for its token server.
     #[cfg(feature = "local-cluster")]
     let mut config = config;
@@ -175,8 +178,7 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
             stopped(),
         )));
     }
-    let result =
-        vaultconn::operator::run(client, &config, metrics, health, shutdown_signal()).await;
+    let result = vaultconn::operator::run(client, &config, metrics, health, shutdown).await;
     let _ = stop_tx.send(true);
     for server in servers {
         match server.await {
@@ -313,9 +315,10 @@ mod local {
     }
 
     pub async fn local_cluster() -> anyhow::Result<()> {
+        let shutdown = super::shutdown_signal()?;
         let (mut cp, _config) = start().await?;
         println!("{}", cp.kubeconfig_path().display());
-        super::shutdown_signal().await;
+        shutdown.await;
         cp.stop();
         Ok(())
     }

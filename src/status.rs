@@ -145,6 +145,25 @@ pub fn pending(
     o
 }
 
+/// The server-side apply body that writes `desired` as `vc`'s status, only over the version
+/// of `vc` it was computed from: `metadata.resourceVersion` makes it a precondition, so a
+/// status worked out from a cached copy that lags behind (our own last status write not seen
+/// yet) is refused with 409 instead of dropping what that write recorded, e.g. a spent seed.
+pub fn status_apply_patch(
+    vc: &VaultConnection,
+    desired: &VaultConnectionStatus,
+) -> serde_json::Value {
+    let mut patch = serde_json::json!({
+        "apiVersion": "vaultconn.dev/v1alpha1",
+        "kind": "VaultConnection",
+        "status": desired,
+    });
+    if let Some(rv) = &vc.metadata.resource_version {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+    }
+    patch
+}
+
 /// The reason of the live `Ready` condition, if any.
 pub fn current_reason(vc: &VaultConnection) -> Option<&str> {
     vc.status
@@ -227,6 +246,20 @@ mod tests {
             time("2026-01-02T00:00:00Z")
         );
         assert_eq!(third.conditions[0].reason, "InvalidSpec");
+    }
+
+    #[test]
+    fn the_status_patch_is_conditional_on_the_version_it_was_computed_from() {
+        let o = Outcome::new(Reason::Reconciled, "ok");
+        let mut v = vc(None);
+        let desired = desired_status(&v, &o, time("2026-01-01T00:00:00Z"));
+        let unconditional = status_apply_patch(&v, &desired);
+        assert!(unconditional.get("metadata").is_none(), "{unconditional}");
+        v.metadata.resource_version = Some("4711".into());
+        let patch = status_apply_patch(&v, &desired);
+        assert_eq!(patch["metadata"]["resourceVersion"], "4711");
+        assert_eq!(patch["kind"], "VaultConnection");
+        assert_eq!(patch["status"], serde_json::to_value(&desired).unwrap());
     }
 
     #[test]

@@ -8,13 +8,15 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use http::Method;
+
 use support::objects::*;
 use support::own_operator::{
     own_operator_options, proxy_kubeconfig, rotating_token_server, start_own_operator,
 };
 use support::{test_namespace, wait_for, TestNs};
 use vaultconn::api::VaultConnection;
-use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule};
+use vaultconn_testkit::api_proxy::{ApiFaultProxy, FaultRule, MethodMatch};
 use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
 use vaultconn_testkit::provider_invariants::{assert_provider_invariants, Invariants};
 use vaultconn_testkit::reliability::{record, Fact};
@@ -148,4 +150,32 @@ async fn sigterm_writes_held_tokens_concurrently_and_exits_within_the_grace_peri
         "API fault proxy refuses the state writes; SIGTERM; outage cleared 3 s later",
         names.len(),
     ).note(format!("every held token stored and live; exit in {took:.1?} < {GRACE:?} grace")));
+}
+
+/// SIGTERM while the operator is still listing its connections (the proxy holds the list's
+/// answer back): it exits at once and cleanly. kube-runtime's graceful shutdown waited for a
+/// store it had stopped filling, so such a process hung until SIGKILL (a pod deleted right
+/// after it started took the whole grace period and exited by signal).
+#[tokio::test]
+async fn sigterm_before_the_first_list_exits_cleanly_at_once() {
+    let cp = support::cluster().await;
+    let proxy = ApiFaultProxy::start(&cp.server_url()).expect("proxy starts");
+    // The watcher's list (page size 500), not the one-item probes of the same path.
+    let list = proxy.fail(
+        FaultRule::hold_response(
+            "/vaultconnections",
+            MethodMatch::Only(Method::GET),
+            Duration::from_secs(300),
+        )
+        .query_contains("limit=500"),
+    );
+    let op = operator(&proxy, "early-sigterm").await;
+    assert!(
+        proxy.wait_held(list, Duration::from_secs(30)).await,
+        "the operator's list of connections reached the API server"
+    );
+    let (clean, took) = sigterm(op).join().expect("stopping thread");
+    assert!(clean, "exited cleanly (after {took:?})");
+    // The list is answered only after 300 s: the operator did not wait for it.
+    assert!(took < GRACE, "exited within the grace period: {took:?}");
 }

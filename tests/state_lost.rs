@@ -14,8 +14,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::DeleteParams;
 use support::objects::*;
-use support::operator::operator;
+use support::operator::{api_proxy, operator};
 use support::{test_namespace, wait_for, wait_for_some, TestNs};
+use vaultconn_testkit::api_proxy::FaultRule;
 use vaultconn_testkit::provider_invariants::{assert_provider_invariants, Invariants};
 use vaultconn_testkit::reliability::{record, Fact};
 use vaultconn_testkit::token_server::{Fault, TokenServer, TokenServerConfig};
@@ -163,19 +164,48 @@ async fn a_lost_state_secret_never_replays_the_spent_seed() {
 /// rotated it, and the one retry was refused (no overlap window): `RefreshResponseLost`. The
 /// state Secret was then the only record that the seed is spent; deleted while the operator was
 /// down, the seed was sent once more. The status now records it as spent too.
+///
+/// The operator's watch of VaultConnections lags 5 s behind the API server here (the proxy
+/// delays its events, as a loaded API server does): the state Secret's event then reconciles
+/// the connection with a copy older than the status that recorded the spent seed. Found by a
+/// CI run that hit this by chance: that reconcile wrote its status over the newer one and
+/// dropped the record, and after the restart the seed was sent a third time. A status is now
+/// written only over the version it was computed from.
 #[tokio::test]
 #[allow(clippy::await_holding_lock)]
 async fn a_seed_refused_after_a_lost_response_is_not_resent_when_the_state_is_lost() {
     let _turn = RESTARTS.lock().await;
-    drop(operator().await);
+    // Restart the operator so that its VaultConnection watch starts under the lag rule.
+    assert!(operator().await.stop(Duration::from_secs(20)), "clean stop");
+    let lag = api_proxy().await.fail_until_cleared(FaultRule::lag_watch(
+        "/vaultconnections",
+        Duration::from_secs(5),
+    ));
+    operator().await.start_again().await.unwrap();
     let ns = test_namespace("seedlost").await;
     // The provider rotates the seed, then the connection drops before the answer.
     let (ts, seed) = rotating_connection(&ns, Some(Fault::ResetAfterCommit)).await;
     with_reason(&ns, "crm", "RefreshResponseLost").await;
     spent_seed_recorded(&ns, "the status to record the refused seed as spent").await;
     assert_eq!(sends_of(&ts, &seed), 2, "the lost call and its one retry");
+    // A reconcile now, well within the lag, works from a copy without that status.
+    force_reconcile(&ns, "creds", "crm").await;
 
+    // Stopped, the operator has written all it will: the record must still be there.
     assert!(operator().await.stop(Duration::from_secs(20)), "clean stop");
+    assert!(api_proxy().await.held(lag) > 0, "the watch lagged");
+    api_proxy().await.clear(lag);
+    let vc = ns
+        .api::<vaultconn::api::VaultConnection>()
+        .get("crm")
+        .await
+        .unwrap();
+    let status = vc.status.unwrap_or_default();
+    assert!(
+        status.spent_seed_fingerprint.is_some(),
+        "the spent seed's record survived the reconciles that followed ({:?})",
+        status.last_failure_reason
+    );
     delete_state(&ns).await;
     operator().await.start_again().await.unwrap();
     with_reason(&ns, "crm", "StateLost").await;

@@ -66,15 +66,21 @@ pub async fn operator_logs() -> String {
     operator().await.logs()
 }
 
+/// The proxy between the operator and the API server (to inject faults with).
+#[allow(dead_code)]
+pub async fn api_proxy() -> &'static ApiFaultProxy {
+    ensure_operator().await;
+    match PROXY.get() {
+        Some(p) => p,
+        None => panic!("the operator's API proxy is not running"),
+    }
+}
+
 /// Every request the operator made to the API server so far, as the proxy in front of the API
 /// server saw it.
 #[allow(dead_code)]
 pub async fn api_requests() -> Vec<RecordedRequest> {
-    ensure_operator().await;
-    match PROXY.get() {
-        Some(p) => p.requests(),
-        None => panic!("the operator's API proxy is not running"),
-    }
+    api_proxy().await.requests()
 }
 
 /// The operator's writes (POST, PUT, PATCH, DELETE; not dry runs, which store nothing) to

@@ -26,6 +26,9 @@
 //!   [`FaultRule::drop_after_commit`], after the API server answered (committed, but the client
 //!   sees only a connection error). [`FaultRule::stall`] forwards nothing and answers nothing
 //!   for a while, then resets: a request that times out on the client's side.
+//! - A *lag* rule ([`FaultRule::lag_watch`]) delivers every chunk of a watch stream a fixed
+//!   time after the API server sent it: a client whose cache lags behind the stored objects,
+//!   as on a loaded API server. It applies to watches started while it is active.
 //! - 429 and 503 answers carry `Retry-After` (1 s unless [`FaultRule::retry_after`] says
 //!   otherwise), like the API server's priority-and-fairness rejections.
 //! - Every request is recorded ([`RecordedRequest`]) with the status returned and whether it
@@ -113,6 +116,12 @@ pub struct FaultRule {
     /// Forward the request, then hold the API server's response this long before returning
     /// it (see [`FaultRule::hold_response`]).
     pub hold_response: Option<Duration>,
+    /// Forward the request and deliver each chunk of its response this long after the API
+    /// server sent it (see [`FaultRule::lag_watch`]). Only `watch` requests match such a rule.
+    pub lag_stream: Option<Duration>,
+    /// Match only requests whose query string contains this, e.g. `limit=500` for a
+    /// watcher's list rather than a one-item probe of the same path.
+    pub query_contains: Option<String>,
     /// Match only requests whose body contains these bytes.
     pub body_contains: Option<String>,
     /// Match only requests whose body does not contain these bytes.
@@ -159,6 +168,8 @@ impl FaultRule {
             status,
             times: 1,
             hold_response: None,
+            lag_stream: None,
+            query_contains: None,
             body_contains: None,
             body_lacks: None,
             dry_runs: true,
@@ -228,9 +239,27 @@ impl FaultRule {
         }
     }
 
+    /// Forward `watch` requests to a path containing `path_contains` and deliver each event
+    /// `lag` after the API server sent it: the client's informer cache lags behind what is
+    /// stored, e.g. it reconciles with a status older than its own last write. Use with
+    /// [`ApiFaultProxy::fail_until_cleared`]; it applies to watches that start meanwhile.
+    pub fn lag_watch(path_contains: impl Into<String>, lag: Duration) -> Self {
+        FaultRule {
+            lag_stream: Some(lag),
+            dry_runs: false,
+            ..Self::requests(Method::GET, path_contains, 200)
+        }
+    }
+
     /// Apply to the next `n` matching requests (builder style).
     pub fn times(mut self, n: usize) -> Self {
         self.times = n;
+        self
+    }
+
+    /// Match only requests whose query string contains `needle` (builder style).
+    pub fn query_contains(mut self, needle: impl Into<String>) -> Self {
+        self.query_contains = Some(needle.into());
         self
     }
 
@@ -251,6 +280,11 @@ impl FaultRule {
         self.method.matches(req.method)
             && req.path.contains(&self.path_contains)
             && (self.dry_runs || !req.is_dry_run())
+            && (self.lag_stream.is_none() || req.is_watch())
+            && self
+                .query_contains
+                .as_ref()
+                .is_none_or(|n| req.query.is_some_and(|q| q.contains(n.as_str())))
             && self
                 .body_contains
                 .as_ref()
@@ -275,6 +309,13 @@ impl RequestView<'_> {
         self.query
             .is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "dryRun"))
     }
+
+    fn is_watch(&self) -> bool {
+        self.query.is_some_and(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .any(|(k, v)| k == "watch" && (v == "true" || v == "1"))
+        })
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -287,6 +328,7 @@ enum Action {
     /// Status and `Retry-After` seconds (for 429/503).
     Answer(u16, u64),
     Hold(Duration),
+    Lag(Duration),
     Net(NetFault),
 }
 
@@ -379,10 +421,13 @@ impl Shared {
         let mut rules = lock(&self.rules);
         let idx = rules.active.iter().position(|r| r.rule.matches(req))?;
         let r = &mut rules.active[idx];
-        let action = match (r.rule.net, r.rule.hold_response) {
-            (Some(net), _) => Action::Net(net),
-            (None, Some(d)) => Action::Hold(d),
-            (None, None) => Action::Answer(r.rule.status, r.rule.retry_after_secs.unwrap_or(1)),
+        let action = match (r.rule.net, r.rule.hold_response, r.rule.lag_stream) {
+            (Some(net), _, _) => Action::Net(net),
+            (None, Some(d), _) => Action::Hold(d),
+            (None, None, Some(d)) => Action::Lag(d),
+            (None, None, None) => {
+                Action::Answer(r.rule.status, r.rule.retry_after_secs.unwrap_or(1))
+            }
         };
         let hit = (r.id, action);
         if let Some(n) = r.remaining.as_mut() {
@@ -813,6 +858,7 @@ async fn handle(
     };
 
     let mut hold = None;
+    let mut lag = None;
     let mut drop_after_commit = None;
     match shared.take_fault(&view) {
         Some((rule, Action::Answer(code, retry_after))) => {
@@ -839,6 +885,7 @@ async fn handle(
         }
         Some((rule, Action::Net(NetFault::ResetAfterCommit))) => drop_after_commit = Some(rule),
         Some((rule, Action::Hold(d))) => hold = Some((rule, d)),
+        Some((rule, Action::Lag(d))) => lag = Some((rule, d)),
         None => {}
     }
 
@@ -873,21 +920,51 @@ async fn handle(
         return killer.kill().await;
     }
     let headers = end_to_end(upstream.headers(), &[]);
-    match hold {
-        Some((rule, d)) => {
+    match (hold, lag) {
+        (Some((rule, d)), _) => {
             // The API server has answered, so the write is committed; the client waits on.
             shared.record(&view, status.as_u16(), By::Held(rule));
             shared.hold_started.notify_waiters();
             tokio::time::sleep(d).await;
         }
-        None => shared.record(&view, status.as_u16(), By::Upstream),
+        (None, Some((rule, _))) => shared.record(&view, status.as_u16(), By::Held(rule)),
+        (None, None) => shared.record(&view, status.as_u16(), By::Upstream),
     }
     // Streamed as it arrives: a watch response is an endless sequence of chunks.
     let stream = upstream.bytes_stream().map_err(io::Error::other);
-    let mut resp = Response::new(Body::from_stream(stream));
+    let body = match lag {
+        Some((_, d)) => Body::from_stream(lagged(stream, d)),
+        None => Body::from_stream(stream),
+    };
+    let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// `stream`, each item delivered `lag` after it arrived (a constant lag, not one that adds up
+/// over a burst of events). A task reads ahead and stamps arrivals; it ends when the client
+/// goes away.
+fn lagged<S, T>(stream: S, lag: Duration) -> impl futures::Stream<Item = T> + Send + 'static
+where
+    S: futures::Stream<Item = T> + Send + 'static,
+    T: Send + 'static,
+{
+    use futures::StreamExt as _;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            if tx.send((tokio::time::Instant::now() + lag, item)).is_err() {
+                break;
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        let (due, item) = rx.recv().await?;
+        tokio::time::sleep_until(due).await;
+        Some((item, rx))
+    })
 }
 
 #[cfg(test)]
@@ -918,6 +995,47 @@ mod tests {
         let out = end_to_end(&h, &[header::CONTENT_LENGTH]);
         assert_eq!(out.len(), 1);
         assert!(out.contains_key(header::AUTHORIZATION));
+    }
+
+    #[test]
+    fn a_lag_rule_matches_watches_only() {
+        let rule = FaultRule::lag_watch("/vaultconnections", Duration::from_secs(2));
+        let view = |query: Option<&'static str>| RequestView {
+            method: &Method::GET,
+            path: "/apis/vaultconn.dev/v1alpha1/vaultconnections",
+            query,
+            body: &[],
+        };
+        assert!(rule.matches(&view(Some("watch=true&resourceVersion=5"))));
+        assert!(rule.matches(&view(Some("resourceVersion=5&watch=1"))));
+        assert!(!rule.matches(&view(Some("limit=500"))), "a list");
+        assert!(!rule.matches(&view(None)), "a get");
+    }
+
+    #[tokio::test]
+    async fn a_lagged_stream_delivers_each_item_no_sooner_than_the_lag() {
+        let lag = Duration::from_millis(300);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::time::Instant>();
+        let source =
+            futures::stream::unfold(rx, |mut rx| async move { Some((rx.recv().await?, rx)) });
+        let mut out = std::pin::pin!(lagged(source, lag));
+        for _ in 0..3 {
+            tx.send(std::time::Instant::now()).unwrap();
+        }
+        drop(tx);
+        let mut n = 0;
+        while let Some(sent) = futures::StreamExt::next(&mut out).await {
+            assert!(
+                sent.elapsed() >= lag,
+                "item {n} came after {:?}",
+                sent.elapsed()
+            );
+            n += 1;
+        }
+        assert_eq!(
+            n, 3,
+            "every item is delivered, and the stream ends with its source"
+        );
     }
 
     /// An upstream that counts the requests it answered (200, `{}`).
