@@ -706,23 +706,28 @@ async fn reconcile_one(vc: &VaultConnection, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
 
-    let (outcome, action) = decide(vc, ctx, &ns).await?;
-    match write_status(vc, ctx, &outcome).await? {
-        StatusWrite::Current => {
-            // What the status now says; ignored if the connection was deleted meanwhile.
-            let uid = vc.metadata.uid.as_deref().unwrap_or_default();
-            ctx.writer.metrics.report(&ns, &name, uid, &outcome);
-            debug!("reconcile finished: {ns}/{name} ({})", outcome.reason);
-        }
-        // The newer version reconciles next and reports.
-        StatusWrite::Outdated => {
-            debug!(
-                "reconcile finished: {ns}/{name} ({}, from an outdated copy: status not written)",
-                outcome.reason
-            );
+    let (mut outcome, mut action) = decide(vc, ctx, &ns).await?;
+    if write_status(vc, ctx, &outcome).await? == StatusWrite::Outdated {
+        // The cached copy lagged behind the stored one (typically our own last status write,
+        // which wakes nothing: `trigger_hash`). Decide once more over a fresh read; the token
+        // state is always read live, so a second pass repeats no token call.
+        let api: Api<VaultConnection> = Api::namespaced(ctx.client(), &ns);
+        let Some(fresh) = api.get_opt(&name).await? else {
+            return Ok(Action::await_change());
+        };
+        debug!("status computed from an outdated copy of {ns}/{name}: deciding again");
+        (outcome, action) = decide(&fresh, ctx, &ns).await?;
+        if write_status(&fresh, ctx, &outcome).await? == StatusWrite::Outdated {
+            return Err(Error::Retry(format!(
+                "{ns}/{name} changed again while its status was written"
+            )));
         }
     }
-    lock(&ctx.errors).remove(&(ns, name));
+    // What the status now says; ignored if the connection was deleted meanwhile.
+    let uid = vc.metadata.uid.as_deref().unwrap_or_default();
+    ctx.writer.metrics.report(&ns, &name, uid, &outcome);
+    lock(&ctx.errors).remove(&(ns.clone(), name.clone()));
+    debug!("reconcile finished: {ns}/{name} ({})", outcome.reason);
     Ok(action)
 }
 
@@ -820,7 +825,7 @@ async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcom
 enum StatusWrite {
     /// Written, or already what it should be.
     Current,
-    /// Not written: the status was computed from an outdated copy of the connection.
+    /// Not written (409): the status was computed from an outdated copy of the connection.
     Outdated,
 }
 
@@ -836,7 +841,7 @@ async fn write_status(
     let key = (ns.clone(), name.clone());
     let live = vc.status.clone().unwrap_or_default();
     let last_written = lock(&ctx.last_status).get(&key).cloned();
-    if desired == live || last_written.as_ref() == Some(&desired) {
+    if !status::write_needed(&desired, &live, last_written.as_ref()) {
         return Ok(StatusWrite::Current);
     }
     // A replica without the lease never writes status: its view (e.g. NotLeader) would
@@ -844,7 +849,12 @@ async fn write_status(
     if !ctx.writer.gate.may_write() {
         return Err(Error::NotLeader);
     }
-    let previous_reason = status::current_reason(vc).map(str::to_string);
+    // What the stored status says: our last write if the cache does not show it yet.
+    let previous_reason = last_written
+        .as_ref()
+        .and_then(status::ready_reason)
+        .or_else(|| status::current_reason(vc))
+        .map(str::to_string);
     let api: Api<VaultConnection> = Api::namespaced(ctx.client(), &ns);
     let patch = status::status_apply_patch(vc, &desired);
     let written = api

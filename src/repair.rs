@@ -219,6 +219,22 @@ pub fn state_contested_message(
     )
 }
 
+/// The status message while rewrites of a deleted state Secret are stopped: names the Secret,
+/// says where the tokens are meanwhile and what to do, never their values.
+pub fn state_deleted_message(
+    namespace: &str,
+    name: &str,
+    policy: &RepairPolicy,
+    repairs: usize,
+    until: Timestamp,
+) -> String {
+    let window = policy.window.as_secs() / 60;
+    let until = until.strftime("%Y-%m-%dT%H:%M:%SZ");
+    format!(
+        "Secret {namespace}/{name} (the token state) keeps being deleted by another writer: vaultconn wrote it again {repairs} times in the last {window} minutes and stops until {until} (then it tries once more, waiting longer each time), except to store tokens it refreshes on schedule. Meanwhile the current tokens are kept only in this operator process: a restart before the Secret is back loses them (StateLost). Find and stop the other writer (a cleanup job, a GitOps prune, a script): the token state belongs to vaultconn alone; an edit of the VaultConnection or of its credentials Secret writes it again at once"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +403,14 @@ mod tests {
     fn the_state_message_names_the_secret_and_what_to_do() {
         let m = state_contested_message("ns", "c-vaultconn-state", &POLICY, 3, t(63));
         assert!(m.starts_with("Secret ns/c-vaultconn-state (the token state) keeps being rolled back by another writer: vaultconn requested new tokens 3 times in the last 10 minutes"), "{m}");
+        assert!(m.contains("Find and stop the other writer"), "{m}");
+    }
+
+    #[test]
+    fn the_deleted_state_message_says_where_the_tokens_are() {
+        let m = state_deleted_message("ns", "c-vaultconn-state", &POLICY, 3, t(63));
+        assert!(m.starts_with("Secret ns/c-vaultconn-state (the token state) keeps being deleted by another writer: vaultconn wrote it again 3 times in the last 10 minutes"), "{m}");
+        assert!(m.contains("only in this operator process"), "{m}");
         assert!(m.contains("Find and stop the other writer"), "{m}");
     }
 

@@ -164,10 +164,30 @@ pub fn status_apply_patch(
     patch
 }
 
+/// Whether `desired` must be written over the cached status `live`, given what this process
+/// `last_written` (its newest knowledge of the stored status). Matching the cache is not
+/// enough when the cache does not show our last write yet: it may be older than what is
+/// stored, and the status it matches already replaced (the write then meets its
+/// `resourceVersion` precondition, see [`status_apply_patch`]).
+pub fn write_needed(
+    desired: &VaultConnectionStatus,
+    live: &VaultConnectionStatus,
+    last_written: Option<&VaultConnectionStatus>,
+) -> bool {
+    if last_written == Some(desired) {
+        return false;
+    }
+    desired != live || last_written.is_some_and(|w| w != live)
+}
+
 /// The reason of the live `Ready` condition, if any.
 pub fn current_reason(vc: &VaultConnection) -> Option<&str> {
-    vc.status
-        .as_ref()?
+    ready_reason(vc.status.as_ref()?)
+}
+
+/// The reason of `status`'s `Ready` condition, if any.
+pub fn ready_reason(status: &VaultConnectionStatus) -> Option<&str> {
+    status
         .conditions
         .iter()
         .find(|c| c.type_ == READY)
@@ -260,6 +280,31 @@ mod tests {
         assert_eq!(patch["metadata"]["resourceVersion"], "4711");
         assert_eq!(patch["kind"], "VaultConnection");
         assert_eq!(patch["status"], serde_json::to_value(&desired).unwrap());
+    }
+
+    #[test]
+    fn a_status_is_written_when_it_differs_or_the_cache_lags_behind_our_last_write() {
+        let at = time("2026-01-01T00:00:00Z");
+        let ready = desired_status(
+            &vc(None),
+            &Outcome::new(Reason::Reconciled, "ok"),
+            at.clone(),
+        );
+        let retrying = desired_status(
+            &vc(None),
+            &Outcome::new(Reason::RefreshRetrying, "retrying"),
+            at,
+        );
+        // Quiet: the cache and our last write both hold it.
+        assert!(!write_needed(&ready, &ready, Some(&ready)));
+        assert!(!write_needed(&ready, &ready, None), "after a restart");
+        // Our last write holds it, whatever the cache says.
+        assert!(!write_needed(&ready, &retrying, Some(&ready)));
+        // A change.
+        assert!(write_needed(&retrying, &ready, Some(&ready)));
+        assert!(write_needed(&retrying, &ready, None));
+        // The cache still shows Ready, but we wrote RefreshRetrying since: Ready is not stored.
+        assert!(write_needed(&ready, &ready, Some(&retrying)));
     }
 
     #[test]

@@ -40,6 +40,15 @@ pub enum SecretWrite {
     },
 }
 
+/// How another writer undid the state Secret (see [`SecretWriter::may_repair_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFight {
+    /// Its data was put back to older content.
+    RolledBack,
+    /// It was deleted.
+    Deleted,
+}
+
 /// Which of a connection's Secrets a repair history is about (see `repair`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Repairing {
@@ -166,13 +175,15 @@ impl SecretWriter {
         self.set_history(vc, role, h);
     }
 
-    /// Another writer rolled the state Secret back from what this process stored (content
-    /// hash `stored`) to something that asks for a token request ours did not: may the
-    /// refresh go ahead? `Some((message, retry_at))` when the budget is spent.
-    pub fn may_refresh_after_rollback(
+    /// Another writer rolled the state Secret back from, or deleted, what this process stored
+    /// (content hash `stored`), and putting it back needs a write (or, for a rollback, a token
+    /// request ours did not): may that go ahead? `Some((message, retry_at))` when the budget is
+    /// spent.
+    pub fn may_repair_state(
         &self,
         vc: &VaultConnection,
         stored: &str,
+        fight: StateFight,
     ) -> Option<(String, jiff::Timestamp)> {
         let now = jiff::Timestamp::now();
         let history = self.history(vc, Repairing::State).known_good(stored);
@@ -188,10 +199,20 @@ impl SecretWriter {
         };
         let ns = vc.metadata.namespace.as_deref().unwrap_or_default();
         let name = crate::names::state_secret_name(vc.metadata.name.as_deref().unwrap_or_default());
-        if started {
-            warn!(namespace = %ns, secret = %name, repairs, retry_at = %until, "another writer keeps rolling the token state Secret back; no token is requested for that until the backoff passes");
-        }
-        let message = repair::state_contested_message(ns, &name, &repair::POLICY, repairs, until);
+        let message = match fight {
+            StateFight::RolledBack => {
+                if started {
+                    warn!(namespace = %ns, secret = %name, repairs, retry_at = %until, "another writer keeps rolling the token state Secret back; no token is requested for that until the backoff passes");
+                }
+                repair::state_contested_message(ns, &name, &repair::POLICY, repairs, until)
+            }
+            StateFight::Deleted => {
+                if started {
+                    warn!(namespace = %ns, secret = %name, repairs, retry_at = %until, "another writer keeps deleting the token state Secret; it is not written again until the backoff passes (tokens are held in memory)");
+                }
+                repair::state_deleted_message(ns, &name, &repair::POLICY, repairs, until)
+            }
+        };
         Some((message, until))
     }
 

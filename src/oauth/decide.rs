@@ -514,6 +514,15 @@ impl Decider<'_> {
         }
     }
 
+    /// Another writer keeps undoing the state Secret and the repair budget is spent
+    /// (`message` says how): nothing is written or requested for that until `retry_at`.
+    pub fn state_contested(&self, message: String, retry_at: Timestamp) -> Decision {
+        Decision {
+            outcome: self.keep(Reason::SecretContested, message),
+            requeue: self.requeue_at(retry_at),
+        }
+    }
+
     /// The plan found a terminal failure remembered under the same inputs.
     pub fn remembered_failure(&self, reason: Reason, retry_at: Option<Timestamp>) -> Decision {
         Decision {

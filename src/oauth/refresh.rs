@@ -34,7 +34,7 @@ use crate::reason::Reason;
 use crate::secret::{self, Inputs, SecretBytes, SecretData};
 use crate::status::Outcome;
 use crate::sync::lock;
-use crate::writer::{DryRun, GuardedWriteError, SecretWrite, SecretWriter};
+use crate::writer::{DryRun, GuardedWriteError, SecretWrite, SecretWriter, StateFight};
 
 type Key = (String, String);
 
@@ -238,29 +238,6 @@ impl OAuthEngine {
         let overwritten = live_state
             .as_ref()
             .and_then(|live| self.stored_if_overwritten(vc, &key, live));
-        let mut token_state = match &live_state {
-            Some(live) => {
-                let probe = secret::desired_state_secret(vc, SecretData::default());
-                if let Some(msg) = secret::write_conflict(vc, &probe, live) {
-                    return Ok(carry_out(decider.conflict(msg)));
-                }
-                TokenState::from_data(&SecretData::from_secret(live))
-            }
-            None => match self.recover_lost_state(w, vc, &key).await? {
-                Some(st) => st,
-                None => {
-                    let spent = vc
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.spent_seed_fingerprint.as_deref());
-                    if decide::seed_already_spent(settings.grant, spent, &seed_fp) {
-                        return Ok(carry_out(decider.state_lost()));
-                    }
-                    TokenState::default()
-                }
-            },
-        };
-        decide::seed_from_inputs(&mut token_state, &settings, &inputs, &config_fp, now);
         let refresh_request = vc.annotations().get(REFRESH_REQUESTED_ANNOTATION).cloned();
         let fps = Fingerprints {
             config: &config_fp,
@@ -278,6 +255,52 @@ impl OAuthEngine {
                 jitter_key: &decider.jitter_key(),
             })
         };
+        let mut token_state = match &live_state {
+            Some(live) => {
+                let probe = secret::desired_state_secret(vc, SecretData::default());
+                if let Some(msg) = secret::write_conflict(vc, &probe, live) {
+                    return Ok(carry_out(decider.conflict(msg)));
+                }
+                TokenState::from_data(&SecretData::from_secret(live))
+            }
+            None => match self.last_stored_for(vc, &key) {
+                Some(ours) => {
+                    // Writing it again is a repair: another writer that deletes it on sight
+                    // must not get a create per deletion. Beyond the budget it is written only
+                    // when a refresh on schedule needs it.
+                    let stored = secret::desired_state_secret(vc, ours.to_data());
+                    let fight = StateFight::Deleted;
+                    if let Some((message, until)) =
+                        w.may_repair_state(vc, stored.content_hash(), fight)
+                    {
+                        let mut seeded = ours.clone();
+                        decide::seed_from_inputs(&mut seeded, &settings, &inputs, &config_fp, now);
+                        let at = match plan_for(&seeded) {
+                            Plan::Refresh(_) => None,
+                            Plan::Wait { next_refresh } => Some(until.min(next_refresh)),
+                            Plan::Failed { .. } => Some(until),
+                        };
+                        if let Some(at) = at {
+                            return Ok(carry_out(decider.state_contested(message, at)));
+                        }
+                    }
+                    self.persist(w, vc, &ours, None).await?;
+                    info!(namespace = %key.0, name = %key.1, "the state Secret was missing; rewrote it from this process's copy");
+                    ours
+                }
+                None => {
+                    let spent = vc
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.spent_seed_fingerprint.as_deref());
+                    if decide::seed_already_spent(settings.grant, spent, &seed_fp) {
+                        return Ok(carry_out(decider.state_lost()));
+                    }
+                    TokenState::default()
+                }
+            },
+        };
+        decide::seed_from_inputs(&mut token_state, &settings, &inputs, &config_fp, now);
         let plan = plan_for(&token_state);
         let cause = match plan {
             Plan::Wait { next_refresh } => {
@@ -302,18 +325,14 @@ impl OAuthEngine {
             if !matches!(ours_plan, Plan::Refresh(_)) {
                 let stored = secret::desired_state_secret(vc, ours.to_data());
                 if let Some((message, until)) =
-                    w.may_refresh_after_rollback(vc, stored.content_hash())
+                    w.may_repair_state(vc, stored.content_hash(), StateFight::RolledBack)
                 {
                     // Refreshes on our own schedule go on meanwhile (they are not repairs).
                     let at = match ours_plan {
                         Plan::Wait { next_refresh } => until.min(next_refresh),
                         _ => until,
                     };
-                    let o = Outcome::new(Reason::SecretContested, message);
-                    return Ok(carry_out(Decision {
-                        outcome: crate::status::keep_known_fields(vc, o),
-                        requeue: decider.requeue_at(at),
-                    }));
+                    return Ok(carry_out(decider.state_contested(message, at)));
                 }
             }
         }
@@ -718,22 +737,12 @@ impl OAuthEngine {
         (ours.to_data() != SecretData::from_secret(live)).then_some(ours)
     }
 
-    /// The state Secret is missing: rewrite what this process last stored for this very
-    /// connection (same UID), if anything. No provider call either way.
-    async fn recover_lost_state(
-        &self,
-        w: &SecretWriter,
-        vc: &VaultConnection,
-        key: &Key,
-    ) -> Result<Option<TokenState>> {
-        let uid = vc.metadata.uid.clone().unwrap_or_default();
+    /// What this process last stored for this very connection (same UID), if anything: what
+    /// a missing state Secret is written again from (no provider call).
+    fn last_stored_for(&self, vc: &VaultConnection, key: &Key) -> Option<TokenState> {
+        let uid = vc.metadata.uid.as_deref().unwrap_or_default();
         let known = lock(&self.last_stored).get(key).cloned();
-        let Some((_, st)) = known.filter(|(u, _)| *u == uid) else {
-            return Ok(None);
-        };
-        self.persist(w, vc, &st, None).await?;
-        info!(namespace = %key.0, name = %key.1, "the state Secret was missing; rewrote it from this process's copy");
-        Ok(Some(st))
+        known.filter(|(u, _)| u == uid).map(|(_, st)| st)
     }
 
     /// Keep `st` in memory until the state Secret accepts it (`TokenPersistPending`).
