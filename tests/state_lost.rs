@@ -227,7 +227,7 @@ async fn a_seed_refused_after_a_lost_response_is_not_resent_when_the_state_is_lo
     );
     record(Fact::survived(
         "State Secret deleted after a refused seed (RefreshResponseLost), operator down",
-        "reset after the provider committed a rotation, no overlap window; DELETE of the state Secret while stopped",
+        "reset after the provider committed a rotation, no overlap window; the operator's VaultConnection watch lagging 5 s (a reconcile from the stale copy forced inside the lag); DELETE of the state Secret while stopped",
         1,
-    ).note("StateLost reported; the refused seed never sent a third time"));
+    ).note("the stale copy's status write refused (409) and decided again: the spent-seed record kept; StateLost reported; the refused seed never sent a third time"));
 }
