@@ -706,22 +706,14 @@ async fn reconcile_one(vc: &VaultConnection, ctx: &Context) -> Result<Action> {
         return Ok(Action::await_change());
     }
 
-    let (mut outcome, mut action) = decide(vc, ctx, &ns).await?;
+    let (outcome, action) = decide(vc, ctx, &ns).await?;
     if write_status(vc, ctx, &outcome).await? == StatusWrite::Outdated {
         // The cached copy lagged behind the stored one (typically our own last status write,
-        // which wakes nothing: `trigger_hash`). Decide once more over a fresh read; the token
-        // state is always read live, so a second pass repeats no token call.
-        let api: Api<VaultConnection> = Api::namespaced(ctx.client(), &ns);
-        let Some(fresh) = api.get_opt(&name).await? else {
-            return Ok(Action::await_change());
-        };
-        debug!("status computed from an outdated copy of {ns}/{name}: deciding again");
-        (outcome, action) = decide(&fresh, ctx, &ns).await?;
-        if write_status(&fresh, ctx, &outcome).await? == StatusWrite::Outdated {
-            return Err(Error::Retry(format!(
-                "{ns}/{name} changed again while its status was written"
-            )));
-        }
+        // which wakes nothing: `trigger_hash`): decide again shortly, from a copy that has
+        // caught up. Not at once over a fresh read: a decision can take a whole write budget
+        // (held tokens), and doing it twice would overrun a shutdown's grace period.
+        debug!("reconcile finished: {ns}/{name} ({}, computed from an outdated copy: status not written, again in {}s)", outcome.reason, OUTDATED_RETRY.as_secs());
+        return Ok(Action::requeue(OUTDATED_RETRY));
     }
     // What the status now says; ignored if the connection was deleted meanwhile.
     let uid = vc.metadata.uid.as_deref().unwrap_or_default();
@@ -730,6 +722,9 @@ async fn reconcile_one(vc: &VaultConnection, ctx: &Context) -> Result<Action> {
     debug!("reconcile finished: {ns}/{name} ({})", outcome.reason);
     Ok(action)
 }
+
+/// When a reconcile whose status met a newer stored copy runs again.
+const OUTDATED_RETRY: Duration = Duration::from_secs(1);
 
 /// Work out (and carry out) what the connection needs; returns what the status should say.
 async fn decide(vc: &VaultConnection, ctx: &Context, ns: &str) -> Result<(Outcome, Action)> {
@@ -836,7 +831,9 @@ async fn write_status(
 ) -> Result<StatusWrite> {
     let ns = vc.namespace().unwrap_or_default();
     let name = vc.name_any();
-    let now = Time(jiff_now());
+    // Whole seconds, as the API server stores a Time: what we remember writing must equal
+    // what the cache shows afterwards (`status::write_needed`).
+    let now = Time(whole_seconds(jiff_now()));
     let desired = status::desired_status(vc, outcome, now);
     let key = (ns.clone(), name.clone());
     let live = vc.status.clone().unwrap_or_default();
@@ -894,6 +891,10 @@ fn jiff_now() -> k8s_openapi::jiff::Timestamp {
     k8s_openapi::jiff::Timestamp::now()
 }
 
+fn whole_seconds(t: k8s_openapi::jiff::Timestamp) -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::from_second(t.as_second()).unwrap_or(t)
+}
+
 /// Requeue a failed reconcile after a per-connection exponential backoff whose range depends
 /// on the error's category: a persistent RBAC denial backs off to 10 minutes instead of
 /// retrying every few seconds forever; a conflict or a blip retries within seconds.
@@ -921,6 +922,17 @@ pub fn error_policy(vc: Arc<VaultConnection>, error: &Error, ctx: Arc<Context>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A status written with a sub-second transition time comes back truncated, and would
+    /// never equal what we remember writing: one more write after every change.
+    #[test]
+    fn status_times_survive_the_round_trip_through_the_api_format() {
+        let t = k8s_openapi::jiff::Timestamp::from_nanosecond(1_764_000_000_123_456_789).unwrap();
+        let round_trip =
+            |t| -> Time { serde_json::from_value(serde_json::to_value(Time(t)).unwrap()).unwrap() };
+        assert_ne!(round_trip(t), Time(t), "the API format keeps whole seconds");
+        assert_eq!(round_trip(whole_seconds(t)), Time(whole_seconds(t)));
+    }
 
     /// A watch that lost its connection.
     const BLIP: WatchSignal = WatchSignal::Failed { transient: true };
