@@ -14,7 +14,7 @@ use crate::names::state_secret_name;
 use crate::oauth::schedule;
 use crate::oauth::state::{
     format_time, parse_time, seed_fingerprint, token_fingerprint, whole_seconds, AccessToken,
-    OAuthSettings, RefreshCause, TokenState,
+    OAuthSettings, Plan, RefreshCause, TokenState,
 };
 use crate::oauth::token::error::{ErrorClass, TokenError};
 use crate::oauth::token::response::TokenResponse;
@@ -130,6 +130,18 @@ pub fn spent_after_terminal(
         Some(seed_fp.chars().take(16).collect())
     } else {
         spent_seed(after)
+    }
+}
+
+/// While repairs of the state Secret are stopped until `until` (another writer keeps undoing
+/// it), when to look at the connection again given the plan for the tokens this process
+/// stored: at `until`, or sooner when they fall due. `None`: a refresh on schedule is due now;
+/// it goes ahead (it is not a repair) and writes the state Secret anyway.
+pub fn while_contested(ours: &Plan, until: Timestamp) -> Option<Timestamp> {
+    match ours {
+        Plan::Refresh(_) => None,
+        Plan::Wait { next_refresh } => Some(until.min(*next_refresh)),
+        Plan::Failed { .. } => Some(until),
     }
 }
 
@@ -768,6 +780,33 @@ mod tests {
 
     fn rt(s: &str) -> SecretBytes {
         SecretBytes::new(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_contested_state_is_looked_at_again_when_the_block_ends_or_a_refresh_falls_due() {
+        let until = t("2026-01-01T01:00:00Z");
+        let due_sooner = Plan::Wait {
+            next_refresh: t("2026-01-01T00:30:00Z"),
+        };
+        let due_later = Plan::Wait {
+            next_refresh: t("2026-01-01T02:00:00Z"),
+        };
+        assert_eq!(
+            while_contested(&due_sooner, until),
+            Some(t("2026-01-01T00:30:00Z"))
+        );
+        assert_eq!(while_contested(&due_later, until), Some(until));
+        let failed = Plan::Failed {
+            reason: "RefreshTokenRejected".into(),
+            retry_at: None,
+        };
+        assert_eq!(while_contested(&failed, until), Some(until));
+        let due_now = Plan::Refresh(RefreshCause::Scheduled);
+        assert_eq!(
+            while_contested(&due_now, until),
+            None,
+            "refreshes on schedule go on"
+        );
     }
 
     const FPS: Fingerprints<'static> = Fingerprints {

@@ -275,12 +275,7 @@ impl OAuthEngine {
                     {
                         let mut seeded = ours.clone();
                         decide::seed_from_inputs(&mut seeded, &settings, &inputs, &config_fp, now);
-                        let at = match plan_for(&seeded) {
-                            Plan::Refresh(_) => None,
-                            Plan::Wait { next_refresh } => Some(until.min(next_refresh)),
-                            Plan::Failed { .. } => Some(until),
-                        };
-                        if let Some(at) = at {
+                        if let Some(at) = decide::while_contested(&plan_for(&seeded), until) {
                             return Ok(carry_out(decider.state_contested(message, at)));
                         }
                     }
@@ -328,10 +323,7 @@ impl OAuthEngine {
                     w.may_repair_state(vc, stored.content_hash(), StateFight::RolledBack)
                 {
                     // Refreshes on our own schedule go on meanwhile (they are not repairs).
-                    let at = match ours_plan {
-                        Plan::Wait { next_refresh } => until.min(next_refresh),
-                        _ => until,
-                    };
+                    let at = decide::while_contested(&ours_plan, until).unwrap_or(until);
                     return Ok(carry_out(decider.state_contested(message, at)));
                 }
             }
