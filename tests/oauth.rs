@@ -1125,7 +1125,23 @@ async fn deleting_a_connection_forgets_its_series() {
             .contains(&series)
     })
     .await;
-    // Re-created under the same name, it gets its own token.
+    // The old connection's Secrets go by garbage collection (kube-controller-manager, slower
+    // under load); until then a re-created connection finds them owned by the old one
+    // (`SecretConflict`). Re-created after that, it gets its own token.
+    wait_for(
+        Duration::from_secs(90),
+        "the old Secrets garbage-collected",
+        || async {
+            let secrets = ns.api::<Secret>();
+            secrets.get_opt("api").await.unwrap().is_none()
+                && secrets
+                    .get_opt("api-vaultconn-state")
+                    .await
+                    .unwrap()
+                    .is_none()
+        },
+    )
+    .await;
     let calls_before = ts.call_count();
     apply_vc(&ns, "api", cc_spec(&ts, json!({}))).await;
     ready(&ns, "api").await;
