@@ -187,6 +187,14 @@ impl RepairHistory {
     }
 }
 
+/// The window in minutes and `until` as the messages show them.
+fn window_and_until(policy: &RepairPolicy, until: Timestamp) -> (i64, String) {
+    (
+        policy.window.as_secs() / 60,
+        until.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    )
+}
+
 /// The status message while repairs are stopped: names the Secret and what to do, never its
 /// content.
 pub fn contested_message(
@@ -196,8 +204,7 @@ pub fn contested_message(
     repairs: usize,
     until: Timestamp,
 ) -> String {
-    let window = policy.window.as_secs() / 60;
-    let until = until.strftime("%Y-%m-%dT%H:%M:%SZ");
+    let (window, until) = window_and_until(policy, until);
     format!(
         "Secret {namespace}/{name} keeps being changed by another writer: vaultconn put its content back {repairs} times in the last {window} minutes and stops repairing it until {until} (then it tries once more, waiting longer each time). Find and stop the other writer (another controller, a GitOps sync or a script that writes this Secret), or choose another spec.target.name; an edit of the VaultConnection or of its credentials Secret repairs it at once"
     )
@@ -212,8 +219,7 @@ pub fn state_contested_message(
     repairs: usize,
     until: Timestamp,
 ) -> String {
-    let window = policy.window.as_secs() / 60;
-    let until = until.strftime("%Y-%m-%dT%H:%M:%SZ");
+    let (window, until) = window_and_until(policy, until);
     format!(
         "Secret {namespace}/{name} (the token state) keeps being rolled back by another writer: vaultconn requested new tokens {repairs} times in the last {window} minutes because of it and requests none for that reason until {until} (then it tries once more, waiting longer each time). Find and stop the other writer (a backup restore, a GitOps sync or a script that writes this Secret): the token state belongs to vaultconn alone; an edit of the VaultConnection or of its credentials Secret lets it refresh at once"
     )
@@ -228,8 +234,7 @@ pub fn state_deleted_message(
     repairs: usize,
     until: Timestamp,
 ) -> String {
-    let window = policy.window.as_secs() / 60;
-    let until = until.strftime("%Y-%m-%dT%H:%M:%SZ");
+    let (window, until) = window_and_until(policy, until);
     format!(
         "Secret {namespace}/{name} (the token state) keeps being deleted by another writer: vaultconn wrote it again {repairs} times in the last {window} minutes and stops until {until} (then it tries once more, waiting longer each time), except to store tokens it refreshes on schedule. Meanwhile the current tokens are kept only in this operator process: a restart before the Secret is back loses them (StateLost). Find and stop the other writer (a cleanup job, a GitOps prune, a script): the token state belongs to vaultconn alone; an edit of the VaultConnection or of its credentials Secret writes it again at once"
     )

@@ -40,16 +40,19 @@ const REPAIR_BUDGET: usize = 3;
 const FIGHT: Duration = Duration::from_secs(15);
 const REASON: &str = "SecretContested";
 
-/// A writer that rewrites Secret `name` whenever `fix` says it differs from what it wants
-/// (`fix` returns the object to write), as soon as its own watch shows the change (no timers).
-/// Returns how many writes the API server accepted from it.
-fn fighter(
+/// Watches Secret `name` and calls `act` with each version it sees (no timers) until `stop`;
+/// returns how many times `act` said the API server accepted its write.
+fn on_each_version<F, Fut>(
     client: kube::Client,
     ns: &str,
     name: &str,
-    fix: impl Fn(&Secret) -> Option<Secret> + Send + 'static,
     mut stop: watch::Receiver<bool>,
-) -> JoinHandle<usize> {
+    act: F,
+) -> JoinHandle<usize>
+where
+    F: Fn(Api<Secret>, String, Secret) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let api: Api<Secret> = Api::namespaced(client, ns);
     let name = name.to_string();
     tokio::spawn(async move {
@@ -58,26 +61,45 @@ fn fighter(
             .default_backoff()
             .applied_objects()
             .boxed();
-        let mut writes = 0;
+        let mut accepted = 0;
         loop {
             let live = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return writes,
+                _ = stop.wait_for(|s| *s) => return accepted,
                 ev = events.try_next() => match ev {
                     Ok(Some(s)) => s,
-                    Ok(None) => return writes,
+                    Ok(None) => return accepted,
                     Err(_) => continue,
                 },
             };
-            let Some(mut mine) = fix(&live) else { continue };
+            if act(api.clone(), name.clone(), live).await {
+                accepted += 1;
+            }
+        }
+    })
+}
+
+/// A writer that rewrites Secret `name` whenever `fix` says it differs from what it wants
+/// (`fix` returns the object to write), as soon as its own watch shows the change.
+/// Returns how many writes the API server accepted from it.
+fn fighter(
+    client: kube::Client,
+    ns: &str,
+    name: &str,
+    fix: impl Fn(&Secret) -> Option<Secret> + Send + Sync + 'static,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<usize> {
+    let fix = std::sync::Arc::new(fix);
+    on_each_version(client, ns, name, stop, move |api, name, live| {
+        let fix = fix.clone();
+        async move {
+            let Some(mut mine) = fix(&live) else {
+                return false;
+            };
             mine.metadata.managed_fields = None;
             // A 409 means the Secret changed meanwhile: its watch event comes next.
-            if api
-                .replace(&name, &PostParams::default(), &mine)
+            api.replace(&name, &PostParams::default(), &mine)
                 .await
                 .is_ok()
-            {
-                writes += 1;
-            }
         }
     })
 }
@@ -439,30 +461,10 @@ fn deleter(
     client: kube::Client,
     ns: &str,
     name: &str,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> JoinHandle<usize> {
-    let api: Api<Secret> = Api::namespaced(client, ns);
-    let name = name.to_string();
-    tokio::spawn(async move {
-        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut events = watcher(api.clone(), cfg)
-            .default_backoff()
-            .applied_objects()
-            .boxed();
-        let mut deletes = 0;
-        loop {
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => return deletes,
-                ev = events.try_next() => match ev {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return deletes,
-                    Err(_) => continue,
-                },
-            };
-            if api.delete(&name, &Default::default()).await.is_ok() {
-                deletes += 1;
-            }
-        }
+    on_each_version(client, ns, name, stop, |api, name, _| async move {
+        api.delete(&name, &Default::default()).await.is_ok()
     })
 }
 
