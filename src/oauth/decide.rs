@@ -192,6 +192,7 @@ pub fn settled_state(state: &TokenState, fps: Fingerprints<'_>) -> TokenState {
         failed_at: None,
         inflight: None,
         inflight_by: None,
+        inflight_retry: false,
     }
 }
 
@@ -268,16 +269,71 @@ pub fn classify(error: &TokenError, rt_sent: bool) -> ErrorClass {
     }
 }
 
-pub fn after_first_call(rt_sent: bool, error: &TokenError) -> AfterFirstCall {
-    if !rt_sent || classify(error, rt_sent) != ErrorClass::UnknownOutcome {
+/// `send`: how the refresh token went out (`None`: the request carried none). A send that was
+/// itself the one retry gets no second one in this reconcile: its unknown outcome is retried
+/// after the backoff, marked as the retry again.
+pub fn after_first_call(send: Option<NextSend>, error: &TokenError) -> AfterFirstCall {
+    let Some(send) = send else {
+        return AfterFirstCall::Settle;
+    };
+    if classify(error, true) != ErrorClass::UnknownOutcome {
         return AfterFirstCall::Settle;
     }
     match error.recovered_refresh_token() {
         Some(rt) => {
             AfterFirstCall::KeepSalvaged(SecretBytes::new(rt.expose_secret().as_bytes().to_vec()))
         }
-        None => AfterFirstCall::RetryOnce,
+        None if send == NextSend::First => AfterFirstCall::RetryOnce,
+        None => AfterFirstCall::Settle,
     }
+}
+
+/// What the in-flight mark says about sending the refresh token with fingerprint `fp` now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextSend {
+    /// No earlier attempt with this token ended unknown: an ordinary send.
+    First,
+    /// An earlier attempt with it ended unknown (the process died mid-call, or the response
+    /// was lost): this send is its one retry, and the mark says so before it goes out.
+    Retry,
+    /// The one retry was sent and its answer never stored: the process that sent it stopped
+    /// while it was on its way or before storing what came back, which may have been a refusal
+    /// (or tokens that died with it). A third send could only present a token the provider may
+    /// already have refused: nothing is sent, and the loss is reported (`RefreshResponseLost`).
+    /// A retry that this process saw end without an answer (a reset, a timeout) or with a
+    /// transient one (503, 429) clears the flag (`state_after_transient`): no answer was lost
+    /// in memory, so the next attempt is the retry again.
+    RetrySpent,
+}
+
+pub fn next_send(state: &TokenState, fp: &str) -> NextSend {
+    match (state.inflight.as_deref() == Some(fp), state.inflight_retry) {
+        (false, _) => NextSend::First,
+        (true, false) => NextSend::Retry,
+        (true, true) => NextSend::RetrySpent,
+    }
+}
+
+/// The state to store after a failure that is tried again later (`AfterFailure::Transient`),
+/// or `None` when the stored one stays. With `clear_inflight` the mark goes; otherwise an
+/// earlier attempt's outcome is still unknown and the mark stays, but no longer as a retry in
+/// flight: this process saw the retry end without an answer it could lose.
+pub fn state_after_transient(
+    state: &TokenState,
+    clear_inflight: bool,
+    fps: Fingerprints<'_>,
+) -> Option<TokenState> {
+    if clear_inflight {
+        state.inflight.as_ref()?;
+        let mut st = settled_state(state, fps.without_request());
+        st.config_fingerprint = state.config_fingerprint.clone();
+        st.seed_fingerprint = state.seed_fingerprint.clone();
+        return Some(st);
+    }
+    state.inflight_retry.then(|| TokenState {
+        inflight_retry: false,
+        ..state.clone()
+    })
 }
 
 /// The state after a successful token response to a request sent at `sent_at`.
@@ -425,7 +481,7 @@ pub fn failure_message(reason: Reason, ns: &str, name: &str) -> String {
     match reason {
         Reason::RefreshTokenRejected => format!("The token endpoint rejected the refresh token (invalid_grant): it was revoked or expired. Re-authorize and put a new refresh_token in the credentials Secret of {ns}/{name}"),
         Reason::InvalidClient => format!("The token endpoint rejected the client credentials (invalid_client). Fix client_id/client_secret in the credentials Secret of {ns}/{name}"),
-        Reason::RefreshResponseLost => format!("A refresh ended without an answer (the response was lost, or the operator stopped while the request may have been on its way), so the provider may have rotated the refresh token then; it refused the one retry with that token (invalid_grant). The connection needs a new refresh_token in its credentials Secret. Enable a refresh-token rotation overlap (reuse) window on the provider (e.g. Auth0 'Rotation Overlap Period' of 60s) to make this recoverable for {ns}/{name}"),
+        Reason::RefreshResponseLost => format!("A refresh ended without an answer (the response was lost, or the operator stopped while the request may have been on its way), so the provider may have rotated the refresh token then; the one retry with that token was refused (invalid_grant), or the operator stopped before it stored the retry's answer, so the token is not sent again. The connection needs a new refresh_token in its credentials Secret. Enable a refresh-token rotation overlap (reuse) window on the provider (e.g. Auth0 'Rotation Overlap Period' of 60s) to make this recoverable for {ns}/{name}"),
         Reason::TokenRequestRejected => format!("The token endpoint rejected the request (e.g. invalid_scope or unauthorized_client); check the scopes, audience and grant type of {ns}/{name}"),
         Reason::TokenUrlNotAllowed => format!("The token host of {ns}/{name} resolves only to private network addresses, which the operator does not contact unless allowed; nothing was sent. {}", crate::oauth::token::url_policy::NOT_ALLOWED_ADVICE),
         other => format!("Token request failed with {other}; fix the connection's settings or credentials to retry"),
@@ -930,7 +986,7 @@ mod tests {
         let now = t("2026-01-01T00:00:10Z");
         let max_call = Duration::from_secs(35);
         let mut st = chain("old");
-        st.mark_inflight("fp".into(), "pod-a_7", t("2026-01-01T00:00:00Z"));
+        st.mark_inflight("fp".into(), "pod-a_7", t("2026-01-01T00:00:00Z"), false);
         assert_eq!(
             wait_for_foreign_call(&st, "fp", "pod-b_9", now, max_call),
             Some(Duration::from_secs(25)),
@@ -996,7 +1052,12 @@ mod tests {
     #[test]
     fn the_inflight_holder_round_trips_through_the_state_secret() {
         let mut st = chain("old");
-        st.mark_inflight("fp".into(), "vaultconn-5d8c_1", t("2026-01-01T00:00:00Z"));
+        st.mark_inflight(
+            "fp".into(),
+            "vaultconn-5d8c_1",
+            t("2026-01-01T00:00:00Z"),
+            false,
+        );
         let back = TokenState::from_data(&st.to_data());
         assert_eq!(
             back.inflight_holder(),
@@ -1036,15 +1097,70 @@ mod tests {
             refresh_token: Some(SecretString::from("salvaged")),
         };
         assert_eq!(
-            after_first_call(true, &e),
+            after_first_call(Some(NextSend::First), &e),
             AfterFirstCall::KeepSalvaged(rt("salvaged"))
         );
         let e = TokenError::Unparseable {
             refresh_token: None,
         };
-        assert_eq!(after_first_call(true, &e), AfterFirstCall::RetryOnce);
+        assert_eq!(
+            after_first_call(Some(NextSend::First), &e),
+            AfterFirstCall::RetryOnce
+        );
         // Client credentials spend nothing: no retry, just back off.
-        assert_eq!(after_first_call(false, &e), AfterFirstCall::Settle);
+        assert_eq!(after_first_call(None, &e), AfterFirstCall::Settle);
+    }
+
+    /// The mark tells an ordinary send, the one retry, and a retry whose answer died with the
+    /// process that sent it; only a retry this process saw end without an answer is sent again.
+    #[test]
+    fn the_mark_allows_one_retry_and_never_a_third_send_after_a_crash() {
+        let mut st = TokenState::default();
+        assert_eq!(next_send(&st, "fp"), NextSend::First);
+        st.mark_inflight("fp".into(), "pod-a_1", t("2026-01-01T00:00:00Z"), false);
+        assert_eq!(next_send(&st, "fp"), NextSend::Retry);
+        assert_eq!(next_send(&st, "other"), NextSend::First);
+        st.mark_inflight("fp".into(), "pod-a_2", t("2026-01-01T00:00:05Z"), true);
+        assert_eq!(next_send(&st, "fp"), NextSend::RetrySpent);
+        // The flag survives the state Secret (a restart).
+        let read = TokenState::from_data(&st.to_data());
+        assert_eq!(next_send(&read, "fp"), NextSend::RetrySpent);
+
+        // A retry that this process saw answered 503 (or not at all) was not lost in memory:
+        // the mark stays, the flag goes, the next attempt is the retry again.
+        let fps = Fingerprints {
+            config: "cfg",
+            seed: "seed",
+            refresh_request: None,
+        };
+        let after = state_after_transient(&st, false, fps).expect("the flag is cleared");
+        assert_eq!(next_send(&after, "fp"), NextSend::Retry);
+        assert_eq!(after.inflight_by, st.inflight_by);
+        // Nothing to write when the mark is not a retry's.
+        assert_eq!(state_after_transient(&after, false, fps), None);
+        // A provably unprocessed first attempt clears the mark altogether.
+        let cleared = state_after_transient(&after, true, fps).expect("the mark goes");
+        assert_eq!((cleared.inflight, cleared.inflight_retry), (None, false));
+        assert_eq!(
+            state_after_transient(&TokenState::default(), true, fps),
+            None
+        );
+        // Any settled state (tokens stored, a failure remembered) drops the flag.
+        assert!(!settled_state(&st, fps).inflight_retry);
+
+        // A send that was itself the retry gets no second one in the same reconcile.
+        let lost = TokenError::UnknownOutcome {
+            lost: crate::oauth::token::LostResponse::ConnectionLost,
+            detail: "reset".into(),
+        };
+        assert_eq!(
+            after_first_call(Some(NextSend::First), &lost),
+            AfterFirstCall::RetryOnce
+        );
+        assert_eq!(
+            after_first_call(Some(NextSend::Retry), &lost),
+            AfterFirstCall::Settle
+        );
     }
 
     #[test]
@@ -1177,7 +1293,10 @@ mod tests {
             lost: crate::oauth::token::error::LostResponse::Timeout,
             detail: "timeout".into(),
         };
-        assert_eq!(after_first_call(true, &e), AfterFirstCall::RetryOnce);
+        assert_eq!(
+            after_first_call(Some(NextSend::First), &e),
+            AfterFirstCall::RetryOnce
+        );
         let f = FailedCall {
             retried_unknown: true,
             ..invalid_grant()
@@ -1368,7 +1487,7 @@ mod tests {
             seed_fingerprint: Some(seed_fp.clone()),
             ..Default::default()
         };
-        before.mark_inflight(seed_fp.clone(), "me", now);
+        before.mark_inflight(seed_fp.clone(), "me", now, false);
         let after = terminal_state(&before, Reason::RefreshResponseLost, fps, now);
         let spent = spent_after_terminal(&before, &after, Reason::RefreshResponseLost, &seed_fp);
         assert!(seed_already_spent(
@@ -1397,7 +1516,7 @@ mod tests {
         let reseed = rt("new-seed");
         let reseed_fp = token_fingerprint(&reseed);
         let mut chain_state = chain("chain");
-        chain_state.mark_inflight(reseed_fp.clone(), "me", now);
+        chain_state.mark_inflight(reseed_fp.clone(), "me", now, false);
         let fps = Fingerprints {
             seed: &reseed_fp,
             ..FPS
@@ -1496,7 +1615,10 @@ mod tests {
             retry_after: None,
         };
         assert_eq!(classify(&gateway, true), ErrorClass::UnknownOutcome);
-        assert_eq!(after_first_call(true, &gateway), AfterFirstCall::RetryOnce);
+        assert_eq!(
+            after_first_call(Some(NextSend::First), &gateway),
+            AfterFirstCall::RetryOnce
+        );
         assert!(matches!(
             classify(&gateway, false),
             ErrorClass::Transient { .. }
@@ -1705,8 +1827,11 @@ mod props {
         /// The process restarts: only what the state Secret holds survives.
         Restart,
         /// The process dies after marking the token in flight and sending it; the provider
-        /// rotated.
+        /// rotated it (or refused it, if it was spent already).
         CrashAfterSend,
+        /// The provider rotated, the response was lost, and the process dies after its one
+        /// retry was refused and before it stored the refusal.
+        CrashAfterRefusedRetry,
         /// The user re-authorizes and puts the new refresh token in the credentials Secret.
         Reseed,
         /// Someone deletes the state Secret.
@@ -1738,6 +1863,7 @@ mod props {
             1 => Just(Step::ForceRefresh),
             1 => Just(Step::Restart),
             1 => Just(Step::CrashAfterSend),
+            1 => Just(Step::CrashAfterRefusedRetry),
             1 => Just(Step::Reseed),
             1 => Just(Step::LoseState),
         ]
@@ -1748,6 +1874,8 @@ mod props {
     struct Provider {
         issued: u32,
         spent: BTreeSet<Vec<u8>>,
+        /// Tokens it refused (answered `invalid_grant`).
+        refused: BTreeSet<Vec<u8>>,
         /// How often a token was sent after it was spent.
         replays: std::collections::BTreeMap<Vec<u8>, u32>,
     }
@@ -1761,6 +1889,7 @@ mod props {
         fn refresh(&mut self, sent: &SecretBytes, rotate: bool) -> Result<Option<SecretBytes>, ()> {
             if self.spent.contains(sent.expose()) {
                 *self.replays.entry(sent.expose().to_vec()).or_default() += 1;
+                self.refused.insert(sent.expose().to_vec());
                 return Err(());
             }
             if !rotate {
@@ -1847,7 +1976,9 @@ mod props {
 
         /// What a reconcile decides up to the token call: the state it works on and the
         /// token it sends, or `None` when it sends nothing. Checks the invariants of a send.
-        fn prepare(&mut self) -> Result<Option<(TokenState, SecretBytes, bool)>, TestCaseError> {
+        fn prepare(
+            &mut self,
+        ) -> Result<Option<(TokenState, SecretBytes, NextSend)>, TestCaseError> {
             let inputs = self.inputs();
             let seed_fp = crate::oauth::state::seed_fingerprint(&inputs);
             if self.state.is_none() {
@@ -1903,27 +2034,39 @@ mod props {
                 "sent the seed the status records as spent"
             );
             let fp = token_fingerprint(&sent);
-            let previous_attempt_unknown = st.inflight.as_deref() == Some(fp.as_str());
+            let next = next_send(&st, &fp);
+            if next == NextSend::RetrySpent {
+                // Nothing is sent: the lost retry is reported as it stands.
+                self.remember_terminal(&st, Reason::RefreshResponseLost, &seed_fp);
+                return Ok(None);
+            }
+            let previous_attempt_unknown = next == NextSend::Retry;
             // A token the provider rotated away is sent again only as the one retry after an
             // unknown outcome (its in-flight mark is the evidence), or as a retry of a plain
             // refusal (`RefreshTokenRejected`: hourly or on request, as documented); never after
             // a refusal recorded as `RefreshResponseLost`.
+            let plain_refusal_retried = st.failed_reason.as_deref() == Some("RefreshTokenRejected")
+                && matches!(
+                    cause,
+                    RefreshCause::RetryAfterFailure | RefreshCause::Requested
+                );
             if self.provider.spent.contains(sent.expose()) {
-                let plain_refusal_retried = st.failed_reason.as_deref()
-                    == Some("RefreshTokenRejected")
-                    && matches!(
-                        cause,
-                        RefreshCause::RetryAfterFailure | RefreshCause::Requested
-                    );
                 prop_assert!(
                     previous_attempt_unknown || plain_refusal_retried,
                     "sent a spent token ({:?}) without an unknown outcome to retry",
                     cause
                 );
             }
+            // A token the provider refused is not sent again (its refusal may have been lost
+            // with a crashed process), except as the documented retry of a plain refusal.
+            prop_assert!(
+                !self.provider.refused.contains(sent.expose()) || plain_refusal_retried,
+                "sent a token the provider had refused ({:?})",
+                cause
+            );
             self.sends += 1;
-            st.mark_inflight(fp, ME, self.now);
-            Ok(Some((st, sent, previous_attempt_unknown)))
+            st.mark_inflight(fp, ME, self.now, previous_attempt_unknown);
+            Ok(Some((st, sent, next)))
         }
 
         fn decider(&self) -> Decider<'_> {
@@ -1938,6 +2081,17 @@ mod props {
             self.state = Some(st);
         }
 
+        /// Store the terminal failure `reason` of a refresh that started from `st`.
+        fn remember_terminal(&mut self, st: &TokenState, reason: Reason, seed_fp: &str) {
+            let next = terminal_state(st, reason, self.fps(seed_fp), self.now);
+            let spent = spent_after_terminal(st, &next, reason, seed_fp);
+            let o = self.decider().terminal(reason, false, spent).outcome;
+            if let Some(spent) = o.oauth.and_then(|o| o.spent_seed_fingerprint) {
+                self.status_spent = Some(spent);
+            }
+            self.store(next);
+        }
+
         fn fps<'a>(&'a self, seed_fp: &'a str) -> Fingerprints<'a> {
             Fingerprints {
                 config: "cfg",
@@ -1947,9 +2101,10 @@ mod props {
         }
 
         fn call(&mut self, answer: Answer) -> Result<(), TestCaseError> {
-            let Some((st, sent, previous_attempt_unknown)) = self.prepare()? else {
+            let Some((st, sent, next)) = self.prepare()? else {
                 return Ok(());
             };
+            let previous_attempt_unknown = next == NextSend::Retry;
             let seed_fp = crate::oauth::state::seed_fingerprint(&self.inputs());
             let rotate = matches!(
                 answer,
@@ -1967,15 +2122,7 @@ mod props {
                 let AfterFailure::Terminal(reason) = after_failure(&f) else {
                     unreachable!("invalid_grant without another writer is terminal")
                 };
-                let seed_fp = seed_fp.clone();
-                let fps = w.fps(&seed_fp);
-                let next = terminal_state(st, reason, fps, w.now);
-                let spent = spent_after_terminal(st, &next, reason, &seed_fp);
-                let o = w.decider().terminal(reason, false, spent).outcome;
-                if let Some(spent) = o.oauth.and_then(|o| o.spent_seed_fingerprint) {
-                    w.status_spent = Some(spent);
-                }
-                w.store(next);
+                w.remember_terminal(st, reason, &seed_fp);
             };
             match self.provider.refresh(&sent, rotate) {
                 Err(()) => refused(self, &st, false),
@@ -1992,7 +2139,9 @@ mod props {
                         let e = TokenError::Unparseable {
                             refresh_token: new.map(|t| SecretString::from(t.expose_str())),
                         };
-                        let AfterFirstCall::KeepSalvaged(rt) = after_first_call(true, &e) else {
+                        let AfterFirstCall::KeepSalvaged(rt) =
+                            after_first_call(Some(NextSend::First), &e)
+                        else {
                             return Err(TestCaseError::fail("a salvaged token is kept"));
                         };
                         let fps = self.fps(&seed_fp);
@@ -2016,20 +2165,27 @@ mod props {
                         else {
                             return Err(TestCaseError::fail("a 503 is transient"));
                         };
-                        let mut next = st.clone();
-                        if clear_inflight {
-                            next.inflight = None;
-                            next.inflight_by = None;
+                        let fps = self.fps(&seed_fp);
+                        if let Some(next) = state_after_transient(&st, clear_inflight, fps) {
+                            self.store(next);
+                        } else {
+                            self.store(st);
                         }
-                        self.store(next);
                     }
                     Answer::LostAfterRotation => {
                         let e = TokenError::UnknownOutcome {
                             lost: crate::oauth::token::LostResponse::ConnectionLost,
                             detail: "reset".into(),
                         };
-                        prop_assert_eq!(after_first_call(true, &e), AfterFirstCall::RetryOnce);
-                        // The retry sends the same token: refused, no overlap window.
+                        if after_first_call(Some(next), &e) != AfterFirstCall::RetryOnce {
+                            return Err(TestCaseError::fail(
+                                "a fresh token's lost answer is retried",
+                            ));
+                        }
+                        // The mark says "retry" first; the retry sends the same token: refused,
+                        // no overlap window.
+                        let mut st = st.clone();
+                        st.inflight_retry = true;
                         match self.provider.refresh(&sent, true) {
                             Err(()) => refused(self, &st, true),
                             Ok(_) => return Err(TestCaseError::fail("a spent token was taken")),
@@ -2060,6 +2216,19 @@ mod props {
                     if let Some((st, sent, _)) = self.prepare()? {
                         // The mark was stored before the call; the provider rotated.
                         let _ = self.provider.refresh(&sent, true);
+                        self.state = Some(st);
+                        self.memory = None;
+                    }
+                }
+                Step::CrashAfterRefusedRetry => {
+                    if let Some((mut st, sent, next)) = self.prepare()? {
+                        // Rotated (or, for a retry, refused as spent) and the answer lost.
+                        let _ = self.provider.refresh(&sent, true);
+                        if next == NextSend::First {
+                            // The one retry, marked as such before it goes out: refused.
+                            st.inflight_retry = true;
+                            let _ = self.provider.refresh(&sent, true);
+                        }
                         self.state = Some(st);
                         self.memory = None;
                     }
@@ -2101,6 +2270,32 @@ mod props {
             prop_assert!(n >= counted && n >= status.unwrap_or(0));
             prop_assert!(n > counted.max(status.unwrap_or(0)) || n == u32::MAX);
         }
+    }
+
+    /// Found by the SIGKILL storm (`tests/oauth_crash.rs`): a crash mid-call, then the next
+    /// process's retry is refused and it dies before storing the refusal. The third process
+    /// must not send the token again: it reports the loss without a call.
+    #[test]
+    fn a_crash_after_the_refused_retry_never_sends_it_a_third_time() {
+        let mut w = World::new();
+        for step in [Step::CrashAfterSend, Step::CrashAfterSend] {
+            w.apply(step)
+                .expect("a crash mid-call, then one after the refused retry");
+        }
+        let sends = w.sends;
+        if let Err(e) = w.apply(Step::Call(Answer::Rotated)) {
+            panic!("{e}");
+        }
+        assert_eq!(w.sends, sends, "no third send");
+        assert_eq!(
+            w.state.as_ref().and_then(|s| s.failed_reason.as_deref()),
+            Some("RefreshResponseLost")
+        );
+        assert_eq!(
+            w.provider.replays.values().sum::<u32>(),
+            1,
+            "only the one retry"
+        );
     }
 
     /// Found by the model: the evidence that the seed was refused for good

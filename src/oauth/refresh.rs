@@ -27,7 +27,9 @@ use crate::api::{GrantType, VaultConnection};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::names::*;
-use crate::oauth::decide::{self, AfterFailure, AfterFirstCall, Decider, Decision, Fingerprints};
+use crate::oauth::decide::{
+    self, AfterFailure, AfterFirstCall, Decider, Decision, Fingerprints, NextSend,
+};
 use crate::oauth::state::{self, format_time, OAuthSettings, Plan, RefreshCause, TokenState};
 use crate::oauth::token::{self, TokenClient, TokenClientConfig, TokenError, TokenRequest};
 use crate::reason::Reason;
@@ -447,7 +449,7 @@ impl OAuthEngine {
         };
         // Record which refresh token is about to be spent. If this process dies before the
         // result is stored, the next attempt knows the outcome of this one is unknown.
-        let mut previous_attempt_unknown = false;
+        let mut send = None;
         if let Some(rt) = &rt_sent {
             let fp = state::token_fingerprint(rt);
             let now = r.decider.now;
@@ -457,27 +459,32 @@ impl OAuthEngine {
                 info!(namespace = %r.key.0, name = %r.key.1, wait = ?wait, "another process's token request with this refresh token may still be running; waiting for its result");
                 return Ok(r.decider.wait_for_other_call(wait));
             }
-            previous_attempt_unknown = r.state.inflight.as_deref() == Some(fp.as_str());
+            let next = decide::next_send(&r.state, &fp);
+            if next == NextSend::RetrySpent {
+                warn!(namespace = %r.key.0, name = %r.key.1, "the one retry after an unknown outcome was sent by a process that stopped before storing its answer; this refresh token is not sent again");
+                let reason = Reason::RefreshResponseLost;
+                self.metrics.failure(reason.metric_label());
+                return self.store_terminal(w, r, reason, guard).await;
+            }
             let mut intent = r.state.clone();
-            intent.mark_inflight(fp, &self.identity, now);
+            intent.mark_inflight(fp, &self.identity, now, next == NextSend::Retry);
             match self.persist_once(w, r.vc, &intent, guard.as_ref()).await {
-                Ok(()) => {
-                    r.state.inflight = intent.inflight;
-                    r.state.inflight_by = intent.inflight_by;
-                }
+                Ok(()) => r.state = intent,
                 Err(GuardedWriteError::NotWritable(msg)) => return Ok(self.not_writable(&r, &msg)),
                 Err(GuardedWriteError::Concurrent) => return Ok(r.decider.adopted()),
                 Err(GuardedWriteError::Kube(e)) => return Err(e.into()),
                 Err(GuardedWriteError::NotLeader) => return Err(Error::NotLeader),
             }
+            send = Some(next);
         }
+        let previous_attempt_unknown = send == Some(NextSend::Retry);
         let req = token_request(&r.settings, r.inputs, rt_sent.as_ref());
         info!(namespace = %r.key.0, name = %r.key.1, cause = ?r.cause, "requesting token");
         let mut sent_at = Timestamp::now();
         let mut result = self.call(&req, ca.as_deref()).await;
         let mut retried_unknown = false;
         if let Err(e) = &result {
-            match decide::after_first_call(rt_sent.is_some(), e) {
+            match decide::after_first_call(send, e) {
                 AfterFirstCall::Settle => {}
                 AfterFirstCall::KeepSalvaged(new_rt) => {
                     let st = decide::salvaged_state(&r.state, new_rt, r.fps);
@@ -491,10 +498,23 @@ impl OAuthEngine {
                     return Ok(self.hold(&r, st, guard));
                 }
                 AfterFirstCall::RetryOnce => {
-                    warn!(namespace = %r.key.0, name = %r.key.1, "token response lost; retrying once with the same refresh token");
-                    retried_unknown = true;
-                    sent_at = Timestamp::now();
-                    result = self.call(&req, ca.as_deref()).await;
+                    // The mark says "retry" before it goes out: should this process die before
+                    // it stores the answer, the next one must not send the token a third time.
+                    let mut intent = r.state.clone();
+                    intent.inflight_retry = true;
+                    match self.persist_once(w, r.vc, &intent, guard.as_ref()).await {
+                        Ok(()) => {
+                            r.state = intent;
+                            warn!(namespace = %r.key.0, name = %r.key.1, "token response lost; retrying once with the same refresh token");
+                            retried_unknown = true;
+                            sent_at = Timestamp::now();
+                            result = self.call(&req, ca.as_deref()).await;
+                        }
+                        // Not retried now; the mark stays, so the next attempt is the retry.
+                        Err(err) => {
+                            warn!(namespace = %r.key.0, name = %r.key.1, error = %err, "token response lost; could not mark the retry, so it waits for the next attempt");
+                        }
+                    }
                 }
             }
         }
@@ -608,36 +628,20 @@ impl OAuthEngine {
                 info!(namespace = %r.key.0, name = %r.key.1, "refresh token was rotated elsewhere; adopting the stored one");
                 Ok(r.decider.adopted())
             }
-            AfterFailure::Terminal(reason) => {
-                let st = decide::terminal_state(&r.state, reason, r.fps, r.decider.now);
-                self.set_failures(&r.key, 0);
-                let spent = decide::spent_after_terminal(&r.state, &st, reason, r.fps.seed);
-                let terminal = r
-                    .decider
-                    .terminal(reason, r.cause == RefreshCause::Reseeded, spent);
-                if let Err(e) = self.persist(w, r.vc, &st, guard.as_ref()).await {
-                    // Until the failure is stored, a requeue or wake-up would re-run the
-                    // refused request: hold it like tokens, for write-only retries.
-                    warn!(namespace = %r.key.0, name = %r.key.1, error = %e, "could not store the failure; holding it and retrying the write");
-                    let held = self.hold(&r, st, guard);
-                    return Ok(Decision {
-                        outcome: terminal.outcome,
-                        requeue: held.requeue,
-                    });
-                }
-                Ok(terminal)
-            }
+            AfterFailure::Terminal(reason) => self.store_terminal(w, r, reason, guard).await,
             AfterFailure::Transient {
                 reason,
                 retry_after,
                 clear_inflight,
             } => {
-                if clear_inflight && r.state.inflight.take().is_some() {
-                    let mut st = decide::settled_state(&r.state, r.fps.without_request());
-                    st.config_fingerprint = r.state.config_fingerprint.clone();
-                    st.seed_fingerprint = r.state.seed_fingerprint.clone();
-                    if let Err(err) = self.persist(w, r.vc, &st, guard.as_ref()).await {
-                        warn!(namespace = %r.key.0, name = %r.key.1, error = %err, "could not clear the in-flight mark");
+                if let Some(st) = decide::state_after_transient(&r.state, clear_inflight, r.fps) {
+                    // If this write fails, a mark that still says "retry" makes the next
+                    // attempt report the loss rather than send again: cautious, never a replay.
+                    match self.persist(w, r.vc, &st, guard.as_ref()).await {
+                        Ok(()) => r.state = st,
+                        Err(err) => {
+                            warn!(namespace = %r.key.0, name = %r.key.1, error = %err, "could not update the in-flight mark");
+                        }
                     }
                 }
                 let failures = self.count_failure(&r);
@@ -646,6 +650,34 @@ impl OAuthEngine {
                     .transient(failures, current, reason, retry_after, &e.to_string()))
             }
         }
+    }
+
+    /// Store a terminal failure, remembered under the current inputs so that neither a requeue
+    /// nor a restart sends the refused request again.
+    async fn store_terminal(
+        &self,
+        w: &SecretWriter,
+        r: Refresh<'_>,
+        reason: Reason,
+        guard: Option<SecretBytes>,
+    ) -> Result<Decision> {
+        let st = decide::terminal_state(&r.state, reason, r.fps, r.decider.now);
+        self.set_failures(&r.key, 0);
+        let spent = decide::spent_after_terminal(&r.state, &st, reason, r.fps.seed);
+        let terminal = r
+            .decider
+            .terminal(reason, r.cause == RefreshCause::Reseeded, spent);
+        if let Err(e) = self.persist(w, r.vc, &st, guard.as_ref()).await {
+            // Until the failure is stored, a requeue or wake-up would re-run the refused
+            // request: hold it like tokens, for write-only retries.
+            warn!(namespace = %r.key.0, name = %r.key.1, error = %e, "could not store the failure; holding it and retrying the write");
+            let held = self.hold(&r, st, guard);
+            return Ok(Decision {
+                outcome: terminal.outcome,
+                requeue: held.requeue,
+            });
+        }
+        Ok(terminal)
     }
 
     /// Store the tokens of a successful call (state first, then the generated Secret).

@@ -38,6 +38,10 @@ pub mod keys {
     /// Who wrote the in-flight mark and when (`<identity> <RFC 3339>`): a process never
     /// mistakes another's call that may still be running for its own crash.
     pub const INFLIGHT_BY: &str = "inflight_by";
+    /// Present (`"true"`) while the request in flight is the one retry of an earlier attempt
+    /// whose outcome is unknown. Found on start-up, it means that retry's answer may have
+    /// arrived (a refusal, or tokens) and died with the process: the token is not sent again.
+    pub const INFLIGHT_RETRY: &str = "inflight_retry";
 }
 
 /// RFC 3339 in UTC with whole seconds (fraction truncated) and a `Z`: `2026-11-28T23:57:50Z`.
@@ -107,6 +111,8 @@ pub struct TokenState {
     pub failed_at: Option<Timestamp>,
     pub inflight: Option<String>,
     pub inflight_by: Option<String>,
+    /// The send in flight is the one retry of an earlier unknown outcome (`keys::INFLIGHT_RETRY`).
+    pub inflight_retry: bool,
 }
 
 /// Fingerprint of a refresh token (never the token itself outside the state Secret's data).
@@ -152,6 +158,7 @@ impl TokenState {
             failed_at: text(data, keys::FAILED_AT).and_then(|s| parse_time(&s)),
             inflight: text(data, keys::INFLIGHT),
             inflight_by: text(data, keys::INFLIGHT_BY),
+            inflight_retry: text(data, keys::INFLIGHT_RETRY).is_some(),
         }
     }
 
@@ -176,6 +183,9 @@ impl TokenState {
                 put(k, v.as_bytes().to_vec());
             }
         }
+        if self.inflight_retry {
+            put(keys::INFLIGHT_RETRY, b"true".to_vec());
+        }
         if let Some(t) = self.failed_at {
             put(keys::FAILED_AT, format_time(t).into_bytes());
         }
@@ -191,10 +201,18 @@ impl TokenState {
         SecretData(d)
     }
 
-    /// Mark `fingerprint` as being spent now by `holder`.
-    pub fn mark_inflight(&mut self, fingerprint: String, holder: &str, now: Timestamp) {
+    /// Mark `fingerprint` as being spent now by `holder`; `retry`: as the one retry of an
+    /// earlier attempt whose outcome is unknown.
+    pub fn mark_inflight(
+        &mut self,
+        fingerprint: String,
+        holder: &str,
+        now: Timestamp,
+        retry: bool,
+    ) {
         self.inflight = Some(fingerprint);
         self.inflight_by = Some(format!("{holder} {}", format_time(now)));
+        self.inflight_retry = retry;
     }
 
     /// The holder and time of the in-flight mark, if it has them (older marks do not).
@@ -772,20 +790,24 @@ mod props {
                 proptest::option::of(timestamp().prop_map(whole_seconds)),
                 proptest::option::of(text()),
                 proptest::option::of(text()),
+                any::<bool>(),
             ),
         )
             .prop_map(
-                |((rt, seed, config, access, request), (reason, ffp, fat, infl, by))| TokenState {
-                    refresh_token: rt,
-                    seed_fingerprint: seed,
-                    config_fingerprint: config,
-                    access,
-                    refresh_request: request,
-                    failed_reason: reason,
-                    failed_fingerprint: ffp,
-                    failed_at: fat,
-                    inflight: infl,
-                    inflight_by: by,
+                |((rt, seed, config, access, request), (reason, ffp, fat, infl, by, retry))| {
+                    TokenState {
+                        refresh_token: rt,
+                        seed_fingerprint: seed,
+                        config_fingerprint: config,
+                        access,
+                        refresh_request: request,
+                        failed_reason: reason,
+                        failed_fingerprint: ffp,
+                        failed_at: fat,
+                        inflight: infl,
+                        inflight_by: by,
+                        inflight_retry: retry,
+                    }
                 },
             )
     }
