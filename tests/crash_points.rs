@@ -13,7 +13,11 @@
 //! 4. the new refresh token is stored, the output Secret is not written: the proxy forwards the
 //!    state write (the one without an in-flight mark) and holds its answer;
 //! 5. the output Secret is written, the status is not: the proxy forwards the output Secret
-//!    write and holds its answer.
+//!    write and holds its answer;
+//! 6. a second crash, after the one retry: killed as at step 3, the restarted operator resends
+//!    the token, the provider answers (accepts it inside its window, or refuses it and revokes
+//!    the family), and the proxy stalls the state write that would store that answer (not
+//!    forwarded: nothing committed); the operator is killed again there.
 //!
 //! Each step has two connections of its own, one against a provider with a rotation overlap
 //! window and one against a provider without; both are held at the step together and one kill
@@ -26,8 +30,11 @@
 //! resends that token once); no family is revoked unless its connection reports
 //! `RefreshResponseLost`. With a window every step ends Ready on a live stored refresh token
 //! and a valid access token; without one, steps 1, 2, 4 and 5 do too and step 3 ends in
-//! `RefreshResponseLost`. Each step makes exactly the token calls it needs (no hot loop, no
-//! refresh of the connections not asked to).
+//! `RefreshResponseLost`. Step 6 ends in `RefreshResponseLost` with and without a window, and
+//! the token is never sent a third time: the operator cannot tell an answer that died with the
+//! process (a refusal, without a window) from one it could have had again (a window), and a
+//! third send would replay a refused token. Each step makes exactly the token calls it needs
+//! (no hot loop, no refresh of the connections not asked to).
 //!
 //! A restarted operator waits out the dead process's in-flight mark (twice the token request
 //! timeout plus 5 s) before it resends, so the timeout is lowered to 8 s to keep the run short;
@@ -95,12 +102,12 @@ impl Conn {
     }
     /// The one outcome allowed after this connection's step.
     fn expect_lost(&self) -> bool {
-        self.step == 3 && self.window == Window::NoWindow
+        (self.step == 3 && self.window == Window::NoWindow) || self.step == 6
     }
     /// Token calls the step takes: 2 where a request was lost with the killed process and is
-    /// sent again by the restarted one (2, 3), else 1.
+    /// sent again by the restarted one (2, 3, 6), else 1.
     fn step_calls(&self) -> usize {
-        if matches!(self.step, 2 | 3) {
+        if matches!(self.step, 2 | 3 | 6) {
             2
         } else {
             1
@@ -174,7 +181,7 @@ async fn start() -> Harness {
     .await
     .expect("operator starts");
     let mut conns = Vec::new();
-    for step in 1..=5 {
+    for step in 1..=6 {
         for (window, prefix) in [(Window::Overlap, "ov"), (Window::NoWindow, "nw")] {
             conns.push(Conn {
                 name: format!("{prefix}{step}"),
@@ -372,7 +379,7 @@ async fn check_invariants(h: &Harness, done: u8) {
         let stale = stale_presentations(&calls);
         // The one retry the protocol allows after an unknown outcome: the restarted operator
         // resends the token of the dead process's in-flight mark, whose reply never came.
-        let allowed = usize::from(c.step == 3 && done >= 3);
+        let allowed = usize::from(matches!(c.step, 3 | 6) && done >= c.step);
         assert!(
             stale.len() <= allowed,
             "{}: a refresh token was presented after a newer one had been issued (calls {stale:?} of {})",
@@ -430,10 +437,10 @@ fn arm(h: &Harness, c: &Conn) -> Option<RuleId> {
             h.proxy
                 .fail(hold(h.path(&c.state())).body_contains(INFLIGHT_KEY)),
         ),
-        2 | 3 => {
+        2 | 3 | 6 => {
             h.ts(c).push_fault(Fault::SlowReply {
                 delay: HELD,
-                after_commit: c.step == 3,
+                after_commit: c.step != 2,
             });
             None
         }
@@ -471,7 +478,7 @@ async fn reach(h: &Harness, c: &Conn, rule: Option<RuleId>, b: &Before) -> Syste
             assert!(new_calls.is_empty(), "{what}: a token call was made");
             assert!(state.contains_key(INFLIGHT_KEY), "{what}: no mark stored");
         }
-        2 | 3 => {
+        2 | 3 | 6 => {
             assert_eq!(new_calls.len(), 1, "{what}");
             assert!(
                 matches!(new_calls[0].fault, Some(Fault::SlowReply { .. })),
@@ -518,6 +525,110 @@ async fn reach(h: &Harness, c: &Conn, rule: Option<RuleId>, b: &Before) -> Syste
             .expect("the held request is recorded"),
         None => new_calls[0].at,
     }
+}
+
+/// Step 6: killed as at step 3, restarted; the restarted operator's retry is answered and the
+/// state write that would store the answer is stalled at the proxy (not forwarded); killed
+/// again. The third process finds the mark of a retry whose answer it cannot know and reports
+/// `RefreshResponseLost` without a token call. Before the retry flag it sent the token a third
+/// time: a replay of a refused token without a window (the provider's record shows it).
+async fn double_crash(h: &mut Harness, report: &mut Vec<String>) {
+    let step = 6;
+    let at_step: Vec<&Conn> = h.conns.iter().filter(|c| c.step == step).collect();
+    let mut befores = Vec::new();
+    for c in &at_step {
+        befores.push(before(h, c).await);
+    }
+    let untouched: Vec<(&str, usize)> = h
+        .conns
+        .iter()
+        .filter(|c| c.step != step)
+        .map(|c| (c.name.as_str(), h.calls(c).len()))
+        .collect();
+    for c in &at_step {
+        assert!(arm(h, c).is_none());
+        request_refresh(h, c, "step-6").await;
+    }
+    for (c, b) in at_step.iter().zip(&befores) {
+        reach(h, c, None, b).await;
+    }
+    // The restarted operator's store of the retry's answer (the state write without an
+    // in-flight mark) is stalled at the proxy: never forwarded, never answered.
+    let stalls: Vec<RuleId> = at_step
+        .iter()
+        .map(|c| {
+            h.proxy.fail(
+                FaultRule::stall(h.path(&c.state()), Method::PUT, HELD).body_lacks(INFLIGHT_KEY),
+            )
+        })
+        .collect();
+    h.op.kill();
+    h.op.start_again().await.expect("operator restarts");
+    for ((c, b), rule) in at_step.iter().zip(&befores).zip(&stalls) {
+        let what = format!("{}: the retry answered and its store stalled", c.name);
+        eventually(REACH, &what, || async {
+            let calls = h.calls(c);
+            let answered = calls
+                .get(b.calls + 1)
+                .and_then(|k| k.outcome.as_ref())
+                .is_some();
+            let stalled = h.proxy.dropped(*rule) > 0;
+            if answered && stalled {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} token calls, retry answered: {answered}, store stalled: {stalled}",
+                    calls.len()
+                ))
+            }
+        })
+        .await;
+        // From outside: the stored mark says the retry is on its way.
+        let state = h.secret(&c.state()).await;
+        assert!(
+            state.contains_key(INFLIGHT_KEY) && state.contains_key("inflight_retry"),
+            "{what}: the stored mark does not say the retry was sent: {:?}",
+            state.keys().collect::<Vec<_>>()
+        );
+    }
+    h.op.kill();
+    let killed = Instant::now();
+    h.op.start_again().await.expect("operator restarts");
+    for (c, b) in at_step.iter().zip(&befores) {
+        let end = settled(h, c, b.calls + c.step_calls()).await;
+        let calls = h.calls(c);
+        let new_calls = &calls[b.calls..];
+        let events: Vec<Option<GrantEvent>> = new_calls
+            .iter()
+            .map(|k| k.outcome.as_ref().and_then(|o| o.event))
+            .collect();
+        assert!(
+            matches!(&end, Settled::Failed(r) if r == "RefreshResponseLost"),
+            "{}: a retry whose answer died with the process must be reported, got {end:?}",
+            c.name
+        );
+        let answer = match c.window {
+            Window::Overlap => GrantEvent::OverlapReissued,
+            Window::NoWindow => GrantEvent::ReuseDetected,
+        };
+        assert_eq!(
+            events,
+            [Some(GrantEvent::Rotated), Some(answer)],
+            "{}: the token was sent a third time",
+            c.name
+        );
+        report.push(format!(
+            "step 6 {:?}: {} token calls; {end:?} {:.1} s after the second kill",
+            c.window,
+            new_calls.len(),
+            killed.elapsed().as_secs_f64()
+        ));
+    }
+    for (name, n) in &untouched {
+        let c = h.conns.iter().find(|c| c.name == *name).unwrap();
+        assert_eq!(h.calls(c).len(), *n, "{name} refreshed without being asked");
+    }
+    check_invariants(h, step).await;
 }
 
 #[tokio::test]
@@ -641,6 +752,8 @@ async fn sigkill_at_each_refresh_step_loses_nothing_or_says_so() {
         check_invariants(&h, step).await;
     }
 
+    double_crash(&mut h, &mut report).await;
+
     // No hot loop: after the last step nothing more was sent, also not for the lost chain.
     for c in &h.conns {
         assert_eq!(h.calls(c).len(), 1 + c.step_calls(), "{}", c.name);
@@ -648,8 +761,8 @@ async fn sigkill_at_each_refresh_step_loses_nothing_or_says_so() {
     assert_eq!(h.overlap.revocations(), 0, "revocation despite the window");
     assert_eq!(
         h.no_window.revocations(),
-        1,
-        "only the step-3 chain is lost"
+        2,
+        "only the step-3 and step-6 chains are revoked"
     );
     assert_eq!(h.overlap.pending_faults() + h.no_window.pending_faults(), 0);
     check_invariants(&h, 5).await;
@@ -678,8 +791,8 @@ async fn sigkill_at_each_refresh_step_loses_nothing_or_says_so() {
     );
     h.op.stop(Duration::from_secs(10));
     record(Fact::survived(
-        "SIGKILL at each step of the refresh protocol (5 steps × with and without an overlap window)",
+        "SIGKILL at each step of the refresh protocol (5 steps and a second crash after the retry, × with and without an overlap window)",
         "API fault proxy or token server holds the step's write/request/reply; kill(2) there; restart",
         h.conns.len(),
-    ).note("the one chain lost (step 3, no window) reported as RefreshResponseLost; exactly the token calls each step needs"));
+    ).note("lost and reported as RefreshResponseLost: step 3 without a window, and the second crash after the retry (no third send); exactly the token calls each step needs"));
 }

@@ -191,6 +191,7 @@ fn seed_lost_then_refused(seed: &str, replays: Vec<u64>) -> Loss {
         spent_by: 0,
         refused_by: *replays.last().expect("at least the retry"),
         replays,
+        refused: true,
         revoked: true,
     }
 }

@@ -19,8 +19,11 @@
 //!    the lost response as `RefreshResponseLost`; the test passes the connections (client ids)
 //!    that did ([`Invariants::lost_response`]). The declaration is exact: each one must match one
 //!    refused replay at the provider (the replays of that token up to and including the refused
-//!    one form the loss, [`Report::losses`]), and a declared loss the provider never saw is a
-//!    violation too (a false `RefreshResponseLost`).
+//!    one form the loss, [`Report::losses`]) or, failing that, one interrupted retry: the one
+//!    retry after an unknown outcome, not refused, after which the client presented nothing more
+//!    of that family (the operator stopped before storing the retry's answer and reports the
+//!    loss instead of sending the token a third time). A declared loss the provider never saw is
+//!    a violation too (a false `RefreshResponseLost`).
 //! 3. **Bounded rate.** No client id makes more token requests in any 60 s window than the test's
 //!    bound, which the test derives from the schedule and its fault mode
 //!    ([`scheduled_per_minute`] gives the schedule's part).
@@ -230,7 +233,9 @@ pub enum Sanction {
     /// The test re-seeded the spent token by hand.
     HandReseeded,
     /// Part of a lost response the operator reported as `RefreshResponseLost` (the one retry,
-    /// and a retry after a transient answer to it, up to the provider's refusal).
+    /// and a retry after a transient answer to it, up to the provider's refusal or, failing
+    /// that, up to an interrupted retry: not refused, and nothing more of the family presented
+    /// after it, the operator having stopped before storing its answer).
     ReportedLoss,
     /// Every newer token was withheld by the provider in its answer to the presentation of
     /// this very token ([`ProviderCall::withheld`]), and this is a presentation of it up to the
@@ -253,15 +258,21 @@ pub struct Replay {
 }
 
 /// A lost response as the provider saw it: the token spent by `spent_by` (response lost), then
-/// presented again by `replays`, the last of which (`refused_by`) the provider refused.
+/// presented again by `replays`, the last of which (`refused_by`) the provider refused, or
+/// (`refused: false`) the last of which was an interrupted retry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Loss {
     pub client_id: Option<String>,
     /// Fingerprint of the token.
     pub token: String,
     pub spent_by: u64,
+    /// The presentations the loss excuses ([`Sanction::ReportedLoss`]); those another sanction
+    /// covers (an interrupted retry accepted inside the overlap window) are not listed.
     pub replays: Vec<u64>,
+    /// The refusing call; for `refused: false`, the interrupted retry's call.
     pub refused_by: u64,
+    /// The provider refused a replay (`false`: an interrupted retry, see the module docs).
+    pub refused: bool,
     /// The provider revoked the family for it.
     pub revoked: bool,
 }
@@ -281,7 +292,8 @@ pub enum Violation {
         family: Option<String>,
     },
     /// Invariant 2, the other way: the test says the connection reported `RefreshResponseLost`
-    /// this many more times than the provider refused a replay of its.
+    /// this many more times than the provider refused a replay of its or saw it interrupt a
+    /// retry.
     ReportedLossNotSeen { client_id: String, missing: usize },
     /// Invariant 3: `count` requests of `client_id` within 60 s, calls `first`..=`last`.
     RateExceeded {
@@ -384,9 +396,10 @@ impl ProviderRecord {
         let mut calls = self.calls.clone();
         calls.sort_by_key(|c| c.seq);
 
-        let mut replays = find_replays(&calls, &self.minted, inv);
+        let (mut replays, families) = find_replays(&calls, &self.minted, inv);
         let losses = match_losses(
             &calls,
+            &families,
             &mut replays,
             &self.revocations,
             inv,
@@ -412,12 +425,13 @@ impl ProviderRecord {
 
 /// Find every presentation of a superseded refresh token. A token is superseded once the
 /// provider has decided a call that issued a token of the same family after it (a seed is older
-/// than everything issued in its family).
+/// than everything issued in its family). Also returns the family of each call's presented
+/// token, by call.
 fn find_replays(
     calls: &[ProviderCall],
     minted: &[(String, Option<String>)],
     inv: &Invariants,
-) -> Vec<Replay> {
+) -> (Vec<Replay>, HashMap<u64, String>) {
     // Family of each token: the provider's id where known, else the family of the token it
     // was issued for, else a family of its own rooted at the token.
     let mut family_of: HashMap<String, String> = HashMap::new();
@@ -506,13 +520,15 @@ fn find_replays(
             sanction,
         });
     }
-    replays
+    (replays, presented_family)
 }
 
 /// Match the provider's refusals of spent tokens (with or without a revocation) to the losses the
-/// test declares, exactly; report revocations nothing explains.
+/// test declares, then what is left of each client's declarations to its interrupted retries,
+/// exactly; report revocations nothing explains.
 fn match_losses(
     calls: &[ProviderCall],
+    families: &HashMap<u64, String>,
     replays: &mut [Replay],
     revocations: &[ProviderRevocation],
     inv: &Invariants,
@@ -566,9 +582,56 @@ fn match_losses(
             spent_by: matched.first().map_or(c.seq, |m| m.1),
             replays: matched.iter().map(|m| m.0).collect(),
             refused_by: c.seq,
+            refused: true,
             revoked,
         };
         losses.push(loss);
+    }
+    // Interrupted retries, in call order: a replay the provider did not refuse, after which
+    // its client presented nothing more of the family.
+    for i in 0..replays.len() {
+        let r = &replays[i];
+        let refused = matches!(r.answer, Answer::SpentRefused { .. } | Answer::Refused(_))
+            || revoked_by.contains(&r.call);
+        // As above: the provider's own doing is no loss of the operator's.
+        if refused || r.sanction == Some(Sanction::Undelivered) {
+            continue;
+        }
+        let Some(left) = r
+            .client_id
+            .as_ref()
+            .and_then(|id| budget.get_mut(id))
+            .filter(|n| **n > 0)
+        else {
+            continue;
+        };
+        let family = families.get(&r.call);
+        let last = calls
+            .iter()
+            .filter(|c| c.seq > r.call && c.client_id == r.client_id)
+            .all(|c| families.get(&c.seq) != family);
+        if family.is_none() || !last {
+            continue;
+        }
+        *left -= 1;
+        let (retry, superseded_by) = (r.call, r.superseded_by);
+        let (client_id, token) = (r.client_id.clone(), r.token.clone());
+        let mut matched = Vec::new();
+        for r in replays.iter_mut().filter(|r| {
+            r.sanction.is_none() && r.token == token && r.client_id == client_id && r.call <= retry
+        }) {
+            r.sanction = Some(Sanction::ReportedLoss);
+            matched.push((r.call, r.superseded_by));
+        }
+        losses.push(Loss {
+            client_id,
+            token,
+            spent_by: matched.first().map_or(superseded_by, |m| m.1),
+            replays: matched.iter().map(|m| m.0).collect(),
+            refused_by: retry,
+            refused: false,
+            revoked: false,
+        });
     }
     for (client_id, missing) in budget.into_iter().filter(|(_, n)| *n > 0) {
         violations.push(Violation::ReportedLossNotSeen { client_id, missing });
@@ -646,4 +709,238 @@ pub fn assert_provider_invariants(record: &ProviderRecord, inv: &Invariants) -> 
     let report = record.check(inv);
     report.assert_clean();
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+
+    const APP: &str = "app";
+
+    fn t(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(ms)
+    }
+
+    /// A refresh call at `ms` by `APP`, presenting `presented` and issuing `issued` (names are
+    /// fingerprinted like the real records).
+    fn refresh(
+        seq: u64,
+        ms: u64,
+        presented: &str,
+        issued: Option<&str>,
+        answer: Answer,
+    ) -> ProviderCall {
+        let status = match answer {
+            Answer::Issued | Answer::OverlapReuse => Some(200),
+            Answer::Pending => None,
+            _ => Some(400),
+        };
+        ProviderCall {
+            seq,
+            at: t(ms),
+            decided_at: (answer != Answer::Pending).then(|| t(ms + 5)),
+            client_id: Some(APP.into()),
+            grant_type: Some("refresh_token".into()),
+            presented: Some(fingerprint(presented)),
+            issued: issued.map(fingerprint),
+            withheld: false,
+            family: None,
+            status,
+            answer,
+            fault: None,
+        }
+    }
+
+    fn record(calls: Vec<ProviderCall>) -> ProviderRecord {
+        let revocations = calls
+            .iter()
+            .filter(|c| c.answer == Answer::SpentRefused { revoked: true })
+            .map(|c| ProviderRevocation {
+                family: None,
+                at: c.decided_at.unwrap_or(c.at),
+                by_call: Some(c.seq),
+            })
+            .collect();
+        ProviderRecord {
+            provider: "synthetic".into(),
+            calls,
+            minted: vec![(fingerprint("x"), None)],
+            revocations,
+            gaps: Vec::new(),
+        }
+    }
+
+    /// x rotated to y (response lost), the one retry of x accepted inside the overlap window
+    /// (issuing y2), then nothing: the operator stopped before storing y2.
+    fn overlap_retry_interrupted() -> Vec<ProviderCall> {
+        vec![
+            refresh(0, 0, "x", Some("y"), Answer::Issued),
+            refresh(1, 100, "x", Some("y2"), Answer::OverlapReuse),
+        ]
+    }
+
+    /// x rotated to y (response lost), the one retry of x answered 503 without processing, then
+    /// nothing.
+    fn unprocessed_retry_interrupted() -> Vec<ProviderCall> {
+        let mut retry = refresh(1, 100, "x", None, Answer::NotProcessed);
+        retry.status = Some(503);
+        vec![refresh(0, 0, "x", Some("y"), Answer::Issued), retry]
+    }
+
+    fn interrupted(loss: &Loss, retry: u64, replays: &[u64]) {
+        assert_eq!(
+            loss,
+            &Loss {
+                client_id: Some(APP.into()),
+                token: fingerprint("x"),
+                spent_by: 0,
+                replays: replays.to_vec(),
+                refused_by: retry,
+                refused: false,
+                revoked: false,
+            }
+        );
+    }
+
+    #[test]
+    fn an_interrupted_retry_inside_the_window_matches_a_reported_loss() {
+        let report = record(overlap_retry_interrupted())
+            .check(&Invariants::new(10).overlap_window().lost_response(APP));
+        assert!(report.violations.is_empty(), "{report}");
+        assert_eq!(report.losses.len(), 1, "{report}");
+        interrupted(&report.losses[0], 1, &[]);
+        // The window's sanction stays.
+        assert_eq!(report.replays[0].sanction, Some(Sanction::OverlapWindow));
+    }
+
+    #[test]
+    fn an_interrupted_retry_inside_the_window_needs_no_report() {
+        let report =
+            record(overlap_retry_interrupted()).check(&Invariants::new(10).overlap_window());
+        assert!(report.violations.is_empty(), "{report}");
+        assert!(report.losses.is_empty());
+    }
+
+    #[test]
+    fn an_unprocessed_interrupted_retry_is_a_replay_unless_reported() {
+        let rec = record(unprocessed_retry_interrupted());
+        let report = rec.check(&Invariants::new(10).lost_response(APP));
+        assert!(report.violations.is_empty(), "{report}");
+        assert_eq!(report.losses.len(), 1, "{report}");
+        interrupted(&report.losses[0], 1, &[1]);
+        assert_eq!(report.replays[0].sanction, Some(Sanction::ReportedLoss));
+
+        let report = rec.check(&Invariants::new(10));
+        assert!(
+            matches!(&report.violations[..], [Violation::Replay(r)] if r.call == 1 && r.superseded_by == 0),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_pending_or_issued_interrupted_retry_matches_a_reported_loss() {
+        for answer in [Answer::Pending, Answer::Issued] {
+            let issued = (answer == Answer::Issued).then_some("y2");
+            let calls = vec![
+                refresh(0, 0, "x", Some("y"), Answer::Issued),
+                refresh(1, 100, "x", issued, answer),
+            ];
+            let report = record(calls).check(&Invariants::new(10).lost_response(APP));
+            assert!(report.violations.is_empty(), "{report}");
+            interrupted(&report.losses[0], 1, &[1]);
+        }
+    }
+
+    #[test]
+    fn a_retry_followed_by_more_of_its_family_is_not_interrupted() {
+        let mut calls = overlap_retry_interrupted();
+        calls.push(refresh(2, 2100, "y2", Some("y3"), Answer::Issued));
+        let report = record(calls).check(&Invariants::new(10).overlap_window().lost_response(APP));
+        assert_eq!(
+            report.violations,
+            vec![Violation::ReportedLossNotSeen {
+                client_id: APP.into(),
+                missing: 1
+            }],
+            "{report}"
+        );
+        assert!(report.losses.is_empty());
+    }
+
+    #[test]
+    fn another_clients_later_call_does_not_hide_an_interrupted_retry() {
+        let mut other = refresh(2, 2100, "y2", Some("y3"), Answer::Issued);
+        other.client_id = Some("other".into());
+        let mut calls = unprocessed_retry_interrupted();
+        calls.push(other);
+        let report = record(calls).check(&Invariants::new(10).lost_response(APP));
+        assert_eq!(report.losses.len(), 1, "{report}");
+        assert!(!report.losses[0].refused);
+    }
+
+    #[test]
+    fn a_refused_replay_takes_precedence_over_an_interrupted_retry() {
+        let calls = vec![
+            refresh(0, 0, "x", Some("y"), Answer::Issued),
+            refresh(1, 100, "x", None, Answer::SpentRefused { revoked: true }),
+        ];
+        let report = record(calls).check(&Invariants::new(10).lost_response(APP));
+        assert!(report.violations.is_empty(), "{report}");
+        assert_eq!(
+            report.losses,
+            vec![Loss {
+                client_id: Some(APP.into()),
+                token: fingerprint("x"),
+                spent_by: 0,
+                replays: vec![1],
+                refused_by: 1,
+                refused: true,
+                revoked: true,
+            }]
+        );
+
+        // A refused loss and an interrupted retry in a second family: two declarations, matched
+        // refusal first.
+        let mut retry = refresh(3, 5100, "s", None, Answer::NotProcessed);
+        retry.status = Some(503);
+        let mut rec = record(vec![
+            refresh(0, 0, "x", Some("y"), Answer::Issued),
+            refresh(1, 100, "x", None, Answer::SpentRefused { revoked: true }),
+            refresh(2, 5000, "s", Some("s1"), Answer::Issued),
+            retry,
+        ]);
+        rec.minted.push((fingerprint("s"), None));
+        let report = rec.check(&Invariants::new(10).lost_responses(APP, 2));
+        assert!(report.violations.is_empty(), "{report}");
+        assert_eq!(
+            report
+                .losses
+                .iter()
+                .map(|l| (l.refused, l.refused_by))
+                .collect::<Vec<_>>(),
+            vec![(true, 1), (false, 3)]
+        );
+        // One declaration: the refusal takes it, the unprocessed retry stays a replay.
+        let report = rec.check(&Invariants::new(10).lost_response(APP));
+        assert!(
+            matches!(&report.violations[..], [Violation::Replay(r)] if r.call == 3),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_retry_matches_one_loss_only() {
+        let report = record(unprocessed_retry_interrupted())
+            .check(&Invariants::new(10).lost_responses(APP, 2));
+        assert_eq!(report.losses.len(), 1, "{report}");
+        assert_eq!(
+            report.violations,
+            vec![Violation::ReportedLossNotSeen {
+                client_id: APP.into(),
+                missing: 1
+            }]
+        );
+    }
 }

@@ -189,6 +189,7 @@ fn a_lost_response_is_a_replay_and_a_revocation_unless_reported() {
             spent_by: 0,
             replays: vec![1],
             refused_by: 1,
+            refused: true,
             revoked: true,
         }]
     );
