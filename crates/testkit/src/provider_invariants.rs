@@ -22,8 +22,12 @@
 //!    one form the loss, [`Report::losses`]) or, failing that, one interrupted retry: the one
 //!    retry after an unknown outcome, not refused, after which the client presented nothing more
 //!    of that family (the operator stopped before storing the retry's answer and reports the
-//!    loss instead of sending the token a third time). A declared loss the provider never saw is
-//!    a violation too (a false `RefreshResponseLost`).
+//!    loss instead of sending the token a third time). In a test that kills the operator
+//!    ([`Invariants::kills`]) it may also be a rotation abandoned by two kills: the rotation's
+//!    reply was lost to one kill and the next process died after marking its retry, before the
+//!    retry reached the provider; the rotation's new token is never presented, and at least
+//!    two kills fall between it and the client's next call. A declared loss the provider never
+//!    saw is a violation too (a false `RefreshResponseLost`).
 //! 3. **Bounded rate.** No client id makes more token requests in any 60 s window than the test's
 //!    bound, which the test derives from the schedule and its fault mode
 //!    ([`scheduled_per_minute`] gives the schedule's part).
@@ -138,6 +142,8 @@ pub struct Invariants {
     pub lost_responses: BTreeMap<String, usize>,
     /// Revocations the test itself made through a revocation endpoint.
     pub revoked_by_test: usize,
+    /// When the test killed the operator (see [`Invariants::kills`]).
+    pub kills: Vec<SystemTime>,
 }
 
 impl Invariants {
@@ -178,6 +184,13 @@ impl Invariants {
     /// The test revoked `n` grants itself (oidc-provider's revocation endpoint).
     pub fn revoked_by_test(mut self, n: usize) -> Self {
         self.revoked_by_test += n;
+        self
+    }
+
+    /// The test killed the operator at these times: a declared loss may then also be a rotation
+    /// abandoned by two kills (see the module docs).
+    pub fn kills(mut self, at: &[SystemTime]) -> Self {
+        self.kills.extend_from_slice(at);
         self
     }
 }
@@ -269,9 +282,11 @@ pub struct Loss {
     /// The presentations the loss excuses ([`Sanction::ReportedLoss`]); those another sanction
     /// covers (an interrupted retry accepted inside the overlap window) are not listed.
     pub replays: Vec<u64>,
-    /// The refusing call; for `refused: false`, the interrupted retry's call.
+    /// The refusing call; for `refused: false`, the last call of the chain: the interrupted
+    /// retry's, or the abandoned rotation's when no retry reached the provider (`replays` empty).
     pub refused_by: u64,
-    /// The provider refused a replay (`false`: an interrupted retry, see the module docs).
+    /// The provider refused a replay (`false`: an interrupted retry or a rotation abandoned by
+    /// two kills, see the module docs).
     pub refused: bool,
     /// The provider revoked the family for it.
     pub revoked: bool,
@@ -633,6 +648,48 @@ fn match_losses(
             revoked: false,
         });
     }
+    // Rotations abandoned by two kills, in call order: a rotation whose new token nobody ever
+    // presented, the last call of its family, with two kills before the client's next call.
+    for c in calls {
+        let Some(issued) = &c.issued else { continue };
+        let Some(left) = c
+            .client_id
+            .as_ref()
+            .and_then(|id| budget.get_mut(id))
+            .filter(|n| **n > 0)
+        else {
+            continue;
+        };
+        let later: Vec<&ProviderCall> = calls.iter().filter(|k| k.seq > c.seq).collect();
+        let family = families.get(&c.seq);
+        let presented = later.iter().any(|k| k.presented.as_ref() == Some(issued));
+        let family_goes_on = later.iter().any(|k| {
+            k.client_id == c.client_id && family.is_some() && families.get(&k.seq) == family
+        });
+        let next = later
+            .iter()
+            .filter(|k| k.client_id == c.client_id)
+            .map(|k| k.at)
+            .min();
+        let kills = inv
+            .kills
+            .iter()
+            .filter(|k| **k > c.at && next.is_none_or(|n| **k < n))
+            .count();
+        if presented || family_goes_on || kills < 2 {
+            continue;
+        }
+        *left -= 1;
+        losses.push(Loss {
+            client_id: c.client_id.clone(),
+            token: c.presented.clone().unwrap_or_default(),
+            spent_by: c.seq,
+            replays: Vec::new(),
+            refused_by: c.seq,
+            refused: false,
+            revoked: false,
+        });
+    }
     for (client_id, missing) in budget.into_iter().filter(|(_, n)| *n > 0) {
         violations.push(Violation::ReportedLossNotSeen { client_id, missing });
     }
@@ -813,6 +870,59 @@ mod tests {
         interrupted(&report.losses[0], 1, &[]);
         // The window's sanction stays.
         assert_eq!(report.replays[0].sanction, Some(Sanction::OverlapWindow));
+    }
+
+    /// x rotated to y at 0 ms (its reply lost to a kill), the restarted operator marked its
+    /// retry and was killed again before sending it; the client's next call (a new seed, z)
+    /// comes at 5000 ms.
+    fn abandoned_rotation() -> Vec<ProviderCall> {
+        vec![
+            refresh(0, 0, "x", Some("y"), Answer::Issued),
+            refresh(1, 5000, "z", Some("z2"), Answer::Issued),
+        ]
+    }
+
+    #[test]
+    fn a_rotation_abandoned_by_two_kills_matches_a_reported_loss() {
+        let inv = Invariants::new(10).lost_response(APP);
+        let report = record(abandoned_rotation()).check(&inv.clone().kills(&[t(50), t(900)]));
+        assert!(report.violations.is_empty(), "{report}");
+        assert_eq!(
+            report.losses,
+            vec![Loss {
+                client_id: Some(APP.into()),
+                token: fingerprint("x"),
+                spent_by: 0,
+                replays: vec![],
+                refused_by: 0,
+                refused: false,
+                revoked: false,
+            }]
+        );
+        // One kill is not enough (its restart would have sent the retry), nor kills after
+        // the client's next call, nor none at all.
+        for kills in [vec![t(50)], vec![t(50), t(6000)], vec![]] {
+            let report = record(abandoned_rotation()).check(&inv.clone().kills(&kills));
+            assert_eq!(
+                report.violations,
+                vec![Violation::ReportedLossNotSeen {
+                    client_id: APP.into(),
+                    missing: 1
+                }],
+                "{kills:?}: {report}"
+            );
+        }
+        // A rotation whose token was presented later is no abandoned one.
+        let mut calls = abandoned_rotation();
+        calls.push(refresh(2, 7000, "y", Some("y2"), Answer::Issued));
+        let report = record(calls).check(&inv.kills(&[t(50), t(900)]));
+        assert!(
+            report.violations.contains(&Violation::ReportedLossNotSeen {
+                client_id: APP.into(),
+                missing: 1
+            }),
+            "{report}"
+        );
     }
 
     #[test]
