@@ -516,6 +516,14 @@ pub fn write_conflict(
     let is_output = desired.labels.get(ROLE_LABEL).map(String::as_str) == Some(ROLE_OUTPUT);
     let owner = ownership(vc, &live.metadata);
     match &owner {
+        // The name is ours, the controller is not: a connection deleted and created again under
+        // the same name (GitOps replace) while the garbage collector has not yet removed the
+        // old one's Secrets. Their deletion wakes this connection, which then goes on.
+        Ownership::OtherConnection(other) if Some(other.as_str()) == vc.metadata.name.as_deref() => {
+            return Some(format!(
+                "Secret {ns}/{name} still belongs to an earlier VaultConnection {ns}/{other} that was deleted; it is waiting for the garbage collector, and this connection continues once the Secret is gone"
+            ))
+        }
         Ownership::OtherConnection(other) => {
             return Some(format!(
                 "Secret {ns}/{name} is already managed by VaultConnection {ns}/{other}; two connections cannot share one Secret"
@@ -968,6 +976,23 @@ mod tests {
         assert_eq!(
             write_conflict(&v, &d, &theirs).unwrap(),
             "Secret ns/shared is already managed by VaultConnection ns/first; two connections cannot share one Secret"
+        );
+    }
+
+    /// Deleted and created again under the same name: the old connection's Secrets wait for
+    /// the garbage collector, and the message says so instead of "two connections".
+    #[test]
+    fn a_same_name_predecessors_secret_says_it_waits_for_the_garbage_collector() {
+        let v = vc(json!({"type": "bearerToken"}));
+        let d = desired_output_secret(&v, SecretData::default());
+        let mut old = d.to_new_secret();
+        let a = old.metadata.annotations.as_mut().unwrap();
+        a.insert(CONNECTION_UID_ANNOTATION.into(), "uid-0".into());
+        old.metadata.owner_references =
+            Some(vec![controller_ref("VaultConnection", "conn", "uid-0")]);
+        assert_eq!(
+            write_conflict(&v, &d, &old).unwrap(),
+            "Secret ns/conn still belongs to an earlier VaultConnection ns/conn that was deleted; it is waiting for the garbage collector, and this connection continues once the Secret is gone"
         );
     }
 
