@@ -306,10 +306,13 @@ pub enum NextSend {
     RetrySpent,
 }
 
-pub fn next_send(state: &TokenState, fp: &str) -> NextSend {
+/// `written_here`: this very process wrote the mark found (it remembers writing it, so it is
+/// alive and saw how that retry ended): a flag it could not clear afterwards is no lost answer.
+pub fn next_send(state: &TokenState, fp: &str, written_here: bool) -> NextSend {
     match (state.inflight.as_deref() == Some(fp), state.inflight_retry) {
         (false, _) => NextSend::First,
         (true, false) => NextSend::Retry,
+        (true, true) if written_here => NextSend::Retry,
         (true, true) => NextSend::RetrySpent,
     }
 }
@@ -1116,15 +1119,17 @@ mod tests {
     #[test]
     fn the_mark_allows_one_retry_and_never_a_third_send_after_a_crash() {
         let mut st = TokenState::default();
-        assert_eq!(next_send(&st, "fp"), NextSend::First);
+        assert_eq!(next_send(&st, "fp", false), NextSend::First);
         st.mark_inflight("fp".into(), "pod-a_1", t("2026-01-01T00:00:00Z"), false);
-        assert_eq!(next_send(&st, "fp"), NextSend::Retry);
-        assert_eq!(next_send(&st, "other"), NextSend::First);
+        assert_eq!(next_send(&st, "fp", false), NextSend::Retry);
+        assert_eq!(next_send(&st, "other", false), NextSend::First);
         st.mark_inflight("fp".into(), "pod-a_2", t("2026-01-01T00:00:05Z"), true);
-        assert_eq!(next_send(&st, "fp"), NextSend::RetrySpent);
+        assert_eq!(next_send(&st, "fp", false), NextSend::RetrySpent);
         // The flag survives the state Secret (a restart).
         let read = TokenState::from_data(&st.to_data());
-        assert_eq!(next_send(&read, "fp"), NextSend::RetrySpent);
+        assert_eq!(next_send(&read, "fp", false), NextSend::RetrySpent);
+        // The live process that wrote it saw the retry end (it could not clear the flag).
+        assert_eq!(next_send(&read, "fp", true), NextSend::Retry);
 
         // A retry that this process saw answered 503 (or not at all) was not lost in memory:
         // the mark stays, the flag goes, the next attempt is the retry again.
@@ -1134,7 +1139,7 @@ mod tests {
             refresh_request: None,
         };
         let after = state_after_transient(&st, false, fps).expect("the flag is cleared");
-        assert_eq!(next_send(&after, "fp"), NextSend::Retry);
+        assert_eq!(next_send(&after, "fp", false), NextSend::Retry);
         assert_eq!(after.inflight_by, st.inflight_by);
         // Nothing to write when the mark is not a retry's.
         assert_eq!(state_after_transient(&after, false, fps), None);
@@ -2034,7 +2039,12 @@ mod props {
                 "sent the seed the status records as spent"
             );
             let fp = token_fingerprint(&sent);
-            let next = next_send(&st, &fp);
+            // The model's memory holds what was stored after an outcome, never a retry's mark.
+            let written_here = self
+                .memory
+                .as_ref()
+                .is_some_and(|m| m.inflight_retry && m.inflight_by == st.inflight_by);
+            let next = next_send(&st, &fp, written_here);
             if next == NextSend::RetrySpent {
                 // Nothing is sent: the lost retry is reported as it stands.
                 self.remember_terminal(&st, Reason::RefreshResponseLost, &seed_fp);

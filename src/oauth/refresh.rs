@@ -459,7 +459,10 @@ impl OAuthEngine {
                 info!(namespace = %r.key.0, name = %r.key.1, wait = ?wait, "another process's token request with this refresh token may still be running; waiting for its result");
                 return Ok(r.decider.wait_for_other_call(wait));
             }
-            let next = decide::next_send(&r.state, &fp);
+            let written_here = self
+                .last_stored_for(r.vc, &r.key)
+                .is_some_and(|m| m.inflight_retry && m.inflight_by == r.state.inflight_by);
+            let next = decide::next_send(&r.state, &fp, written_here);
             if next == NextSend::RetrySpent {
                 warn!(namespace = %r.key.0, name = %r.key.1, "the one retry after an unknown outcome was sent by a process that stopped before storing its answer; this refresh token is not sent again");
                 let reason = Reason::RefreshResponseLost;
