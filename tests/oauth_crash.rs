@@ -36,7 +36,7 @@ use support::{test_namespace, wait_for, wait_for_some, TestNs};
 use vaultconn::api::{Phase, VaultConnection};
 use vaultconn_testkit::operator::{OperatorOptions, OperatorProcess};
 use vaultconn_testkit::provider_invariants::{
-    assert_provider_invariants, max_in_any_minute, scheduled_per_minute, Answer, Invariants,
+    assert_provider_invariants, max_in_any_minute, scheduled_per_minute, Answer, Invariants, Loss,
 };
 use vaultconn_testkit::reliability::{record, Fact};
 use vaultconn_testkit::token_server::{
@@ -438,6 +438,24 @@ async fn sigkill_during_rotation_never_loses_a_credential_silently() {
     );
     // Every family the provider revoked corresponds to a reported loss.
     let revoked = ts2.revocations() as usize;
+    // How each phase's reported losses show at the provider: a refused retry, a retry after
+    // which nothing more came (interrupted), or a rotation no retry followed (abandoned).
+    let shapes = |losses: &[Loss]| {
+        let refused = losses.iter().filter(|l| l.refused).count();
+        let abandoned = losses
+            .iter()
+            .filter(|l| !l.refused && l.spent_by == l.refused_by)
+            .count();
+        format!(
+            "{refused} refused, {} interrupted retries, {abandoned} abandoned rotations",
+            losses.len() - refused - abandoned
+        )
+    };
+    eprintln!(
+        "losses at the provider: with overlap {}; without overlap {}",
+        shapes(&with_window.losses),
+        shapes(&without_window.losses)
+    );
     eprintln!("kill storm: {rotations} refreshes with overlap, {interrupted} lost to a second kill during the retry and reported ({ov_final} at the end); without overlap {} refreshes, {revoked} chains lost and reported ({reported} during, {final_losses} at the end; {AIMED} kills aimed at a held reply in each phase)", ts2.calls().len());
     assert_eq!(
         revoked,
