@@ -27,23 +27,22 @@ fn refresh(
     issued: Option<&str>,
     answer: Answer,
 ) -> ProviderCall {
+    let status = match answer {
+        Answer::Issued | Answer::OverlapReuse => Some(200),
+        Answer::Pending => None,
+        _ => Some(400),
+    };
     ProviderCall {
         seq,
         at: t(ms),
-        decided_at: Some(t(ms + 5)),
+        decided_at: (answer != Answer::Pending).then(|| t(ms + 5)),
         client_id: Some(APP.into()),
         grant_type: Some("refresh_token".into()),
         presented: Some(fingerprint(presented)),
         issued: issued.map(fingerprint),
         withheld: false,
         family: None,
-        status: Some(
-            if answer == Answer::Issued || answer == Answer::OverlapReuse {
-                200
-            } else {
-                400
-            },
-        ),
+        status,
         answer,
         fault: None,
     }
@@ -544,6 +543,248 @@ fn schedule_bounds() {
 }
 
 // ---- the token server's real log ----------------------------------------------------------------
+
+// Reported losses that end without a refusal (the operator stopped before storing the one
+// retry's answer, and reports the loss instead of sending the token a third time).
+
+/// x rotated to y (response lost), the one retry of x accepted inside the overlap window
+/// (issuing y2), then nothing: the operator stopped before storing y2.
+fn overlap_retry_interrupted() -> Vec<ProviderCall> {
+    vec![
+        refresh(0, 0, "x", Some("y"), Answer::Issued),
+        refresh(1, 100, "x", Some("y2"), Answer::OverlapReuse),
+    ]
+}
+
+/// x rotated to y (response lost), the one retry of x answered 503 without processing, then
+/// nothing.
+fn unprocessed_retry_interrupted() -> Vec<ProviderCall> {
+    let mut retry = refresh(1, 100, "x", None, Answer::NotProcessed);
+    retry.status = Some(503);
+    vec![refresh(0, 0, "x", Some("y"), Answer::Issued), retry]
+}
+
+fn interrupted(loss: &Loss, retry: u64, replays: &[u64]) {
+    assert_eq!(
+        loss,
+        &Loss {
+            client_id: Some(APP.into()),
+            token: fingerprint("x"),
+            spent_by: 0,
+            replays: replays.to_vec(),
+            refused_by: retry,
+            refused: false,
+            revoked: false,
+        }
+    );
+}
+
+#[test]
+fn an_interrupted_retry_inside_the_window_matches_a_reported_loss() {
+    let report = record(&["x"], overlap_retry_interrupted())
+        .check(&Invariants::new(10).overlap_window().lost_response(APP));
+    assert!(report.violations.is_empty(), "{report}");
+    assert_eq!(report.losses.len(), 1, "{report}");
+    interrupted(&report.losses[0], 1, &[]);
+    // The window's sanction stays.
+    assert_eq!(report.replays[0].sanction, Some(Sanction::OverlapWindow));
+}
+
+/// x rotated to y, logged at 2000 ms (its reply lost to a kill), the restarted operator
+/// marked its retry and was killed again before sending it; the client's next call (a new
+/// seed, z) comes at 5000 ms.
+fn abandoned_rotation() -> Vec<ProviderCall> {
+    vec![
+        refresh(0, 2000, "x", Some("y"), Answer::Issued),
+        refresh(1, 5000, "z", Some("z2"), Answer::Issued),
+    ]
+}
+
+#[test]
+fn a_rotation_abandoned_by_two_kills_matches_a_reported_loss() {
+    let inv = Invariants::new(10).lost_response(APP);
+    // The first kill may come just before the provider logged the request it lost.
+    for kills in [[t(2050), t(2900)], [t(1500), t(2900)]] {
+        let report = record(&["x"], abandoned_rotation()).check(&inv.clone().kills(&kills));
+        assert!(report.violations.is_empty(), "{kills:?}: {report}");
+    }
+    let report =
+        record(&["x"], abandoned_rotation()).check(&inv.clone().kills(&[t(2050), t(2900)]));
+    assert_eq!(
+        report.losses,
+        vec![Loss {
+            client_id: Some(APP.into()),
+            token: fingerprint("x"),
+            spent_by: 0,
+            replays: vec![],
+            refused_by: 0,
+            refused: false,
+            revoked: false,
+        }]
+    );
+    // One kill is not enough (its restart would have sent the retry), nor kills after
+    // the client's next call, nor one long before the rotation, nor none at all.
+    for kills in [
+        vec![t(2050)],
+        vec![t(2050), t(6000)],
+        vec![t(500), t(2900)],
+        vec![],
+    ] {
+        let report = record(&["x"], abandoned_rotation()).check(&inv.clone().kills(&kills));
+        assert_eq!(
+            report.violations,
+            vec![Violation::ReportedLossNotSeen {
+                client_id: APP.into(),
+                missing: 1
+            }],
+            "{kills:?}: {report}"
+        );
+    }
+    // A rotation whose token was presented later is no abandoned one.
+    let mut calls = abandoned_rotation();
+    calls.push(refresh(2, 7000, "y", Some("y2"), Answer::Issued));
+    let report = record(&["x"], calls).check(&inv.kills(&[t(2050), t(2900)]));
+    assert!(
+        report.violations.contains(&Violation::ReportedLossNotSeen {
+            client_id: APP.into(),
+            missing: 1
+        }),
+        "{report}"
+    );
+}
+
+#[test]
+fn an_interrupted_retry_inside_the_window_needs_no_report() {
+    let report =
+        record(&["x"], overlap_retry_interrupted()).check(&Invariants::new(10).overlap_window());
+    assert!(report.violations.is_empty(), "{report}");
+    assert!(report.losses.is_empty());
+}
+
+#[test]
+fn an_unprocessed_interrupted_retry_is_a_replay_unless_reported() {
+    let rec = record(&["x"], unprocessed_retry_interrupted());
+    let report = rec.check(&Invariants::new(10).lost_response(APP));
+    assert!(report.violations.is_empty(), "{report}");
+    assert_eq!(report.losses.len(), 1, "{report}");
+    interrupted(&report.losses[0], 1, &[1]);
+    assert_eq!(report.replays[0].sanction, Some(Sanction::ReportedLoss));
+
+    let report = rec.check(&Invariants::new(10));
+    assert!(
+        matches!(&report.violations[..], [Violation::Replay(r)] if r.call == 1 && r.superseded_by == 0),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_pending_or_issued_interrupted_retry_matches_a_reported_loss() {
+    for answer in [Answer::Pending, Answer::Issued] {
+        let issued = (answer == Answer::Issued).then_some("y2");
+        let calls = vec![
+            refresh(0, 0, "x", Some("y"), Answer::Issued),
+            refresh(1, 100, "x", issued, answer),
+        ];
+        let report = record(&["x"], calls).check(&Invariants::new(10).lost_response(APP));
+        assert!(report.violations.is_empty(), "{report}");
+        interrupted(&report.losses[0], 1, &[1]);
+    }
+}
+
+#[test]
+fn a_retry_followed_by_more_of_its_family_is_not_interrupted() {
+    let mut calls = overlap_retry_interrupted();
+    calls.push(refresh(2, 2100, "y2", Some("y3"), Answer::Issued));
+    let report =
+        record(&["x"], calls).check(&Invariants::new(10).overlap_window().lost_response(APP));
+    assert_eq!(
+        report.violations,
+        vec![Violation::ReportedLossNotSeen {
+            client_id: APP.into(),
+            missing: 1
+        }],
+        "{report}"
+    );
+    assert!(report.losses.is_empty());
+}
+
+#[test]
+fn another_clients_later_call_does_not_hide_an_interrupted_retry() {
+    let mut other = refresh(2, 2100, "y2", Some("y3"), Answer::Issued);
+    other.client_id = Some("other".into());
+    let mut calls = unprocessed_retry_interrupted();
+    calls.push(other);
+    let report = record(&["x"], calls).check(&Invariants::new(10).lost_response(APP));
+    assert_eq!(report.losses.len(), 1, "{report}");
+    assert!(!report.losses[0].refused);
+}
+
+#[test]
+fn a_refused_replay_takes_precedence_over_an_interrupted_retry() {
+    let calls = vec![
+        refresh(0, 0, "x", Some("y"), Answer::Issued),
+        refresh(1, 100, "x", None, Answer::SpentRefused { revoked: true }),
+    ];
+    let report = record(&["x"], calls).check(&Invariants::new(10).lost_response(APP));
+    assert!(report.violations.is_empty(), "{report}");
+    assert_eq!(
+        report.losses,
+        vec![Loss {
+            client_id: Some(APP.into()),
+            token: fingerprint("x"),
+            spent_by: 0,
+            replays: vec![1],
+            refused_by: 1,
+            refused: true,
+            revoked: true,
+        }]
+    );
+
+    // A refused loss and an interrupted retry in a second family: two declarations, matched
+    // refusal first.
+    let mut retry = refresh(3, 5100, "s", None, Answer::NotProcessed);
+    retry.status = Some(503);
+    let mut rec = record(
+        &["x"],
+        vec![
+            refresh(0, 0, "x", Some("y"), Answer::Issued),
+            refresh(1, 100, "x", None, Answer::SpentRefused { revoked: true }),
+            refresh(2, 5000, "s", Some("s1"), Answer::Issued),
+            retry,
+        ],
+    );
+    rec.minted.push((fingerprint("s"), None));
+    let report = rec.check(&Invariants::new(10).lost_responses(APP, 2));
+    assert!(report.violations.is_empty(), "{report}");
+    assert_eq!(
+        report
+            .losses
+            .iter()
+            .map(|l| (l.refused, l.refused_by))
+            .collect::<Vec<_>>(),
+        vec![(true, 1), (false, 3)]
+    );
+    // One declaration: the refusal takes it, the unprocessed retry stays a replay.
+    let report = rec.check(&Invariants::new(10).lost_response(APP));
+    assert!(
+        matches!(&report.violations[..], [Violation::Replay(r)] if r.call == 3),
+        "{report}"
+    );
+}
+
+#[test]
+fn an_interrupted_retry_matches_one_loss_only() {
+    let report = record(&["x"], unprocessed_retry_interrupted())
+        .check(&Invariants::new(10).lost_responses(APP, 2));
+    assert_eq!(report.losses.len(), 1, "{report}");
+    assert_eq!(
+        report.violations,
+        vec![Violation::ReportedLossNotSeen {
+            client_id: APP.into(),
+            missing: 1
+        }]
+    );
+}
 
 fn http() -> reqwest::Client {
     vaultconn_testkit::install_crypto_provider();
