@@ -527,6 +527,34 @@ async fn reach(h: &Harness, c: &Conn, rule: Option<RuleId>, b: &Before) -> Syste
     }
 }
 
+/// The token calls of the connections not at the step, before it.
+struct Untouched(Vec<(String, usize)>);
+
+impl Untouched {
+    /// None of them made a token call since (no refresh without being asked).
+    fn assert_untouched(&self, h: &Harness) {
+        for (name, n) in &self.0 {
+            let c = h.conns.iter().find(|c| c.name == *name).unwrap();
+            assert_eq!(h.calls(c).len(), *n, "{name} refreshed without being asked");
+        }
+    }
+}
+
+/// How each connection at the step looked before it, and the others' token calls.
+async fn start_step(h: &Harness, at_step: &[&Conn]) -> (Vec<Before>, Untouched) {
+    let mut befores = Vec::new();
+    for c in at_step {
+        befores.push(before(h, c).await);
+    }
+    let others = h
+        .conns
+        .iter()
+        .filter(|c| !at_step.iter().any(|a| a.name == c.name))
+        .map(|c| (c.name.clone(), h.calls(c).len()))
+        .collect();
+    (befores, Untouched(others))
+}
+
 /// Step 6: killed as at step 3, restarted; the restarted operator's retry is answered and the
 /// state write that would store the answer is stalled at the proxy (not forwarded); killed
 /// again. The third process finds the mark of a retry whose answer it cannot know and reports
@@ -535,16 +563,7 @@ async fn reach(h: &Harness, c: &Conn, rule: Option<RuleId>, b: &Before) -> Syste
 async fn double_crash(h: &mut Harness, report: &mut Vec<String>) {
     let step = 6;
     let at_step: Vec<&Conn> = h.conns.iter().filter(|c| c.step == step).collect();
-    let mut befores = Vec::new();
-    for c in &at_step {
-        befores.push(before(h, c).await);
-    }
-    let untouched: Vec<(&str, usize)> = h
-        .conns
-        .iter()
-        .filter(|c| c.step != step)
-        .map(|c| (c.name.as_str(), h.calls(c).len()))
-        .collect();
+    let (befores, others) = start_step(h, &at_step).await;
     for c in &at_step {
         assert!(arm(h, c).is_none());
         request_refresh(h, c, "step-6").await;
@@ -624,10 +643,7 @@ async fn double_crash(h: &mut Harness, report: &mut Vec<String>) {
             killed.elapsed().as_secs_f64()
         ));
     }
-    for (name, n) in &untouched {
-        let c = h.conns.iter().find(|c| c.name == *name).unwrap();
-        assert_eq!(h.calls(c).len(), *n, "{name} refreshed without being asked");
-    }
+    others.assert_untouched(h);
     check_invariants(h, step).await;
 }
 
@@ -649,16 +665,7 @@ async fn sigkill_at_each_refresh_step_loses_nothing_or_says_so() {
     let mut report = Vec::new();
     for step in 1..=5u8 {
         let at_step: Vec<&Conn> = h.conns.iter().filter(|c| c.step == step).collect();
-        let mut befores = Vec::new();
-        for c in &at_step {
-            befores.push(before(&h, c).await);
-        }
-        let untouched: Vec<(&str, usize)> = h
-            .conns
-            .iter()
-            .filter(|c| c.step != step)
-            .map(|c| (c.name.as_str(), h.calls(c).len()))
-            .collect();
+        let (befores, others) = start_step(&h, &at_step).await;
         let rules: Vec<Option<RuleId>> = at_step.iter().map(|c| arm(&h, c)).collect();
         for c in &at_step {
             request_refresh(&h, c, &format!("step-{step}")).await;
@@ -742,10 +749,7 @@ async fn sigkill_at_each_refresh_step_loses_nothing_or_says_so() {
                 took.as_secs_f64()
             ));
         }
-        for (name, n) in &untouched {
-            let c = h.conns.iter().find(|c| c.name == *name).unwrap();
-            assert_eq!(h.calls(c).len(), *n, "{name} refreshed without being asked");
-        }
+        others.assert_untouched(&h);
         for rule in rules.into_iter().flatten() {
             assert_eq!(h.proxy.held(rule), 1);
         }

@@ -586,11 +586,7 @@ fn match_losses(
         }
         let revoked = revoked_by.contains(&c.seq)
             || matches!(c.answer, Answer::SpentRefused { revoked: true });
-        let left = c
-            .client_id
-            .as_ref()
-            .and_then(|id| budget.get_mut(id))
-            .filter(|n| **n > 0);
+        let left = budget_left(&mut budget, c.client_id.as_ref());
         let (Some(left), Some(token)) = (left, c.presented.clone()) else {
             if revoked {
                 violations.push(Violation::UnexplainedRevocation {
@@ -633,12 +629,7 @@ fn match_losses(
         if refused || r.sanction == Some(Sanction::Undelivered) {
             continue;
         }
-        let Some(left) = r
-            .client_id
-            .as_ref()
-            .and_then(|id| budget.get_mut(id))
-            .filter(|n| **n > 0)
-        else {
+        let Some(left) = budget_left(&mut budget, r.client_id.as_ref()) else {
             continue;
         };
         let family = families.get(&r.call);
@@ -673,12 +664,7 @@ fn match_losses(
     // presented, the last call of its family, with two kills before the client's next call.
     for c in calls {
         let Some(issued) = &c.issued else { continue };
-        let Some(left) = c
-            .client_id
-            .as_ref()
-            .and_then(|id| budget.get_mut(id))
-            .filter(|n| **n > 0)
-        else {
+        let Some(left) = budget_left(&mut budget, c.client_id.as_ref()) else {
             continue;
         };
         let later: Vec<&ProviderCall> = calls.iter().filter(|k| k.seq > c.seq).collect();
@@ -738,6 +724,16 @@ fn match_losses(
         }
     }
     losses
+}
+
+/// The declared losses of `client_id` not matched yet, if any are left.
+fn budget_left<'a>(
+    budget: &'a mut BTreeMap<String, usize>,
+    client_id: Option<&String>,
+) -> Option<&'a mut usize> {
+    client_id
+        .and_then(|id| budget.get_mut(id))
+        .filter(|n| **n > 0)
 }
 
 fn check_rate(
